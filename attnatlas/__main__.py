@@ -1,0 +1,5 @@
+import sys
+
+from attnatlas.cli import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+"""Atlas storage: Zarr arrays per head, Parquet token tables, atomic per-model writes."""
+
+from attnatlas.store.atlas import (
+    FORMAT_VERSION,
+    QUALITY_FIELDS,
+    ArraySpec,
+    Atlas,
+    LayoutWriter,
+    ModelInfo,
+    ModelWriter,
+    open_atlas,
+    tokens_per_chunk,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QUALITY_FIELDS",
+    "ArraySpec",
+    "Atlas",
+    "LayoutWriter",
+    "ModelInfo",
+    "ModelWriter",
+    "open_atlas",
+    "tokens_per_chunk",
+]

@@ -1,0 +1,510 @@
+"""The atlas on disk: Zarr arrays per model (one chunk column per head) and Parquet token tables.
+
+Layout of an atlas folder:
+    zarr.json                      root group, attrs {"attnatlas_format": FORMAT_VERSION}
+    models/<name>/                 one model, written atomically (temp folder, then rename)
+        queries   (layer, head, token, d_head)
+        keys      (layer, kv_head, token, d_head)
+        values    (layer, kv_head, token, d_head)          optional
+        attn_topk_index  (layer, head, token, k) int32     optional, global token rows, -1 = none
+        attn_topk_weight (layer, head, token, k) float16   optional
+        hidden    (layer + 1, token, d_model)              optional, embeddings first
+        tokens.parquet, sequences.parquet
+        layouts/<method>/coords  (layer, head, 2 * points, 2) float32, queries first then keys
+        layouts/<method>/quality (layer, head, len(QUALITY_FIELDS)) float32, NaN = not done
+        layouts/<method>/rows    (points,) int64, token rows used (a sample when capped)
+        analysis/...             per-model results of later stages
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from attnatlas.errors import StoreError
+
+FORMAT_VERSION = 1
+QUALITY_FIELDS = ("trustworthiness", "knn_kept", "seconds", "points")
+_INCOMING = ".incoming-"
+_TRASH = ".trash-"
+
+
+def tokens_per_chunk(d_head: int, target_bytes: int = 1 << 20) -> int:
+    """Tokens per chunk so one chunk of float16 is about 1 MiB."""
+    return int(max(1024, 2 ** round(np.log2(target_bytes / (2 * d_head)))))
+
+
+def check_name(name: str) -> str:
+    if not name or name.startswith(".") or any(c in name for c in "/\\:") or name in ("models",):
+        raise StoreError(f"Invalid model name {name!r}: use letters, digits, '-', '_' or '.', not starting with '.'.")
+    return name
+
+
+@dataclass
+class ArraySpec:
+    """Shape and dtype of one array a model writer fills token by token."""
+
+    shape: tuple[int, ...]  # token axis is `token_axis`
+    dtype: str
+    token_axis: int
+    chunks: tuple[int, ...]
+    compress: bool = False
+
+
+@dataclass
+class _Buffer:
+    """Holds one chunk-column of token rows so Zarr only ever sees whole, aligned chunks."""
+
+    spec: ArraySpec
+    data: np.ndarray
+    start: int = 0  # global token row of data[..., 0, ...]
+    fill: int = 0
+
+
+class ModelWriter:
+    """Streams one model's arrays into a temp folder; `commit` makes it visible in one rename."""
+
+    def __init__(self, atlas: "Atlas", name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any]):
+        self.atlas, self.name, self.n_tokens = atlas, name, n_tokens
+        self.temp = atlas.path / "models" / f"{_INCOMING}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.group = zarr.open_group(str(self.temp), mode="w", attributes={})
+        self.attrs = dict(attrs)
+        self.arrays: dict[str, Any] = {}
+        self.buffers: dict[str, _Buffer] = {}
+        for key, spec in specs.items():
+            self.arrays[key] = self.group.create_array(
+                key,
+                shape=spec.shape,
+                dtype=spec.dtype,
+                chunks=spec.chunks,
+                compressors="auto" if spec.compress else None,
+                fill_value=-1 if spec.dtype.startswith("int") else 0,
+            )
+            buf_shape = list(spec.shape)
+            buf_shape[spec.token_axis] = spec.chunks[spec.token_axis]
+            self.buffers[key] = _Buffer(spec, np.zeros(buf_shape, dtype=spec.dtype))
+        self._token_writer: pq.ParquetWriter | None = None
+        self._token_schema: pa.Schema | None = None
+        self._sequences: list[pd.DataFrame] = []
+        self.rows_written = 0
+
+    def append(self, arrays: dict[str, np.ndarray], tokens: pd.DataFrame, sequences: pd.DataFrame) -> None:
+        """Add the next `len(tokens)` token rows of every array (token axis as in the spec)."""
+        n = len(tokens)
+        for key, block in arrays.items():
+            self._append_array(key, block, n)
+        table = pa.Table.from_pandas(tokens.reset_index(drop=True), preserve_index=False)
+        if self._token_writer is None:
+            self._token_schema = table.schema
+            self._token_writer = pq.ParquetWriter(str(self.temp / "tokens.parquet"), table.schema)
+        self._token_writer.write_table(table.cast(self._token_schema))
+        self._sequences.append(sequences)
+        self.rows_written += n
+
+    def _append_array(self, key: str, block: np.ndarray, n: int) -> None:
+        buf = self.buffers[key]
+        ax = buf.spec.token_axis
+        if block.shape[ax] != n:
+            raise ValueError(f"{key}: {block.shape[ax]} token rows, expected {n}")
+        size = buf.data.shape[ax]
+        done = 0
+        while done < n:
+            take = min(n - done, size - buf.fill)
+            dst = [slice(None)] * buf.data.ndim
+            dst[ax] = slice(buf.fill, buf.fill + take)
+            src = [slice(None)] * block.ndim
+            src[ax] = slice(done, done + take)
+            buf.data[tuple(dst)] = block[tuple(src)]
+            buf.fill += take
+            done += take
+            if buf.fill == size:
+                self._flush(key)
+
+    def _flush(self, key: str) -> None:
+        buf = self.buffers[key]
+        if buf.fill == 0:
+            return
+        ax = buf.spec.token_axis
+        dst = [slice(None)] * buf.data.ndim
+        dst[ax] = slice(buf.start, buf.start + buf.fill)
+        src = [slice(None)] * buf.data.ndim
+        src[ax] = slice(0, buf.fill)
+        self.arrays[key][tuple(dst)] = buf.data[tuple(src)]
+        buf.start += buf.fill
+        buf.fill = 0
+
+    def commit(self, overwrite: bool = False) -> None:
+        if self.rows_written != self.n_tokens:
+            raise RuntimeError(f"wrote {self.rows_written} token rows, expected {self.n_tokens}")
+        for key in self.buffers:
+            self._flush(key)
+        if self._token_writer is not None:
+            self._token_writer.close()
+        seq = pd.concat(self._sequences, ignore_index=True) if self._sequences else pd.DataFrame()
+        seq.to_parquet(self.temp / "sequences.parquet", index=False)
+        self.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.group.attrs.update(_jsonable(self.attrs))
+        self.atlas._install_model(self.temp, self.name, overwrite)
+
+    def abort(self) -> None:
+        if self._token_writer is not None:
+            try:
+                self._token_writer.close()
+            except Exception:
+                pass
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Attrs must survive json.dumps: numpy scalars and tuples become plain types."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+@dataclass
+class LayoutWriter:
+    """Writes one head at a time; each head owns its own chunks, so parallel writers need no locks."""
+
+    coords: Any
+    quality: Any
+
+    def write_head(self, layer: int, head: int, xy: np.ndarray, quality: dict[str, float]) -> None:
+        self.coords[layer, head] = xy.astype(np.float32)
+        # Quality last: a head counts as done only once its coordinates are on disk.
+        self.quality[layer, head] = np.array([quality.get(f, np.nan) for f in QUALITY_FIELDS], dtype=np.float32)
+
+
+@dataclass
+class ModelInfo:
+    """What one stored model is, read from its attrs."""
+
+    name: str
+    attrs: dict[str, Any] = field(repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.attrs["n_layers"])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.attrs["n_heads"])
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(self.attrs["n_kv_heads"])
+
+    @property
+    def d_head(self) -> int:
+        return int(self.attrs["d_head"])
+
+    @property
+    def modality(self) -> str:
+        return str(self.attrs.get("modality", "text"))
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head that serves query head `head` (grouped-query attention)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+
+class Atlas:
+    """An atlas folder. Reading needs no torch; every array read returns float32 numpy."""
+
+    def __init__(self, path: Path, root: Any):
+        self.path = path
+        self.root = root
+        self._token_cache: dict[str, pd.DataFrame] = {}
+        self._seq_cache: dict[str, pd.DataFrame] = {}
+
+    # ---- opening and creating -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, create: bool = False) -> "Atlas":
+        p = Path(path).expanduser()
+        meta = p / "zarr.json"
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"{p} is a file, not an atlas folder.")
+        if p.is_dir() and meta.is_file():
+            try:
+                root = zarr.open_group(str(p), mode="r+" if os.access(p, os.W_OK) else "r")
+            except Exception as exc:
+                raise StoreError(f"{p} holds a broken zarr.json and is not a readable atlas ({exc}).") from None
+            if "attnatlas_format" not in root.attrs:
+                raise StoreError(f"{p} is a Zarr store but not an attnatlas atlas; choose another --out.")
+            if int(root.attrs["attnatlas_format"]) > FORMAT_VERSION:
+                raise StoreError(f"{p} was written by a newer attnatlas (format {root.attrs['attnatlas_format']}).")
+            return cls(p, root)
+        if not create:
+            raise StoreError(f"No atlas at {p}. Create one with `attnatlas extract ... --out {p}`.")
+        if p.is_dir() and any(p.iterdir()):
+            raise StoreError(f"{p} is a non-empty folder that is not an atlas; choose an empty or new --out.")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            probe = p / f".write-test-{uuid.uuid4().hex[:6]}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"Cannot write to {p}: {exc.strerror or exc}.") from None
+        root = zarr.open_group(str(p), mode="w", attributes={"attnatlas_format": FORMAT_VERSION})
+        root.require_group("models")
+        return cls(p, root)
+
+    def _model_dir(self, name: str) -> Path:
+        return self.path / "models" / name
+
+    @property
+    def models(self) -> list[str]:
+        d = self.path / "models"
+        if not d.is_dir():
+            return []
+        return sorted(x.name for x in d.iterdir() if x.is_dir() and not x.name.startswith(".") and (x / "zarr.json").is_file())
+
+    def group(self, model: str) -> Any:
+        self.require_model(model)
+        return zarr.open_group(str(self._model_dir(model)), mode="r+" if os.access(self.path, os.W_OK) else "r")
+
+    def require_model(self, model: str) -> None:
+        if model not in self.models:
+            have = ", ".join(self.models) or "none"
+            raise StoreError(f"Model {model!r} is not in the atlas {self.path} (it holds: {have}).")
+
+    def info(self, model: str) -> ModelInfo:
+        return ModelInfo(model, dict(self.group(model).attrs))
+
+    # ---- writing a model ---------------------------------------------------------------------
+    @contextmanager
+    def model_writer(
+        self, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any], overwrite: bool = False
+    ) -> Iterator[ModelWriter]:
+        check_name(name)
+        if name in self.models and not overwrite:
+            raise StoreError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
+        self.clean_incoming(name)
+        writer = ModelWriter(self, name, n_tokens, specs, attrs)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+
+    def clean_incoming(self, name: str) -> None:
+        """Remove leftovers of interrupted writes of `name` (never visible as models)."""
+        d = self.path / "models"
+        for x in d.glob(f"{_INCOMING}{name}-*"):
+            shutil.rmtree(x, ignore_errors=True)
+        for x in d.glob(f"{_TRASH}{name}-*"):
+            shutil.rmtree(x, ignore_errors=True)
+
+    def _install_model(self, temp: Path, name: str, overwrite: bool) -> None:
+        final = self._model_dir(name)
+        if final.exists():
+            if not overwrite:
+                raise StoreError(f"The atlas already holds a model named {name!r}.")
+            trash = final.with_name(f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
+            os.rename(final, trash)
+            os.rename(temp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(temp, final)
+        self._token_cache.pop(name, None)
+        self._seq_cache.pop(name, None)
+
+    def delete_model(self, name: str) -> None:
+        self.require_model(name)
+        trash = self._model_dir(name).with_name(f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
+        os.rename(self._model_dir(name), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ---- reading vectors ---------------------------------------------------------------------
+    def tokens(self, model: str) -> pd.DataFrame:
+        """One row per stored token, aligned with the token axis of every array."""
+        if model not in self._token_cache:
+            self.require_model(model)
+            self._token_cache[model] = pd.read_parquet(self._model_dir(model) / "tokens.parquet")
+        return self._token_cache[model]
+
+    def sequences(self, model: str) -> pd.DataFrame:
+        """One row per input sequence or image: `sequence`, `source`, `text` (or image path), `n_tokens`."""
+        if model not in self._seq_cache:
+            self.require_model(model)
+            self._seq_cache[model] = pd.read_parquet(self._model_dir(model) / "sequences.parquet")
+        return self._seq_cache[model]
+
+    def has_array(self, model: str, key: str) -> bool:
+        return (self._model_dir(model) / key / "zarr.json").is_file()
+
+    def array(self, model: str, key: str) -> Any:
+        self.require_model(model)
+        if not self.has_array(model, key):
+            hint = {
+                "values": "--values",
+                "attn_topk_index": "--attention-topk K",
+                "attn_topk_weight": "--attention-topk K",
+                "hidden": "--hidden-states",
+            }.get(key, "")
+            raise StoreError(f"Model {model!r} has no stored {key}" + (f"; extract with {hint}." if hint else "."))
+        return zarr.open_array(str(self._model_dir(model) / key), mode="r")
+
+    def _check_head(self, info: ModelInfo, layer: int, head: int) -> None:
+        if not 0 <= layer < info.n_layers:
+            raise StoreError(f"Layer {layer} is out of range for {info.name!r} (0..{info.n_layers - 1}).")
+        if not 0 <= head < info.n_heads:
+            raise StoreError(f"Head {head} is out of range for {info.name!r} (0..{info.n_heads - 1}).")
+
+    def queries(self, model: str, layer: int, head: int) -> np.ndarray:
+        """(token, d_head) float32 query vectors of one head, rows aligned with `tokens(model)`."""
+        info = self.info(model)
+        self._check_head(info, layer, head)
+        return np.asarray(self.array(model, "queries")[layer, head], dtype=np.float32)
+
+    def keys(self, model: str, layer: int, head: int) -> np.ndarray:
+        """(token, d_head) float32 keys of the key head that serves query head `head`."""
+        info = self.info(model)
+        self._check_head(info, layer, head)
+        return np.asarray(self.array(model, "keys")[layer, info.kv_head(head)], dtype=np.float32)
+
+    def values(self, model: str, layer: int, head: int) -> np.ndarray:
+        info = self.info(model)
+        self._check_head(info, layer, head)
+        return np.asarray(self.array(model, "values")[layer, info.kv_head(head)], dtype=np.float32)
+
+    def attention_topk(self, model: str, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token, k) key rows (-1 = none) and (token, k) weights, strongest first, per query token."""
+        info = self.info(model)
+        self._check_head(info, layer, head)
+        idx = np.asarray(self.array(model, "attn_topk_index")[layer, head])
+        w = np.asarray(self.array(model, "attn_topk_weight")[layer, head], dtype=np.float32)
+        return idx, w
+
+    def hidden_states(self, model: str, layer: int) -> np.ndarray:
+        """(token, d_model) float32 hidden state after `layer` blocks (0 = embeddings)."""
+        arr = self.array(model, "hidden")
+        if not 0 <= layer < arr.shape[0]:
+            raise StoreError(f"Hidden-state layer {layer} is out of range (0..{arr.shape[0] - 1}).")
+        return np.asarray(arr[layer], dtype=np.float32)
+
+    # ---- layouts ---------------------------------------------------------------------------
+    def layout_methods(self, model: str) -> list[str]:
+        d = self._model_dir(model) / "layouts"
+        if not d.is_dir():
+            return []
+        return sorted(x.name for x in d.iterdir() if (x / "quality" / "zarr.json").is_file())
+
+    def layout_group(self, model: str, method: str) -> Any:
+        if method not in self.layout_methods(model):
+            have = ", ".join(self.layout_methods(model)) or "none"
+            raise StoreError(f"Model {model!r} has no {method!r} layouts (has: {have}); run `attnatlas project`.")
+        return zarr.open_group(str(self._model_dir(model) / "layouts" / method), mode="r")
+
+    def layout_writer(self, model: str, method: str, rows: np.ndarray, params: dict[str, Any]) -> LayoutWriter:
+        """Open (or create) the layout arrays of one method. Existing heads are kept unless the
+        sampled rows or parameters changed, in which case the method's layouts start over."""
+        info = self.info(model)
+        path = self._model_dir(model) / "layouts" / method
+        params = _jsonable(params)
+        if (path / "quality" / "zarr.json").is_file():
+            grp = zarr.open_group(str(path), mode="r+")
+            same_rows = np.array_equal(np.asarray(grp["rows"][:]), rows)
+            if same_rows and dict(grp.attrs).get("params") == params:
+                return LayoutWriter(grp["coords"], grp["quality"])
+            shutil.rmtree(path)
+        n = len(rows)
+        grp = zarr.open_group(str(path), mode="w", attributes={"params": params, "method": method})
+        grp.create_array("rows", data=np.asarray(rows, dtype=np.int64))
+        coords = grp.create_array(
+            "coords", shape=(info.n_layers, info.n_heads, 2 * n, 2), dtype="float32", chunks=(1, 1, 2 * n, 2), fill_value=np.nan
+        )
+        quality = grp.create_array(
+            "quality",
+            shape=(info.n_layers, info.n_heads, len(QUALITY_FIELDS)),
+            dtype="float32",
+            chunks=(1, 1, len(QUALITY_FIELDS)),
+            fill_value=np.nan,
+        )
+        return LayoutWriter(coords, quality)
+
+    def layout_params(self, model: str, method: str) -> dict[str, Any]:
+        return dict(self.layout_group(model, method).attrs).get("params", {})
+
+    def layout_done(self, model: str, method: str) -> np.ndarray:
+        """(layer, head) bool: which heads have a finished layout."""
+        q = np.asarray(self.layout_group(model, method)["quality"][:])
+        return ~np.isnan(q[..., 0]) | ~np.isnan(q[..., 2])
+
+    def layout_quality(self, model: str, method: str) -> pd.DataFrame:
+        """One row per finished head: layer, head and QUALITY_FIELDS."""
+        q = np.asarray(self.layout_group(model, method)["quality"][:])
+        L, H, _ = q.shape
+        df = pd.DataFrame(q.reshape(L * H, -1), columns=list(QUALITY_FIELDS))
+        df.insert(0, "head", np.tile(np.arange(H), L))
+        df.insert(0, "layer", np.repeat(np.arange(L), H))
+        return df[self.layout_done(model, method).reshape(-1)].reset_index(drop=True)
+
+    def layout_rows(self, model: str, method: str) -> np.ndarray:
+        return np.asarray(self.layout_group(model, method)["rows"][:])
+
+    def layout_coords(self, model: str, method: str, layer: int, head: int) -> np.ndarray:
+        """(2 * points, 2) float32: queries first, then keys, for `layout_rows` token rows."""
+        info = self.info(model)
+        self._check_head(info, layer, head)
+        grp = self.layout_group(model, method)
+        return np.asarray(grp["coords"][layer, head], dtype=np.float32)
+
+    def layout(self, model: str, layer: int, head: int, method: str) -> pd.DataFrame:
+        """2 x points rows: x, y, kind (query/key) and token (row in the token table)."""
+        xy = self.layout_coords(model, method, layer, head)
+        if np.isnan(xy).all():
+            raise StoreError(f"Head L{layer}H{head} of {model!r} has no {method} layout yet; run `attnatlas project`.")
+        rows = self.layout_rows(model, method)
+        n = len(rows)
+        return pd.DataFrame(
+            {
+                "x": xy[:, 0],
+                "y": xy[:, 1],
+                "kind": pd.Categorical(["query"] * n + ["key"] * n, categories=["query", "key"]),
+                "token": np.concatenate([rows, rows]),
+            }
+        )
+
+    # ---- results of later stages -----------------------------------------------------------
+    def analysis_dir(self, model: str) -> Path:
+        self.require_model(model)
+        d = self._model_dir(model) / "analysis"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def write_table(self, model: str, name: str, df: pd.DataFrame) -> Path:
+        """Atomically write an analysis table (Parquet) of one model."""
+        d = self.analysis_dir(model)
+        final = d / f"{name}.parquet"
+        tmp = d / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, final)
+        return final
+
+    def read_table(self, model: str, name: str) -> pd.DataFrame:
+        f = self._model_dir(model) / "analysis" / f"{name}.parquet"
+        if not f.is_file():
+            raise StoreError(f"Model {model!r} has no {name!r} results yet.")
+        return pd.read_parquet(f)
+
+    def has_table(self, model: str, name: str) -> bool:
+        return (self._model_dir(model) / "analysis" / f"{name}.parquet").is_file()
+
+
+def open_atlas(path: str | os.PathLike) -> Atlas:
+    """Open an existing atlas for reading (and for adding layouts and analyses)."""
+    return Atlas.open(path)
+

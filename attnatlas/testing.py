@@ -1,0 +1,117 @@
+"""Fakes for tests and benchmarks: synthetic atlases written through the real store (no torch)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from attnatlas.store import ArraySpec, Atlas, tokens_per_chunk
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", ",", ".", "42", "##ing", "bank", "river", "?", "run", "<b>x</b>"]
+
+
+def synthetic_tokens(n_seq: int, seq_len: int, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A token table and sequence table shaped like a text extraction (with [CLS]/[SEP])."""
+    rows, seqs = [], []
+    for s in range(n_seq):
+        words = [WORDS[i] for i in rng.integers(0, len(WORDS), seq_len - 2)]
+        pieces = ["[CLS]", *words, "[SEP]"]
+        text = " ".join(words)
+        offset = 0
+        for p, tok in enumerate(pieces):
+            special = tok in ("[CLS]", "[SEP]")
+            start = -1 if special else text.find(tok.lstrip("#"), offset)
+            end = -1 if special else start + len(tok.lstrip("#"))
+            if not special:
+                offset = end
+            rows.append(
+                dict(sequence=s, position=p, token=tok, token_id=hash(tok) % 30000, is_special=special,
+                     char_start=start, char_end=end, word=-1 if special else p - 1, source=f"synthetic:{s + 1}")
+            )
+        seqs.append(dict(sequence=s, source=f"synthetic:{s + 1}", text=text, n_tokens=len(pieces)))
+    return pd.DataFrame(rows), pd.DataFrame(seqs)
+
+
+def write_synthetic_model(
+    atlas: Atlas,
+    name: str = "synthetic",
+    n_layers: int = 2,
+    n_heads: int = 3,
+    n_kv_heads: int | None = None,
+    n_seq: int = 20,
+    seq_len: int = 12,
+    d_head: int = 8,
+    topk: int = 4,
+    seed: int = 0,
+    nonfinite_head: tuple[int, int] | None = None,
+) -> None:
+    """Random clustered q/k for a small text model, with causal top-k attention, stored in `atlas`."""
+    rng = np.random.default_rng(seed)
+    n_kv = n_kv_heads or n_heads
+    tokens, seqs = synthetic_tokens(n_seq, seq_len, rng)
+    T = len(tokens)
+    centres = rng.normal(size=(6, d_head)) * 1.5
+    lab = rng.integers(0, 6, T)
+    pos = tokens["position"].to_numpy()
+    q = (centres[lab][None, None] + rng.normal(size=(n_layers, n_heads, T, d_head))).astype(np.float32)
+    q[..., 0] += pos / seq_len * 4
+    k = (centres[lab][None, None] * 0.7 + 2 + rng.normal(size=(n_layers, n_kv, T, d_head))).astype(np.float32)
+    if nonfinite_head is not None:
+        q[nonfinite_head[0], nonfinite_head[1], 0, 0] = np.nan
+    # Top-k attention within each sequence, causal, from these very vectors.
+    idx = np.full((n_layers, n_heads, T, topk), -1, dtype=np.int32)
+    w = np.zeros((n_layers, n_heads, T, topk), dtype=np.float16)
+    group = n_heads // n_kv
+    for s in range(n_seq):
+        r = np.arange(s * seq_len, (s + 1) * seq_len)
+        for L in range(n_layers):
+            for h in range(n_heads):
+                logits = q[L, h, r] @ k[L, h // group, r].T / np.sqrt(d_head)
+                logits = np.where(np.tri(seq_len, dtype=bool), logits, -np.inf)
+                logits = np.nan_to_num(logits, nan=0.0, neginf=-1e9)
+                p = np.exp(logits - logits.max(1, keepdims=True))
+                p /= p.sum(1, keepdims=True)
+                order = np.argsort(-p, axis=1)[:, :topk]
+                top = np.take_along_axis(p, order, 1)
+                idx[L, h, r] = np.where(top > 0, r[order], -1)
+                w[L, h, r] = top
+    tc = tokens_per_chunk(d_head)
+    specs = {
+        "queries": ArraySpec((n_layers, n_heads, T, d_head), "float16", 2, (1, 1, tc, d_head)),
+        "keys": ArraySpec((n_layers, n_kv, T, d_head), "float16", 2, (1, 1, tc, d_head)),
+        "attn_topk_index": ArraySpec((n_layers, n_heads, T, topk), "int32", 2, (1, 1, tc, topk), compress=True),
+        "attn_topk_weight": ArraySpec((n_layers, n_heads, T, topk), "float16", 2, (1, 1, tc, topk), compress=True),
+    }
+    attrs = dict(
+        model_id="synthetic", family="synthetic", modality="text", n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=n_kv, d_head=d_head, causal=True, attention_topk=topk, dtype="float16",
+        scaling=[1 / np.sqrt(d_head)] * n_layers,
+    )
+    with atlas.model_writer(name, T, specs, attrs, overwrite=True) as writer:
+        step = seq_len * 5
+        for a in range(0, T, step):
+            b = min(T, a + step)
+            block = {"queries": q[:, :, a:b], "keys": k[:, :, a:b], "attn_topk_index": idx[:, :, a:b], "attn_topk_weight": w[:, :, a:b]}
+            writer.append(block, tokens.iloc[a:b], seqs[(seqs.sequence >= a // seq_len) & (seqs.sequence < b // seq_len)])
+        writer.commit(overwrite=True)
+
+
+def synthetic_atlas(path: str | os.PathLike, **kwargs) -> Atlas:
+    """Create an atlas at `path` holding one synthetic model (see `write_synthetic_model`)."""
+    atlas = Atlas.open(path, create=True)
+    write_synthetic_model(atlas, **kwargs)
+    return atlas
+
+
+def random_layouts(atlas: Atlas, model: str, method: str = "pca", seed: int = 0) -> None:
+    """Fill every head of `model` with a quick PCA-free random layout, for app tests that need one."""
+    rng = np.random.default_rng(seed)
+    info = atlas.info(model)
+    rows = np.arange(len(atlas.tokens(model)))
+    writer = atlas.layout_writer(model, method, rows, {"method": method, "fake": True})
+    for L in range(info.n_layers):
+        for h in range(info.n_heads):
+            xy = rng.normal(size=(2 * len(rows), 2)).astype(np.float32)
+            writer.write_head(L, h, xy, {"trustworthiness": 0.9, "knn_kept": 0.3, "seconds": 0.0, "points": 2 * len(rows)})
