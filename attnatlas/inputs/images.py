@@ -120,7 +120,7 @@ def _rescale_to_rgb(image: Image.Image) -> Image.Image:
     out = np.where(values == np.inf, 255.0, out)
     out = np.where(values == -np.inf, 0.0, out)
     grey = np.clip(np.rint(out), 0, 255).astype(np.uint8)  # (H, W)
-    return Image.fromarray(grey, mode="L").convert("RGB")
+    return Image.fromarray(grey).convert("RGB")
 
 
 def patch_colour_table(pixels: np.ndarray, patch_size: int) -> pd.DataFrame:
