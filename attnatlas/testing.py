@@ -115,3 +115,67 @@ def random_layouts(atlas: Atlas, model: str, method: str = "pca", seed: int = 0)
         for h in range(info.n_heads):
             xy = rng.normal(size=(2 * len(rows), 2)).astype(np.float32)
             writer.write_head(L, h, xy, {"trustworthiness": 0.9, "knn_kept": 0.3, "seconds": 0.0, "points": 2 * len(rows)})
+
+
+def write_synthetic_image_model(
+    atlas: Atlas,
+    name: str = "synthetic-vit",
+    n_images: int = 3,
+    grid: int = 4,
+    patch: int = 4,
+    n_layers: int = 2,
+    n_heads: int = 3,
+    d_head: int = 8,
+    topk: int = 4,
+    seed: int = 0,
+) -> None:
+    """A small ViT-shaped model ([CLS] + grid x grid patches per image) with an `images` array."""
+    import colorsys
+
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    size = grid * patch
+    images = rng.integers(0, 256, size=(n_images, size, size, 3), dtype=np.uint8)
+    rows, seqs = [], []
+    for s in range(n_images):
+        for p in range(grid * grid + 1):
+            r, c = divmod(p - 1, grid) if p else (-1, -1)
+            px = images[s, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] if p else images[s]
+            mr, mg, mb = (px.reshape(-1, 3).mean(0) / 255).tolist()
+            h, sat, v = colorsys.rgb_to_hsv(mr, mg, mb)
+            rows.append(dict(sequence=s, position=p, token=f"patch {r},{c}" if p else "[CLS]", is_special=p == 0,
+                             token_kind="patch" if p else "cls", patch_row=r, patch_col=c, mean_r=mr, mean_g=mg,
+                             mean_b=mb, hue=h, saturation=sat, brightness=v))
+        seqs.append(dict(sequence=s, source=f"synthetic-image:{s}", text=f"image{s}.png", n_tokens=grid * grid + 1,
+                         grid_rows=grid, grid_cols=grid, image_size=size))
+    tokens, seq_df = pd.DataFrame(rows), pd.DataFrame(seqs)
+    T, n = len(tokens), grid * grid + 1
+    q = rng.normal(size=(n_layers, n_heads, T, d_head)).astype(np.float32)
+    k = (rng.normal(size=(n_layers, n_heads, T, d_head)) + 1).astype(np.float32)
+    idx = np.full((n_layers, n_heads, T, topk), -1, dtype=np.int32)
+    w = np.zeros((n_layers, n_heads, T, topk), dtype=np.float16)
+    for s in range(n_images):
+        r = np.arange(s * n, (s + 1) * n)
+        for L in range(n_layers):
+            for h in range(n_heads):
+                logits = q[L, h, r] @ k[L, h, r].T / np.sqrt(d_head)
+                p = np.exp(logits - logits.max(1, keepdims=True))
+                p /= p.sum(1, keepdims=True)
+                order = np.argsort(-p, axis=1)[:, :topk]
+                idx[L, h, r] = r[order]
+                w[L, h, r] = np.take_along_axis(p, order, 1)
+    tc = tokens_per_chunk(d_head)
+    specs = {
+        "queries": ArraySpec((n_layers, n_heads, T, d_head), "float16", 2, (1, 1, tc, d_head)),
+        "keys": ArraySpec((n_layers, n_heads, T, d_head), "float16", 2, (1, 1, tc, d_head)),
+        "attn_topk_index": ArraySpec((n_layers, n_heads, T, topk), "int32", 2, (1, 1, tc, topk), compress=True),
+        "attn_topk_weight": ArraySpec((n_layers, n_heads, T, topk), "float16", 2, (1, 1, tc, topk), compress=True),
+    }
+    attrs = dict(model_id="synthetic-vit", family="synthetic", modality="image", n_layers=n_layers, n_heads=n_heads,
+                 n_kv_heads=n_heads, d_head=d_head, causal=False, attention_topk=topk, dtype="float16", patch_size=patch)
+    with atlas.model_writer(name, T, specs, attrs, overwrite=True) as writer:
+        writer.append({"queries": q, "keys": k, "attn_topk_index": idx, "attn_topk_weight": w}, tokens, seq_df)
+        writer.commit(overwrite=True)
+    # The writer streams along the token axis; images have none, so they go in beside the committed model.
+    zarr.open_group(str(atlas.path / "models" / name), mode="r+").create_array("images", data=images)

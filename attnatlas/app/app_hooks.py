@@ -1,0 +1,24 @@
+"""Server lifecycle: open the atlas once per process and share it, read-only, with every session."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from attnatlas.app.data import AppData
+
+log = logging.getLogger(__name__)
+
+# Bokeh sets sys.argv to the app's --args only while it runs this module's top level, so keep a copy.
+ARGS = tuple(sys.argv[1:])
+
+
+def on_server_loaded(server_context) -> None:
+    if not ARGS:
+        raise SystemExit("attnatlas app: give the atlas path, e.g. `bokeh serve attnatlas/app --args ATLAS`.")
+    data = AppData(ARGS[0])
+    # Warm the default grid so the first page is as quick as later ones.
+    first = data.models[0]
+    data.grid(first, data.method(first, None))
+    server_context.attnatlas_data = data
+    log.info("attnatlas: serving %s (%s)", ARGS[0], ", ".join(data.models))

@@ -1,0 +1,281 @@
+"""Read-only view of an atlas for the dashboard, opened once per server process.
+
+Every session reads through one `AppData`. It never writes to the atlas and never computes layouts;
+it only reshapes stored arrays for plotting. Caches are bounded and guarded by a lock, because Bokeh
+may run session callbacks from executor threads.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from attnatlas.errors import StoreError
+from attnatlas.store import Atlas
+
+CATEGORIES = ("punctuation", "special", "word piece", "number", "word")
+CONTEXT_CHARS = 30  # characters either side of a token in the hover context
+
+
+class _LRU:
+    """A small thread-safe least-recently-used cache keyed by tuples."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        value = make()  # outside the lock: reads of different heads may overlap
+        with self._lock:
+            self._d[key] = value
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+        return value
+
+
+def token_category(tok: str, special: bool, continues_word: bool = False) -> int:
+    """Index into CATEGORIES. `continues_word`: the previous token of the sequence is in the same word."""
+    if special:
+        return 1
+    t = tok.replace("\u0120", " ").replace("\u2581", " ").strip()  # GPT-2 / SentencePiece space markers
+    if t and all(unicodedata.category(c)[0] in "PS" for c in t):
+        return 0
+    if t and t.replace(".", "", 1).replace(",", "").isdigit():
+        return 3
+    if tok.startswith("##") or continues_word:
+        return 2
+    return 4
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Per-point static columns of one (model, method): the layout rows, queries then keys."""
+
+    rows: np.ndarray  # (n,) token rows of the layout
+    columns: dict[str, np.ndarray]  # 2n entries each
+    seq_of_row: np.ndarray  # (T,) sequence of every token row
+    point_of_row: np.ndarray  # (T,) index into rows, -1 when a token row is not in the layout
+
+
+@dataclass(frozen=True)
+class Grid:
+    x: np.ndarray
+    y: np.ndarray
+    kind: np.ndarray  # 0 query, 1 key
+    done: np.ndarray  # (layers, heads) bool
+    quality: pd.DataFrame
+    n_tokens: int  # tokens per cell
+
+
+@dataclass(frozen=True)
+class Head:
+    x: np.ndarray  # 2n, queries then keys
+    y: np.ndarray
+    norm: np.ndarray
+    trust: float
+    knn: float
+
+
+class AppData:
+    """Opens the atlas read-only and serves validated, cached slices of it."""
+
+    def __init__(self, path: str | Path, grid_tokens: int = 200, head_cache: int = 48):
+        self.path = Path(path)
+        self.atlas = Atlas.open(self.path)
+        self.models: tuple[str, ...] = tuple(m for m in self.atlas.models if self.atlas.layout_methods(m))
+        if not self.models:
+            raise StoreError(f"The atlas {self.path} has no projected model yet; run `attnatlas project {self.path}`.")
+        self.infos = {m: self.atlas.info(m) for m in self.models}
+        self.methods = {m: tuple(self.atlas.layout_methods(m)) for m in self.models}
+        self.grid_tokens = grid_tokens
+        self._heads = _LRU(head_cache)
+        self._topk = _LRU(head_cache)
+        self._static = _LRU(16)
+        self._lock = threading.Lock()
+
+    # ---- validation: nothing from the browser is used unless it is one of these values ----------------
+    def model(self, name: Any) -> str:
+        return name if isinstance(name, str) and name in self.models else self.models[0]
+
+    def method(self, model: str, name: Any) -> str:
+        have = self.methods[model]
+        if isinstance(name, str) and name in have:
+            return name
+        for pref in ("umap", "tsne", "pca"):
+            if pref in have:
+                return pref
+        return have[0]
+
+    def clamp(self, model: str, layer: Any, head: Any) -> tuple[int, int]:
+        info = self.infos[model]
+
+        def num(v: Any, hi: int) -> int:
+            try:
+                return min(max(int(v), 0), hi - 1)
+            except (TypeError, ValueError):
+                return 0
+
+        return num(layer, info.n_layers), num(head, info.n_heads)
+
+    def modality(self, model: str) -> str:
+        return self.infos[model].modality
+
+    # ---- static per-point columns ---------------------------------------------------------------------------
+    def tokens(self, model: str, method: str) -> Tokens:
+        return self._static.get(("tokens", model, method), lambda: self._make_tokens(model, method))
+
+    def _make_tokens(self, model: str, method: str) -> Tokens:
+        tok = self.atlas.tokens(model)
+        seqs = self.atlas.sequences(model).set_index("sequence")
+        rows = np.asarray(self.atlas.layout_rows(model, method))
+        t = tok.iloc[rows].reset_index(drop=True)
+        text = t["token"].astype(str).to_numpy()
+        pos = t["position"].to_numpy().astype(np.int32)
+        seq = t["sequence"].to_numpy().astype(np.int32)
+        n_tok = seqs["n_tokens"].reindex(seq).to_numpy()
+        pos_frac = (pos / np.maximum(n_tok - 1, 1)).astype(np.float32)
+        special = t["is_special"].to_numpy().astype(bool)
+        cont = _continues_word(tok)[rows]
+        cat = np.array([token_category(s, sp, c) for s, sp, c in zip(text, special, cont)], dtype=np.int8)
+        display = np.array([s.replace("\u0120", "\u2423").replace("\u2581", "\u2423") for s in text], dtype=object)
+        ctx = self._contexts(model, t, seqs)
+        cols: dict[str, np.ndarray] = {
+            "token": display,
+            "ctx": ctx,
+            "position": pos,
+            "sequence": seq,
+            "pos_frac": pos_frac,
+            "category": cat,
+            "length": np.array([len(s.lstrip("#").replace("\u0120", "").replace("\u2581", "")) for s in text], np.int32),
+        }
+        if self.modality(model) == "image":
+            for c in ("hue", "brightness", "mean_r", "mean_g", "mean_b"):
+                cols[c] = t[c].to_numpy().astype(np.float32) if c in t else np.zeros(len(t), np.float32)
+            rgb = np.clip(np.stack([cols["mean_r"], cols["mean_g"], cols["mean_b"]], 1) * 255, 0, 255).astype(int)
+            cols["rgb"] = np.array(["#%02x%02x%02x" % tuple(c) for c in rgb], dtype=object)
+        doubled = {k: np.concatenate([v, v]) for k, v in cols.items()}
+        n = len(rows)
+        doubled["kind"] = np.array(["query"] * n + ["key"] * n, dtype=object)
+        doubled["kind_code"] = np.concatenate([np.zeros(n, np.int8), np.ones(n, np.int8)])
+        point_of_row = np.full(len(tok), -1, dtype=np.int64)
+        point_of_row[rows] = np.arange(n)
+        return Tokens(rows, doubled, tok["sequence"].to_numpy(), point_of_row)
+
+    def _contexts(self, model: str, t: pd.DataFrame, seqs: pd.DataFrame) -> np.ndarray:
+        """Escaped HTML: the sequence around each token with the token in bold."""
+        if self.modality(model) == "image" or "char_start" not in t:
+            return np.array([f"image {s}, {html.escape(str(tk))}" for s, tk in zip(t["sequence"], t["token"])], dtype=object)
+        texts = seqs["text"].astype(str)
+        out = []
+        for s, a, b, tk in zip(t["sequence"], t["char_start"], t["char_end"], t["token"]):
+            text = texts.get(s, "")
+            if a is None or a < 0 or b < a:
+                out.append("<b>" + html.escape(str(tk)) + "</b>")
+                continue
+            left, mid, right = text[max(0, a - CONTEXT_CHARS):a], text[a:b], text[b:b + CONTEXT_CHARS]
+            out.append(
+                ("\u2026" if a > CONTEXT_CHARS else "") + html.escape(left) + "<b>" + html.escape(mid) + "</b>"
+                + html.escape(right) + ("\u2026" if b + CONTEXT_CHARS < len(text) else "")
+            )
+        return np.array(out, dtype=object)
+
+    # ---- global grid ------------------------------------------------------------------------------------------
+    def grid(self, model: str, method: str) -> Grid:
+        return self._static.get(("grid", model, method), lambda: self._make_grid(model, method))
+
+    def _make_grid(self, model: str, method: str) -> Grid:
+        info = self.infos[model]
+        L, H = info.n_layers, info.n_heads
+        grp = self.atlas.layout_group(model, method)
+        n = int(grp["rows"].shape[0])
+        take = np.sort(np.random.default_rng(0).choice(n, size=min(n, self.grid_tokens), replace=False))
+        pick = np.concatenate([take, n + take])  # the same tokens as queries and as keys
+        coords = grp["coords"]
+        xs, ys, kinds = [], [], []
+        kind = np.concatenate([np.zeros(len(take), np.uint8), np.ones(len(take), np.uint8)])
+        done = self.atlas.layout_done(model, method)
+        for layer in range(L):
+            block = np.asarray(coords[layer])  # (H, 2n, 2): one read per layer
+            for head in range(H):
+                if not done[layer, head]:
+                    continue
+                xy = block[head][pick]
+                ok = np.isfinite(xy).all(1)
+                if not ok.any():
+                    continue
+                u, v = _unit(xy[ok, 0]), _unit(xy[ok, 1])
+                xs.append(head + 0.05 + 0.9 * u)
+                ys.append((L - 1 - layer) + 0.05 + 0.9 * v)  # layer 0 at the top
+                kinds.append(kind[ok])
+        cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+        return Grid(cat(xs, np.float32), cat(ys, np.float32), cat(kinds, np.uint8), done,
+                    self.atlas.layout_quality(model, method), len(take))
+
+    # ---- one head --------------------------------------------------------------------------------------------
+    def head(self, model: str, method: str, layer: int, head: int) -> Head:
+        return self._heads.get((model, method, layer, head), lambda: self._make_head(model, method, layer, head))
+
+    def _make_head(self, model: str, method: str, layer: int, head: int) -> Head:
+        info = self.infos[model]
+        grp = self.atlas.layout_group(model, method)
+        xy = np.asarray(grp["coords"][layer, head], dtype=np.float32)
+        q = np.asarray(grp["quality"][layer, head], dtype=np.float32)
+        rows = self.tokens(model, method).rows
+        qn = np.linalg.norm(np.asarray(self.atlas.array(model, "queries")[layer, head], dtype=np.float32)[rows], axis=1)
+        kn = np.linalg.norm(np.asarray(self.atlas.array(model, "keys")[layer, info.kv_head(head)], dtype=np.float32)[rows], axis=1)
+        return Head(xy[:, 0].copy(), xy[:, 1].copy(), np.concatenate([qn, kn]).astype(np.float32), float(q[0]), float(q[1]))
+
+    def has_attention(self, model: str) -> bool:
+        return self.atlas.has_array(model, "attn_topk_index") and self.atlas.has_array(model, "attn_topk_weight")
+
+    def topk(self, model: str, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._topk.get(("topk", model, layer, head), lambda: self.atlas.attention_topk(model, layer, head))
+
+    def sequence_tokens(self, model: str, sequence: int) -> pd.DataFrame:
+        tok = self.atlas.tokens(model)
+        sel = tok[tok["sequence"] == sequence]
+        return sel.assign(row=sel.index.to_numpy())
+
+    def sequence_info(self, model: str, sequence: int) -> dict[str, Any]:
+        seqs = self.atlas.sequences(model)
+        row = seqs[seqs["sequence"] == sequence]
+        return row.iloc[0].to_dict() if len(row) else {}
+
+    def image(self, model: str, sequence: int) -> np.ndarray | None:
+        if not self.atlas.has_array(model, "images"):
+            return None
+        arr = self.atlas.array(model, "images")
+        if not 0 <= sequence < arr.shape[0]:
+            return None
+        return self._static.get(("image", model, sequence), lambda: np.asarray(arr[sequence], dtype=np.uint8))
+
+
+def _continues_word(tok: pd.DataFrame) -> np.ndarray:
+    """True where a token is in the same word as the token before it (byte-level BPE word pieces)."""
+    if "word" not in tok:
+        return np.zeros(len(tok), bool)
+    w, s = tok["word"].to_numpy(), tok["sequence"].to_numpy()
+    out = np.zeros(len(tok), bool)
+    out[1:] = (w[1:] == w[:-1]) & (s[1:] == s[:-1]) & (w[1:] >= 0)
+    return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] by the 1st and 99th percentiles so one outlier does not shrink a cell."""
+    lo, hi = np.percentile(v, [1, 99])
+    if not hi > lo:
+        return np.full_like(v, 0.5)
+    return np.clip((v - lo) / (hi - lo), 0, 1)
