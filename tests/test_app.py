@@ -1,0 +1,283 @@
+"""The dashboard's documents, callbacks, URL arguments and escaping, on synthetic atlases (no browser)."""
+
+from __future__ import annotations
+
+import html
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from bokeh.application import Application
+from bokeh.application.handlers import DirectoryHandler
+from bokeh.document import Document
+from bokeh.document.events import ColumnDataChangedEvent
+from bokeh.events import RangesUpdate
+from bokeh.models import Div
+
+from attnatlas import testing
+from attnatlas.app import APP_DIR
+from attnatlas.app.dashboard import TOOLTIPS, build_document
+from attnatlas.app.data import AppData, token_category
+from attnatlas.errors import AtlasError
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def atlas_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("app") / "atlas"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(testing, "WORDS", [*testing.WORDS, XSS])  # the corpus carries a hostile line
+    try:
+        atlas = testing.synthetic_atlas(path, n_layers=3, n_heads=4, n_seq=12, seq_len=10)
+    finally:
+        mp.undo()
+    testing.random_layouts(atlas, "synthetic", "pca")
+    testing.random_layouts(atlas, "synthetic", "umap", seed=1)
+    testing.write_synthetic_image_model(atlas, n_images=2, grid=4)
+    testing.random_layouts(atlas, "synthetic-vit", "pca")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(atlas_path):
+    return AppData(atlas_path)
+
+
+def dash_for(data, **args):
+    doc = Document()
+    return build_document(doc, data, {k: [str(v).encode()] for k, v in args.items()}), doc
+
+
+def all_divs(doc):
+    return [m for m in doc.models if isinstance(m, Div)]
+
+
+def test_directory_app_builds_a_document(atlas_path):
+    handler = DirectoryHandler(filename=str(APP_DIR), argv=[str(atlas_path)])
+    assert not handler.failed, handler.error
+    doc = Application(handler).create_document()
+    names = {m.name for m in doc.models if m.name}
+    assert {"grid_scatter", "grid_cells", "head_scatter", "tabs"} <= names
+    assert not any("could not open" in d.text for d in all_divs(doc))
+
+
+def test_grid_has_one_cell_per_head_and_points_inside_cells(data):
+    dash, _ = dash_for(data)
+    assert dash.tabs.active == 0
+    cells = dash.cell_src.data
+    assert len(cells["label"]) == 12 and cells["label"][5] == "L1H1"
+    x, y = np.asarray(dash.grid_src.data["x"]), np.asarray(dash.grid_src.data["y"])
+    assert len(x) == 12 * 2 * min(data.grid_tokens, 120)
+    assert x.min() >= 0 and x.max() <= 4 and y.min() >= 0 and y.max() <= 3
+
+
+def test_url_arguments_select_the_view(data):
+    dash, _ = dash_for(data, model="synthetic", method="umap", layer=2, head=3)
+    assert (dash.model, dash.method, dash.layer, dash.head, dash.tabs.active) == ("synthetic", "umap", 2, 3, 1)
+    assert dash.url.text == "?model=synthetic&method=umap&layer=2&head=3"
+    xy = data.atlas.layout("synthetic", 2, 3, "umap")
+    np.testing.assert_allclose(dash.src.data["x"], xy["x"].to_numpy())
+
+
+def test_bad_url_arguments_fall_back_without_touching_paths(data):
+    dash, _ = dash_for(data, model="../../etc/passwd", method="/tmp/x", layer="abc", head=99)
+    assert dash.model == "synthetic" and dash.method in ("pca", "umap")
+    assert (dash.layer, dash.head) == (0, 3)
+    assert "Unknown model" in dash.status.text
+    assert data.model("synthetic-vit") == "synthetic-vit" and data.model(None) == "synthetic"
+
+
+def test_head_switch_sends_only_per_head_columns(data):
+    dash, doc = dash_for(data, layer=0, head=0)
+    events = []
+    doc.on_change(lambda e: events.append(e))
+    dash._step("next_head")
+    assert (dash.layer, dash.head) == (0, 1)
+    changed = {c for e in events if isinstance(e, ColumnDataChangedEvent) and e.model is dash.src for c in e.cols}
+    assert changed and changed <= {"x", "y", "norm", "c", "size"}
+    np.testing.assert_allclose(dash.src.data["x"], data.atlas.layout("synthetic", 0, 1, dash.method)["x"].to_numpy())
+    dash._step("prev_head")
+    dash._step("prev_head")
+    assert (dash.layer, dash.head) == (2, 3)  # wraps to the last head of the last layer
+    dash._step("next_layer")
+    assert (dash.layer, dash.head) == (0, 3)
+
+
+def test_clicking_a_grid_cell_opens_that_head(data):
+    dash, _ = dash_for(data)
+    dash.cell_src.selected.indices = [6]  # L1H2
+    assert dash.tabs.active == 1 and (dash.layer, dash.head) == (1, 2)
+    assert dash.cell_src.selected.indices == []  # cleared, so the same cell can be clicked again
+    assert "L1H2" in dash.head_title.text and "trustworthiness 0.900" in dash.head_title.text
+
+
+def test_method_switch_replaces_grid_and_head(data):
+    dash, _ = dash_for(data, layer=1, head=1)
+    before = np.asarray(dash.grid_src.data["x"]).copy()
+    dash.method_select.value = "umap" if dash.method == "pca" else "pca"
+    assert not np.allclose(before, dash.grid_src.data["x"])
+    np.testing.assert_allclose(dash.src.data["x"], data.atlas.layout("synthetic", 1, 1, dash.method)["x"].to_numpy())
+    assert f"method={dash.method}" in dash.url.text
+
+
+def test_tapping_a_query_draws_its_topk_keys(data):
+    dash, _ = dash_for(data, layer=1, head=2)
+    t = data.tokens("synthetic", dash.method)
+    n = len(t.rows)
+    p = 25
+    dash.src.selected.indices = [p]
+    idx, w = data.atlas.attention_topk("synthetic", 1, 2)
+    want = [(int(r), float(v)) for r, v in zip(idx[t.rows[p]], w[t.rows[p]]) if r >= 0 and v > 0]
+    lines = dash.line_src.data
+    assert len(lines["x1"]) == len(want) > 0
+    x = np.asarray(dash.src.data["x"])
+    assert set(np.round(lines["x1"], 5)) == {round(float(x[n + t.point_of_row[r]]), 5) for r, _ in want}
+    strongest = int(np.argmax(lines["alpha"]))
+    assert lines["x1"][strongest] == pytest.approx(x[n + t.point_of_row[want[0][0]]])
+    assert "keys it attends to" in dash.sequence.text and "outline" in dash.sequence.text
+
+
+def test_tapping_a_key_draws_the_queries_that_attend_to_it(data):
+    dash, _ = dash_for(data, layer=0, head=0)
+    t = data.tokens("synthetic", dash.method)
+    n = len(t.rows)
+    idx, _ = data.atlas.attention_topk("synthetic", 0, 0)
+    key_row = int(idx[t.rows[30], 0])  # a key some query attends to most
+    p = n + int(t.point_of_row[key_row])
+    dash.src.selected.indices = [p]
+    expected = int((idx == key_row).sum())
+    assert len(dash.line_src.data["x0"]) == expected >= 1
+    assert all(v == pytest.approx(float(dash.src.data["x"][p])) for v in dash.line_src.data["x0"])
+    assert "queries that attend to it" in dash.sequence.text
+    dash.src.selected.indices = []
+    assert dash.line_src.data["x0"] == []
+
+
+def test_search_counts_highlights_and_dims(data):
+    dash, _ = dash_for(data, layer=0, head=0)
+    tok = data.tokens("synthetic", dash.method).columns["token"]
+    n = len(tok) // 2
+    dash.search.value = "cat"
+    alpha = np.asarray(dash.src.data["alpha"])
+    hits = np.array(["cat" in s.lower() for s in tok[:n]])
+    assert f"{hits.sum()} matching tokens" in dash.search_count.text
+    assert (alpha[:n][hits] == 1.0).all() and (alpha[:n][~hits] < 0.1).all()
+    dash.search_mode.active = 1  # exact
+    dash.search.value = "a"
+    assert f"{int((tok[:n] == 'a').sum())} matching tokens" in dash.search_count.text
+    dash.search.value = ""
+    assert np.allclose(dash.src.data["alpha"], 0.6) and dash.search_count.text == ""
+
+
+def test_colour_modes_and_size_by_norm(data):
+    dash, _ = dash_for(data, layer=0, head=0)
+    cols = data.tokens("synthetic", dash.method).columns
+    n = len(cols["token"]) // 2
+    dash.colour_select.value = "position"
+    c = np.asarray(dash.src.data["c"])
+    assert (c[:n] < 1).all() and (c[n:] >= 1).all()  # separate ramps for queries and keys
+    assert len(dash.mapper.palette) == 256
+    dash.colour_select.value = "mod5"
+    np.testing.assert_array_equal(dash.src.data["c"], cols["position"] % 5)
+    dash.colour_select.value = "category"
+    specials = np.asarray(cols["token"]) == "[CLS]"
+    assert (np.asarray(dash.src.data["c"])[specials] == 1).all()
+    dash.colour_select.value = "norm"
+    np.testing.assert_allclose(dash.src.data["c"], dash.src.data["norm"])
+    dash.size_norm.active = [0]
+    size, norm = np.asarray(dash.src.data["size"]), np.asarray(dash.src.data["norm"])
+    assert size[np.argmax(norm)] > size[np.argmin(norm)]
+
+
+def test_token_categories():
+    assert [token_category(t, s) for t, s in [(",", False), ("[CLS]", True), ("##ing", False), ("42", False), ("cat", False)]] == [0, 1, 2, 3, 4]
+    assert token_category("\u0120the", False) == 4 and token_category("ing", False, continues_word=True) == 2
+
+
+def test_token_text_is_escaped_everywhere(data):
+    assert ("token", "@token") in TOOLTIPS  # Bokeh escapes plain fields; only ctx is {safe}, escaped by us
+    dash, doc = dash_for(data, layer=0, head=0)
+    cols = data.tokens("synthetic", dash.method).columns
+    where = [i for i, t in enumerate(cols["token"]) if "onerror" in t]
+    assert where, "the fixture must contain the hostile token"
+    assert XSS not in "".join(cols["ctx"]) and html.escape(XSS) in "".join(cols["ctx"])
+    dash.search.value = "onerror"
+    assert "matching tokens" in dash.search_count.text and html.escape(XSS) in dash.search_results.text
+    dash.src.selected.indices = [where[0]]
+    assert html.escape(XSS) in dash.sequence.text
+    for div in all_divs(doc):
+        assert "<img" not in div.text, div.name
+    from attnatlas.app.export import head_html
+
+    page = head_html(data, "synthetic", dash.method, 0, 0)
+    assert XSS not in page and "attnatlas synthetic L0H0" in page
+
+
+def test_image_model_click_heat_map_and_thumbnails(data):
+    dash, _ = dash_for(data, model="synthetic-vit", layer=1, head=0)
+    assert dash.img_fig.visible
+    assert [k for k in dash.colour_select.options if k[0] == "patch"]
+    dash.colour_select.value = "patch"
+    assert dash.points.glyph.fill_color == "rgb"
+    t = data.tokens("synthetic-vit", dash.method)
+    p = int(np.flatnonzero(np.asarray(t.columns["token"]) == "patch 1,2")[0])
+    dash.src.selected.indices = [p]
+    heat = dash.heat_src.data
+    assert len(heat["alpha"]) == 16 and max(heat["alpha"]) > 0
+    assert heat["line"].count("#000000") == 1
+    assert np.asarray(dash.img_src.data["image"][0]).shape == (16, 16)
+    x, y = np.asarray(dash.src.data["x"]), np.asarray(dash.src.data["y"])
+    dash._on_ranges(RangesUpdate(dash.fig, x0=float(x.min()), x1=float(x.max()), y0=float(y.min()), y1=float(y.max())))
+    n_patch_points = 2 * sum(tok.startswith("patch") for tok in t.columns["token"][: len(t.rows)])
+    assert len(dash.thumb_src.data["image"]) == n_patch_points
+    assert np.asarray(dash.thumb_src.data["image"][0]).shape == (4, 4)
+
+
+def test_sessions_are_isolated(data, monkeypatch):
+    a, doc_a = dash_for(data, layer=0, head=0)
+    b, doc_b = dash_for(data, layer=0, head=0)
+    assert not {m.id for m in doc_a.models} & {m.id for m in doc_b.models}
+    a.search.value = "cat"
+    assert b.search_count.text == "" and np.allclose(b.src.data["alpha"], 0.6)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(a, "data", type("Broken", (), {"infos": data.infos, "clamp": data.clamp, "head": broken,
+                                                       "tokens": data.tokens, "model": data.model})())
+    a._step("next_head")  # fails inside the callback
+    assert "disk gone" in a.status.text
+    b._step("next_head")
+    assert b.status.text == "" and b.head == 1
+
+
+def test_export_is_standalone_html(data):
+    from attnatlas.app.export import head_html
+
+    page = head_html(data, "synthetic", "pca", 1, 1, "position")
+    assert page.startswith("<!DOCTYPE html>") and "cdn.bokeh.org" not in page and len(page) > 100_000
+
+
+def test_serve_rejects_a_missing_atlas(tmp_path):
+    from attnatlas.cli.serve import make_server
+
+    with pytest.raises(AtlasError):
+        make_server(str(tmp_path / "nope"), port=0)
+
+
+def test_app_never_imports_torch(atlas_path):
+    code = (
+        "import sys\n"
+        "from bokeh.application import Application\n"
+        "from bokeh.application.handlers import DirectoryHandler\n"
+        "import attnatlas.cli.serve, attnatlas.app.export\n"
+        f"h = DirectoryHandler(filename={str(APP_DIR)!r}, argv=[{str(atlas_path)!r}])\n"
+        "doc = Application(h).create_document()\n"
+        "assert len(doc.roots) == 1\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
