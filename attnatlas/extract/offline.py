@@ -153,6 +153,7 @@ def _cached_build(
     try:
         start = time.perf_counter()
         build(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the cache folder should not be
         (tmp / _MARKER).write_text(json.dumps({**stamp, "seconds": round(time.perf_counter() - start, 1)}))
         if dest.exists() and not _cache_valid(dest, stamp):
             shutil.rmtree(dest)  # an outdated conversion; replace it
@@ -165,6 +166,12 @@ def _cached_build(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _cache_valid(dest: Path, stamp: dict) -> bool:
@@ -205,7 +212,14 @@ def _build_smollm2(gguf_path: Path, out: Path) -> None:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are already expanded to float32, but the model stays flagged as GGUF-quantised and
+    # refuses save_pretrained; a fresh model built from the config without that flag saves plainly.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -301,7 +315,7 @@ def _build_dinov2(onnx_path: Path, out: Path) -> None:
             raise ModelError(
                 f"{onnx_path.name}: {onnx_name} has shape {tuple(arr.shape)}, Dinov2Model wants {tuple(expected[name].shape)}."
             )
-        state[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        state[name] = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: onnx arrays are read-only
     for name in _NOT_IN_EXPORT:
         state.setdefault(name, torch.zeros_like(expected[name]))
     unassigned = sorted(set(expected) - set(state))
