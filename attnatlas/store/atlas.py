@@ -64,6 +64,7 @@ class ArraySpec:
     token_axis: int
     chunks: tuple[int, ...]
     compress: bool = False
+    per_token: bool = True  # False: one row per sequence (e.g. processed images), not per token
 
 
 @dataclass
@@ -119,7 +120,9 @@ class ModelWriter:
     def _append_array(self, key: str, block: np.ndarray, n: int) -> None:
         buf = self.buffers[key]
         ax = buf.spec.token_axis
-        if block.shape[ax] != n:
+        if not buf.spec.per_token:
+            n = block.shape[ax]
+        elif block.shape[ax] != n:
             raise ValueError(f"{key}: {block.shape[ax]} token rows, expected {n}")
         size = buf.data.shape[ax]
         done = 0

@@ -1,0 +1,410 @@
+"""Run a model over a corpus and stream per-head q, k (and optional v, top-k attention, hidden
+states) into an atlas, one batch at a time, so memory does not grow with the corpus.
+
+Over-long text is truncated to `max_tokens` (default: the model's limit, at most 512), with one
+warning that counts the truncated sequences.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from attnatlas import __version__
+from attnatlas.errors import InputError, ModelError
+from attnatlas.extract.adapters import ADAPTER_VERSION, Adapter, adapter_for, head_counts
+from attnatlas.extract.capture import LayerCapture, attention_probs, capturing
+from attnatlas.extract.offline import OFFLINE_MODELS, prepare_offline_model
+from attnatlas.inputs import ImageRecord, TextRecord, load_images, load_texts, patch_colour_table
+from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, tokens_per_chunk
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_TOKENS = 512
+STORAGE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class ExtractOptions:
+    dtype: str = "float16"  # storage dtype of q, k, v, hidden
+    batch_size: int = 16
+    max_tokens: int | None = None
+    values: bool = False
+    attention_topk: int = 8  # 0 = do not store attention
+    hidden_states: bool = False
+    device: str = "auto"
+    precision: str = "float32"  # compute: float32 | bfloat16 | float16 (autocast)
+    progress: bool = True
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    preprocessor: Any  # tokenizer (text) or image processor (image)
+    adapter: Adapter
+    config: Any
+    model_id: str
+    source: str  # local folder or hub id actually loaded
+    default_name: str
+    layer_of_module: dict[int, int] = field(repr=False, default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but no CUDA device is available (use --device auto or cpu).")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("--device mps was asked for, but MPS is not available (use --device auto or cpu).")
+    if device not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"Unknown device {device!r}: use auto, cpu, cuda or mps.")
+    return torch.device(device)
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_model(model_id: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a supported model from an offline short name, a local folder or a hub id."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+    if model_id in OFFLINE_MODELS:
+        source = str(prepare_offline_model(model_id))
+        default_name = model_id
+    else:
+        source = model_id
+        default_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_id.rstrip("/")).name).strip(".-") or "model"
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # transformers raises OSError/ValueError/HF errors for bad ids
+        known = ", ".join(OFFLINE_MODELS)
+        raise ModelError(
+            f"Could not load a model config from {model_id!r}: {_short_error(exc)} "
+            f"(give a Hugging Face hub id, a local model folder, or one of the offline names: {known})."
+        ) from None
+    adapter = adapter_for(config)
+    try:
+        model = AutoModel.from_pretrained(source, attn_implementation="sdpa")
+        if adapter.modality == "text":
+            pre = AutoTokenizer.from_pretrained(source)
+        else:
+            pre = AutoImageProcessor.from_pretrained(source)
+    except Exception as exc:
+        raise ModelError(f"Could not load {model_id!r}: {_short_error(exc)}") from None
+    model.eval().to(resolve_device(device) if isinstance(device, str) else device)
+    layer_of_module = {}
+    for qualified, module in model.named_modules():
+        layer = adapter.layer_of(qualified)
+        if layer is not None:
+            layer_of_module[id(module)] = layer
+    n_layers = head_counts(config)[0]
+    if sorted(layer_of_module.values()) != list(range(n_layers)):
+        raise ModelError(
+            f"Found {len(layer_of_module)} attention modules in {model_id!r} but its config says {n_layers} layers; "
+            f"this {config.model_type!r} variant is not laid out as the {adapter.family} adapter expects."
+        )
+    if adapter.modality == "text":
+        if pre.pad_token is None:
+            # Decoders often ship without one; padded positions are masked out and never stored.
+            pre.pad_token = pre.eos_token or pre.unk_token
+        pre.padding_side = "right"  # keeps rotary positions of real tokens independent of padding
+    return LoadedModel(model, pre, adapter, config, model_id, source, default_name, layer_of_module)
+
+
+def _hash_texts(records: Sequence[TextRecord]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r.text.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _hash_images(records: Sequence[ImageRecord]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r.image.tobytes())
+        h.update(str(r.image.size).encode())
+    return h.hexdigest()
+
+
+class _Batch:
+    """What one forward pass yields, already compacted to real (non-padding) tokens."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], tokens: pd.DataFrame, sequences: pd.DataFrame):
+        self.arrays, self.tokens, self.sequences = arrays, tokens, sequences
+
+
+def _compact(caps: dict[int, LayerCapture], valid: torch.Tensor, first_row: int, opts: ExtractOptions,
+             causal: bool, hidden: tuple[torch.Tensor, ...] | None, np_dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Turn padded (batch, head, token, d) captures into (layer, head, real_token, d) arrays."""
+    n_layers = len(caps)
+    out: dict[str, list[np.ndarray]] = {"queries": [], "keys": []}
+    if opts.values:
+        out["values"] = []
+    if opts.attention_topk:
+        out["attn_topk_index"], out["attn_topk_weight"] = [], []
+        # Global token row of every (sequence, position), -1 for padding.
+        rowmap = torch.cumsum(valid.reshape(-1).long(), 0).reshape(valid.shape) - 1 + first_row
+        rowmap = torch.where(valid, rowmap, torch.full_like(rowmap, -1))
+    for layer in range(n_layers):
+        cap = caps[layer]
+        # (batch, head, token, d) -> (head, real_token, d)
+        out["queries"].append(cap.query.permute(1, 0, 2, 3)[:, valid].float().cpu().numpy().astype(np_dtype))
+        out["keys"].append(cap.key.permute(1, 0, 2, 3)[:, valid].float().cpu().numpy().astype(np_dtype))
+        if opts.values:
+            out["values"].append(cap.value.permute(1, 0, 2, 3)[:, valid].float().cpu().numpy().astype(np_dtype))
+        if opts.attention_topk:
+            probs = attention_probs(cap, causal)  # (batch, head, query, key)
+            k = min(opts.attention_topk, probs.shape[-1])
+            w, pos = probs.topk(k, dim=-1)  # (batch, head, query, k)
+            rows = torch.gather(rowmap[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1), 3, pos)
+            rows = torch.where(w > 0, rows, torch.full_like(rows, -1))
+            w = torch.where(rows >= 0, w, torch.zeros_like(w))
+            idx = rows.permute(1, 0, 2, 3)[:, valid].cpu().numpy().astype(np.int32)
+            wt = w.permute(1, 0, 2, 3)[:, valid].float().cpu().numpy().astype(np.float16)
+            if k < opts.attention_topk:  # short sequences: pad to the stored k
+                pad = opts.attention_topk - k
+                idx = np.pad(idx, ((0, 0), (0, 0), (0, pad)), constant_values=-1)
+                wt = np.pad(wt, ((0, 0), (0, 0), (0, pad)))
+            out["attn_topk_index"].append(idx)
+            out["attn_topk_weight"].append(wt)
+    arrays = {key: np.stack(v) for key, v in out.items()}
+    if hidden is not None:
+        arrays["hidden"] = np.stack([h[valid].float().cpu().numpy().astype(np_dtype) for h in hidden])
+    return arrays
+
+
+def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractOptions, max_len: int,
+                  device: torch.device, np_dtype: np.dtype, scalings: dict[int, float]):
+    tok = loaded.preprocessor
+    first_row = 0
+    for start in range(0, len(records), opts.batch_size):
+        batch = records[start : start + opts.batch_size]
+        encoding = tok([r.text for r in batch], padding=True, truncation=True, max_length=max_len,
+                       return_tensors="pt", return_offsets_mapping=tok.is_fast, return_special_tokens_mask=True)
+        offsets = encoding.get("offset_mapping")
+        special = encoding["special_tokens_mask"]
+        enc = {k: encoding[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding}
+        valid = enc["attention_mask"].bool()
+        with capturing(loaded.model, loaded.layer_of_module) as rec, torch.inference_mode(), _autocast(device, opts.precision):
+            out = loaded.model(**enc, output_hidden_states=opts.hidden_states)
+        scalings.update({layer: c.scaling for layer, c in rec.layers.items()})
+        arrays = _compact(rec.layers, valid, first_row, opts, loaded.adapter.causal,
+                          out.hidden_states if opts.hidden_states else None, np_dtype)
+        ids = enc["input_ids"].cpu()
+        rows, seqs = [], []
+        for b, record in enumerate(batch):
+            n = int(valid[b].sum())
+            seq_id = start + b
+            token_ids = ids[b, :n].tolist()
+            pieces = tok.batch_decode([[i] for i in token_ids], clean_up_tokenization_spaces=False)
+            words = [-1 if w is None else int(w) for w in encoding.word_ids(b)[:n]] if tok.is_fast else [-1] * n
+            for p in range(n):
+                cs, ce = (int(offsets[b, p, 0]), int(offsets[b, p, 1])) if offsets is not None else (-1, -1)
+                is_special = bool(special[b, p])
+                rows.append((seq_id, p, pieces[p], token_ids[p], is_special,
+                             -1 if is_special else cs, -1 if is_special else ce,
+                             words[p], record.source))
+            seqs.append((seq_id, record.source, record.text, n))
+            first_row += n
+        tokens = pd.DataFrame(rows, columns=["sequence", "position", "token", "token_id", "is_special",
+                                             "char_start", "char_end", "word", "source"])
+        sequences = pd.DataFrame(seqs, columns=["sequence", "source", "text", "n_tokens"])
+        yield _Batch(arrays, tokens, sequences), len(batch)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "float32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
+
+
+def _image_geometry(loaded: LoadedModel) -> tuple[int, list[str]]:
+    patch = loaded.config.patch_size
+    patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+    return patch, loaded.adapter.prefix_tokens(loaded.config)
+
+
+def _image_pixels(pre: Any, pixel_values: torch.Tensor) -> np.ndarray:
+    """(batch, H, W, 3) floats in [0, 1]: the processed input with normalisation undone."""
+    px = pixel_values.float().cpu()
+    if getattr(pre, "do_normalize", False):
+        mean = torch.tensor(pre.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(pre.image_std).view(1, 3, 1, 1)
+        px = px * std + mean
+    if not getattr(pre, "do_rescale", True):
+        px = px / 255.0
+    return px.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: ExtractOptions,
+                   device: torch.device, np_dtype: np.dtype, scalings: dict[int, float]):
+    pre = loaded.preprocessor
+    patch, prefix = _image_geometry(loaded)
+    first_row = 0
+    for start in range(0, len(records), opts.batch_size):
+        batch = records[start : start + opts.batch_size]
+        pixel_values = pre(images=[r.image for r in batch], return_tensors="pt")["pixel_values"]
+        pixels = _image_pixels(pre, pixel_values)  # (batch, H, W, 3)
+        B, H, W, _ = pixels.shape
+        rows_, cols_ = H // patch, W // patch
+        n = len(prefix) + rows_ * cols_
+        valid = torch.ones(B, n, dtype=torch.bool, device=device)
+        with capturing(loaded.model, loaded.layer_of_module) as rec, torch.inference_mode(), _autocast(device, opts.precision):
+            out = loaded.model(pixel_values=pixel_values.to(device), output_hidden_states=opts.hidden_states)
+        got = rec.layers[0].query.shape[2]
+        if got != n:
+            raise ModelError(f"The model saw {got} tokens per image, expected {n} ({len(prefix)} + {rows_}x{cols_} patches).")
+        scalings.update({layer: c.scaling for layer, c in rec.layers.items()})
+        arrays = _compact(rec.layers, valid, first_row, opts, False,
+                          out.hidden_states if opts.hidden_states else None, np_dtype)
+        arrays["images"] = np.rint(pixels * 255).astype(np.uint8)
+        frames, seqs = [], []
+        for b, record in enumerate(batch):
+            seq_id = start + b
+            colours = patch_colour_table(pixels[b], patch)
+            head = pd.DataFrame({
+                "patch_row": -1, "patch_col": -1,
+                "mean_r": np.nan, "mean_g": np.nan, "mean_b": np.nan,
+                "hue": np.nan, "saturation": np.nan, "brightness": np.nan,
+            }, index=range(len(prefix)))
+            table = pd.concat([head, colours], ignore_index=True)
+            table.insert(0, "token_kind", prefix + ["patch"] * len(colours))
+            table.insert(0, "is_special", [True] * len(prefix) + [False] * len(colours))
+            names = [f"[{k.upper()}]" for k in prefix] + [f"patch {r},{c}" for r, c in zip(colours.patch_row, colours.patch_col)]
+            table.insert(0, "token", names)
+            table.insert(0, "position", np.arange(n))
+            table.insert(0, "sequence", seq_id)
+            table["source"] = record.source
+            frames.append(table)
+            seqs.append((seq_id, record.source, record.source, n, rows_, cols_, H))
+            first_row += n
+        tokens = pd.concat(frames, ignore_index=True)
+        sequences = pd.DataFrame(seqs, columns=["sequence", "source", "text", "n_tokens", "grid_rows", "grid_cols", "image_size"])
+        yield _Batch(arrays, tokens, sequences), len(batch)
+
+
+def extract(
+    atlas_path: str | Path,
+    model: str | LoadedModel,
+    texts: str | Path | Sequence[str] | None = None,
+    images: str | Path | Sequence[str | Path] | None = None,
+    name: str | None = None,
+    options: ExtractOptions | None = None,
+    overwrite: bool = False,
+    text_column: str | None = None,
+) -> str:
+    """Extract one model over a corpus into the atlas at `atlas_path`; returns the stored model name."""
+    opts = options or ExtractOptions()
+    if opts.dtype not in STORAGE_DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {opts.dtype!r}.")
+    if opts.batch_size < 1:
+        raise InputError("--batch-size must be at least 1.")
+    if opts.attention_topk < 0:
+        raise InputError("--attention-topk must be 0 (off) or a positive number of keys.")
+    if (texts is None) == (images is None):
+        raise InputError("Give exactly one of --texts or --images.")
+    # Inputs are checked and the atlas opened before the (slow) model load.
+    text_records = load_texts(texts, column=text_column) if texts is not None else None
+    image_records = load_images(images) if images is not None else None
+    atlas = Atlas.open(atlas_path, create=True)
+    if name is not None and name in atlas.models and not overwrite:
+        raise InputError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
+    device = resolve_device(opts.device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    name = name or loaded.default_name
+    if name in atlas.models and not overwrite:
+        raise InputError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
+    adapter, config = loaded.adapter, loaded.config
+    if adapter.modality == "text" and text_records is None:
+        raise InputError(f"{loaded.model_id!r} is a text model; give --texts, not --images.")
+    if adapter.modality == "image" and image_records is None:
+        raise InputError(f"{loaded.model_id!r} is an image model; give --images, not --texts.")
+
+    n_layers, n_heads, n_kv, d_head = head_counts(config)
+    np_dtype = np.dtype(opts.dtype)
+    attrs: dict[str, Any] = dict(
+        model_id=loaded.model_id, source=loaded.source, revision=getattr(config, "_commit_hash", None),
+        model_type=config.model_type, family=adapter.family, adapter_version=ADAPTER_VERSION,
+        modality=adapter.modality, causal=adapter.causal, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=n_kv, d_head=d_head, d_model=getattr(config, "hidden_size", None) or config.n_embd,
+        dtype=opts.dtype, attention_topk=opts.attention_topk, attnatlas_version=__version__,
+        format_version=FORMAT_VERSION, config=config.to_dict(), device=str(device), precision=opts.precision,
+    )
+    if loaded.model_id in OFFLINE_MODELS:
+        attrs["description"] = OFFLINE_MODELS[loaded.model_id].description
+    scalings: dict[int, float] = {}
+
+    if text_records is not None:
+        tok = loaded.preprocessor
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or DEFAULT_MAX_TOKENS
+        max_len = int(opts.max_tokens or min(limit, DEFAULT_MAX_TOKENS))
+        if opts.max_tokens and opts.max_tokens > limit:
+            raise InputError(f"--max-tokens {opts.max_tokens} exceeds the model's limit of {limit} positions.")
+        lengths = np.array([len(x) for x in tok([r.text for r in text_records], add_special_tokens=True)["input_ids"]])
+        truncated = int((lengths > max_len).sum())
+        if truncated:
+            warnings.warn(f"{truncated} of {len(lengths)} sequences are longer than {max_len} tokens and were truncated "
+                          f"(raise --max-tokens up to {limit} to keep more).", stacklevel=2)
+        n_tokens = int(np.minimum(lengths, max_len).sum())
+        attrs.update(input_hash=_hash_texts(text_records), n_sequences=len(text_records), max_tokens=max_len,
+                     truncated_sequences=truncated)
+        n_items = len(text_records)
+        batches = _text_batches(loaded, text_records, opts, max_len, device, np_dtype, scalings)
+    else:
+        patch, prefix = _image_geometry(loaded)
+        probe = loaded.preprocessor(images=[image_records[0].image], return_tensors="pt")["pixel_values"]
+        H, W = probe.shape[-2:]
+        per_image = len(prefix) + (H // patch) * (W // patch)
+        n_tokens = per_image * len(image_records)
+        attrs.update(input_hash=_hash_images(image_records), n_sequences=len(image_records), patch_size=patch,
+                     image_size=[int(H), int(W)], prefix_tokens=prefix, grid=[int(H // patch), int(W // patch)])
+        n_items = len(image_records)
+        batches = _image_batches(loaded, image_records, opts, device, np_dtype, scalings)
+
+    tc = tokens_per_chunk(d_head)
+    specs = {
+        "queries": ArraySpec((n_layers, n_heads, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head)),
+        "keys": ArraySpec((n_layers, n_kv, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head)),
+    }
+    if opts.values:
+        specs["values"] = ArraySpec((n_layers, n_kv, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head))
+    if opts.attention_topk:
+        K = opts.attention_topk
+        specs["attn_topk_index"] = ArraySpec((n_layers, n_heads, n_tokens, K), "int32", 2, (1, 1, tc, K), compress=True)
+        specs["attn_topk_weight"] = ArraySpec((n_layers, n_heads, n_tokens, K), "float16", 2, (1, 1, tc, K), compress=True)
+    if opts.hidden_states:
+        d_model = attrs["d_model"]
+        specs["hidden"] = ArraySpec((n_layers + 1, n_tokens, d_model), opts.dtype, 1, (1, tokens_per_chunk(d_model), d_model))
+    if adapter.modality == "image":
+        H, W = attrs["image_size"]
+        specs["images"] = ArraySpec((n_items, H, W, 3), "uint8", 0, (1, H, W, 3), compress=True, per_token=False)
+
+    started = time.perf_counter()
+    with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite) as writer:
+        with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
+                  disable=not opts.progress) as bar:
+            for batch, count in batches:
+                writer.append(batch.arrays, batch.tokens, batch.sequences)
+                bar.update(count)
+        writer.attrs["scaling"] = [scalings[i] for i in range(n_layers)]
+        writer.attrs["extract_seconds"] = round(time.perf_counter() - started, 3)
+        writer.commit(overwrite=overwrite)
+    return name
