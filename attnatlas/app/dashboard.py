@@ -199,12 +199,12 @@ class Dashboard:
         self.search_results = Div(text="", width=420, name="search_results")
         self.sequence = Div(text="Click a point to see its sequence and where it attends.", width=420, name="sequence_panel")
         self.img_src = ColumnDataSource(data=dict(image=[], x=[], y=[], dw=[], dh=[]))
-        self.heat_src = ColumnDataSource(data=dict(left=[], right=[], bottom=[], top=[], alpha=[], line=[]))
-        self.img_fig = figure(width=320, height=320, tools="save", toolbar_location="above", match_aspect=True,
-                              visible=False, name="image_figure")
+        self.heat_src = ColumnDataSource(data=dict(left=[], right=[], bottom=[], top=[], alpha=[], line=[], lw=[]), name="heat_map")
+        self.img_fig = figure(width=320, height=320, tools="save", toolbar_location="above", x_range=Range1d(0, 1),
+                              y_range=Range1d(0, 1), visible=False, name="image_figure")
         self.img_fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.img_src)
         self.img_fig.quad(left="left", right="right", bottom="bottom", top="top", source=self.heat_src, fill_color="#ff2020",
-                          fill_alpha="alpha", line_color="line", line_alpha=0.5)
+                          fill_alpha="alpha", line_color="line", line_width="lw", line_alpha=0.9)
         self.img_fig.axis.visible = False
         self.img_fig.grid.visible = False
         self.export_btn = Button(label="Download standalone HTML", width=200, name="export_html")
@@ -447,7 +447,7 @@ class Dashboard:
         n = len(t.rows)
         if self.selected is None or not 0 <= self.selected < 2 * n:
             self.line_src.data = empty_lines
-            self.heat_src.data = dict(left=[], right=[], bottom=[], top=[], alpha=[], line=[])
+            self.heat_src.data = dict(left=[], right=[], bottom=[], top=[], alpha=[], line=[], lw=[])
             return
         p = self.selected
         is_query = p < n
@@ -520,7 +520,7 @@ class Dashboard:
         info = self.data.sequence_info(self.model, seq)
         if img is None:
             self.img_src.data = dict(image=[], x=[], y=[], dw=[], dh=[])
-            self.heat_src.data = dict(left=[], right=[], bottom=[], top=[], alpha=[], line=[])
+            self.heat_src.data = dict(left=[], right=[], bottom=[], top=[], alpha=[], line=[], lw=[])
             return
         H, W = img.shape[:2]
         self.img_src.data = dict(image=[_rgba(img[::-1])], x=[0], y=[0], dw=[W], dh=[H])
@@ -529,13 +529,14 @@ class Dashboard:
         toks = self.data.sequence_tokens(self.model, seq)
         patches = toks[toks["patch_row"] >= 0] if "patch_row" in toks else toks.iloc[0:0]
         top = max(weights.values(), default=1.0) or 1.0
-        left, right, bottom, topc, alpha, line = [], [], [], [], [], []
+        left, right, bottom, topc, alpha, line, lw = [], [], [], [], [], [], []
         for r, pr, pc in zip(patches["row"], patches["patch_row"], patches["patch_col"]):
             left.append(pc * pw), right.append((pc + 1) * pw)
             bottom.append(H - (pr + 1) * ph), topc.append(H - pr * ph)
             alpha.append(0.75 * weights.get(int(r), 0.0) / top)
             line.append("#000000" if int(r) == row_ else "#ffffff")
-        self.heat_src.data = dict(left=left, right=right, bottom=bottom, top=topc, alpha=alpha, line=line)
+            lw.append(3.0 if int(r) == row_ else 0.5)
+        self.heat_src.data = dict(left=left, right=right, bottom=bottom, top=topc, alpha=alpha, line=line, lw=lw)
         self.img_fig.x_range.start, self.img_fig.x_range.end = 0, W
         self.img_fig.y_range.start, self.img_fig.y_range.end = 0, H
 
