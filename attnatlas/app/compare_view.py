@@ -1,0 +1,199 @@
+"""Compare view: two models' head grids side by side, a sortable and filterable head table, and a
+heat map of head-to-head similarity. Clicking a head in one grid outlines its nearest heads in the other.
+
+All interaction runs in the browser (CustomJS), so the same layout works in the server app and in the
+standalone report. It reads results stored by `attnatlas compare`; it never computes them (no torch).
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+from bokeh.layouts import column, row
+from bokeh.models import (
+    BooleanFilter,
+    CDSView,
+    ColorBar,
+    ColumnDataSource,
+    CustomJS,
+    DataTable,
+    Div,
+    HoverTool,
+    LinearColorMapper,
+    NumberFormatter,
+    RangeSlider,
+    Select,
+    TableColumn,
+    TapTool,
+)
+from bokeh.palettes import RdBu11, Viridis256
+from bokeh.plotting import figure
+
+from attnatlas.compare.metrics import HEAD_FIELDS
+from attnatlas.compare.run import CompareResult, load
+
+CELL = 14  # pixels per head in the grids
+
+HIGHLIGHT_JS = """
+// sim: (heads of this grid) x (heads of the other grid), row-major, for the measure chosen
+const i = src.selected.indices.length ? src.selected.indices[0] : -1
+const n_other = other.data.layer.length
+const d = other.data
+const width = new Array(n_other).fill(0)
+const score = new Array(n_other).fill(NaN)
+let text = ''
+if (i >= 0) {
+  const col = measure.value
+  const row = []
+  for (let j = 0; j < n_other; j++) {
+    const v = a_is_row ? heat.data[col][i * n_other + j] : heat.data[col][j * n_b + i]
+    score[j] = v
+    if (!Number.isNaN(v)) row.push([v, j])
+  }
+  row.sort((x, y) => y[0] - x[0])
+  const lines = []
+  for (let r = 0; r < Math.min(k, row.length); r++) {
+    const j = row[r][1]
+    width[j] = 3
+    lines.push(`${r + 1}. L${d.layer[j]}H${d.head[j]} (${row[r][0].toFixed(3)})`)
+  }
+  const s = src.data
+  text = `<b>${name} L${s.layer[i]}H${s.head[i]}</b>: nearest in ${other_name} by ${col}<br>` + lines.join('<br>')
+}
+d.width = width
+d.score = score
+other.change.emit()
+info.text = text
+"""
+
+METRIC_JS = """
+const m = metric.value
+for (const s of sources) {
+  s.data.value = s.data[m]
+  s.change.emit()
+}
+let lo = Infinity, hi = -Infinity
+for (const s of sources) for (const v of s.data[m]) if (!Number.isNaN(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v) }
+if (!Number.isFinite(lo)) { lo = 0; hi = 1 }
+if (hi === lo) hi = lo + 1
+mapper.low = lo; mapper.high = hi
+slider.start = lo; slider.end = hi; slider.value = [lo, hi]; slider.step = (hi - lo) / 100
+slider.title = 'filter ' + m
+"""
+
+FILTER_JS = """
+const d = table_src.data
+const m = metric.value
+const [lo, hi] = slider.value
+const mask = d.model.map((x, i) => (which.value === 'both' || x === which.value) &&
+  (Number.isNaN(d[m][i]) ? (lo <= slider.start && hi >= slider.end) : (d[m][i] >= lo - 1e-12 && d[m][i] <= hi + 1e-12)))
+view.filter.booleans = mask
+table_src.change.emit()
+"""
+
+HEAT_JS = """
+const col = measure.value
+heat.data.sim = heat.data[col]
+heat.change.emit()
+mapper.low = col === 'pattern' ? -1 : 0
+mapper.high = 1
+"""
+
+
+def _grid_source(res: CompareResult, model: str, metric: str) -> ColumnDataSource:
+    h = res.metrics[model].heads.sort_values(["layer", "head"]).reset_index(drop=True)
+    data = {"layer": h["layer"].to_numpy(), "head": h["head"].to_numpy(),
+            "label": [f"L{L}H{k}" for L, k in zip(h["layer"], h["head"])],
+            "value": h[metric].to_numpy(float), "width": np.zeros(len(h)), "score": np.full(len(h), np.nan)}
+    for f in HEAD_FIELDS:
+        data[f] = h[f].to_numpy(float)
+    return ColumnDataSource(data)
+
+
+def _grid_figure(model: str, src: ColumnDataSource, mapper: LinearColorMapper) -> figure:
+    n_layers = int(np.max(src.data["layer"])) + 1
+    n_heads = int(np.max(src.data["head"])) + 1
+    p = figure(title=model, width=max(220, CELL * n_heads + 90), height=max(180, CELL * n_layers + 70),
+               x_range=(-0.5, n_heads - 0.5), y_range=(n_layers - 0.5, -0.5), tools="tap,reset",
+               x_axis_label="head", y_axis_label="layer", toolbar_location=None)
+    p.rect("head", "layer", 0.92, 0.92, source=src, fill_color={"field": "value", "transform": mapper},
+           line_color="#d62728", line_width="width",
+           selection_line_color="black", selection_line_width=3, nonselection_fill_alpha=0.8)
+    p.add_tools(HoverTool(tooltips=[("head", "@label"), ("metric", "@value{0.000}"), ("similarity", "@score{0.000}")]))
+    p.grid.visible = False
+    return p
+
+
+def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult | None = None,
+                       metric: str = "entropy_norm_mean", measure: str = "pattern", top_k: int = 5):
+    """Bokeh layout comparing two models; a note instead when `attnatlas compare` has not been run."""
+    res = result if result is not None else load(atlas, model_a, model_b)
+    if res is None:
+        return Div(text=f"No comparison of <b>{html.escape(model_a)}</b> and <b>{html.escape(model_b)}</b> is stored. "
+                        f"Run <code>attnatlas compare ATLAS --models {html.escape(model_a)} {html.escape(model_b)} "
+                        f"--out DIR</code> first.")
+    if metric not in HEAD_FIELDS:
+        metric = "entropy_norm_mean"
+    a, b = res.models
+    src_a, src_b = _grid_source(res, a, metric), _grid_source(res, b, metric)
+    vals = np.concatenate([src_a.data["value"], src_b.data["value"]])
+    lo, hi = (float(np.nanmin(vals)), float(np.nanmax(vals))) if np.isfinite(vals).any() else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1
+    mapper = LinearColorMapper(palette=Viridis256, low=lo, high=hi, nan_color="#dddddd")
+    fig_a, fig_b = _grid_figure(a, src_a, mapper), _grid_figure(b, src_b, mapper)
+    bar = ColorBar(color_mapper=mapper, width=10)
+    fig_b.add_layout(bar, "right")
+
+    # heat map of the (a, b) block of both measures, row-major in a's (layer, head) order
+    pat, pro = res.block("pattern", a, b), res.block("profile", a, b)
+    na, nb = pat.shape
+    ii, jj = np.meshgrid(np.arange(na), np.arange(nb), indexing="ij")
+    heat = ColumnDataSource({
+        "ia": ii.ravel(), "jb": jj.ravel(),
+        "a": np.repeat(src_a.data["label"], nb), "b": np.tile(src_b.data["label"], na),
+        "pattern": pat.ravel(), "profile": pro.ravel(), "sim": (pat if measure == "pattern" else pro).ravel(),
+    })
+    heat_mapper = LinearColorMapper(palette=list(reversed(RdBu11)), low=-1 if measure == "pattern" else 0, high=1,
+                                    nan_color="#eeeeee")
+    hf = figure(title=f"head-to-head similarity: rows {a}, columns {b}", width=min(900, max(300, 3 * nb + 120)),
+                height=min(700, max(250, 4 * na + 80)), x_range=(-0.5, nb - 0.5), y_range=(na - 0.5, -0.5),
+                tools="hover,box_zoom,wheel_zoom,pan,reset", tooltips=[("", "@a ~ @b"), ("similarity", "@sim{0.000}")],
+                x_axis_label=f"{b} head (layer-major)", y_axis_label=f"{a} head (layer-major)")
+    hf.rect("jb", "ia", 1, 1, source=heat, fill_color={"field": "sim", "transform": heat_mapper}, line_color=None)
+    hf.add_layout(ColorBar(color_mapper=heat_mapper, width=10), "right")
+    hf.grid.visible = False
+
+    metric_sel = Select(title="colour grids by", value=metric, options=list(HEAD_FIELDS))
+    measure_sel = Select(title="similarity", value=measure, options=["pattern", "profile"])
+    info = Div(text="Click a head in either grid to outline its nearest heads in the other.", width=300)
+    for src, other, name, other_name, is_row in ((src_a, src_b, a, b, True), (src_b, src_a, b, a, False)):
+        src.selected.js_on_change("indices", CustomJS(
+            args=dict(src=src, other=other, heat=heat, measure=measure_sel, info=info, k=top_k, a_is_row=is_row,
+                      n_b=nb, name=name, other_name=other_name), code=HIGHLIGHT_JS))
+    heat_cb = CustomJS(args=dict(heat=heat, measure=measure_sel, mapper=heat_mapper), code=HEAT_JS)
+    measure_sel.js_on_change("value", heat_cb)
+
+    # table of every head of both models
+    rows_a = res.metrics[a].heads.assign(model=a)
+    rows_b = res.metrics[b].heads.assign(model=b)
+    tbl = {c: np.concatenate([rows_a[c].to_numpy(), rows_b[c].to_numpy()]) for c in ["model", "layer", "head", *HEAD_FIELDS]}
+    tbl["note"] = np.concatenate([rows_a["note"].to_numpy(), rows_b["note"].to_numpy()]).astype(str)
+    table_src = ColumnDataSource(tbl)
+    view = CDSView(filter=BooleanFilter([True] * len(tbl["model"])))
+    fmt = NumberFormatter(format="0.000")
+    columns = [TableColumn(field="model", title="model"), TableColumn(field="layer", title="layer"),
+               TableColumn(field="head", title="head")]
+    columns += [TableColumn(field=f, title=f, formatter=fmt) for f in HEAD_FIELDS] + [TableColumn(field="note", title="note")]
+    table = DataTable(source=table_src, columns=columns, view=view, sortable=True, width=1200, height=300,
+                      index_position=None)
+    slider = RangeSlider(title=f"filter {metric}", start=lo, end=hi, value=(lo, hi), step=(hi - lo) / 100, width=300)
+    which = Select(title="model", value="both", options=["both", a, b])
+    filt = CustomJS(args=dict(table_src=table_src, metric=metric_sel, slider=slider, which=which, view=view), code=FILTER_JS)
+    slider.js_on_change("value", filt)
+    which.js_on_change("value", filt)
+    metric_sel.js_on_change("value", CustomJS(args=dict(metric=metric_sel, sources=[src_a, src_b], mapper=mapper,
+                                                        slider=slider), code=METRIC_JS))
+    metric_sel.js_on_change("value", filt)
+    controls = row(metric_sel, measure_sel, which, slider)
+    return column(controls, row(fig_a, fig_b, info), hf, table, name="attnatlas-compare")
