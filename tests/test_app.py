@@ -59,7 +59,8 @@ def test_directory_app_builds_a_document(atlas_path):
     assert not handler.failed, handler.error
     doc = Application(handler).create_document()
     names = {m.name for m in doc.models if m.name}
-    assert {"grid_scatter", "grid_cells", "head_scatter", "tabs"} <= names
+    assert {"grid_scatter", "grid_cells", "tabs"} <= names
+    assert "head_scatter" not in names  # joins the document when a head is opened
     assert not any("could not open" in d.text for d in all_divs(doc))
 
 
@@ -109,6 +110,7 @@ def test_clicking_a_grid_cell_opens_that_head(data):
     dash, _ = dash_for(data)
     dash.cell_src.selected.indices = [6]  # L1H2
     assert dash.tabs.active == 1 and (dash.layer, dash.head) == (1, 2)
+    assert dash.tabs.tabs[1].child is dash.head_panel and dash.src.document is dash.root.document
     assert dash.cell_src.selected.indices == []  # cleared, so the same cell can be clicked again
     assert "L1H2" in dash.head_title.text and "trustworthiness 0.900" in dash.head_title.text
 

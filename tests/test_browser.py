@@ -142,7 +142,7 @@ def test_grid_draws_and_a_click_opens_the_head(atlas_path):
             n_points = driver.execute_script(f"return {MODEL.format('grid_scatter')}.data_source.data.x.length")
             assert n_points == 4 * 5 * 2 * 200
             names = driver.execute_script(f"return [...{DOC}.all_models].map(m => m.name).filter(n => n)")
-            assert {"grid_scatter", "grid_cells", "head_scatter", "attention_lines", "tabs"} <= set(names)
+            assert {"grid_scatter", "grid_cells", "grid_figure", "tabs"} <= set(names)
             webgl = driver.execute_script(f"return {MODEL.format('grid_figure')}.output_backend")
             assert webgl == "webgl"
 
@@ -156,6 +156,8 @@ def test_grid_draws_and_a_click_opens_the_head(atlas_path):
             click_data_point(driver, "grid_figure", 2.5, 4 - 1 - 1 + 0.5)  # cell of layer 1, head 2
             wait_js(driver, f"{MODEL.format('tabs')}.active == 1 && {MODEL.format('head_scatter')}.data_source.data.x.length > 0")
             title = wait_js(driver, f"{MODEL.format('head_title')}.text.includes('L1H2') && {MODEL.format('head_title')}.text")
+            names = driver.execute_script(f"return [...{DOC}.all_models].map(m => m.name).filter(n => n)")
+            assert {"head_figure", "head_scatter", "attention_lines", "sequence_panel", "search"} <= set(names)
             assert "trustworthiness" in title
             assert wait_js(driver, "window.location.search.includes('layer=1') && window.location.search") == \
                 "?model=synthetic&method=pca&layer=1&head=2"

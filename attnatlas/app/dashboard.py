@@ -127,7 +127,9 @@ class Dashboard:
 
         self._build_grid()
         self._build_head()
-        self.tabs = Tabs(tabs=[TabPanel(child=self.grid_panel, title="All heads"), TabPanel(child=self.head_panel, title="Single head")],
+        # The head view joins the document when first opened: a smaller first page that draws sooner.
+        placeholder = Div(text="Click a cell of the grid to open a head.")
+        self.tabs = Tabs(tabs=[TabPanel(child=self.grid_panel, title="All heads"), TabPanel(child=placeholder, title="Single head")],
                          name="tabs")
         self.tabs.on_change("active", self._on_tab)
         header = row(Div(text="<b>attnatlas</b>", styles={"font-size": "18px", "margin-top": "24px"}),
@@ -177,8 +179,8 @@ class Dashboard:
         self.fig.on_event(RangesUpdate, self._on_ranges)
 
         self.head_title = Div(text="", name="head_title")
-        self.layer_select = Select(title="Layer", width=80)
-        self.head_select = Select(title="Head", width=80)
+        self.layer_select = Select(title="Layer", width=80, name="layer_select")
+        self.head_select = Select(title="Head", width=80, name="head_select")
         self.layer_select.on_change("value", self._on_layer_head)
         self.head_select.on_change("value", self._on_layer_head)
         nav = {}
@@ -284,6 +286,11 @@ class Dashboard:
     def open_head(self, layer: int, head: int) -> None:
         self.tabs.active = 1
         self.show_head(layer, head)
+        self._mount_head()
+
+    def _mount_head(self) -> None:
+        if self.tabs.tabs[1].child is not self.head_panel:
+            self.tabs.tabs[1].child = self.head_panel
 
     def show_head(self, layer: int, head: int) -> None:
         self.layer, self.head = self.data.clamp(self.model, layer, head)
@@ -371,6 +378,8 @@ class Dashboard:
     def _on_tab(self, attr: str, old: int, new: int) -> None:
         if new == 1 and self._loaded_static is None:
             self.show_head(self.layer, self.head)
+        if new == 1:
+            self._mount_head()
         self._sync_url()
 
     @guarded

@@ -1,0 +1,195 @@
+"""Dashboard benchmark (not a test): page load, head switch, bytes per switch, and 20 concurrent sessions.
+
+    python scripts/bench_app.py [--atlas DIR] [--layers 12 --heads 12 --tokens 5000] [--sessions 20]
+
+Builds (or reuses) a synthetic atlas with `tokens` tokens, so 2 x tokens query+key points per head, serves it
+with `attnatlas serve` on 127.0.0.1, and drives it with headless Chromium (Debian's chromium + chromedriver).
+Prints the figures; targets from issue 4: grid drawn <= 2 s, head switch <= 0.3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_browser import DOC, IDLE, MODEL, make_driver, serve, wait_js  # noqa: E402
+
+SWITCH_JS = """
+const done = arguments[arguments.length - 1];
+const doc = Bokeh.documents[0];
+const src = doc.get_model_by_name('head_scatter').data_source;
+const sel = doc.get_model_by_name('head_select');
+const old = src.data.x;
+const t0 = performance.now();
+sel.value = arguments[0];
+function check() {
+  if (src.data.x !== old) {
+    // two frames: the one that paints the new data, and the next, which starts after it
+    requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now() - t0)));
+  } else if (performance.now() - t0 > 20000) { done(-1) } else { requestAnimationFrame(check) }
+}
+check();
+"""
+
+
+def build_atlas(path: Path, layers: int, heads: int, tokens: int) -> None:
+    from attnatlas import testing
+    from attnatlas.store import Atlas
+
+    if path.exists():
+        a = Atlas.open(path)
+        if "synthetic" in a.models and a.layout_methods("synthetic"):
+            return
+    seq_len = 20
+    t0 = time.time()
+    atlas = testing.synthetic_atlas(path, n_layers=layers, n_heads=heads, n_seq=tokens // seq_len, seq_len=seq_len, d_head=32, topk=8)
+    testing.random_layouts(atlas, "synthetic", "pca")
+    print(f"built atlas {path}: {layers}x{heads} heads, {tokens} tokens ({2 * tokens} points) per head in {time.time() - t0:.0f} s")
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def ws_bytes(driver) -> tuple[int, int]:
+    """Bytes and frames received over websockets since the last call (Chrome performance log)."""
+    total = frames = 0
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg.get("method") != "Network.webSocketFrameReceived":
+            continue
+        resp = msg["params"]["response"]
+        data = resp.get("payloadData", "")
+        total += len(base64.b64decode(data)) if resp.get("opcode") == 2 else len(data.encode())
+        frames += 1
+    return total, frames
+
+
+def bench_browser(url: str, loads: int, switches: int) -> dict[str, object]:
+    out: dict[str, object] = {}
+    driver = make_driver(1500, 1300, perf_log=True)
+    try:
+        times = []
+        for _ in range(loads):
+            driver.get("about:blank")
+            t0 = time.perf_counter()
+            driver.get(url)
+            wait_js(driver, IDLE, timeout=60, poll=0.01)
+            times.append(time.perf_counter() - t0)
+            # cross-check with the browser's own clock: navigation start to now
+        out["grid_load_s"] = times
+        out["grid_points"] = driver.execute_script(f"return {MODEL.format('grid_scatter')}.data_source.data.x.length")
+
+        driver.get(url + "?layer=0&head=0")
+        wait_js(driver, IDLE, timeout=60)
+        wait_js(driver, f"{MODEL.format('head_scatter')}.data_source.data.x.length > 0", timeout=60)
+        out["head_points"] = driver.execute_script(f"return {MODEL.format('head_scatter')}.data_source.data.x.length")
+        ws_bytes(driver)
+        sw, sizes = [], []
+        n_heads = len(driver.execute_script(f"return {MODEL.format('head_select')}.options"))
+        for i in range(switches):
+            target = str((i + 1) % n_heads)
+            ms = driver.execute_async_script(SWITCH_JS, target)
+            time.sleep(0.3)  # let trailing frames land before reading the log
+            b, _ = ws_bytes(driver)
+            sw.append(ms / 1000)
+            sizes.append(b)
+        out["switch_s"] = sw
+        out["switch_bytes"] = sizes
+    finally:
+        driver.quit()
+    return out
+
+
+def one_session(url: str, switches: int, out: list, errors: list) -> None:
+    from bokeh.client import pull_session
+
+    try:
+        t0 = time.perf_counter()
+        session = pull_session(url=url, arguments={"layer": "0", "head": "0"})
+        pull = time.perf_counter() - t0
+        doc = session.document
+        src = doc.get_model_by_name("head_points")
+        sel = doc.get_model_by_name("head_select")
+        lat = []
+        for i in range(switches):
+            old = src.data["x"]
+            t0 = time.perf_counter()
+            sel.value = str((i + 1) % len(sel.options))
+            deadline = t0 + 60
+            # Run this client's loop until the server's data patch has been applied (private API: the public
+            # request/reply calls drop patches that arrive while they wait).
+            session._connection._loop_until(lambda: src.data["x"] is not old or time.perf_counter() > deadline)
+            lat.append(time.perf_counter() - t0)
+            if src.data["x"] is old:
+                errors.append("head switch did not arrive within 60 s")
+        out.append((pull, lat))
+        session.close()
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal to the other sessions
+        errors.append(repr(exc))
+
+
+def load_test(url: str, sessions: int, switches: int) -> tuple[list, list, float]:
+    out: list = []
+    errors: list = []
+    threads = [threading.Thread(target=one_session, args=(url, switches, out, errors)) for _ in range(sessions)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return out, errors, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--atlas", type=Path, default=Path(tempfile.gettempdir()) / "attnatlas-bench-atlas")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=5000)
+    ap.add_argument("--loads", type=int, default=5)
+    ap.add_argument("--switches", type=int, default=15)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--session-switches", type=int, default=10)
+    a = ap.parse_args()
+    build_atlas(a.atlas, a.layers, a.heads, a.tokens)
+    with serve(a.atlas, timeout=180) as url:
+        b = bench_browser(url, a.loads, a.switches)
+        g = b["grid_load_s"]
+        print(f"grid page, request to drawn (Bokeh document idle), {a.loads} loads: median {statistics.median(g):.2f} s, "
+              f"first {g[0]:.2f} s, max {max(g):.2f} s; {b['grid_points']} points in the grid")
+        sw = [s for s in b["switch_s"] if s >= 0]
+        print(f"head switch ({b['head_points']} points), value set to new data painted, {len(sw)} switches: "
+              f"median {statistics.median(sw) * 1000:.0f} ms, p90 {pct(sw, 90) * 1000:.0f} ms, max {max(sw) * 1000:.0f} ms")
+        sb = b["switch_bytes"]
+        print(f"bytes received over the websocket per head switch: median {statistics.median(sb) / 1024:.0f} KiB "
+              f"(min {min(sb) / 1024:.0f}, max {max(sb) / 1024:.0f})")
+        res, errors, wall = load_test(url, a.sessions, a.session_switches)
+        pulls = [p for p, _ in res]
+        lats = [x for _, lat in res for x in lat]
+        print(f"load test: {a.sessions} concurrent sessions (bokeh.client, one thread each, client and server on "
+              f"this machine), {len(res)} completed in {wall:.1f} s, errors: {len(errors)}")
+        if pulls:
+            print(f"  session open (document built and pulled): p50 {pct(pulls, 50):.2f} s, p90 {pct(pulls, 90):.2f} s, "
+                  f"max {max(pulls):.2f} s")
+        if lats:
+            print(f"  head switch round trip under load ({len(lats)} switches): p50 {pct(lats, 50) * 1000:.0f} ms, "
+                  f"p90 {pct(lats, 90) * 1000:.0f} ms, p99 {pct(lats, 99) * 1000:.0f} ms, max {max(lats) * 1000:.0f} ms")
+        for e in errors[:5]:
+            print("  error:", e)
+
+
+if __name__ == "__main__":
+    main()
