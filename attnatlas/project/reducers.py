@@ -1,0 +1,199 @@
+"""Reducers to 2-D, by name. A new reducer is one small class decorated with `register_reducer`.
+
+Every reducer is sklearn-style: `__init__` stores parameters, `fit_transform(X, init=None, knn=None)`
+maps (n, d) float32 points to (n, 2). `knn` is the shared exact neighbour graph of the head, so t-SNE,
+UMAP and the quality check do not each search neighbours again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Any, ClassVar
+
+import numpy as np
+
+from attnatlas.errors import InputError
+
+METRICS = ("cosine", "euclidean")
+REDUCERS: dict[str, type["Reducer"]] = {}
+
+
+def register_reducer(cls: type["Reducer"]) -> type["Reducer"]:
+    """Class decorator: make `cls` available under `cls.name` to the runner and the CLI."""
+    REDUCERS[cls.name] = cls
+    return cls
+
+
+def get_reducer(name: str, **kwargs: Any) -> "Reducer":
+    if name not in REDUCERS:
+        raise InputError(f"Unknown projection method {name!r}; choose from {', '.join(sorted(REDUCERS))}.")
+    return REDUCERS[name](**kwargs)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1: euclidean distance on them orders pairs like cosine distance."""
+    n = np.linalg.norm(X, axis=1, keepdims=True)
+    return (X / np.maximum(n, 1e-12)).astype(np.float32)
+
+
+class Reducer:
+    """Base class: `params` are what changes the result and are stored with the layout."""
+
+    name: ClassVar[str] = ""
+    knn_needed: ClassVar[int] = 0  # neighbours (self included) it reads from the shared graph
+    defaults: ClassVar[dict[str, Any]] = {}
+    min_points: ClassVar[int] = 3
+
+    def __init__(self, metric: str = "cosine", random_state: int = 0, **params: Any):
+        if metric not in METRICS:
+            raise InputError(f"Unknown metric {metric!r}; choose cosine or euclidean.")
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise InputError(f"{self.name} has no parameter(s) {', '.join(sorted(unknown))}.")
+        self.metric = metric
+        self.random_state = random_state
+        self.options = {**self.defaults, **params}
+        self.adapted: dict[str, Any] = {}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"method": self.name, "metric": self.metric, "random_state": self.random_state, **self.options,
+                "adapted": dict(self.adapted), "backend": self.backend()}
+
+    def backend(self) -> str:
+        return "numpy"
+
+    def adapt(self, n_points: int) -> dict[str, Any]:
+        """Shrink parameters that need more points than a head has; returns (and records) the changes."""
+        if n_points < self.min_points:
+            raise InputError(f"{self.name} needs at least {self.min_points} points; this head has {n_points}.")
+        return {}
+
+    def fit_transform(self, X: np.ndarray, init: np.ndarray | None = None, knn: tuple | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+
+@register_reducer
+class PCAReducer(Reducer):
+    """Exact PCA (full SVD): deterministic, milliseconds per head."""
+
+    name = "pca"
+
+    def fit_transform(self, X, init=None, knn=None):
+        from sklearn.decomposition import PCA
+
+        Z = unit_rows(X) if self.metric == "cosine" else X
+        return PCA(2, svd_solver="full").fit_transform(Z).astype(np.float32)
+
+
+@register_reducer
+class TSNEReducer(Reducer):
+    """Barnes-Hut t-SNE, AttentionViz's settings (perplexity 50, 300 iterations), PCA initialised.
+
+    Cosine runs as euclidean on unit rows: squared euclidean is then 2 x cosine distance, and the
+    perplexity calibration absorbs the factor, so the affinities are the same. Backend: cuML on a GPU
+    when installed, else scikit-learn-intelex, else scikit-learn.
+    """
+
+    name = "tsne"
+    defaults = {"perplexity": 50.0, "max_iter": 300, "early_exaggeration": 12.0, "angle": 0.5}
+    min_points = 5
+
+    def backend(self) -> str:
+        if _cuda() and _has("cuml"):
+            return "cuml"  # untested here: no GPU on the development machine
+        return "sklearnex" if _has("sklearnex") else "sklearn"
+
+    def adapt(self, n_points):
+        super().adapt(n_points)
+        # scikit-learn needs perplexity < n; Barnes-Hut uses 3 x perplexity neighbours.
+        top = max(1.0, (n_points - 1) / 3.0)
+        if self.options["perplexity"] > top:
+            self.adapted["perplexity"] = float(top)
+        return dict(self.adapted)
+
+    def fit_transform(self, X, init=None, knn=None):
+        perplexity = self.adapted.get("perplexity", self.options["perplexity"])
+        Z = unit_rows(X) if self.metric == "cosine" else np.asarray(X, np.float32)
+        kw = dict(n_components=2, perplexity=perplexity, max_iter=int(self.options["max_iter"]),
+                  early_exaggeration=self.options["early_exaggeration"], angle=self.options["angle"])
+        if init is None:
+            init_arg: Any = "pca"
+        else:  # scikit-learn's own PCA init convention: std of the first axis 1e-4
+            init_arg = (init / max(float(np.std(init[:, 0])), 1e-12) * 1e-4).astype(np.float32)
+        backend = self.backend()
+        if backend == "cuml":
+            from cuml.manifold import TSNE as CuTSNE
+
+            return np.asarray(CuTSNE(n_components=2, perplexity=perplexity, n_iter=kw["max_iter"],
+                                     random_state=self.random_state).fit_transform(Z), np.float32)
+        if backend == "sklearnex":
+            from sklearnex.manifold import TSNE
+        else:
+            from sklearn.manifold import TSNE
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Y = TSNE(metric="euclidean", init=init_arg, random_state=self.random_state, **kw).fit_transform(Z)
+        return np.asarray(Y, dtype=np.float32)
+
+
+@register_reducer
+class UMAPReducer(Reducer):
+    """umap-learn on the shared exact kNN graph, spectral init, a shorter schedule (100 epochs).
+
+    A seed makes umap-learn single-threaded; the runner gets its parallelism from heads instead.
+    """
+
+    name = "umap"
+    defaults = {"n_neighbors": 15, "min_dist": 0.1, "n_epochs": 100, "init": "spectral"}
+    min_points = 4
+
+    @property
+    def knn_needed(self) -> int:  # type: ignore[override]
+        return int(self.adapted.get("n_neighbors", self.options["n_neighbors"]))
+
+    def backend(self) -> str:
+        if _cuda() and _has("cuml"):
+            return "cuml"  # untested here: no GPU on the development machine
+        return "umap-learn"
+
+    def adapt(self, n_points):
+        super().adapt(n_points)
+        if self.options["n_neighbors"] > n_points - 1:
+            self.adapted["n_neighbors"] = int(n_points - 1)
+        return dict(self.adapted)
+
+    def fit_transform(self, X, init=None, knn=None):
+        nn = self.knn_needed
+        if self.backend() == "cuml":
+            from cuml.manifold import UMAP as CuUMAP
+
+            return np.asarray(CuUMAP(n_neighbors=nn, min_dist=self.options["min_dist"], metric=self.metric,
+                                     random_state=self.random_state).fit_transform(X), np.float32)
+        import umap
+
+        pre = None
+        if knn is not None and knn[0].shape[1] >= nn and len(X) > 4096:
+            # umap-learn only uses a precomputed graph where it would otherwise run NN-descent.
+            pre = (knn[0][:, :nn], knn[1][:, :nn], None)
+        ini: Any = self.options["init"] if init is None else init
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            red = umap.UMAP(n_neighbors=nn, min_dist=self.options["min_dist"], n_epochs=int(self.options["n_epochs"]),
+                            metric=self.metric, init=ini, random_state=self.random_state, precomputed_knn=pre or (None, None, None))
+            Y = red.fit_transform(X)
+        return np.asarray(Y, dtype=np.float32)

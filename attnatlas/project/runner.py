@@ -1,0 +1,254 @@
+"""Whole-model projection: every selected head, every method, resumable, in parallel across cores.
+
+Per head: read q and k (k from the key head serving it), check they are finite, normalise, stack
+(queries first), build ONE exact kNN graph shared by UMAP and the quality check, then run each
+reducer and write its layout and quality. One bad head is reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from attnatlas.errors import InputError
+from attnatlas.project.normalize import DEFAULT_NORMALISE, joint_points, normalise_head
+from attnatlas.project.quality import QUALITY_K, QUALITY_SAMPLE, knn_graph, layout_quality
+from attnatlas.project.reducers import METRICS, REDUCERS, get_reducer
+from attnatlas.store import Atlas
+
+DEFAULT_METHODS = ("tsne", "umap", "pca")
+# Above this many points per head (2 x tokens) a seeded sample of token rows is projected: t-SNE
+# and UMAP cost grows faster than linearly and 20k points is past what one scatter plot shows well.
+MAX_POINTS = 20_000
+
+
+def parse_list(value: str | Iterable[int] | None, upper: int, what: str) -> list[int] | None:
+    """'0,2,5-7' or a list of ints -> sorted unique ints, each checked against 0..upper-1."""
+    if value is None:
+        return None
+    out: set[int] = set()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    for item in items:
+        try:
+            if isinstance(item, str) and "-" in item.strip()[1:]:
+                a, b = item.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            else:
+                out.add(int(item))
+        except ValueError:
+            raise InputError(f"Cannot read {what} {item!r}; use numbers like 0,2,5-7.") from None
+    bad = sorted(x for x in out if not 0 <= x < upper)
+    if bad:
+        raise InputError(f"{what.capitalize()} {bad[0]} is out of range (the model has {what}s 0..{upper - 1}).")
+    return sorted(out)
+
+
+def parse_methods(methods: str | Iterable[str]) -> list[str]:
+    names = [m.strip().lower() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    if not names:
+        raise InputError("No projection method given; choose from " + ", ".join(sorted(REDUCERS)) + ".")
+    for m in names:
+        if m not in REDUCERS:
+            raise InputError(f"Unknown projection method {m!r}; choose from {', '.join(sorted(REDUCERS))}.")
+    return list(dict.fromkeys(names))
+
+
+def sample_rows(n_tokens: int, max_points: int, seed: int) -> np.ndarray:
+    """Token rows projected: all, or a sorted seeded sample so that 2 x rows <= max_points."""
+    cap = max(1, max_points // 2)
+    if n_tokens <= cap:
+        return np.arange(n_tokens, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n_tokens, cap, replace=False)).astype(np.int64)
+
+
+# ---- one head (runs in the main process or in a worker) ---------------------------------------
+_WRITERS: dict[tuple, Any] = {}
+_ATLASES: dict[str, Atlas] = {}
+
+
+def _writer(atlas: Atlas, model: str, method: str, rows: np.ndarray, params: dict) -> Any:
+    key = (str(atlas.path), model, method)
+    if key not in _WRITERS:
+        _WRITERS[key] = atlas.layout_writer(model, method, rows, params)
+    return _WRITERS[key]
+
+
+def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[tuple[str, dict, dict, dict]],
+                 rows: np.ndarray, metric: str, seed: int, normalise: dict) -> dict[str, Any]:
+    """Project one head with each (method, options, adapted, params) job; never raises."""
+    out: dict[str, Any] = {"layer": layer, "head": head, "results": {}, "errors": []}
+    try:
+        atlas = _ATLASES.setdefault(atlas_path, Atlas.open(atlas_path))
+        q = atlas.queries(model, layer, head)[rows]  # (points, d_head)
+        k = atlas.keys(model, layer, head)[rows]  # (points, d_head), GQA key head
+        bad = int((~np.isfinite(q)).sum() + (~np.isfinite(k)).sum())
+        if bad:
+            out["errors"].append(("*", f"{bad} NaN/inf values in its query/key vectors; skipped"))
+            return out
+        qn, kn, applied = normalise_head(q, k, **normalise)
+        X = joint_points(qn, kn)  # (2 * points, d_head)
+        reducers = []
+        for name, options, adapted, params in jobs:
+            r = get_reducer(name, metric=metric, random_state=seed, **options)
+            r.adapted = dict(adapted)
+            reducers.append((r, params))
+        t0 = time.perf_counter()
+        need = max([QUALITY_K + 1] + [r.knn_needed for r, _ in reducers])
+        knn = knn_graph(X, need, metric)
+        share = (time.perf_counter() - t0) / len(reducers)
+        for r, params in reducers:
+            try:
+                t1 = time.perf_counter()
+                Y = r.fit_transform(X, knn=knn)
+                secs = time.perf_counter() - t1 + share
+                if Y.shape != (len(X), 2) or not np.isfinite(Y).all():
+                    raise RuntimeError("the reducer returned non-finite or misshapen coordinates")
+                qual = layout_quality(X, Y, metric, knn=knn, seed=seed)
+                qual["seconds"] = secs
+                _writer(atlas, model, r.name, rows, params).write_head(layer, head, Y, qual)
+                out["results"][r.name] = {**qual, "scale": applied["scale"]}
+            except Exception as exc:  # one method failing must not stop the others
+                out["errors"].append((r.name, f"{type(exc).__name__}: {exc}"))
+    except Exception as exc:
+        out["errors"].append(("*", f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def _init_worker(threads: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except Exception:
+        pass
+
+
+# ---- whole model ---------------------------------------------------------------------------------
+def project_model(
+    atlas: Atlas | str | os.PathLike,
+    model: str,
+    methods: str | Iterable[str] = DEFAULT_METHODS,
+    layers: str | Iterable[int] | None = None,
+    heads: str | Iterable[int] | None = None,
+    workers: int = 1,
+    metric: str = "cosine",
+    seed: int = 0,
+    force: bool = False,
+    normalise: dict[str, Any] | None = None,
+    max_points: int = MAX_POINTS,
+    progress: bool = True,
+    reducer_params: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Project the selected heads of `model` with each method; returns a summary dict
+    (done, skipped, failed [(layer, head, method, message)], adapted parameters, seconds, quality)."""
+    atlas = atlas if isinstance(atlas, Atlas) else Atlas.open(atlas)
+    info = atlas.info(model)  # StoreError if the model is missing
+    names = parse_methods(methods)
+    if metric not in METRICS:
+        raise InputError(f"Unknown metric {metric!r}; choose cosine or euclidean.")
+    norm = {**DEFAULT_NORMALISE, **(normalise or {})}
+    sel_layers = parse_list(layers, info.n_layers, "layer") or list(range(info.n_layers))
+    sel_heads = parse_list(heads, info.n_heads, "head") or list(range(info.n_heads))
+    n_tokens = len(atlas.tokens(model))
+    if n_tokens == 0:
+        raise InputError(f"Model {model!r} has no tokens to project.")
+    rows = sample_rows(n_tokens, max_points, seed)
+    n_points = 2 * len(rows)
+
+    jobs, adapted_all, done = [], {}, {}
+    for name in names:
+        r = get_reducer(name, metric=metric, random_state=seed, **(reducer_params or {}).get(name, {}))
+        adapted_all[name] = r.adapt(n_points)  # InputError if too few points at all
+        params = {**r.params, "normalise": norm, "max_points": max_points, "quality_sample": QUALITY_SAMPLE}
+        if name in atlas.layout_methods(model):
+            old = atlas.layout_params(model, name)
+            same_rows = np.array_equal(atlas.layout_rows(model, name), rows)
+            if (not same_rows or _json(old) != _json(params)) and not force:
+                raise InputError(
+                    f"{model!r} already has {name} layouts made with other settings; pass --force to replace "
+                    f"them (existing layouts are kept otherwise).")
+        _writer(atlas, model, name, rows, params)  # creates the arrays once, before any worker
+        done[name] = atlas.layout_done(model, name)
+        jobs.append((name, r.options, dict(r.adapted), params))
+
+    targets, skipped = [], 0
+    for L in sel_layers:
+        for h in sel_heads:
+            todo = [j for j in jobs if force or not done[j[0]][L, h]]
+            skipped += len(jobs) - len(todo)
+            if todo:
+                targets.append((L, h, todo))
+
+    summary: dict[str, Any] = {"model": model, "methods": names, "heads": len(sel_layers) * len(sel_heads),
+                               "points": n_points, "sampled": len(rows) < n_tokens, "adapted": adapted_all,
+                               "done": 0, "skipped": skipped, "failed": [], "quality": {m: [] for m in names}}
+    t0 = time.perf_counter()
+    bar = _bar(len(targets), progress)
+    args = (str(atlas.path), model)
+    tail = (rows, metric, seed, norm)
+
+    def collect(res: dict) -> None:
+        for m, q in res["results"].items():
+            summary["done"] += 1
+            summary["quality"][m].append(q["trustworthiness"])
+        for m, msg in res["errors"]:
+            summary["failed"].append((res["layer"], res["head"], m, msg))
+        bar.update(1)
+
+    workers = max(1, min(int(workers), len(targets) or 1))
+    if workers == 1:
+        for L, h, todo in targets:
+            collect(project_head(*args, L, h, todo, *tail))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        env = {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}
+        saved = {v: os.environ.get(v) for v in env}
+        os.environ.update(env)  # spawned workers read these at start
+        try:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(threads,)) as pool:
+                futs = [pool.submit(project_head, *args, L, h, todo, *tail) for L, h, todo in targets]
+                for f in as_completed(futs):
+                    collect(f.result())
+        finally:
+            for v, old in saved.items():
+                if old is None:
+                    os.environ.pop(v, None)
+                else:
+                    os.environ[v] = old
+    bar.close()
+    secs = time.perf_counter() - t0
+    summary["seconds"] = secs
+    summary["heads_done"] = len(targets)
+    summary["heads_per_min"] = 60 * len(targets) / secs if targets and secs > 0 else 0.0
+    summary["quality"] = {m: float(np.mean(v)) if v else None for m, v in summary["quality"].items()}
+    summary["failed"].sort()
+    return summary
+
+
+def _json(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _bar(total: int, on: bool) -> Any:
+    if on:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, unit="head", desc="project")
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+
+    return _Null()
