@@ -14,6 +14,7 @@ profile   exp(-d), d = root-mean-square difference of the two heads' metric prof
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,11 +167,17 @@ def correlation(features: np.ndarray) -> np.ndarray:
 def profile_similarity(profiles: np.ndarray) -> np.ndarray:
     """(head, head) exp(-RMS difference) of z-scored metric profiles (head, metric)."""
     x = profiles.astype(np.float64)
-    mu, sd = np.nanmean(x, 0), np.nanstd(x, 0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: handled below
+        mu, sd = np.nanmean(x, 0), np.nanstd(x, 0)
     sd = np.where(sd > 0, sd, 1)
     z = np.nan_to_num((x - mu) / sd)  # an undefined metric counts as average
     d2 = ((z[:, None, :] - z[None, :, :]) ** 2).mean(2)
-    return np.exp(-np.sqrt(d2))
+    sim = np.exp(-np.sqrt(d2))
+    undefined = np.isnan(x).all(1)  # a head with no defined metric has no profile to compare
+    sim[undefined, :] = np.nan
+    sim[:, undefined] = np.nan
+    return sim
 
 
 def pair_table(labels: pd.DataFrame, pattern: np.ndarray, profile: np.ndarray) -> pd.DataFrame:
