@@ -142,6 +142,7 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     hi = hi if hi > lo else lo + 1
     mapper = LinearColorMapper(palette=Viridis256, low=lo, high=hi, nan_color="#dddddd")
     fig_a, fig_b = _grid_figure(a, src_a, mapper), _grid_figure(b, src_b, mapper)
+    fig_a.name, fig_b.name = "compare-grid-a", "compare-grid-b"  # stable handles for tests and the host app
     bar = ColorBar(color_mapper=mapper, width=10)
     fig_b.add_layout(bar, "right")
 
@@ -159,14 +160,15 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     hf = figure(title=f"head-to-head similarity: rows {a}, columns {b}", width=min(900, max(300, 3 * nb + 120)),
                 height=min(700, max(250, 4 * na + 80)), x_range=(-0.5, nb - 0.5), y_range=(na - 0.5, -0.5),
                 tools="hover,box_zoom,wheel_zoom,pan,reset", tooltips=[("", "@a ~ @b"), ("similarity", "@sim{0.000}")],
-                x_axis_label=f"{b} head (layer-major)", y_axis_label=f"{a} head (layer-major)")
+                x_axis_label=f"{b} head (layer-major)", y_axis_label=f"{a} head (layer-major)", name="compare-heat")
     hf.rect("jb", "ia", 1, 1, source=heat, fill_color={"field": "sim", "transform": heat_mapper}, line_color=None)
     hf.add_layout(ColorBar(color_mapper=heat_mapper, width=10), "right")
     hf.grid.visible = False
 
     metric_sel = Select(title="colour grids by", value=metric, options=list(HEAD_FIELDS))
     measure_sel = Select(title="similarity", value=measure, options=["pattern", "profile"])
-    info = Div(text="Click a head in either grid to outline its nearest heads in the other.", width=300)
+    info = Div(text="Click a head in either grid to outline its nearest heads in the other.", width=300,
+               name="compare-nearest")
     for src, other, name, other_name, is_row in ((src_a, src_b, a, b, True), (src_b, src_a, b, a, False)):
         src.selected.js_on_change("indices", CustomJS(
             args=dict(src=src, other=other, heat=heat, measure=measure_sel, info=info, k=top_k, a_is_row=is_row,
@@ -186,7 +188,7 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
                TableColumn(field="head", title="head")]
     columns += [TableColumn(field=f, title=f, formatter=fmt) for f in HEAD_FIELDS] + [TableColumn(field="note", title="note")]
     table = DataTable(source=table_src, columns=columns, view=view, sortable=True, width=1200, height=300,
-                      index_position=None)
+                      index_position=None, reorderable=False, name="compare-table")
     slider = RangeSlider(title=f"filter {metric}", start=lo, end=hi, value=(lo, hi), step=(hi - lo) / 100, width=300)
     which = Select(title="model", value="both", options=["both", a, b])
     filt = CustomJS(args=dict(table_src=table_src, metric=metric_sel, slider=slider, which=which, view=view), code=FILTER_JS)
