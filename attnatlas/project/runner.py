@@ -73,7 +73,8 @@ _ATLASES: dict[str, Atlas] = {}
 
 
 def _writer(atlas: Atlas, model: str, method: str, rows: np.ndarray, params: dict) -> Any:
-    key = (str(atlas.path), model, method)
+    # Keyed by settings too: new settings (with --force) must reach layout_writer, which starts over.
+    key = (str(atlas.path), model, method, repr(_json(params)), len(rows), hash(rows.tobytes()))
     if key not in _WRITERS:
         _WRITERS[key] = atlas.layout_writer(model, method, rows, params)
     return _WRITERS[key]

@@ -1,0 +1,66 @@
+"""`attnatlas project ATLAS`: joint query-key layouts of every (or selected) head."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from attnatlas.errors import InputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from attnatlas.project.runner import DEFAULT_METHODS, MAX_POINTS
+
+    p = subparsers.add_parser("project", help="project each head's queries and keys together to 2-D",
+                              description="Project each head's queries and keys together to 2-D and store "
+                                          "the layouts and their faithfulness in the atlas.")
+    p.add_argument("atlas", help="atlas folder")
+    p.add_argument("--model", help="model in the atlas (default: the only one)")
+    p.add_argument("--method", default=",".join(DEFAULT_METHODS), help="comma list of tsne, umap, pca")
+    p.add_argument("--layers", help="e.g. 0,2,5-7 (default: all)")
+    p.add_argument("--heads", help="e.g. 0-3 (default: all)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, one head each (default 1)")
+    p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="redo heads that already have a layout")
+    p.add_argument("--no-translate", action="store_true", help="do not move the key centroid onto the queries'")
+    p.add_argument("--no-scale", action="store_true", help="do not balance query and key norms")
+    p.add_argument("--max-points", type=int, default=MAX_POINTS,
+                   help=f"cap on points (2 x tokens) per head; above it a seeded token sample is used (default {MAX_POINTS})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from attnatlas.project.runner import project_model
+    from attnatlas.store import Atlas
+
+    atlas = Atlas.open(args.atlas)
+    model = args.model
+    if model is None:
+        if len(atlas.models) != 1:
+            raise InputError(f"Pass --model; the atlas holds {', '.join(atlas.models) or 'no models'}.")
+        model = atlas.models[0]
+    if args.workers < 1:
+        raise InputError("--workers must be at least 1.")
+    if args.max_points < 10:
+        raise InputError("--max-points must be at least 10.")
+    s = project_model(atlas, model, methods=args.method, layers=args.layers, heads=args.heads, workers=args.workers,
+                      metric=args.metric, seed=args.seed, force=args.force,
+                      normalise={"translate": not args.no_translate, "scale": not args.no_scale},
+                      max_points=args.max_points, progress=not args.quiet)
+    print(f"{model}: {s['done']} layouts made, {s['skipped']} already done (kept), {len(s['failed'])} failed, "
+          f"{s['points']} points per head{' (sampled)' if s['sampled'] else ''}, {s['seconds']:.1f} s "
+          f"({s['heads_per_min']:.1f} heads/min)")
+    for m, changes in s["adapted"].items():
+        for key, value in changes.items():
+            print(f"  {m}: {key} lowered to {value:g} (too few points for the default)")
+    for m, tw in s["quality"].items():
+        if tw is not None:
+            print(f"  {m}: mean trustworthiness {tw:.3f}")
+    if s["failed"]:
+        print(f"{len(s['failed'])} head/method(s) failed; the others were kept:", file=sys.stderr)
+        for L, h, m, msg in s["failed"]:
+            print(f"  L{L}H{h} {'all methods' if m == '*' else m}: {msg}", file=sys.stderr)
+        return 1
+    return 0
