@@ -1,0 +1,64 @@
+"""attnatlas analyze: rollout, neuron labels and layer-wise embedding layouts, stored in the atlas."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="attention rollout, neuron labels, layer-wise embeddings",
+                       description="Compute the ViT analysis views of one model and store them in the atlas.")
+    p.add_argument("atlas", metavar="ATLAS")
+    p.add_argument("--model", help="model in the atlas (default: the only one)")
+    p.add_argument("--rollout", action="store_true", help="attention rollout per image (image models)")
+    p.add_argument("--neurons", action="store_true", help="top patches/tokens and a label for every MLP neuron (loads the model)")
+    p.add_argument("--embeddings", action="store_true", help="2-D layouts and cluster quality of hidden states per layer")
+    p.add_argument("--all", action="store_true", help="every analysis that fits the model's modality")
+    p.add_argument("--top", type=int, default=16, help="top activations kept per neuron (default 16)")
+    p.add_argument("--share", type=float, default=0.75, help="share of top items that must agree for a label (default 0.75)")
+    p.add_argument("--method", default="pca", help="reducer of the projection stage for embedding layouts (default pca)")
+    p.add_argument("--max-points", type=int, default=3000, help="tokens sampled for embedding layouts (default 3000)")
+    p.add_argument("--device", default="cpu", help="device for --neurons (cpu, cuda, mps)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from attnatlas.analyze import embeddings, neurons, rollout
+    from attnatlas.errors import AtlasError
+    from attnatlas.store import Atlas
+
+    atlas = Atlas.open(args.atlas)
+    model = args.model
+    if model is None:
+        if len(atlas.models) != 1:
+            raise AtlasError(f"The atlas holds {len(atlas.models)} models ({', '.join(atlas.models) or 'none'}); choose one with --model.")
+        model = atlas.models[0]
+    info = atlas.info(model)
+    if not (args.rollout or args.neurons or args.embeddings or args.all):
+        raise AtlasError("Say what to compute: --rollout, --neurons, --embeddings or --all.")
+    if args.max_points < 3:
+        raise AtlasError("--max-points must be at least 3.")
+    do_rollout = args.rollout or (args.all and info.modality == "image")
+    if args.all and info.modality != "image":
+        print(f"{model}: text model, skipping rollout (image-only)")
+    steps = [("rollout", do_rollout, lambda: rollout.compute_rollout(atlas, model)),
+             ("embeddings", args.embeddings or args.all,
+              lambda: embeddings.compute_embeddings(atlas, model, args.method, args.max_points)),
+             ("neurons", args.neurons or args.all,
+              lambda: neurons.compute_neurons(atlas, model, args.top, args.share, device=args.device))]
+    if do_rollout:  # fail before any slow step
+        from attnatlas.analyze.common import require_image
+        require_image(atlas, model, "Attention rollout")
+    for name, wanted, fn in steps:
+        if not wanted:
+            continue
+        t0 = time.perf_counter()
+        result = fn()
+        print(f"{model}: {name} done in {time.perf_counter() - t0:.1f} s ({len(result)} rows)")
+        if name == "embeddings":
+            for _, r in result.iterrows():
+                print(f"  layer {int(r.layer):2d} {r.label:8s} silhouette {r.silhouette:.3f} purity {r.purity:.3f}")
+        if name == "neurons":
+            print(neurons.kind_summary(result).round(2).to_string())
+    return 0
