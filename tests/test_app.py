@@ -97,13 +97,23 @@ def test_head_switch_sends_only_per_head_columns(data):
     dash._step("next_head")
     assert (dash.layer, dash.head) == (0, 1)
     changed = {c for e in events if isinstance(e, ColumnDataChangedEvent) and e.model is dash.src for c in e.cols}
-    assert changed and changed <= {"x", "y", "norm", "c", "size"}
+    assert changed == {"x", "y", "norm"}  # query/key colours and fixed sizes do not change with the head
     np.testing.assert_allclose(dash.src.data["x"], data.atlas.layout("synthetic", 0, 1, dash.method)["x"].to_numpy())
     dash._step("prev_head")
     dash._step("prev_head")
     assert (dash.layer, dash.head) == (2, 3)  # wraps to the last head of the last layer
     dash._step("next_layer")
     assert (dash.layer, dash.head) == (0, 3)
+
+
+def test_head_switch_in_norm_mode_recolours(data):
+    dash, _ = dash_for(data, layer=0, head=0)
+    dash.colour_select.value = "norm"
+    dash.size_norm.active = [0]
+    before = np.asarray(dash.src.data["size"]).copy()
+    dash._step("next_head")
+    np.testing.assert_allclose(dash.src.data["c"], dash.src.data["norm"])
+    assert not np.allclose(before, dash.src.data["size"])
 
 
 def test_clicking_a_grid_cell_opens_that_head(data):
@@ -260,6 +270,14 @@ def test_export_is_standalone_html(data):
 
     page = head_html(data, "synthetic", "pca", 1, 1, "position")
     assert page.startswith("<!DOCTYPE html>") and "cdn.bokeh.org" not in page and len(page) > 100_000
+
+
+def test_export_button_fills_the_download_source(data):
+    dash, doc = dash_for(data, model="synthetic", method="pca", layer=1, head=2)
+    assert doc.get_model_by_id(dash.export_src.id) is dash.export_src  # reachable, though no root holds it
+    dash._on_export()
+    assert dash.export_src.data["name"] == ["attnatlas-synthetic-L1H2-pca.html"]
+    assert dash.export_src.data["html"][0].startswith("<!DOCTYPE html>")
 
 
 def test_serve_rejects_a_missing_atlas(tmp_path):

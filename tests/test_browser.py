@@ -156,11 +156,22 @@ def test_grid_draws_and_a_click_opens_the_head(atlas_path):
             click_data_point(driver, "grid_figure", 2.5, 4 - 1 - 1 + 0.5)  # cell of layer 1, head 2
             wait_js(driver, f"{MODEL.format('tabs')}.active == 1 && {MODEL.format('head_scatter')}.data_source.data.x.length > 0")
             title = wait_js(driver, f"{MODEL.format('head_title')}.text.includes('L1H2') && {MODEL.format('head_title')}.text")
-            names = driver.execute_script(f"return [...{DOC}.all_models].map(m => m.name).filter(n => n)")
-            assert {"head_figure", "head_scatter", "attention_lines", "sequence_panel", "search"} <= set(names)
+            # Views, not just models: the head view must be drawn in the page.
+            views = wait_js(driver, "[...Bokeh.index.all_views()].map(v => v.model.name).filter(n => n).includes('head_scatter')"
+                                    " && [...Bokeh.index.all_views()].map(v => v.model.name).filter(n => n)")
+            assert {"head_figure", "head_scatter", "attention_lines", "sequence_panel", "search", "export_html"} <= set(views)
             assert "trustworthiness" in title
             assert wait_js(driver, "window.location.search.includes('layer=1') && window.location.search") == \
                 "?model=synthetic&method=pca&layer=1&head=2"
+
+            # Standalone HTML export reaches the browser as a download (a Blob handed to an <a download>).
+            wait_js(driver, f"Bokeh.index.find_one({MODEL.format('export_html')}) != null")
+            driver.execute_script(
+                "window.__exported = []; const orig = URL.createObjectURL;"
+                "URL.createObjectURL = (b) => { window.__exported.push(b.size); return orig(b) };"
+                f"Bokeh.index.find_one({MODEL.format('export_html')}).button_el.click()")
+            sizes = wait_js(driver, "window.__exported.length > 0 && window.__exported", timeout=60)
+            assert sizes[0] > 100_000
 
             # The hostile corpus line stays text: search for it, list it, and click it.
             driver.execute_script(f"{MODEL.format('search')}.value = 'onerror'")

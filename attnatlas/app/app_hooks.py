@@ -17,8 +17,9 @@ def on_server_loaded(server_context) -> None:
     if not ARGS:
         raise SystemExit("attnatlas app: give the atlas path, e.g. `bokeh serve attnatlas/app --args ATLAS`.")
     data = AppData(ARGS[0])
-    # Warm the default grid so the first page is as quick as later ones.
+    # Warm the default grid and token columns so the first visitor waits no longer than later ones.
     first = data.models[0]
     data.grid(first, data.method(first, None))
+    data.tokens(first, data.method(first, None))
     server_context.attnatlas_data = data
     log.info("attnatlas: serving %s (%s)", ARGS[0], ", ".join(data.models))

@@ -57,14 +57,15 @@ TOOLTIPS = [
 ]
 URL_JS = "if (cb_obj.text) { window.history.replaceState(null, '', cb_obj.text) }"
 DOWNLOAD_JS = """
-if (!cb_obj.text) { return }
-const blob = new Blob([cb_obj.text], {type: 'text/html'})
+const d = cb_obj.data
+if (!d.html || d.html.length == 0) { return }
+const blob = new Blob([d.html[0]], {type: 'text/html'})
 const a = document.createElement('a')
 a.href = URL.createObjectURL(blob)
-a.download = meta.text || 'attnatlas-head.html'
+a.download = d.name[0]
 document.body.appendChild(a); a.click(); a.remove()
 setTimeout(() => URL.revokeObjectURL(a.href), 1000)
-cb_obj.text = ''
+cb_obj.data = {html: [], name: []}  // free the copy kept in the page
 """
 
 
@@ -122,7 +123,7 @@ class Dashboard:
         self.method_select = Select(title="Projection", options=list(d.methods[self.model]), value=self.method, width=130)
         self.model_select.on_change("value", self._on_model)
         self.method_select.on_change("value", self._on_method)
-        self.url = Div(text="", visible=False, name="url_state")
+        self.url = Div(text="", visible=False, render_as_text=True, name="url_state")
         self.url.js_on_change("text", CustomJS(code=URL_JS))
 
         self._build_grid()
@@ -209,10 +210,11 @@ class Dashboard:
                           fill_alpha="alpha", line_color="line", line_width="lw", line_alpha=0.9)
         self.img_fig.axis.visible = False
         self.img_fig.grid.visible = False
-        self.export_btn = Button(label="Download standalone HTML", width=200, name="export_html")
-        self.export_meta = Div(text="", visible=False)
-        self.export_payload = Div(text="", visible=False, name="export_payload")
-        self.export_payload.js_on_change("text", CustomJS(args=dict(meta=self.export_meta), code=DOWNLOAD_JS))
+        # A data source, not a Div: the page is never rendered into this page's DOM, only handed to a download.
+        # It rides in the button's tags so it is part of the document without being a root.
+        self.export_src = ColumnDataSource(data=dict(html=[], name=[]), name="export_payload")
+        self.export_btn = Button(label="Download standalone HTML", width=200, name="export_html", tags=[self.export_src])
+        self.export_src.js_on_change("data", CustomJS(code=DOWNLOAD_JS))
         self.export_btn.on_click(self._on_export)
         controls = column(
             self.head_title,
@@ -225,7 +227,7 @@ class Dashboard:
             self.search_results,
             self.sequence,
             self.img_fig,
-            row(self.export_btn, self.export_meta, self.export_payload),
+            self.export_btn,
         )
         self.head_panel = row(self.fig, controls)
         self._configure_model_widgets()
@@ -290,7 +292,8 @@ class Dashboard:
 
     def _mount_head(self) -> None:
         if self.tabs.tabs[1].child is not self.head_panel:
-            self.tabs.tabs[1].child = self.head_panel
+            # A new tabs list, not a new child: BokehJS redraws Tabs on `tabs` changes only.
+            self.tabs.tabs = [self.tabs.tabs[0], TabPanel(child=self.head_panel, title="Single head")]
 
     def show_head(self, layer: int, head: int) -> None:
         self.layer, self.head = self.data.clamp(self.model, layer, head)
@@ -309,12 +312,18 @@ class Dashboard:
             self._loaded_static = (self.model, self.method)
             self.search_alpha = np.full(len(h.x), BASE_ALPHA, np.float32)
             update["alpha"] = self.search_alpha
-        update.update(self._colour_columns(t.columns, h.norm))
+        fresh = "alpha" in update
+        # Colour and size only depend on the head through the norm: skip them otherwise (fewer bytes per switch).
+        cs = self._colour_columns(t.columns, h.norm)
+        if fresh or self.colour_select.value == "norm":
+            update["c"] = cs["c"]
+        if fresh or 0 in self.size_norm.active:
+            update["size"] = cs["size"]
         if len(self.src.data.get("x", [])) != len(h.x):
             self.src.data = update  # column lengths change: replace in one go
         else:
             self.src.data.update(update)
-        if self.search.value and "alpha" in update:
+        if self.search.value and fresh:
             self.apply_search()
         if ok.any():
             for rng, v in ((self.xr, h.x[ok]), (self.yr, h.y[ok])):
@@ -591,8 +600,9 @@ class Dashboard:
     def _on_export(self) -> None:
         from attnatlas.app.export import head_html
 
-        self.export_meta.text = f"attnatlas-{_slug(self.model)}-L{self.layer}H{self.head}-{_slug(self.method)}.html"
-        self.export_payload.text = head_html(self.data, self.model, self.method, self.layer, self.head, self.colour_select.value)
+        name = f"attnatlas-{_slug(self.model)}-L{self.layer}H{self.head}-{_slug(self.method)}.html"
+        page = head_html(self.data, self.model, self.method, self.layer, self.head, self.colour_select.value)
+        self.export_src.data = dict(html=[page], name=[name])
 
     def _sync_url(self) -> None:
         q = {"model": self.model, "method": self.method}
