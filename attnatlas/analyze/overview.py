@@ -52,7 +52,7 @@ def architecture(atlas: Atlas, model: str) -> pd.DataFrame:
         ("MLP", f"{d_model} -> {d_ff} ({cfg.get('hidden_act') or cfg.get('activation_function') or '?'}) -> {d_model}",
          f"({n}, {d_model})"),
     ]
-    return pd.DataFrame(rows, columns=["stage", "what", "shape"])
+    return pd.DataFrame(rows, columns=["stage", "what", "output"])
 
 
 @dataclass

@@ -1,0 +1,216 @@
+"""The ViT analyses: rollout by hand, the math panel against the model's eager attention, neuron hooks,
+layer-wise embeddings, the CLI, and clear errors for text models and missing inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from PIL import Image
+
+from attnatlas.analyze import embeddings, neurons, overview, rollout, similarity
+from attnatlas.cli import main as cli
+from attnatlas.errors import AtlasError, StoreError
+from attnatlas.extract import ExtractOptions, extract
+from attnatlas.store import open_atlas
+from tiny_models import eager_attentions, save_image_model, save_text_model, write_images
+
+
+@pytest.fixture(scope="module")
+def vit_atlas(tmp_path_factory):
+    """A tiny ViT over images of every PIL mode, float32, with hidden states."""
+    tmp = tmp_path_factory.mktemp("vit")
+    folder = save_image_model("vit", tmp / "vit")
+    images = write_images(tmp / "imgs", n=5)  # RGB, RGBA, L, P, CMYK
+    opts = ExtractOptions(dtype="float32", hidden_states=True, progress=False)
+    name = extract(tmp / "atlas", str(folder), images=str(images), options=opts)
+    return open_atlas(tmp / "atlas"), name, folder, images
+
+
+@pytest.fixture(scope="module")
+def text_atlas(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bert")
+    folder = save_text_model("bert", tmp / "bert")
+    texts = ["the cat sat on a mat .", "anna said hello world !", "x = f ( y ) + 1", "the river bank ran dark ."]
+    name = extract(tmp / "atlas", str(folder), texts=texts,
+                   options=ExtractOptions(dtype="float32", hidden_states=True, progress=False))
+    return open_atlas(tmp / "atlas"), name
+
+
+def test_rollout_hand_computed():
+    # Two layers, two tokens, one head each. Layer 0 attends [[1, 0], [1, 0]], layer 1 [[0, 1], [0, 1]].
+    attn = np.array([[[[1.0, 0.0], [1.0, 0.0]]], [[[0.0, 1.0], [0.0, 1.0]]]])
+    # 0.5 A + 0.5 I:  A0' = [[1, 0], [.5, .5]],  A1' = [[.5, .5], [0, 1]].
+    # R1 = A1' @ A0' = [[.5*1 + .5*.5, .5*.5], [.5, .5]] = [[.75, .25], [.5, .5]].
+    r = rollout.rollout(attn)
+    np.testing.assert_allclose(r[0], [[1.0, 0.0], [0.5, 0.5]])
+    np.testing.assert_allclose(r[1], [[0.75, 0.25], [0.5, 0.5]])
+    # Heads are averaged before the residual is added: two heads [[1,0],[1,0]] and [[0,1],[0,1]] -> all 0.5.
+    two = np.array([[[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]])
+    np.testing.assert_allclose(rollout.rollout(two)[0], [[0.75, 0.25], [0.25, 0.75]])
+
+
+def test_rollout_stored_matches_model_attention(vit_atlas):
+    atlas, name, folder, images = vit_atlas
+    df = rollout.compute_rollout(atlas, name)
+    info = atlas.info(name)
+    n_tok = 1 + 16  # 32 px image, patch 8
+    assert len(df) == 5 * info.n_layers * n_tok
+    px = tf.ViTImageProcessor.from_pretrained(folder)(images=Image.open(sorted(images.iterdir())[0]).convert("RGB"),
+                                                       return_tensors="pt")["pixel_values"]
+    ref = np.stack([a[0].numpy() for a in eager_attentions(folder, "vit", pixel_values=px)])  # (L, H, n, n)
+    want = rollout.rollout(ref)[:, 0, :]
+    got = df[df.sequence == 0].sort_values(["layer", "position"]).rollout.to_numpy().reshape(info.n_layers, n_tok)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.allclose(got.sum(1), 1, atol=1e-4)  # every rollout row is a distribution
+    grid = rollout.rollout_grid(df, atlas, name, 0, info.n_layers - 1)
+    assert grid.shape == (4, 4) and np.isfinite(grid).all()
+
+
+@pytest.mark.parametrize("layer,head,i,j", [(0, 0, 0, 3), (1, 2, 5, 0), (1, 3, 16, 16)])
+def test_head_math_softmax_row_is_model_attention(vit_atlas, layer, head, i, j):
+    atlas, name, folder, images = vit_atlas
+    seq = 1
+    img = Image.open(atlas.sequences(name).source[seq])
+    assert img.mode != "RGB"  # the processor path handles any mode
+    px = tf.ViTImageProcessor.from_pretrained(folder)(images=img.convert("RGB"), return_tensors="pt")["pixel_values"]
+    ref = eager_attentions(folder, "vit", pixel_values=px)[layer][0, head].numpy()  # (n, n)
+    m = overview.head_math(atlas, name, layer, head, seq, i, j)
+    np.testing.assert_allclose(m.softmax, ref[i], atol=1e-5)
+    np.testing.assert_allclose(m.qk.sum(), m.dot, rtol=1e-9)
+    assert m.scaling == pytest.approx(8 ** -0.5)  # d_head 32 / 4 heads
+    assert m.weight == pytest.approx(ref[i, j], abs=1e-5)
+    np.testing.assert_allclose(m.logits, m.q @ atlas.keys(name, layer, head)[np.flatnonzero(
+        atlas.tokens(name).sequence.to_numpy() == seq)].T.astype(np.float64) * m.scaling, rtol=1e-6)
+
+
+def test_head_math_bad_positions(vit_atlas):
+    atlas, name, *_ = vit_atlas
+    with pytest.raises(AtlasError, match="out of range"):
+        overview.head_math(atlas, name, 0, 0, 0, 0, 17)
+    with pytest.raises(AtlasError, match="no sequence 9"):
+        overview.head_math(atlas, name, 0, 0, 9, 0, 0)
+
+
+def test_architecture_summary(vit_atlas, text_atlas):
+    atlas, name, *_ = vit_atlas
+    arch = overview.architecture(atlas, name)
+    text = " ".join(arch.what) + " ".join(arch.output)
+    assert "8x8 patches -> 4x4 grid" in text and "(17, 32)" in text and "4 heads of d_head 8" in text
+    assert "32 -> 48" in text  # MLP
+    t_atlas, t_name = text_atlas
+    assert "no mask" in " ".join(overview.architecture(t_atlas, t_name).what)
+
+
+def test_patch_similarity(vit_atlas):
+    atlas, name, *_ = vit_atlas
+    sim = similarity.patch_similarity(atlas, name, 2, 5)  # image 2 is greyscale ("L")
+    assert sim.shape == (3, 17)
+    np.testing.assert_allclose(sim[:, 5], 1.0, atol=1e-5)
+    assert (sim <= 1 + 1e-5).all() and (sim >= -1 - 1e-5).all()
+    h = atlas.hidden_states(name, 1)[np.flatnonzero(atlas.tokens(name).sequence.to_numpy() == 2)]
+    want = h @ h[5] / np.linalg.norm(h, axis=1) / np.linalg.norm(h[5])
+    np.testing.assert_allclose(sim[1], want, atol=1e-5)
+    depth = similarity.similarity_by_depth(atlas, name)
+    assert list(depth.layer) == [0, 1, 2]
+
+
+def test_neuron_topn_is_exact_and_labels(vit_atlas):
+    atlas, name, folder, _ = vit_atlas
+    labels = neurons.compute_neurons(atlas, name, top=5, batch_size=2)  # batches split the corpus: streaming
+    top, stored = neurons.read_neurons(atlas, name)
+    assert len(labels) == 2 * 48 and set(labels.kind) <= set(neurons.KINDS_IMAGE)
+    # Reference: all activations at once, from the stored processed images.
+    model = tf.ViTModel.from_pretrained(folder).eval()
+    pre = tf.ViTImageProcessor.from_pretrained(folder)
+    px = (np.asarray(atlas.array(name, "images")[:], np.float32) / 255 - np.array(pre.image_mean, np.float32)) / np.array(pre.image_std, np.float32)
+    acts = {}
+    # The MLP's hidden activation is the output of its activation function (transformers 5 layout).
+    mods = dict(model.named_modules())
+    hooks = [mods[f"layers.{L}.mlp.activation_fn"].register_forward_hook(
+        lambda mod, a, out, L=L: acts.__setitem__(L, out.detach())) for L in range(2)]
+    with torch.no_grad():
+        model(pixel_values=torch.from_numpy(px).permute(0, 3, 1, 2).contiguous())
+    for h in hooks:
+        h.remove()
+    tok = atlas.tokens(name)
+    patch = (tok.token_kind == "patch").to_numpy()
+    for L in range(2):
+        flat = acts[L].reshape(-1, acts[L].shape[-1]).numpy()[patch]  # (patches, d_ff)
+        want = -np.sort(-flat, axis=0)[:5]
+        got = top[top.layer == L].sort_values(["rank", "neuron"]).activation.to_numpy().reshape(5, -1)
+        np.testing.assert_allclose(got, want, atol=2e-3)  # uint8 storage of the processed images
+    assert not tok.iloc[top.token].is_special.any()
+
+
+def test_image_labels_follow_the_rule(vit_atlas):
+    atlas, name, *_ = vit_atlas
+    tok = atlas.tokens(name)
+    # A fake top list: every neuron's top patches are the same 4 patches of image 0, cells (0,0)..(0,3).
+    rows = np.flatnonzero((tok.sequence == 0).to_numpy() & (tok.patch_row == 0).to_numpy())
+    import pandas as pd
+    top = pd.DataFrame({"layer": 0, "neuron": 0, "rank": range(4), "token": rows, "activation": 1.0})
+    lab = neurons.label_image_neurons(atlas, name, top).iloc[0]
+    assert lab.n_images == 1
+    assert lab.kind in ("colour", "brightness", "texture", "image")  # one image: never "position" (needs 3)
+
+
+def test_text_neurons(text_atlas):
+    atlas, name = text_atlas
+    labels = neurons.compute_neurons(atlas, name, top=3)
+    assert len(labels) == 2 * 48 and set(labels.kind) <= set(neurons.KINDS_TEXT)
+
+
+def test_embeddings_layouts_and_scores(vit_atlas, text_atlas):
+    atlas, name, *_ = vit_atlas
+    q = embeddings.compute_embeddings(atlas, name, "pca", max_points=60)
+    layout, stored = embeddings.read_embeddings(atlas, name)
+    assert set(q.label) == {"image", "colour"} and sorted(q.layer.unique()) == [0, 1, 2]
+    assert ((q.purity > 0) & (q.purity <= 1)).all() and ((q.silhouette >= -1) & (q.silhouette <= 1)).all()
+    assert len(layout) == 3 * 60 and layout[["x", "y"]].notna().all().all()
+    assert not atlas.tokens(name).iloc[layout.token].is_special.any()
+    t_atlas, t_name = text_atlas
+    assert set(embeddings.compute_embeddings(t_atlas, t_name, "pca").label) == {"sequence", "category"}
+
+
+def test_purity_and_colour_class():
+    assert embeddings.purity(np.array([0, 0, 1, 1]), np.array(["a", "a", "b", "a"])) == 0.75
+    cls = embeddings.colour_class(np.array([0.0, 1 / 3, 2 / 3, 0.0, 0.0, 0.5]),
+                                  np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), np.array([1.0, 1.0, 1.0, 1.0, 0.05, 0.5]))
+    assert cls.tolist() == ["red", "green", "blue", "light", "dark", "grey"]
+
+
+def test_text_model_image_views_are_refused(text_atlas):
+    atlas, name = text_atlas
+    with pytest.raises(AtlasError, match="needs an image model"):
+        rollout.compute_rollout(atlas, name)
+    with pytest.raises(AtlasError, match="needs an image model"):
+        similarity.patch_similarity(atlas, name, 0, 0)
+
+
+def test_missing_hidden_states(tmp_path):
+    folder = save_image_model("deit", tmp_path / "deit")
+    extract(tmp_path / "a", str(folder), images=str(write_images(tmp_path / "i", 2)),
+            options=ExtractOptions(progress=False))
+    atlas = open_atlas(tmp_path / "a")
+    with pytest.raises(StoreError, match="--hidden-states"):
+        similarity.patch_similarity(atlas, "deit", 0, 0)
+    with pytest.raises(StoreError, match="--hidden-states"):
+        embeddings.compute_embeddings(atlas, "deit")
+    df = rollout.compute_rollout(atlas, "deit")  # [CLS] + distillation token + 16 patches
+    assert df.groupby(["sequence", "layer"]).size().eq(18).all()
+
+
+def test_cli(vit_atlas, text_atlas, capsys):
+    atlas, name, *_ = vit_atlas
+    assert cli(["analyze", str(atlas.path), "--rollout", "--embeddings", "--max-points", "40"]) == 0
+    assert "rollout done" in capsys.readouterr().out
+    t_atlas, t_name = text_atlas
+    assert cli(["analyze", str(t_atlas.path), "--rollout"]) == 2
+    err = capsys.readouterr().err
+    assert "needs an image model" in err and "Traceback" not in err
+    assert cli(["analyze", str(t_atlas.path)]) == 2
+    assert "--rollout, --neurons" in capsys.readouterr().err
+    assert cli(["analyze", str(t_atlas.path), "--model", "nope", "--all"]) == 2
+    assert "not in the atlas" in capsys.readouterr().err
