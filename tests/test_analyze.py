@@ -214,3 +214,42 @@ def test_cli(vit_atlas, text_atlas, capsys):
     assert "--rollout, --neurons" in capsys.readouterr().err
     assert cli(["analyze", str(t_atlas.path), "--model", "nope", "--all"]) == 2
     assert "not in the atlas" in capsys.readouterr().err
+
+
+def test_views_build_and_respond(vit_atlas):
+    from bokeh.document import Document
+    from bokeh.models import ColumnDataSource, Slider
+
+    from attnatlas.app import vit_views
+
+    atlas, name, *_ = vit_atlas
+    rollout.compute_rollout(atlas, name)
+    embeddings.compute_embeddings(atlas, name, "pca", max_points=40)
+    neurons.compute_neurons(atlas, name, top=4)
+    for build in (vit_views.build_patch_similarity, vit_views.build_rollout, vit_views.build_layer_embeddings,
+                  vit_views.build_neurons, vit_views.build_overview):
+        Document().add_root(build(atlas, name))
+    lay = vit_views.build_patch_similarity(atlas, name, sequence=3)
+    cells = next(s for s in lay.select({"type": ColumnDataSource}) if "value" in s.data)
+    cells.selected.indices = [0]  # click patch (0, 0): it is identical to itself
+    assert cells.data["value"][0] == pytest.approx(1.0, abs=1e-5)
+    next(iter(lay.select({"type": Slider}))).value = 0
+    want = similarity.patch_similarity(atlas, name, 3, 1)[0, 1:]
+    np.testing.assert_allclose(cells.data["value"], want, atol=1e-6)
+
+
+def test_views_refuse_text_models(text_atlas):
+    from attnatlas.app import vit_views
+
+    atlas, name = text_atlas
+    for build in (vit_views.build_patch_similarity, vit_views.build_rollout):
+        with pytest.raises(AtlasError, match="needs an image model"):
+            build(atlas, name)
+
+
+def test_views_import_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, attnatlas.app.vit_views; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

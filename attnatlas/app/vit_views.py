@@ -1,0 +1,259 @@
+"""Bokeh views of the ViT analyses (patch similarity, rollout, layer-wise embeddings, neurons, model overview).
+
+Each builder reads only stored results (no torch) and returns a self-contained Bokeh layout whose widgets
+update it through Python callbacks (Bokeh server). Image-only views raise AtlasError for text models.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+from bokeh.layouts import column, row
+from bokeh.models import ColumnDataSource, Div, HoverTool, LinearColorMapper, Select, Slider, TapTool
+from bokeh.palettes import Category10_10, Viridis256
+from bokeh.plotting import figure
+
+from attnatlas.analyze import embeddings, neurons, overview, rollout, similarity
+from attnatlas.analyze.common import require_hidden, require_image
+from attnatlas.store import Atlas
+
+ALPHA = 0.6
+
+
+def _rgba(img: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 -> (h, w) uint32 for image_rgba, flipped so row 0 is at the top."""
+    h, w = img.shape[:2]
+    out = np.empty((h, w, 4), dtype=np.uint8)
+    out[..., :3] = img[::-1, :, :3]
+    out[..., 3] = 255
+    return out.view(np.uint32).reshape(h, w)
+
+
+def _image_figure(atlas: Atlas, model: str, title: str) -> tuple[figure, ColumnDataSource, ColumnDataSource, int]:
+    """Image with a patch-grid heat map on top; returns (fig, image source, patch source, patch size)."""
+    info = atlas.info(model)
+    H, W = info.attrs["image_size"]
+    p = int(info.attrs["patch_size"])
+    fig = figure(width=360, height=360, x_range=(0, W), y_range=(0, H), title=title, tools="tap,reset", match_aspect=True)
+    fig.axis.visible = False
+    img_src = ColumnDataSource(dict(image=[], x=[], y=[], dw=[], dh=[]))
+    fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=img_src)
+    gr, gc = info.attrs["grid"]
+    rr, cc = np.divmod(np.arange(gr * gc), gc)
+    cells = ColumnDataSource(dict(x=(cc + 0.5) * p, y=H - (rr + 0.5) * p, row=rr, col=cc, value=np.zeros(gr * gc)))
+    return fig, img_src, cells, p
+
+
+def _heat(fig: figure, cells: ColumnDataSource, p: int, low: float | None = None, high: float | None = None) -> LinearColorMapper:
+    mapper = LinearColorMapper(palette=Viridis256, low=low, high=high)
+    fig.rect(x="x", y="y", width=p, height=p, source=cells, fill_color={"field": "value", "transform": mapper},
+             fill_alpha=ALPHA, line_alpha=0)
+    fig.add_tools(HoverTool(tooltips=[("patch", "@row,@col"), ("value", "@value{0.000}")]))
+    return mapper
+
+
+def _image_select(atlas: Atlas, model: str) -> Select:
+    seqs = atlas.sequences(model)
+    opts = [(str(s), f"{s}: {str(src).rsplit('/', 1)[-1]}") for s, src in zip(seqs.sequence, seqs.source)]
+    return Select(title="image", value=opts[0][0], options=opts)
+
+
+def _patch_index(atlas: Atlas, model: str, sequence: int) -> np.ndarray:
+    """(grid cells,) position within the image of each grid cell's patch token."""
+    tok = atlas.tokens(model)
+    t = tok[tok.sequence == sequence]
+    t = t[t.token_kind == "patch"]
+    gc = atlas.info(model).attrs["grid"][1]
+    order = np.argsort(t.patch_row.to_numpy() * gc + t.patch_col.to_numpy())
+    return t.position.to_numpy()[order]
+
+
+def build_patch_similarity(atlas: Atlas, model: str, sequence: int = 0, position: int | None = None):
+    """Click a patch: cosine similarity of its hidden state to every patch of the image; slider = layer."""
+    require_image(atlas, model, "Patch similarity")
+    require_hidden(atlas, model, "Patch similarity")
+    fig, img_src, cells, p = _image_figure(atlas, model, "cosine similarity to the clicked patch")
+    _heat(fig, cells, p, -1.0, 1.0)
+    select = _image_select(atlas, model)
+    select.value = str(sequence)
+    n_hidden = atlas.array(model, "hidden").shape[0]
+    slider = Slider(title="layer (0 = embeddings)", start=0, end=n_hidden - 1, value=n_hidden - 1, step=1)
+    state = {"seq": sequence, "pos": position, "sim": None}
+    note = Div(text="")
+
+    def refresh() -> None:
+        s = state["seq"]
+        idx = _patch_index(atlas, model, s)
+        if state["pos"] is None:
+            state["pos"] = int(idx[len(idx) // 2 + atlas.info(model).attrs["grid"][1] // 2])
+        state["sim"] = similarity.patch_similarity(atlas, model, s, state["pos"])[:, idx]  # (layer, cells)
+        img_src.data = dict(image=[_rgba(np.asarray(atlas.array(model, "images")[s]))], x=[0], y=[0],
+                            dw=[fig.x_range.end], dh=[fig.y_range.end])
+        redraw()
+
+    def redraw() -> None:
+        d = dict(cells.data)
+        d["value"] = state["sim"][slider.value]
+        cells.data = d
+        tok = atlas.tokens(model)
+        name = tok[(tok.sequence == state["seq"]) & (tok.position == state["pos"])].token.iloc[0]
+        note.text = f"similarity to <b>{html.escape(str(name))}</b> at layer {slider.value}"
+
+    def on_tap(attr, old, new) -> None:
+        if new:
+            state["pos"] = int(_patch_index(atlas, model, state["seq"])[new[0]])
+            refresh()
+
+    def on_image(attr, old, new) -> None:
+        state["seq"], state["pos"] = int(new), None
+        refresh()
+
+    cells.selected.on_change("indices", on_tap)
+    select.on_change("value", on_image)
+    slider.on_change("value", lambda a, o, n: redraw())
+    refresh()
+    return column(row(select, slider), note, fig, name="patch_similarity")
+
+
+def build_rollout(atlas: Atlas, model: str, sequence: int = 0):
+    """Attention rollout over the image, beside the raw head-averaged [CLS] attention of the same layer."""
+    df = rollout.read_rollout(atlas, model)
+    n_layers = atlas.info(model).n_layers
+    figs = []
+    for title in ("attention rollout from [CLS]", "raw [CLS] attention (mean of heads)"):
+        figs.append(_image_figure(atlas, model, title))
+    for fig, _, cells, p in figs:
+        _heat(fig, cells, p)
+    select = _image_select(atlas, model)
+    select.value = str(sequence)
+    slider = Slider(title="up to layer", start=0, end=n_layers - 1, value=n_layers - 1, step=1)
+
+    def redraw(attr, old, new) -> None:
+        s = int(select.value)
+        img = _rgba(np.asarray(atlas.array(model, "images")[s]))
+        for (fig, img_src, cells, _), col in zip(figs, ("rollout", "cls_attention")):
+            img_src.data = dict(image=[img], x=[0], y=[0], dw=[fig.x_range.end], dh=[fig.y_range.end])
+            d = dict(cells.data)
+            d["value"] = rollout.rollout_grid(df, atlas, model, s, slider.value, col).reshape(-1)
+            cells.data = d
+
+    select.on_change("value", redraw)
+    slider.on_change("value", redraw)
+    redraw(None, None, None)
+    return column(row(select, slider), row(figs[0][0], figs[1][0]), name="rollout")
+
+
+def build_layer_embeddings(atlas: Atlas, model: str):
+    """Per-layer 2-D layout of hidden states, coloured by a label; beside it, cluster quality against depth."""
+    layout, quality = embeddings.read_embeddings(atlas, model)
+    tok = atlas.tokens(model)
+    layers = sorted(layout.layer.unique())
+    labels = sorted(quality.label.unique())
+    colour_by = Select(title="colour by", value=labels[-1], options=[*labels, "position", "hue"])
+    slider = Slider(title="layer (0 = embeddings)", start=int(layers[0]), end=int(layers[-1]), value=int(layers[0]), step=1)
+    src = ColumnDataSource(dict(x=[], y=[], color=[], token=[], label=[]))
+    fig = figure(width=420, height=420, title="hidden states", tools="pan,wheel_zoom,reset,hover",
+                 tooltips=[("token", "@token"), ("label", "@label")])
+    fig.scatter("x", "y", source=src, color="color", size=4, alpha=ALPHA)
+    rows0 = layout[layout.layer == layers[0]].token.to_numpy()
+    lab = embeddings.token_labels(atlas, model, rows0)
+
+    def colours(rows: np.ndarray) -> tuple[list[str], list[str]]:
+        mode = colour_by.value
+        t = tok.iloc[rows]
+        if mode in lab:
+            names = lab[mode]
+            classes = {c: Category10_10[i % 10] for i, c in enumerate(np.unique(names))}
+            return [classes[c] for c in names], names.tolist()
+        v = t.position.to_numpy(float) if mode == "position" else np.nan_to_num(t.hue.to_numpy(float)) if "hue" in t else t.position.to_numpy(float)
+        v = (v - v.min()) / max(np.ptp(v), 1e-9)
+        return [Viridis256[int(x * 255)] for x in v], [f"{x:.2f}" for x in v]
+
+    def redraw(attr, old, new) -> None:
+        sub = layout[layout.layer == slider.value]
+        rows = sub.token.to_numpy()
+        c, names = colours(rows)
+        src.data = dict(x=sub.x.to_numpy(), y=sub.y.to_numpy(), color=c, token=tok.token.to_numpy()[rows].astype(str), label=names)
+
+    q = figure(width=420, height=300, title="cluster quality by depth", x_axis_label="layer", tools="hover")
+    for i, (name, metric) in enumerate((lb, m) for lb in labels for m in ("silhouette", "purity")):
+        g = quality[quality.label == name].sort_values("layer")
+        q.line(g.layer, g[metric], color=Category10_10[i], legend_label=f"{metric} ({name})", line_dash="solid" if metric == "purity" else "dashed")
+    q.legend.location = "bottom_left"
+    slider.on_change("value", redraw)
+    colour_by.on_change("value", redraw)
+    redraw(None, None, None)
+    return row(column(row(slider, colour_by), fig), q, name="layer_embeddings")
+
+
+def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
+    """Label kinds by layer, and for a chosen neuron its top patches (thumbnails) or tokens."""
+    tops, labels = neurons.read_neurons(atlas, model)
+    summary = neurons.kind_summary(labels)
+    kinds = list(summary.columns)
+    bar = figure(width=460, height=280, title="label kinds per layer (share of neurons)", x_axis_label="layer", tools="hover")
+    bar.vbar_stack(kinds, x="layer", width=0.8, source=ColumnDataSource(summary.reset_index()),
+                   color=[Category10_10[i] for i in range(len(kinds))], legend_label=kinds)
+    bar.legend.location = "top_left"
+    layer_sel = Slider(title="layer", start=0, end=int(labels.layer.max()), value=layer, step=1)
+    neuron_sel = Select(title="neuron", options=[], value="")
+    detail = Div(text="")
+    is_image = atlas.info(model).modality == "image"
+    thumb_src = ColumnDataSource(dict(image=[], x=[], y=[], dw=[], dh=[]))
+    thumbs = figure(width=460, height=80, x_range=(0, top), y_range=(0, 1), tools="", visible=is_image)
+    thumbs.axis.visible = False
+    thumbs.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=thumb_src)
+    tok = atlas.tokens(model)
+
+    def set_layer(attr, old, new) -> None:
+        lab = labels[labels.layer == layer_sel.value].sort_values("share", ascending=False)
+        neuron_sel.options = [(str(n), f"{n}: {k} {lb} ({s:.0%})") for n, k, lb, s in zip(lab.neuron, lab.kind, lab.label, lab.share)]
+        neuron_sel.value = neuron_sel.options[0][0]
+        show(None, None, None)  # the same neuron number may top the next layer: no change event then
+
+    def show(attr, old, new) -> None:
+        if not neuron_sel.value:
+            return
+        n = int(neuron_sel.value)
+        g = tops[(tops.layer == layer_sel.value) & (tops.neuron == n)].sort_values("rank").head(top)
+        t = tok.iloc[g.token.to_numpy()]
+        lab = labels[(labels.layer == layer_sel.value) & (labels.neuron == n)].iloc[0]
+        items = "".join(f"<li>{html.escape(str(a))} (seq {s}) act {v:.2f}</li>" for a, s, v in zip(t.token, t.sequence, g.activation))
+        detail.text = f"<b>L{layer_sel.value} neuron {n}</b>: {lab.kind} <i>{html.escape(str(lab.label))}</i><ol>{items}</ol>"
+        if is_image:
+            p = int(atlas.info(model).attrs["patch_size"])
+            images = atlas.array(model, "images")
+            crops = [_rgba(np.asarray(images[s, r * p:(r + 1) * p, c * p:(c + 1) * p]))
+                     for s, r, c in zip(t.sequence, t.patch_row, t.patch_col)]
+            thumb_src.data = dict(image=crops, x=list(range(len(crops))), y=[0] * len(crops), dw=[0.95] * len(crops), dh=[1] * len(crops))
+
+    layer_sel.on_change("value", set_layer)
+    neuron_sel.on_change("value", show)
+    set_layer(None, None, None)
+    return row(bar, column(row(layer_sel, neuron_sel), thumbs, detail), name="neurons")
+
+
+def build_overview(atlas: Atlas, model: str, layer: int = 0, head: int = 0, seq: int = 0, i: int = 0, j: int = 0):
+    """Architecture table and the numbers of one head for query token i and key token j."""
+    arch = overview.architecture(atlas, model)
+    rows_html = "".join(f"<tr><td><b>{html.escape(s)}</b></td><td>{html.escape(w)}</td><td><code>{html.escape(o)}</code></td></tr>"
+                        for s, w, o in zip(arch.stage, arch.what, arch.output))
+    arch_div = Div(text=f"<table>{rows_html}</table>", width=700)
+    m = overview.head_math(atlas, model, layer, head, seq, i, j)
+    d = len(m.q)
+    vec = ColumnDataSource(dict(dim=np.arange(d), q=m.q, k=m.k, qk=m.qk))
+    fig = figure(width=460, height=260, title=f"L{layer} H{head}: q, k and q x k per dimension", tools="hover",
+                 tooltips=[("dim", "@dim"), ("q", "@q{0.000}"), ("k", "@k{0.000}"), ("q x k", "@qk{0.000}")])
+    fig.line("dim", "q", source=vec, color=Category10_10[0], legend_label="q")
+    fig.line("dim", "k", source=vec, color=Category10_10[1], legend_label="k")
+    fig.vbar(x="dim", top="qk", width=0.8, source=vec, color=Category10_10[2], alpha=ALPHA, legend_label="q x k")
+    n = len(m.softmax)
+    toks = [html.escape(str(t)) for t in m.tokens]
+    srow = ColumnDataSource(dict(m=np.arange(n), p=m.softmax, logit=np.where(np.isfinite(m.logits), m.logits, np.nan), token=toks))
+    sfig = figure(width=460, height=200, title=f"softmax row of query {i} ({toks[i]})", tools="hover,tap",
+                  tooltips=[("key", "@token"), ("q.k/sqrt(d)", "@logit{0.000}"), ("weight", "@p{0.0000}")])
+    sfig.vbar(x="m", top="p", width=0.8, source=srow)
+    text = Div(text=(f"q·k = Σ q×k = <b>{m.dot:.4f}</b>; × {m.scaling:.4g} (1/√{d}) = <b>{m.scaled:.4f}</b>; "
+                     f"softmax over the {n} keys of sequence {seq}: weight of key {j} ({toks[j]}) = <b>{m.weight:.4f}</b>"))
+    return column(arch_div, row(fig, sfig), text, name="overview")
