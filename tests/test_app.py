@@ -301,3 +301,11 @@ def test_app_never_imports_torch(atlas_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_grid_of_270_heads_fits(tmp_path):
+    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=30, n_heads=9, n_kv_heads=3, n_seq=4, seq_len=8, topk=2)
+    testing.random_layouts(atlas, "synthetic", "pca")
+    dash, _ = dash_for(AppData(tmp_path / "a"))
+    assert len(dash.cell_src.data["label"]) == 270 and dash.cell_src.data["label"][-1] == "L29H8"
+    assert dash.grid_fig.height <= 1500 and len(dash.grid_src.data["x"]) == 270 * 2 * 32

@@ -25,7 +25,6 @@ from bokeh.models import (
     RangeSlider,
     Select,
     TableColumn,
-    TapTool,
 )
 from bokeh.palettes import RdBu11, Viridis256
 from bokeh.plotting import figure

@@ -258,7 +258,7 @@ class Dashboard:
             label=[f"L{a}H{b}" for a, b in zip(layers, heads)], layer=layers, head=heads, trust=trust,
             fill=["#ffffff" if g.done[a, b] else "#888888" for a, b in zip(layers, heads)],
         )
-        cell = int(max(36, min(80, 880 // max(H, 1))))
+        cell = int(max(30, min(80, 880 // max(H, 1), 1400 // max(L, 1))))  # 30 layers still fit a screen or two
         self.grid_fig.width = max(420, cell * H + 80)
         self.grid_fig.height = max(300, cell * L + 80)
         self.grid_fig.x_range.start, self.grid_fig.x_range.end = 0, H

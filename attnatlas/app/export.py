@@ -16,7 +16,8 @@ from attnatlas.app import colors
 from attnatlas.app.data import AppData
 
 
-def head_html(data: AppData, model: str, method: str, layer: int, head: int, mode: str = "kind") -> str:
+def head_layout(data: AppData, model: str, method: str, layer: int, head: int, mode: str = "kind"):
+    """Fresh Bokeh models of one head (scatter with escaped hover and a caption): for export and notebooks."""
     model = data.model(model)
     method = data.method(model, method)
     layer, head = data.clamp(model, layer, head)
@@ -36,4 +37,11 @@ def head_html(data: AppData, model: str, method: str, layer: int, head: int, mod
     fig.add_tools(HoverTool(renderers=[r], tooltips=TOOLTIPS))
     note = Div(text=f"<b>{html.escape(model)}</b> layer {layer}, head {head}, {html.escape(method)}; "
                     f"trustworthiness {h.trust:.3f}<br>{legend}")
-    return file_html(column(note, fig), INLINE, title=f"attnatlas {model} L{layer}H{head}")
+    return column(note, fig)
+
+
+def head_html(data: AppData, model: str, method: str, layer: int, head: int, mode: str = "kind") -> str:
+    """A standalone page of one head with BokehJS inlined, so it opens offline."""
+    model = data.model(model)
+    layer, head = data.clamp(model, layer, head)
+    return file_html(head_layout(data, model, method, layer, head, mode), INLINE, title=f"attnatlas {model} L{layer}H{head}")
