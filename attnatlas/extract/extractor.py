@@ -128,7 +128,7 @@ def load_model(model_id: str, device: str | torch.device = "cpu") -> LoadedModel
     return LoadedModel(model, pre, adapter, config, model_id, source, default_name, layer_of_module)
 
 
-def _hash_texts(records: Sequence[TextRecord]) -> str:
+def hash_texts(records: Sequence[TextRecord]) -> str:
     h = hashlib.sha256()
     for r in records:
         h.update(r.text.encode("utf-8"))
@@ -136,7 +136,7 @@ def _hash_texts(records: Sequence[TextRecord]) -> str:
     return h.hexdigest()
 
 
-def _hash_images(records: Sequence[ImageRecord]) -> str:
+def hash_images(records: Sequence[ImageRecord]) -> str:
     h = hashlib.sha256()
     for r in records:
         h.update(r.image.tobytes())
@@ -364,7 +364,7 @@ def extract(
             warnings.warn(f"{truncated} of {len(lengths)} sequences are longer than {max_len} tokens and were truncated "
                           f"(raise --max-tokens up to {limit} to keep more).", stacklevel=2)
         n_tokens = int(np.minimum(lengths, max_len).sum())
-        attrs.update(input_hash=_hash_texts(text_records), n_sequences=len(text_records), max_tokens=max_len,
+        attrs.update(input_hash=hash_texts(text_records), n_sequences=len(text_records), max_tokens=max_len,
                      truncated_sequences=truncated)
         n_items = len(text_records)
         batches = _text_batches(loaded, text_records, opts, max_len, device, np_dtype, scalings)
@@ -374,7 +374,7 @@ def extract(
         H, W = probe.shape[-2:]
         per_image = len(prefix) + (H // patch) * (W // patch)
         n_tokens = per_image * len(image_records)
-        attrs.update(input_hash=_hash_images(image_records), n_sequences=len(image_records), patch_size=patch,
+        attrs.update(input_hash=hash_images(image_records), n_sequences=len(image_records), patch_size=patch,
                      image_size=[int(H), int(W)], prefix_tokens=prefix, grid=[int(H // patch), int(W // patch)])
         n_items = len(image_records)
         batches = _image_batches(loaded, image_records, opts, device, np_dtype, scalings)

@@ -1,0 +1,98 @@
+"""Extraction with storage vs a plain forward pass over the same batches of the same model.
+
+Runs both side by side, alternating, and prints the ratio (target <= 1.15x on CPU for MiniLM on the demo
+corpus). With --memory it also extracts the corpus repeated 1x and 10x in fresh processes and prints
+their peak resident memory, which stays flat because writing streams per batch.
+
+    python scripts/bench_extract.py [--model minilm] [--texts data/corpus/demo.txt] [--repeats 3] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from attnatlas.extract import ExtractOptions, extract, load_model
+from attnatlas.inputs import load_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain_forward(loaded, texts: list[str], batch_size: int, max_len: int) -> None:
+    tok = loaded.preprocessor
+    for start in range(0, len(texts), batch_size):
+        enc = tok(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        with torch.inference_mode():
+            loaded.model(**enc)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Extract the corpus repeated `args.child` times; print peak RSS (MiB) as JSON."""
+    texts = [r.text for r in load_texts(args.texts)] * args.child
+    loaded = load_model(args.model)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = Path(tempfile.mkdtemp()) / "atlas"
+    t = time.perf_counter()
+    extract(out, loaded, texts=texts, options=ExtractOptions(batch_size=args.batch_size, progress=False))
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shutil.rmtree(out.parent)
+    print(json.dumps({"sequences": len(texts), "peak_mib": round(peak, 1), "after_load_mib": round(before, 1),
+                      "seconds": round(seconds, 2)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--texts", default=str(ROOT / "data" / "corpus" / "demo.txt"))
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention-topk", type=int, default=8)
+    ap.add_argument("--memory", action="store_true", help="also measure peak memory at 1x and 10x corpus")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    texts = [r.text for r in load_texts(args.texts)]
+    loaded = load_model(args.model)
+    max_len = 512
+    opts = ExtractOptions(batch_size=args.batch_size, attention_topk=args.attention_topk, progress=False)
+    plain_forward(loaded, texts[:32], args.batch_size, max_len)  # warm-up
+    plain, ours = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        plain_forward(loaded, texts, args.batch_size, max_len)
+        plain.append(time.perf_counter() - t)
+        out = Path(tempfile.mkdtemp()) / "atlas"
+        t = time.perf_counter()
+        extract(out, loaded, texts=texts, options=opts)
+        ours.append(time.perf_counter() - t)
+        shutil.rmtree(out.parent)
+    p, o = statistics.median(plain), statistics.median(ours)
+    print(f"model {args.model}, {len(texts)} sequences, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
+          f"top-k {args.attention_topk}")
+    print(f"plain forward          median {p:7.2f} s  runs {[round(x, 2) for x in plain]}")
+    print(f"extract + store        median {o:7.2f} s  runs {[round(x, 2) for x in ours]}")
+    print(f"ratio extract/forward  {o / p:.3f}x  (target <= 1.15x)")
+    if args.memory:
+        for n in (1, 10):
+            res = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", args.model, "--texts", args.texts,
+                                  "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"corpus x{n:<3} {r['sequences']:6d} sequences: peak RSS {r['peak_mib']:7.1f} MiB "
+                  f"(after model load {r['after_load_mib']:.1f} MiB), {r['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
