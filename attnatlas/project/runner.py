@@ -12,7 +12,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -145,9 +145,13 @@ def project_model(
     max_points: int = MAX_POINTS,
     progress: bool = True,
     reducer_params: dict[str, dict[str, Any]] | None = None,
+    dispatch: Callable[[Callable[..., dict], list[tuple]], Iterable[dict]] | None = None,
 ) -> dict[str, Any]:
     """Project the selected heads of `model` with each method; returns a summary dict
-    (done, skipped, failed [(layer, head, method, message)], adapted parameters, seconds, quality)."""
+    (done, skipped, failed [(layer, head, method, message)], adapted parameters, seconds, quality).
+
+    `dispatch(project_head, calls)`, if given, runs each argument tuple elsewhere (e.g. a Dask cluster)
+    and yields one result per call; the layout arrays already exist when it is called."""
     atlas = atlas if isinstance(atlas, Atlas) else Atlas.open(atlas)
     info = atlas.info(model)  # StoreError if the model is missing
     names = parse_methods(methods)
@@ -203,7 +207,10 @@ def project_model(
         bar.update(1)
 
     workers = max(1, min(int(workers), len(targets) or 1))
-    if workers == 1:
+    if dispatch is not None:
+        for res in dispatch(project_head, [(*args, L, h, todo, *tail) for L, h, todo in targets]):
+            collect(res)
+    elif workers == 1:
         for L, h, todo in targets:
             collect(project_head(*args, L, h, todo, *tail))
     else:
