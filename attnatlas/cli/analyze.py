@@ -29,11 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from attnatlas.store import Atlas
 
     atlas = Atlas.open(args.atlas)
-    model = args.model
-    if model is None:
-        if len(atlas.models) != 1:
-            raise AtlasError(f"The atlas holds {len(atlas.models)} models ({', '.join(atlas.models) or 'none'}); choose one with --model.")
-        model = atlas.models[0]
+    model = atlas.resolve_model(args.model)
     info = atlas.info(model)
     if not (args.rollout or args.neurons or args.embeddings or args.all):
         raise AtlasError("Say what to compute: --rollout, --neurons, --embeddings or --all.")

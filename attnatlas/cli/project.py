@@ -36,11 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from attnatlas.store import Atlas
 
     atlas = Atlas.open(args.atlas)
-    model = args.model
-    if model is None:
-        if len(atlas.models) != 1:
-            raise InputError(f"Pass --model; the atlas holds {', '.join(atlas.models) or 'no models'}.")
-        model = atlas.models[0]
+    model = atlas.resolve_model(args.model)
     if args.workers < 1:
         raise InputError("--workers must be at least 1.")
     if args.max_points < 10:

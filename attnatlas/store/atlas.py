@@ -278,6 +278,15 @@ class Atlas:
         self.require_model(model)
         return zarr.open_group(str(self._model_dir(model)), mode="r+" if os.access(self.path, os.W_OK) else "r")
 
+    def resolve_model(self, model: str | None) -> str:
+        """`model` if given (and present), else the atlas's only model."""
+        if model is not None:
+            self.require_model(model)
+            return model
+        if len(self.models) != 1:
+            raise StoreError(f"Pass --model: the atlas holds {', '.join(self.models) or 'no models'}.")
+        return self.models[0]
+
     def require_model(self, model: str) -> None:
         if model not in self.models:
             have = ", ".join(self.models) or "none"
