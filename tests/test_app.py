@@ -303,9 +303,218 @@ def test_app_never_imports_torch(atlas_path):
     assert out.stdout.strip() == "False"
 
 
+def test_app_with_every_tab_open_never_imports_torch(vit_path):
+    code = (
+        "import sys\n"
+        "from bokeh.application import Application\n"
+        "from bokeh.application.handlers import DirectoryHandler\n"
+        f"h = DirectoryHandler(filename={str(APP_DIR)!r}, argv=[{str(vit_path)!r}])\n"
+        "doc = Application(h).create_document()\n"
+        "tabs = doc.get_model_by_name('tabs')\n"
+        "for i in range(len(tabs.tabs)): tabs.active = i\n"
+        "names = {m.name for m in doc.models}\n"
+        "assert {'patch_similarity', 'rollout', 'layer_embeddings', 'neurons', 'overview'} <= names, names\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_grid_of_270_heads_fits(tmp_path):
     atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=30, n_heads=9, n_kv_heads=3, n_seq=4, seq_len=8, topk=2)
     testing.random_layouts(atlas, "synthetic", "pca")
     dash, _ = dash_for(AppData(tmp_path / "a"))
     assert len(dash.cell_src.data["label"]) == 270 and dash.cell_src.data["label"][-1] == "L29H8"
     assert dash.grid_fig.height <= 1500 and len(dash.grid_src.data["x"]) == 270 * 2 * 32
+
+
+# ---- the further tabs: compare, similar heads, ViT analyses, head math ------------------------------------------
+
+def tab(dash, key):
+    """Open a tab as a click would; returns what its box holds."""
+    dash.tabs.active = dash.view_keys.index(key)
+    return dash.view_boxes[key].children[0]
+
+
+def named(layout, name):
+    return [m for m in layout.references() if getattr(m, "name", None) == name]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """Two text models over the same corpus, compared by `compare_models` and stored in the atlas."""
+    from attnatlas.compare.run import compare_models
+
+    path = tmp_path_factory.mktemp("cmp") / "atlas"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(testing, "WORDS", [*testing.WORDS, XSS])
+    try:  # same seed and sizes of the corpus: the same sentences; other layer/head counts: other q and k
+        atlas = testing.synthetic_atlas(path, n_layers=3, n_heads=4, n_seq=12, seq_len=10)
+        testing.write_synthetic_model(atlas, name="synthetic-b", n_layers=2, n_heads=2, n_seq=12, seq_len=10)
+    finally:
+        mp.undo()
+    testing.random_layouts(atlas, "synthetic", "pca")
+    testing.random_layouts(atlas, "synthetic-b", "pca")
+    compare_models(atlas, ["synthetic", "synthetic-b"])
+    return AppData(path)
+
+
+@pytest.fixture(scope="module")
+def vit_path(tmp_path_factory):
+    """A tiny random ViT extracted with hidden states, with every ViT analysis stored (torch only here)."""
+    pytest.importorskip("torch")
+    from tiny_models import save_image_model, write_images
+
+    from attnatlas.analyze import embeddings, neurons, rollout
+    from attnatlas.extract import ExtractOptions, extract
+    from attnatlas.store import open_atlas
+
+    tmp = tmp_path_factory.mktemp("vit")
+    folder = save_image_model("vit", tmp / "vit")
+    images = write_images(tmp / "imgs", n=4)
+    name = extract(tmp / "atlas", str(folder), images=str(images),
+                   options=ExtractOptions(dtype="float32", hidden_states=True, progress=False))
+    atlas = open_atlas(tmp / "atlas")
+    testing.random_layouts(atlas, name, "pca")
+    rollout.compute_rollout(atlas, name)
+    embeddings.compute_embeddings(atlas, name, "pca", max_points=40)
+    neurons.compute_neurons(atlas, name, top=4)
+    return tmp / "atlas"
+
+
+def test_tabs_are_built_on_first_open_only(data):
+    dash, doc = dash_for(data)
+    assert [t.title for t in dash.tabs.tabs] == ["All heads", "Single head", "Compare", "Patch similarity", "Rollout",
+                                                 "Layer embeddings", "Neurons", "Model & head math"]
+    assert not dash.view_built and "overview" not in {m.name for m in doc.models}
+    tab(dash, "math")
+    assert dash.view_built == {"math"} and "overview" in {m.name for m in doc.models}
+
+
+def test_compare_tab_without_stored_results_names_the_command(data):
+    dash, doc = dash_for(data, view="compare")
+    assert dash.view_keys[dash.tabs.active] == "compare" and dash.url.text.endswith("&view=compare")
+    body = dash.compare_panel.body.children[0]
+    assert isinstance(body, Div) and "attnatlas compare" in body.text and "--models synthetic synthetic-vit" in body.text
+    assert "similar heads" in views_similar(data, "synthetic").lower() and "attnatlas compare" in views_similar(data, "synthetic")
+
+
+def views_similar(data, model):
+    from attnatlas.app.views import similar_heads_html
+
+    return similar_heads_html(data, model, 0, 0)
+
+
+def test_compare_tab_shows_stored_comparison_and_model_selects(compared):
+    dash, doc = dash_for(compared)
+    view = tab(dash, "compare")
+    assert view.name == "view_compare"
+    body = dash.compare_panel.body.children[0]
+    assert body.name == "attnatlas-compare"
+    grid_a = named(body, "compare-grid-a")[0]
+    assert grid_a.title.text == "synthetic"
+    heat = named(body, "compare-heat")[0].renderers[0].data_source
+    assert len(heat.data["sim"]) == 12 * 4  # every (head of a, head of b) pair
+    dash.compare_panel.sel_a.value = "synthetic-b"
+    dash.compare_panel.sel_b.value = "synthetic"
+    assert named(dash.compare_panel.body.children[0], "compare-grid-a")[0].title.text == "synthetic-b"
+    dash.compare_panel.sel_b.value = "synthetic-b"
+    assert "two different models" in dash.compare_panel.body.children[0].text
+    dash.compare_panel.sel_b.value = "../../etc"  # not an atlas model: refused, never a path
+    assert "Unknown model" in dash.compare_panel.body.children[0].text
+
+
+def test_similar_heads_follow_the_head_view(compared):
+    from attnatlas.compare.run import nearest_heads
+
+    dash, _ = dash_for(compared, layer=1, head=2)
+    text = dash.similar.text
+    want = nearest_heads(compared.atlas, "synthetic", 1, 2)
+    other = want[want["scope"] == "other"].sort_values("rank").iloc[0]
+    assert f"L{int(other.other_layer)}H{int(other.other_head)} {other.score:.2f}" in text
+    assert "synthetic-b" in text and "same model" in text
+    dash._step("next_head")
+    want = nearest_heads(compared.atlas, "synthetic", 1, 3)
+    same = want[want["scope"] == "same"].sort_values("rank").iloc[0]
+    assert f"L{int(same.other_layer)}H{int(same.other_head)} {same.score:.2f}" in dash.similar.text
+
+
+def test_vit_tabs_draw_stored_results(vit_path):
+    from bokeh.models import ColumnDataSource
+
+    from attnatlas.analyze import rollout
+
+    data = AppData(vit_path)
+    dash, doc = dash_for(data)
+    model = dash.model
+    for key, name in (("patches", "patch_similarity"), ("rollout", "rollout"), ("embeddings", "layer_embeddings"),
+                      ("neurons", "neurons"), ("math", "view_math")):
+        assert tab(dash, key).name == name, key
+        assert f"view={key}" in dash.url.text
+    # the rollout tab shows the stored rollout of image 0 at the last layer
+    ro = dash.view_boxes["rollout"].children[0]
+    shown = sorted(tuple(np.round(s.data["value"], 6)) for s in ro.select({"type": ColumnDataSource}) if "value" in s.data)
+    atlas, last = data.atlas, data.infos[model].n_layers - 1
+    df = rollout.read_rollout(atlas, model)
+    want = sorted(tuple(np.round(rollout.rollout_grid(df, atlas, model, 0, last, c).reshape(-1), 6))
+                  for c in ("rollout", "cls_attention"))
+    assert shown == want and want[0] != want[1]
+
+
+def test_math_panel_follows_head_and_clicked_token(vit_path):
+    from bokeh.models import ColumnDataSource
+
+    from attnatlas.analyze import overview
+
+    data = AppData(vit_path)
+    dash, _ = dash_for(data, layer=1, head=2)
+    t = data.tokens(dash.model, dash.method)
+    p = int(np.flatnonzero(np.asarray(t.columns["token"][: len(t.rows)]) != "[CLS]")[3])  # a patch, as a query
+    dash.src.selected.indices = [p]
+    tab(dash, "math")
+    assert "L1H2" in dash.math_panel.note.text and "query clicked" in dash.math_panel.note.text
+    row_ = int(t.rows[p])
+    tok = data.atlas.tokens(dash.model)
+    seq, pos = int(tok.sequence.iat[row_]), int(tok.position.iat[row_])
+    assert (dash.math_panel.seq, dash.math_panel.sel_i.value) == (seq, str(pos))
+    srow = [s for s in dash.math_panel.body.children[0].select({"type": ColumnDataSource}) if "p" in s.data][0]
+    np.testing.assert_allclose(srow.data["p"], overview.head_math(data.atlas, dash.model, 1, 2, seq, pos, 0).softmax)
+    j = int(dash.math_panel.sel_j.value)
+    assert srow.data["p"][j] == pytest.approx(max(srow.data["p"]), rel=1e-3)  # the key of the top-k line
+    dash.show_head(0, 1)  # while the math tab is shown, it follows at once
+    assert "L0H1" in dash.math_panel.note.text and "layer=0&head=1&view=math" in dash.url.text
+    dash.math_panel.sel_j.value = "0"
+    assert "key 0" in dash.math_panel.body.children[0].children[-1].text
+
+
+def test_image_tabs_on_a_text_model_and_missing_results_say_so(data):
+    dash, doc = dash_for(data)  # text model first
+    for key in ("patches", "rollout"):
+        msg = tab(dash, key)
+        assert isinstance(msg, Div) and "needs an image model" in msg.text
+        assert "&#x27;synthetic&#x27;" in msg.text  # escaped: the message quotes the model name
+    for key, what in (("embeddings", "attnatlas analyze"), ("neurons", "attnatlas analyze")):
+        assert what in tab(dash, key).text
+    dash.model_select.value = "synthetic-vit"  # the per-model tabs are built again for the new model
+    msg = dash.view_boxes["rollout"].children[0]
+    assert "loading" in msg.text
+    msg = tab(dash, "rollout")
+    assert "has no rollout yet" in msg.text and "attnatlas analyze" in msg.text and "--rollout" in msg.text
+    assert "--hidden-states" in tab(dash, "patches").text
+
+
+def test_a_failing_tab_stays_in_its_session(data, monkeypatch):
+    from attnatlas.app import vit_views
+
+    a, _ = dash_for(data)
+    b, _ = dash_for(data)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(XSS)
+
+    monkeypatch.setattr(vit_views, "build_neurons", boom)
+    msg = tab(a, "neurons")
+    assert "could not be built" in msg.text and XSS not in msg.text and html.escape(XSS) in msg.text
+    monkeypatch.undo()
+    assert "attnatlas analyze" in tab(b, "neurons").text and a.status.text == ""

@@ -38,7 +38,7 @@ from bokeh.models import (
 from bokeh.plotting import figure
 from bokeh.transform import transform
 
-from attnatlas.app import colors
+from attnatlas.app import colors, views
 from attnatlas.app.data import AppData
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,16 @@ class Dashboard:
         self.notice = "" if arg(args, "model") in (None, self.model) else "Unknown model in the URL; showing the first one."
         self._busy = False
         self._loaded_static: tuple[str, str] | None = None  # (model, method) whose token columns are in self.src
+        self.compare_panel: views.ComparePanel | None = None
+        self.math_panel: views.MathPanel | None = None
+        self._math_stale = False
         self._build()
-        if arg(args, "layer") is not None or arg(args, "head") is not None:
+        view = arg(args, "view")
+        if arg(args, "layer") is not None or arg(args, "head") is not None or view == "head":
             self.open_head(self.layer, self.head)
+        if view in self.view_keys and view not in ("grid", "head"):
+            self.tabs.active = self.view_keys.index(view)
+            self._open_view(view)
         self._sync_url()
 
     # ---- construction ---------------------------------------------------------------------------------------
@@ -130,8 +137,15 @@ class Dashboard:
         self._build_head()
         # The head view joins the document when first opened: a smaller first page that draws sooner.
         placeholder = Div(text="Click a cell of the grid to open a head.")
-        self.tabs = Tabs(tabs=[TabPanel(child=self.grid_panel, title="All heads"), TabPanel(child=placeholder, title="Single head")],
-                         name="tabs")
+        # Further tabs are empty columns until first opened (views.build_view fills them): a small first page.
+        many = len(d.atlas.models) >= 2
+        self.view_keys = [k for k, _ in views.VIEWS if k != "compare" or many]
+        titles = dict(views.VIEWS)
+        self.view_boxes = {k: column(views.placeholder(titles[k]), name=f"view_box_{k}") for k in self.view_keys[2:]}
+        self.view_built: set[str] = set()
+        panels = [TabPanel(child=self.grid_panel, title="All heads"), TabPanel(child=placeholder, title="Single head")]
+        panels += [TabPanel(child=self.view_boxes[k], title=titles[k]) for k in self.view_keys[2:]]
+        self.tabs = Tabs(tabs=panels, name="tabs")
         self.tabs.on_change("active", self._on_tab)
         header = row(Div(text="<b>attnatlas</b>", styles={"font-size": "18px", "margin-top": "24px"}),
                      self.model_select, self.method_select, self.status, self.url)
@@ -180,6 +194,7 @@ class Dashboard:
         self.fig.on_event(RangesUpdate, self._on_ranges)
 
         self.head_title = Div(text="", name="head_title")
+        self.similar = Div(text="", width=420, name="similar_heads")
         self.layer_select = Select(title="Layer", width=80, name="layer_select")
         self.head_select = Select(title="Head", width=80, name="head_select")
         self.layer_select.on_change("value", self._on_layer_head)
@@ -218,6 +233,7 @@ class Dashboard:
         self.export_btn.on_click(self._on_export)
         controls = column(
             self.head_title,
+            self.similar,
             row(self.layer_select, self.head_select),
             row(nav["prev_layer"], nav["next_layer"], nav["prev_head"], nav["next_head"]),
             row(self.colour_select, self.size_norm),
@@ -293,7 +309,7 @@ class Dashboard:
     def _mount_head(self) -> None:
         if self.tabs.tabs[1].child is not self.head_panel:
             # A new tabs list, not a new child: BokehJS redraws Tabs on `tabs` changes only.
-            self.tabs.tabs = [self.tabs.tabs[0], TabPanel(child=self.head_panel, title="Single head")]
+            self.tabs.tabs = [self.tabs.tabs[0], TabPanel(child=self.head_panel, title="Single head"), *self.tabs.tabs[2:]]
 
     def show_head(self, layer: int, head: int) -> None:
         self.layer, self.head = self.data.clamp(self.model, layer, head)
@@ -335,6 +351,7 @@ class Dashboard:
                  f"trustworthiness {h.trust:.3f}, kNN kept {h.knn:.2f}" if np.isfinite(h.trust) else "faithfulness not recorded")
         self.head_title.text = (f"<b>{html.escape(self.model)} L{self.layer}H{self.head}</b> ({html.escape(self.method)}, "
                                 f"{info.n_layers}\u00d7{info.n_heads} heads)<br>{faith}")
+        self.similar.text = views.similar_heads_html(self.data, self.model, self.layer, self.head)
         self.thumb_src.data = dict(image=[], x=[], y=[], cx=[], cy=[], dw=[], dh=[], border=[])
         self._refresh_attention()
         self._sync_url()
@@ -389,7 +406,42 @@ class Dashboard:
             self.show_head(self.layer, self.head)
         if new == 1:
             self._mount_head()
+        key = self.view_keys[new] if 0 <= new < len(self.view_keys) else "grid"
+        if key in self.view_boxes:
+            self._open_view(key)
         self._sync_url()
+
+    def _open_view(self, key: str) -> None:
+        """Build a lazy tab on first open; bring the math panel up to the current head and token."""
+        if key not in self.view_built:
+            self.view_built.add(key)
+            if key == "math":
+                self._math_stale = False
+            self.view_boxes[key].children = [views.build_view(key, self)]
+        elif key == "math" and self._math_stale and self.math_panel is not None:
+            self._math_stale = False
+            self.math_panel.refresh()
+
+    def _head_changed(self) -> None:
+        """The head or the clicked token changed: the math panel follows, now if shown, else when next opened."""
+        if self.math_panel is None:
+            return
+        if self.view_keys[self.tabs.active] == "math":
+            self.math_panel.refresh()
+        else:
+            self._math_stale = True
+
+    def _reset_views(self) -> None:
+        """After a model change the per-model tabs are built again when next opened (now, if one is shown)."""
+        titles = dict(views.VIEWS)
+        for key in views.PER_MODEL:
+            if key in self.view_built:
+                self.view_built.discard(key)
+                self.view_boxes[key].children = [views.placeholder(titles[key])]
+        self.math_panel = None
+        active = self.view_keys[self.tabs.active]
+        if active in views.PER_MODEL:
+            self._open_view(active)
 
     @guarded
     def _on_model(self, attr: str, old: str, new: str) -> None:
@@ -408,6 +460,7 @@ class Dashboard:
         self.layer, self.head = 0, 0
         if self.tabs.active == 1:
             self.show_head(0, 0)
+        self._reset_views()
         self._sync_url()
 
     @guarded
@@ -466,7 +519,9 @@ class Dashboard:
         if self.selected is None or not 0 <= self.selected < 2 * n:
             self.line_src.data = empty_lines
             self.heat_src.data = dict(left=[], right=[], bottom=[], top=[], alpha=[], line=[], lw=[])
+            self._head_changed()
             return
+        self._head_changed()
         p = self.selected
         is_query = p < n
         row_ = int(t.rows[p % n])
@@ -605,9 +660,12 @@ class Dashboard:
         self.export_src.data = dict(html=[page], name=[name])
 
     def _sync_url(self) -> None:
-        q = {"model": self.model, "method": self.method}
-        if self.tabs.active == 1:
+        q: dict[str, Any] = {"model": self.model, "method": self.method}
+        key = self.view_keys[self.tabs.active] if 0 <= self.tabs.active < len(self.view_keys) else "grid"
+        if key in ("head", "math"):
             q.update(layer=self.layer, head=self.head)
+        if key not in ("grid", "head"):
+            q["view"] = key
         self.url.text = "?" + urlencode(q)
 
     def attach(self, doc: Document) -> None:

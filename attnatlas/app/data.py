@@ -104,6 +104,7 @@ class AppData:
         self._heads = _LRU(head_cache)
         self._topk = _LRU(head_cache)
         self._static = _LRU(16)
+        self._results = _LRU(32)  # stored comparison and nearest-head tables, read once
         self._lock = threading.Lock()
 
     # ---- validation: nothing from the browser is used unless it is one of these values ----------------
@@ -164,7 +165,7 @@ class AppData:
         if self.modality(model) == "image":
             for c in ("hue", "brightness", "mean_r", "mean_g", "mean_b"):
                 cols[c] = t[c].to_numpy().astype(np.float32) if c in t else np.zeros(len(t), np.float32)
-            rgb = np.clip(np.stack([cols["mean_r"], cols["mean_g"], cols["mean_b"]], 1) * 255, 0, 255).astype(int)
+            rgb = np.clip(np.nan_to_num(np.stack([cols["mean_r"], cols["mean_g"], cols["mean_b"]], 1)) * 255, 0, 255).astype(int)
             cols["rgb"] = np.array(["#%02x%02x%02x" % tuple(c) for c in rgb], dtype=object)
         doubled = {k: np.concatenate([v, v]) for k, v in cols.items()}
         n = len(rows)
@@ -261,6 +262,38 @@ class AppData:
         if not 0 <= sequence < arr.shape[0]:
             return None
         return self._static.get(("image", model, sequence), lambda: np.asarray(arr[sequence], dtype=np.uint8))
+
+
+    # ---- stored comparison results (`attnatlas compare`) -------------------------------------------------------
+    def compare_result(self, a: str, b: str) -> Any:
+        """The stored comparison of models a and b (CompareResult), or None when it was never run.
+
+        Only found results are cached: a comparison stored while the server runs shows up on the next try."""
+        from attnatlas.compare.run import load
+
+        if a == b or a not in self.atlas.models or b not in self.atlas.models:
+            return None
+        key = ("compare", a, b)
+        res = self._results.get(key, lambda: load(self.atlas, a, b))
+        if res is None:
+            with self._results._lock:
+                self._results._d.pop(key, None)
+        return res
+
+    def similar_heads(self, model: str, layer: int, head: int, k: int = 5) -> pd.DataFrame | None:
+        """Nearest heads of one head in its own and the other compared models (pattern measure, then profile
+        where pattern is undefined); None when no comparison involving `model` is stored."""
+        from attnatlas.compare.run import nearest_heads
+
+        if not self.atlas.has_table(model, "head_metrics"):  # also: the analysis folder exists (no mkdir here)
+            return None
+
+        def make() -> pd.DataFrame:
+            parts = [nearest_heads(self.atlas, model, layer, head, k, measure).assign(measure=measure)
+                     for measure in ("pattern", "profile")]
+            return pd.concat(parts, ignore_index=True)
+
+        return self._results.get(("near", model, layer, head, k), make)
 
 
 def _continues_word(tok: pd.DataFrame) -> np.ndarray:

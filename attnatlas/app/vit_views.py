@@ -249,9 +249,10 @@ def build_overview(atlas: Atlas, model: str, layer: int = 0, head: int = 0, seq:
     fig.line("dim", "k", source=vec, color=Category10_10[1], legend_label="k")
     fig.vbar(x="dim", top="qk", width=0.8, source=vec, color=Category10_10[2], alpha=ALPHA, legend_label="q x k")
     n = len(m.softmax)
-    toks = [html.escape(str(t)) for t in m.tokens]
-    srow = ColumnDataSource(dict(m=np.arange(n), p=m.softmax, logit=np.where(np.isfinite(m.logits), m.logits, np.nan), token=toks))
-    sfig = figure(width=460, height=200, title=f"softmax row of query {i} ({toks[i]})", tools="hover,tap",
+    raw = [str(t) for t in m.tokens]  # plot titles and plain hover fields are text: Bokeh escapes them
+    toks = [html.escape(t) for t in raw]  # for the Div below, which is HTML
+    srow = ColumnDataSource(dict(m=np.arange(n), p=m.softmax, logit=np.where(np.isfinite(m.logits), m.logits, np.nan), token=raw))
+    sfig = figure(width=460, height=200, title=f"softmax row of query {i} ({raw[i]})", tools="hover,tap",
                   tooltips=[("key", "@token"), ("q.k/sqrt(d)", "@logit{0.000}"), ("weight", "@p{0.0000}")])
     sfig.vbar(x="m", top="p", width=0.8, source=srow)
     text = Div(text=(f"q·k = Σ q×k = <b>{m.dot:.4f}</b>; × {m.scaling:.4g} (1/√{d}) = <b>{m.scaled:.4f}</b>; "
