@@ -148,7 +148,8 @@ def poolings(atlas, model_a: str, model_b: str, batch_a, batch_b, max_sequences:
 
 def pooled_pattern(p: np.ndarray, pool: Pooling) -> np.ndarray:
     """(cells,) one head's attention pooled onto shared units, unit rows renormalised."""
-    w = np.einsum("squ,sqk,skv->suv", pool.qmat, p[pool.take], pool.kmat)
+    # two batched matmuls: a three-operand einsum would loop naively over all five axes
+    w = np.matmul(np.matmul(pool.qmat.transpose(0, 2, 1), p[pool.take]), pool.kmat)
     tot = w.sum(2, keepdims=True)
     w = np.divide(w, tot, out=np.zeros_like(w), where=tot > 1e-9)
     return w[pool.cells]
