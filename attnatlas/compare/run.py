@@ -131,8 +131,9 @@ def load(atlas, a: str, b: str) -> CompareResult | None:
 def nearest_heads(atlas, model: str, layer: int, head: int, k: int = 5, measure: str = "pattern") -> pd.DataFrame:
     """Stored nearest heads of one head, in its own model and every model it was compared with
     (for the single-head view); empty when `attnatlas compare` has not been run."""
-    d = atlas.analysis_dir(model)
-    parts = [atlas.read_table(model, f.stem) for f in sorted(d.glob("nearest__*.parquet"))]
+    atlas.require_model(model)
+    d = atlas.path / "models" / model / "analysis"  # not analysis_dir(): a read-only server must not mkdir
+    parts = [atlas.read_table(model, f.stem) for f in sorted(d.glob("nearest__*.parquet"))] if d.is_dir() else []
     if not parts:
         return pd.DataFrame(columns=["scope", "rank", "other_model", "other_layer", "other_head", "score"])
     near = pd.concat(parts, ignore_index=True)
