@@ -33,7 +33,9 @@ def common_inputs(atlas, model_a: str, model_b: str) -> list[tuple[int, int]]:
     """(sequence in a, sequence in b) pairs holding the same text or image; an error when there are none."""
     ia, ib = atlas.info(model_a), atlas.info(model_b)
     if ia.modality != ib.modality:
-        raise InputError(f"{model_a!r} is a {ia.modality} model and {model_b!r} is a {ib.modality} model: "
+        art = {m: "an" if m[:1] in "aeiou" else "a" for m in (ia.modality, ib.modality)}
+        raise InputError(f"{model_a!r} is {art[ia.modality]} {ia.modality} model and {model_b!r} is "
+                         f"{art[ib.modality]} {ib.modality} model: "
                          "they share no inputs, so their heads cannot be compared.")
     sa, sb = atlas.sequences(model_a), atlas.sequences(model_b)
     first_b: dict[str, int] = {}
