@@ -1,0 +1,277 @@
+"""attnatlas build: config errors, Dask projection (equality, a killed worker), unreachable scheduler,
+idempotent rebuilds, and flat extraction memory."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnatlas.cli import main
+from attnatlas.errors import AtlasError, InputError
+from attnatlas.project.runner import project_model
+from attnatlas.scale.config import key_line, load_config, parse_config
+from attnatlas.testing import synthetic_atlas
+
+M = "synthetic"
+GOOD = """\
+[build]
+atlas = "atlas"
+methods = ["pca"]
+
+[corpora.demo]
+texts = "demo.txt"
+
+[models.tiny]
+id = "some/model"
+"""
+
+
+@pytest.fixture()
+def cfg_dir(tmp_path: Path) -> Path:
+    (tmp_path / "demo.txt").write_text("the cat sat\non a mat\n")
+    return tmp_path
+
+
+def _err(cfg_dir: Path, text: str) -> str:
+    p = cfg_dir / "build.toml"
+    p.write_text(text)
+    with pytest.raises(InputError) as e:
+        load_config(p)
+    return str(e.value)
+
+
+# ---- config ------------------------------------------------------------------------------------
+def test_good_config_resolves_paths_and_jobs(cfg_dir):
+    (cfg_dir / "build.toml").write_text(GOOD)
+    cfg = load_config(cfg_dir / "build.toml")
+    assert cfg.atlas == (cfg_dir / "atlas").resolve()
+    assert [(m.model_id, c.texts, n) for m, c, n in cfg.jobs()] == [("some/model", cfg_dir / "demo.txt", "tiny.demo")]
+    assert cfg.models[0].methods == ["pca"] and cfg.scheduler == "none"
+
+
+@pytest.mark.parametrize("edit, key, line", [
+    (("methods = [\"pca\"]", "methods = [\"pca\", \"tnse\"]"), "build.methods", 3),
+    (("texts = \"demo.txt\"", "texts = \"missing.txt\""), "corpora.demo.texts", 6),
+    (("id = \"some/model\"", "id = \"some/model\"\ncorpora = [\"demo\", \"wiki\"]"), "models.tiny.corpora", 10),
+    (("methods = [\"pca\"]", "methods = [\"pca\"]\nworkers = \"two\""), "build.workers", 4),
+    (("methods = [\"pca\"]", "methods = [\"pca\"]\nschedular = \"local\""), "build.schedular", 4),
+    (("methods = [\"pca\"]", "methods = [\"pca\"]\nscheduler = \"myhost:8786\""), "build.scheduler", 4),
+    (("atlas = \"atlas\"", "atlas = \"s3://bucket/atlas\""), "build.atlas", 2),
+    (("id = \"some/model\"", "idd = \"some/model\""), "models.tiny.idd", 9),
+])
+def test_config_errors_name_key_and_line(cfg_dir, edit, key, line):
+    msg = _err(cfg_dir, GOOD.replace(*edit))
+    assert f"line {line}:" in msg and key in msg, msg
+
+
+def test_missing_required_key_points_at_its_table(cfg_dir):
+    msg = _err(cfg_dir, GOOD.replace("id = \"some/model\"", "corpora = [\"demo\"]"))
+    assert "line 8" in msg and "models.tiny" in msg and "'id'" in msg
+
+
+def test_toml_syntax_error_has_line(cfg_dir):
+    msg = _err(cfg_dir, GOOD.replace("methods = [\"pca\"]", "methods = [\"pca\"]\nseed = = 1"))
+    assert "not valid TOML" in msg and "line 4" in msg, msg
+
+
+def test_key_line_finds_dotted_and_table_keys():
+    text = "[build]\natlas = 'a'\n\n[models.x]\nid = 'm'\nsub.deep = 1\n"
+    assert key_line(text, ("build", "atlas")) == 2
+    assert key_line(text, ("models", "x", "id")) == 5
+    assert key_line(text, ("models", "x", "sub", "deep")) == 6
+    assert key_line(text, ("models", "x", "nothing")) == 4  # falls back to its table
+    assert parse_config  # imported API
+
+
+def test_cli_prints_config_error_without_traceback(cfg_dir, capsys):
+    (cfg_dir / "build.toml").write_text(GOOD.replace("[\"pca\"]", "[\"pca\", 3]"))
+    assert main(["build", str(cfg_dir / "build.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and "build.methods" in err and "Traceback" not in err
+
+
+# ---- Dask projection ---------------------------------------------------------------------------
+def _same_as_local_runner(tmp_path: Path, methods: str, workers: int) -> None:
+    from attnatlas.scale.distributed import dask_client, project_distributed
+
+    a = synthetic_atlas(tmp_path / "a", n_layers=1, n_seq=12)
+    b = synthetic_atlas(tmp_path / "b", n_layers=1, n_seq=12)
+    kw = dict(methods=methods, seed=3, progress=False)
+    s1 = project_model(a, M, **kw)
+    with dask_client("local", workers=workers, threads_per_worker=1, processes=False) as client:
+        s2 = project_distributed(client, b, M, **kw)
+        assert len(client.scheduler_info()["workers"]) == workers
+    n = 3 * len(methods.split(","))
+    assert s2["done"] == s1["done"] == n and not s2["failed"]
+    for method in methods.split(","):
+        assert b.layout_done(M, method).all()
+        for h in range(3):
+            np.testing.assert_array_equal(a.layout_coords(M, method, 0, h), b.layout_coords(M, method, 0, h))
+    with dask_client("local", workers=2, processes=False) as client:  # a rerun resumes: nothing left to do
+        s3 = project_distributed(client, b, M, **kw)
+    assert s3["done"] == 0 and s3["skipped"] == n
+
+
+def test_local_cluster_matches_local_runner_pca(tmp_path):
+    _same_as_local_runner(tmp_path, "pca", workers=3)
+
+
+@pytest.mark.slow  # umap-learn's numba compile: 30-50 s in a fresh process on 2 busy cores
+def test_local_cluster_matches_local_runner_umap(tmp_path):
+    _same_as_local_runner(tmp_path, "pca,umap", workers=2)
+
+
+def slow_counted_head(marks: str, fn, *call):
+    """Runs one head after a pause, leaving a start mark (with this worker's pid) and a done mark."""
+    L, h = call[2], call[3]
+    tag = f"L{L}H{h}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    Path(marks, f"start-{tag}").touch()
+    time.sleep(1.5)  # the test kills a worker in this window, before anything is written
+    out = fn(*call)
+    Path(marks, f"done-{tag}").touch()
+    return out
+
+
+def test_killed_worker_loses_no_head_and_writes_none_twice(tmp_path):
+    from attnatlas.scale.distributed import dask_client, project_distributed
+
+    a = synthetic_atlas(tmp_path / "a", n_layers=2, n_seq=12)
+    ref = synthetic_atlas(tmp_path / "ref", n_layers=2, n_seq=12)
+    project_model(ref, M, methods="pca", progress=False)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    task = functools.partial(slow_counted_head, str(marks))
+    with dask_client("local", workers=2, threads_per_worker=1, processes=True) as client:
+        box: dict = {}
+        runner = threading.Thread(target=lambda: box.update(s=project_distributed(
+            client, a, M, methods="pca", progress=False, task=task)))
+        runner.start()
+        deadline = time.monotonic() + 60
+        while not list(marks.glob("start-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim = sorted(marks.glob("start-*"))[0].name.split("-")
+        os.kill(int(victim[2]), signal.SIGKILL)  # a worker process we started, mid-task
+        runner.join(120)
+        assert not runner.is_alive()
+    s = box["s"]
+    assert s["done"] == 6 and not s["failed"], s["failed"]
+    assert a.layout_done(M, "pca").all()
+    done = sorted(p.name.split("-")[1] for p in marks.glob("done-*"))
+    assert done == sorted(f"L{L}H{h}" for L in range(2) for h in range(3))  # each head written exactly once
+    starts = [p.name.split("-")[1] for p in marks.glob("start-*")]
+    assert starts.count(victim[1]) == 2  # the killed head really ran again elsewhere
+    for L in range(2):
+        for h in range(3):
+            np.testing.assert_array_equal(a.layout_coords(M, "pca", L, h), ref.layout_coords(M, "pca", L, h))
+
+
+def test_unreachable_scheduler_fails_fast():
+    from attnatlas.scale.distributed import dask_client
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    with pytest.raises(AtlasError, match=f"Cannot reach a Dask scheduler at tcp://127.0.0.1:{port}"):
+        with dask_client(f"tcp://127.0.0.1:{port}", timeout=2):
+            pass
+    assert time.monotonic() - t < 10
+
+
+def test_build_cli_unreachable_scheduler_exit_2(tmp_path, capsys):
+    synthetic_atlas(tmp_path / "atlas", name="tiny.demo")
+    (tmp_path / "demo.txt").write_text("x\n")
+    (tmp_path / "b.toml").write_text(GOOD)
+    t = time.monotonic()
+    rc = main(["build", str(tmp_path / "b.toml"), "--stage", "project", "--scheduler", "tcp://127.0.0.1:9",
+               "--connect-timeout", "2"])
+    assert rc == 2 and time.monotonic() - t < 15
+    assert "Cannot reach a Dask scheduler" in capsys.readouterr().err
+
+
+# ---- the whole build, twice --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    from tiny_models import save_text_model
+
+    return save_text_model("bert", tmp_path_factory.mktemp("models") / "bert")
+
+
+def test_build_is_idempotent_and_replaces_a_changed_corpus(tmp_path, tiny_bert, capsys):
+    (tmp_path / "demo.txt").write_text("\n".join(f"the cat sat on mat {i}" for i in range(10)))
+    (tmp_path / "b.toml").write_text(GOOD.replace("some/model", str(tiny_bert)).replace("methods = [\"pca\"]",
+                                     "methods = [\"pca\"]\ndevice = \"cpu\"\nworkers = 1"))
+    assert main(["build", str(tmp_path / "b.toml"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "extract tiny.demo: 10 sequences" in out and "tokens/s" in out and "heads/min" in out
+    assert "6 layouts made" not in out and "8 layouts made" in out  # 2 layers x 4 heads
+    assert main(["build", str(tmp_path / "b.toml"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "extract tiny.demo: kept" in out and "0 layouts made, 8 already done" in out
+    (tmp_path / "demo.txt").write_text("a different corpus\nof two lines")
+    assert main(["build", str(tmp_path / "b.toml"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "2 sequences" in out and "replaced" in out and "8 layouts made" in out
+
+
+# ---- streaming extraction ----------------------------------------------------------------------
+PEAK = textwrap.dedent("""
+    import resource, sys
+    from attnatlas.extract import ExtractOptions, extract
+    extract(sys.argv[1], sys.argv[2], texts=sys.argv[3], name="m",
+            options=ExtractOptions(batch_size=64, progress=False, device="cpu"))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+@pytest.fixture(scope="module")
+def wide_bert(tmp_path_factory) -> Path:
+    """One layer, 2 heads of d_head 128: 4,096-token chunks, so the writer's one-chunk buffer is
+    full at 1x and any growth at 20x comes from elsewhere; ~1 KB stored per token."""
+    import transformers as tf
+    from tiny_models import _tokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "wide"
+    tf.BertModel(tf.BertConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=64, max_position_embeddings=64)).eval().save_pretrained(folder)
+    _tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+def _peak_rss_mb(tmp: Path, model: Path, n: int) -> tuple[float, int]:
+    rng = np.random.default_rng(n)
+    words = "the cat sat on a mat bank river money run fast slow light dark paris london".split()
+    corpus = tmp / f"c{n}.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 40)) for _ in range(n)))
+    out = subprocess.run([sys.executable, "-c", PEAK, str(tmp / f"atlas{n}"), str(model), str(corpus)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    from attnatlas.store import Atlas
+
+    return int(out.stdout.split()[-1]) / 1024, len(Atlas.open(tmp / f"atlas{n}").tokens("m"))
+
+
+@pytest.mark.slow  # two extractions in fresh processes: ~70 s on 2 busy cores
+@pytest.mark.xfail(strict=True, reason="extract() tokenizes the whole corpus up front to count tokens: ~200 B per "
+                                       "token at peak (measured +29 MB at 126k tokens); see docs/scale.md")
+def test_extraction_memory_stays_flat(tmp_path, wide_bert):
+    small, t_small = _peak_rss_mb(tmp_path, wide_bert, 150)
+    big, t_big = _peak_rss_mb(tmp_path, wide_bert, 3000)  # 20x the sequences
+    assert t_big == 20 * t_small
+    # Stored per token: q and k (2 heads x 128, float16) + top-8 attention (int32 + float16).
+    stored_mb = t_big * (2 * 2 * 128 * 2 + 2 * 8 * 6) / 2**20
+    assert stored_mb > 100
+    # Streaming: the 20x run may hold more corpus text, not more of what it stores.
+    assert big - small < 0.1 * stored_mb, (small, big, stored_mb)
