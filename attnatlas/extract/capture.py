@@ -27,13 +27,16 @@ class LayerCapture:
     value: torch.Tensor  # (batch, kv_head, token, d_head)
     mask: torch.Tensor | None  # (batch, 1, token, token) bool (True = may attend) or additive float
     scaling: float
+    topk_weight: torch.Tensor | None = None  # (batch, head, query, k) strongest attention weights
+    topk_key: torch.Tensor | None = None  # (batch, head, query, k) their key positions
 
 
 class _Recorder:
     """Where the active capture goes; one per `capturing` context, keyed by module identity."""
 
-    def __init__(self, layer_of_module: dict[int, int]):
+    def __init__(self, layer_of_module: dict[int, int], topk: int = 0, causal: bool = False):
         self.layer_of_module = layer_of_module
+        self.topk, self.causal = topk, causal
         self.layers: dict[int, LayerCapture] = {}
 
 
@@ -46,7 +49,15 @@ def _attention(module: torch.nn.Module, query, key, value, attention_mask, scali
         layer = rec.layer_of_module.get(id(module))
         if layer is not None:
             scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-            rec.layers[layer] = LayerCapture(query.detach(), key.detach(), value.detach(), attention_mask, scale)
+            cap = LayerCapture(query.detach(), key.detach(), value.detach(), attention_mask, scale)
+            rec.layers[layer] = cap
+            if rec.topk and not module.training:
+                # The probabilities are needed for top-k anyway: attend with them instead of a second
+                # SDPA pass (same math; dropout is off in eval).
+                probs = attention_probs(cap, rec.causal)  # (batch, head, query, key)
+                cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
+                v = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1) if value.shape[1] != query.shape[1] else value
+                return (probs.to(v.dtype) @ v).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
@@ -55,11 +66,13 @@ AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
 @contextmanager
-def capturing(model: torch.nn.Module, layer_of_module: dict[int, int]) -> Iterator[_Recorder]:
-    """Route `model`'s attention through the recorder; restores the previous implementation on exit."""
+def capturing(model: torch.nn.Module, layer_of_module: dict[int, int], topk: int = 0,
+              causal: bool = False) -> Iterator[_Recorder]:
+    """Route `model`'s attention through the recorder; restores the previous implementation on exit.
+    With `topk`, each layer's strongest `topk` keys per query are kept too."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(IMPLEMENTATION)
-    rec = _Recorder(layer_of_module)
+    rec = _Recorder(layer_of_module, topk, causal)
     _active.append(rec)
     try:
         yield rec
@@ -87,5 +100,5 @@ def apply_mask(logits: torch.Tensor, mask: Any, causal: bool) -> torch.Tensor:
             return logits.masked_fill(~allowed, float("-inf"))
         return logits
     if mask.dtype == torch.bool:
-        return logits.masked_fill(~mask, float("-inf"))
-    return logits + mask.float()
+        return logits.masked_fill_(mask.logical_not(), float("-inf"))
+    return logits.add_(mask.float())

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from attnatlas import __version__
 from attnatlas.errors import InputError, ModelError
 from attnatlas.extract.adapters import ADAPTER_VERSION, Adapter, adapter_for, head_counts
-from attnatlas.extract.capture import LayerCapture, attention_probs, capturing
+from attnatlas.extract.capture import LayerCapture, capturing
 from attnatlas.extract.offline import OFFLINE_MODELS, prepare_offline_model
 from attnatlas.inputs import ImageRecord, TextRecord, load_images, load_texts, patch_colour_table
 from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, tokens_per_chunk
@@ -152,42 +152,43 @@ class _Batch:
 
 
 def _compact(caps: dict[int, LayerCapture], valid: torch.Tensor, first_row: int, opts: ExtractOptions,
-             causal: bool, hidden: tuple[torch.Tensor, ...] | None, np_dtype: np.dtype) -> dict[str, np.ndarray]:
-    """Turn padded (batch, head, token, d) captures into (layer, head, real_token, d) arrays."""
-    n_layers = len(caps)
-    out: dict[str, list[np.ndarray]] = {"queries": [], "keys": []}
+             hidden: tuple[torch.Tensor, ...] | None, np_dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Turn padded (batch, head, token, ...) captures of every layer into (layer, head, real_token, ...) arrays."""
+    layers = [caps[i] for i in range(len(caps))]
+    real = valid.reshape(-1).nonzero().squeeze(1)  # flat (batch * token) indices of real tokens
+    dtype = getattr(torch, np_dtype.name)
+
+    def take(per_layer: list[torch.Tensor], to: torch.dtype) -> np.ndarray:
+        x = torch.stack(per_layer)  # (layer, batch, head, token, d)
+        L, B, H, T, D = x.shape
+        x = x.transpose(1, 2).reshape(L, H, B * T, D).index_select(2, real)
+        return x.to(to).cpu().numpy()
+
+    arrays = {"queries": take([c.query for c in layers], dtype), "keys": take([c.key for c in layers], dtype)}
     if opts.values:
-        out["values"] = []
+        arrays["values"] = take([c.value for c in layers], dtype)
     if opts.attention_topk:
-        out["attn_topk_index"], out["attn_topk_weight"] = [], []
+        K = opts.attention_topk
         # Global token row of every (sequence, position), -1 for padding.
-        rowmap = torch.cumsum(valid.reshape(-1).long(), 0).reshape(valid.shape) - 1 + first_row
-        rowmap = torch.where(valid, rowmap, torch.full_like(rowmap, -1))
-    for layer in range(n_layers):
-        cap = caps[layer]
-        # (batch, head, token, d) -> (head, real_token, d)
-        out["queries"].append(cap.query.permute(1, 0, 2, 3)[:, valid].float().cpu().numpy().astype(np_dtype))
-        out["keys"].append(cap.key.permute(1, 0, 2, 3)[:, valid].float().cpu().numpy().astype(np_dtype))
-        if opts.values:
-            out["values"].append(cap.value.permute(1, 0, 2, 3)[:, valid].float().cpu().numpy().astype(np_dtype))
-        if opts.attention_topk:
-            probs = attention_probs(cap, causal)  # (batch, head, query, key)
-            k = min(opts.attention_topk, probs.shape[-1])
-            w, pos = probs.topk(k, dim=-1)  # (batch, head, query, k)
-            rows = torch.gather(rowmap[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1), 3, pos)
-            rows = torch.where(w > 0, rows, torch.full_like(rows, -1))
-            w = torch.where(rows >= 0, w, torch.zeros_like(w))
-            idx = rows.permute(1, 0, 2, 3)[:, valid].cpu().numpy().astype(np.int32)
-            wt = w.permute(1, 0, 2, 3)[:, valid].float().cpu().numpy().astype(np.float16)
-            if k < opts.attention_topk:  # short sequences: pad to the stored k
-                pad = opts.attention_topk - k
-                idx = np.pad(idx, ((0, 0), (0, 0), (0, pad)), constant_values=-1)
-                wt = np.pad(wt, ((0, 0), (0, 0), (0, pad)))
-            out["attn_topk_index"].append(idx)
-            out["attn_topk_weight"].append(wt)
-    arrays = {key: np.stack(v) for key, v in out.items()}
+        rowmap = torch.cumsum(valid.reshape(-1).long(), 0) - 1 + first_row
+        rowmap = torch.where(valid.reshape(-1), rowmap, torch.full_like(rowmap, -1))
+        B, T = valid.shape
+        weights, rows = [], []
+        for c in layers:
+            w, pos = c.topk_weight, c.topk_key  # (batch, head, query, k)
+            r = rowmap.view(B, 1, 1, T).expand(-1, w.shape[1], w.shape[2], -1).gather(3, pos)
+            r = torch.where(w > 0, r, torch.full_like(r, -1))
+            pad = K - w.shape[-1]
+            if pad:  # sequences shorter than K keys: pad to the stored width
+                w = torch.nn.functional.pad(w, (0, pad))
+                r = torch.nn.functional.pad(r, (0, pad), value=-1)
+            weights.append(torch.where(r >= 0, w, torch.zeros_like(w)))
+            rows.append(r)
+        arrays["attn_topk_index"] = take(rows, torch.int32)
+        arrays["attn_topk_weight"] = take(weights, torch.float16)
     if hidden is not None:
-        arrays["hidden"] = np.stack([h[valid].float().cpu().numpy().astype(np_dtype) for h in hidden])
+        h = torch.stack(hidden)  # (layer + 1, batch, token, d_model)
+        arrays["hidden"] = h.reshape(h.shape[0], -1, h.shape[-1]).index_select(1, real).to(dtype).cpu().numpy()
     return arrays
 
 
@@ -203,11 +204,11 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
         special = encoding["special_tokens_mask"]
         enc = {k: encoding[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding}
         valid = enc["attention_mask"].bool()
-        with capturing(loaded.model, loaded.layer_of_module) as rec, torch.inference_mode(), _autocast(device, opts.precision):
+        with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, loaded.adapter.causal) as rec, \
+                torch.inference_mode(), _autocast(device, opts.precision):
             out = loaded.model(**enc, output_hidden_states=opts.hidden_states)
         scalings.update({layer: c.scaling for layer, c in rec.layers.items()})
-        arrays = _compact(rec.layers, valid, first_row, opts, loaded.adapter.causal,
-                          out.hidden_states if opts.hidden_states else None, np_dtype)
+        arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None, np_dtype)
         ids = enc["input_ids"].cpu()
         rows, seqs = [], []
         for b, record in enumerate(batch):
@@ -267,14 +268,14 @@ def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: Extrac
         rows_, cols_ = H // patch, W // patch
         n = len(prefix) + rows_ * cols_
         valid = torch.ones(B, n, dtype=torch.bool, device=device)
-        with capturing(loaded.model, loaded.layer_of_module) as rec, torch.inference_mode(), _autocast(device, opts.precision):
+        with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, False) as rec, \
+                torch.inference_mode(), _autocast(device, opts.precision):
             out = loaded.model(pixel_values=pixel_values.to(device), output_hidden_states=opts.hidden_states)
         got = rec.layers[0].query.shape[2]
         if got != n:
             raise ModelError(f"The model saw {got} tokens per image, expected {n} ({len(prefix)} + {rows_}x{cols_} patches).")
         scalings.update({layer: c.scaling for layer, c in rec.layers.items()})
-        arrays = _compact(rec.layers, valid, first_row, opts, False,
-                          out.hidden_states if opts.hidden_states else None, np_dtype)
+        arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None, np_dtype)
         arrays["images"] = np.rint(pixels * 255).astype(np.uint8)
         frames, seqs = [], []
         for b, record in enumerate(batch):
