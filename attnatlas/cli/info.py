@@ -37,6 +37,8 @@ def describe(atlas, model: str) -> list[str]:
             )
         else:
             lines.append(f"  layout {method}: 0/{total} heads")
+    if atlas.tables(model):
+        lines.append(f"  analyses: {', '.join(atlas.tables(model))}")
     return lines
 
 

@@ -512,6 +512,11 @@ class Atlas:
             raise StoreError(f"Model {model!r} has no {name!r} results yet.")
         return pd.read_parquet(f)
 
+    def tables(self, model: str) -> list[str]:
+        """Names of the analysis tables stored for `model`."""
+        d = self._model_dir(model) / "analysis"
+        return sorted(f.stem for f in d.glob("*.parquet")) if d.is_dir() else []
+
     def has_table(self, model: str, name: str) -> bool:
         return (self._model_dir(model) / "analysis" / f"{name}.parquet").is_file()
 
