@@ -359,7 +359,11 @@ def extract(
         max_len = int(opts.max_tokens or min(limit, DEFAULT_MAX_TOKENS))
         if opts.max_tokens and opts.max_tokens > limit:
             raise InputError(f"--max-tokens {opts.max_tokens} exceeds the model's limit of {limit} positions.")
-        lengths = np.array([len(x) for x in tok([r.text for r in text_records], add_special_tokens=True)["input_ids"]])
+        # Counted in slices so the pre-pass holds lengths only, never the whole tokenized corpus.
+        lengths = np.concatenate([
+            np.fromiter((len(x) for x in tok([r.text for r in text_records[i : i + 1024]])["input_ids"]), dtype=np.int64)
+            for i in range(0, len(text_records), 1024)
+        ])
         truncated = int((lengths > max_len).sum())
         if truncated:
             warnings.warn(f"{truncated} of {len(lengths)} sequences are longer than {max_len} tokens and were truncated "
