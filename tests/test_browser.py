@@ -140,11 +140,11 @@ def test_grid_draws_and_a_click_opens_the_head(atlas_path):
             driver.get(url)
             wait_js(driver, IDLE)
             n_points = driver.execute_script(f"return {MODEL.format('grid_scatter')}.data_source.data.x.length")
-            assert n_points == 4 * 5 * 2 * 200
+            assert n_points == 4 * 5 * 2 * 100  # AppData's grid_tokens
             names = driver.execute_script(f"return [...{DOC}.all_models].map(m => m.name).filter(n => n)")
             assert {"grid_scatter", "grid_cells", "grid_figure", "tabs"} <= set(names)
-            webgl = driver.execute_script(f"return {MODEL.format('grid_figure')}.output_backend")
-            assert webgl == "webgl"
+            backend = driver.execute_script(f"return {MODEL.format('grid_figure')}.output_backend")
+            assert backend == "canvas"  # faster than WebGL under software rendering (scripts/bench_app.py)
 
             shot = screenshot_array(driver)
             assert shot.std() > 10, "the page is blank"

@@ -154,7 +154,7 @@ class Dashboard:
     def _build_grid(self) -> None:
         self.grid_src = ColumnDataSource(data=dict(x=np.zeros(0, np.float32), y=np.zeros(0, np.float32), kind=np.zeros(0, np.uint8)), name="grid_points")
         self.cell_src = ColumnDataSource(data=dict(left=[], right=[], bottom=[], top=[], label=[], layer=[], head=[], trust=[], fill=[]), name="grid_cells")
-        self.grid_fig = figure(width=900, height=900, output_backend="webgl", tools="pan,wheel_zoom,box_zoom,reset,save",
+        self.grid_fig = figure(width=900, height=900, output_backend=self.data.backend, tools="pan,wheel_zoom,box_zoom,reset,save",
                                toolbar_location="above", match_aspect=True, name="grid_figure")
         self.grid_fig.grid.visible = False
         mapper = LinearColorMapper(palette=[colors.QUERY, colors.KEY], low=0, high=1)
@@ -177,7 +177,7 @@ class Dashboard:
         self.line_src = ColumnDataSource(data=dict(x0=[], y0=[], x1=[], y1=[], alpha=[], width=[]), name="attention_lines")
         self.thumb_src = ColumnDataSource(data=dict(image=[], x=[], y=[], cx=[], cy=[], dw=[], dh=[], border=[]), name="thumbnails")
         self.xr, self.yr = Range1d(0, 1), Range1d(0, 1)
-        self.fig = figure(width=720, height=680, output_backend="webgl", x_range=self.xr, y_range=self.yr,
+        self.fig = figure(width=720, height=680, output_backend=self.data.backend, x_range=self.xr, y_range=self.yr,
                           tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above", name="head_figure")
         self.mapper = LinearColorMapper(palette=[colors.QUERY, colors.KEY], low=0, high=1)
         self.points = self.fig.scatter("x", "y", source=self.src, size="size", fill_alpha="alpha", line_color=None,
