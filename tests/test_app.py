@@ -409,6 +409,7 @@ def views_similar(data, model):
 def test_compare_tab_shows_stored_comparison_and_model_selects(compared):
     dash, doc = dash_for(compared)
     view = tab(dash, "compare")
+    assert (dash.compare_panel.sel_a.value, dash.compare_panel.sel_b.value) == ("synthetic", "synthetic-b")
     assert view.name == "view_compare"
     body = dash.compare_panel.body.children[0]
     assert body.name == "attnatlas-compare"

@@ -58,6 +58,18 @@ def guarded_build(key: str, build, *args: Any, **kw: Any):
 
 
 # ---- compare ------------------------------------------------------------------------------------------------
+def partner(data, model: str) -> str:
+    """The model to compare `model` with by default: one with a stored comparison, else one of the same modality."""
+    others = [m for m in data.atlas.models if m != model]
+    if not others:
+        return model
+    for m in others:
+        if data.atlas.has_table(model, f"similarity__{m}"):
+            return m
+    kind = data.atlas.info(model).modality
+    return next((m for m in others if data.atlas.info(m).modality == kind), others[0])
+
+
 class ComparePanel:
     """Two model selects and the compare view of the chosen pair."""
 
@@ -65,7 +77,7 @@ class ComparePanel:
         self.dash = dash
         models = list(dash.data.atlas.models)
         a = dash.model if dash.model in models else models[0]
-        b = next((m for m in models if m != a), a)
+        b = partner(dash.data, a)
         self.sel_a = Select(title="Model A", options=models, value=a, width=180, name="compare_model_a")
         self.sel_b = Select(title="Model B", options=models, value=b, width=180, name="compare_model_b")
         self.body = column(self._view(a, b), name="compare_body")
@@ -193,8 +205,8 @@ def similar_heads_html(data, model: str, layer: int, head: int) -> str:
     """Escaped HTML listing the stored nearest heads of one head, or how to compute them."""
     near = data.similar_heads(model, layer, head)
     if near is None or not len(near):
-        others = [m for m in data.atlas.models if m != model]
-        cmd = f"attnatlas compare ATLAS --models {model} {others[0] if others else 'OTHER'} --out DIR"
+        other = partner(data, model)
+        cmd = f"attnatlas compare ATLAS --models {model} {other if other != model else 'OTHER'} --out DIR"
         return f"<small><b>Similar heads:</b> none stored; run <code>{html.escape(cmd)}</code>.</small>"
     parts = []
     for measure in ("pattern", "profile"):
