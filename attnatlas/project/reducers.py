@@ -86,12 +86,56 @@ class Reducer:
     def fit_transform(self, X: np.ndarray, init: np.ndarray | None = None, knn: tuple | None = None) -> np.ndarray:
         raise NotImplementedError
 
+    @property
+    def batched(self) -> bool:
+        """True when `fit_batch` embeds a whole layer's heads in one program (the runner then goes per layer)."""
+        return False
+
+    def fit_batch(self, X: np.ndarray, knn: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """X (head, point, d), knn (idx, dist) each (head, point, k) -> (head, point, 2); default: one head at a time."""
+        return np.stack([self.fit_transform(X[h], knn=None if knn is None else (knn[0][h], knn[1][h]))
+                         for h in range(len(X))])
+
+
+class _Backends(Reducer):
+    """Reducer with a `backend` option: "auto" (the measured default), a library, or "batched"
+    (attnatlas.project.batched: all heads of a layer in one torch program). Options in `batched_defaults`
+    apply to the batched backend only and are stored only with its layouts."""
+
+    backends: ClassVar[tuple[str, ...]] = ()
+    batched_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, metric: str = "cosine", random_state: int = 0, **params: Any):
+        extra = {k: params.pop(k) for k in list(params) if k in self.batched_defaults}
+        super().__init__(metric, random_state, **params)
+        if self.options["backend"] not in ("auto", "batched", *self.backends):
+            raise InputError(f"{self.name} backend {self.options['backend']!r} is unknown; choose auto, batched, "
+                             + ", ".join(self.backends) + ".")
+        self.batch_options = {**self.batched_defaults, **extra}
+        if self.backend() == "batched":
+            self.options.update(self.batch_options)
+
+    @property
+    def batched(self) -> bool:
+        return self.backend() == "batched"
+
+    def library_backend(self) -> str:
+        raise NotImplementedError
+
+    def backend(self) -> str:
+        b = self.options.get("backend", "auto")
+        return self.library_backend() if b == "auto" else b
+
 
 @register_reducer
 class PCAReducer(Reducer):
     """Exact PCA (full SVD): deterministic, milliseconds per head."""
 
     name = "pca"
+
+    @property
+    def batched(self) -> bool:  # milliseconds per head: looping inside a layer batch costs nothing
+        return True
 
     def fit_transform(self, X, init=None, knn=None):
         from sklearn.decomposition import PCA
@@ -101,7 +145,7 @@ class PCAReducer(Reducer):
 
 
 @register_reducer
-class TSNEReducer(Reducer):
+class TSNEReducer(_Backends):
     """Barnes-Hut t-SNE, AttentionViz's settings (perplexity 50, 300 iterations), PCA initialised.
 
     Cosine runs as euclidean on unit rows: squared euclidean is then 2 x cosine distance, and the
@@ -110,13 +154,35 @@ class TSNEReducer(Reducer):
     """
 
     name = "tsne"
-    defaults = {"perplexity": 50.0, "max_iter": 300, "early_exaggeration": 12.0, "angle": 0.5}
+    defaults = {"perplexity": 50.0, "max_iter": 300, "early_exaggeration": 12.0, "angle": 0.5, "backend": "auto"}
+    backends = ("cuml", "sklearnex", "sklearn")
+    batched_defaults = {"early_iter": 250, "negatives": 16}
     min_points = 5
 
-    def backend(self) -> str:
+    def library_backend(self) -> str:
+        # "auto" stays the per-head library: batched was slower on the 2-core CPU (scripts/compare_batched.py).
         if _cuda() and _has("cuml"):
             return "cuml"  # untested here: no GPU on the development machine
         return "sklearnex" if _has("sklearnex") else "sklearn"
+
+    @property
+    def knn_needed(self) -> int:  # type: ignore[override]
+        if not self.batched:
+            return 0  # the libraries search their own neighbours
+        return int(3 * self.adapted.get("perplexity", self.options["perplexity"])) + 1
+
+    def fit_batch(self, X, knn=None):
+        if not self.batched:
+            return super().fit_batch(X, knn)
+        from attnatlas.project.batched import knn_graph_batch, tsne_batch
+
+        o = self.options
+        if knn is None:
+            knn = knn_graph_batch(X, self.knn_needed, self.metric)
+        return tsne_batch(X, knn[0], knn[1], self.metric, perplexity=self.adapted.get("perplexity", o["perplexity"]),
+                          max_iter=int(o["max_iter"]), early_iter=int(o["early_iter"]),
+                          early_exaggeration=o["early_exaggeration"], negatives=int(o["negatives"]),
+                          seed=self.random_state)
 
     def adapt(self, n_points):
         super().adapt(n_points)
@@ -127,6 +193,8 @@ class TSNEReducer(Reducer):
         return dict(self.adapted)
 
     def fit_transform(self, X, init=None, knn=None):
+        if self.batched:
+            return self.fit_batch(X[None], None if knn is None else (knn[0][None], knn[1][None]))[0]
         perplexity = self.adapted.get("perplexity", self.options["perplexity"])
         Z = unit_rows(X) if self.metric == "cosine" else np.asarray(X, np.float32)
         kw = dict(n_components=2, perplexity=perplexity, max_iter=int(self.options["max_iter"]),
@@ -152,24 +220,38 @@ class TSNEReducer(Reducer):
 
 
 @register_reducer
-class UMAPReducer(Reducer):
+class UMAPReducer(_Backends):
     """umap-learn on the shared exact kNN graph, spectral init, a shorter schedule (100 epochs).
 
     A seed makes umap-learn single-threaded; the runner gets its parallelism from heads instead.
     """
 
     name = "umap"
-    defaults = {"n_neighbors": 15, "min_dist": 0.1, "n_epochs": 100, "init": "spectral"}
+    defaults = {"n_neighbors": 15, "min_dist": 0.1, "n_epochs": 100, "init": "spectral", "backend": "auto"}
+    backends = ("cuml", "umap-learn")
+    # Batched: PCA init (spectral is a per-head eigensolve), so a longer schedule than umap-learn's 100 epochs.
+    batched_defaults = {"batched_epochs": 200, "negatives": 8}
     min_points = 4
 
     @property
     def knn_needed(self) -> int:  # type: ignore[override]
         return int(self.adapted.get("n_neighbors", self.options["n_neighbors"]))
 
-    def backend(self) -> str:
+    def library_backend(self) -> str:
         if _cuda() and _has("cuml"):
             return "cuml"  # untested here: no GPU on the development machine
         return "umap-learn"
+
+    def fit_batch(self, X, knn=None):
+        if not self.batched:
+            return super().fit_batch(X, knn)
+        from attnatlas.project.batched import knn_graph_batch, umap_batch
+
+        o = self.options
+        if knn is None:
+            knn = knn_graph_batch(X, self.knn_needed, self.metric)
+        return umap_batch(X, knn[0], knn[1], self.metric, n_neighbors=self.knn_needed, min_dist=o["min_dist"],
+                          n_epochs=int(o["batched_epochs"]), negatives=int(o["negatives"]), seed=self.random_state)
 
     def adapt(self, n_points):
         super().adapt(n_points)
@@ -178,6 +260,8 @@ class UMAPReducer(Reducer):
         return dict(self.adapted)
 
     def fit_transform(self, X, init=None, knn=None):
+        if self.batched:
+            return self.fit_batch(X[None], None if knn is None else (knn[0][None], knn[1][None]))[0]
         nn = self.knn_needed
         if self.backend() == "cuml":
             from cuml.manifold import UMAP as CuUMAP

@@ -121,6 +121,67 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
     return out
 
 
+def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], jobs: list[tuple[str, dict, dict, dict]],
+                  rows: np.ndarray, metric: str, seed: int, normalise: dict) -> list[dict[str, Any]]:
+    """Project several heads of one layer together (every job's reducer is `batched`): one batched kNN
+    graph, one `fit_batch` per method over a (head, point, d) tensor, then quality and writes per head.
+    Returns one `project_head`-style result per head; never raises. Seconds are the batch's / heads."""
+    from attnatlas.project.batched import knn_graph_batch
+
+    outs = {h: {"layer": layer, "head": h, "results": {}, "errors": []} for h in heads}
+    try:
+        atlas = _ATLASES.setdefault(atlas_path, Atlas.open(atlas_path))
+        good, Xs, scales = [], [], {}
+        for h in heads:
+            try:
+                q = atlas.queries(model, layer, h)[rows]
+                k = atlas.keys(model, layer, h)[rows]
+                bad = int((~np.isfinite(q)).sum() + (~np.isfinite(k)).sum())
+                if bad:
+                    outs[h]["errors"].append(("*", f"{bad} NaN/inf values in its query/key vectors; skipped"))
+                    continue
+                qn, kn, applied = normalise_head(q, k, **normalise)
+                Xs.append(joint_points(qn, kn))
+                scales[h] = applied["scale"]
+                good.append(h)
+            except Exception as exc:
+                outs[h]["errors"].append(("*", f"{type(exc).__name__}: {exc}"))
+        if good:
+            X = np.stack(Xs)  # (head, point, d)
+            reducers = []
+            for name, options, adapted, params in jobs:
+                r = get_reducer(name, metric=metric, random_state=seed, **options)
+                r.adapted = dict(adapted)
+                reducers.append((r, params))
+            t0 = time.perf_counter()
+            need = max([QUALITY_K + 1] + [r.knn_needed for r, _ in reducers])
+            idx, dist = knn_graph_batch(X, need, metric)
+            share = (time.perf_counter() - t0) / len(reducers) / len(good)
+            for r, params in reducers:
+                try:
+                    t1 = time.perf_counter()
+                    Y = r.fit_batch(X, knn=(idx, dist))  # (head, point, 2)
+                    secs = (time.perf_counter() - t1) / len(good) + share
+                except Exception as exc:
+                    for h in good:
+                        outs[h]["errors"].append((r.name, f"{type(exc).__name__}: {exc}"))
+                    continue
+                for i, h in enumerate(good):
+                    try:
+                        if Y[i].shape != (X.shape[1], 2) or not np.isfinite(Y[i]).all():
+                            raise RuntimeError("the reducer returned non-finite or misshapen coordinates")
+                        qual = layout_quality(X[i], Y[i], metric, knn=(idx[i], dist[i]), seed=seed)
+                        qual["seconds"] = secs
+                        _writer(atlas, model, r.name, rows, params).write_head(layer, h, Y[i], qual)
+                        outs[h]["results"][r.name] = {**qual, "scale": scales[h]}
+                    except Exception as exc:
+                        outs[h]["errors"].append((r.name, f"{type(exc).__name__}: {exc}"))
+    except Exception as exc:
+        for h in heads:
+            outs[h]["errors"].append(("*", f"{type(exc).__name__}: {exc}"))
+    return [outs[h] for h in heads]
+
+
 def _init_worker(threads: int) -> None:
     try:
         import torch
@@ -206,8 +267,22 @@ def project_model(
             summary["failed"].append((res["layer"], res["head"], m, msg))
         bar.update(1)
 
-    workers = max(1, min(int(workers), len(targets) or 1))
-    if dispatch is not None:
+    # Per layer when every method embeds heads in one batch (and no external dispatcher wants heads).
+    batched = dispatch is None and all(
+        get_reducer(n, metric=metric, random_state=seed, **o).batched for n, o, _, _ in jobs)
+    calls: list[tuple] = []
+    if batched:
+        groups: dict[tuple, list[int]] = {}
+        for L, h, todo in targets:
+            groups.setdefault((L, tuple(j[0] for j in todo)), []).append(h)
+        for (L, names_), hs in groups.items():
+            calls.append((L, hs, [j for j in jobs if j[0] in names_]))
+    workers = max(1, min(int(workers), (len(calls) if batched else len(targets)) or 1))
+    if batched and workers == 1:
+        for L, hs, todo in calls:
+            for res in project_layer(*args, L, hs, todo, *tail):
+                collect(res)
+    elif dispatch is not None:
         for res in dispatch(project_head, [(*args, L, h, todo, *tail) for L, h, todo in targets]):
             collect(res)
     elif workers == 1:
@@ -221,9 +296,15 @@ def project_model(
         try:
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                      initargs=(threads,)) as pool:
-                futs = [pool.submit(project_head, *args, L, h, todo, *tail) for L, h, todo in targets]
-                for f in as_completed(futs):
-                    collect(f.result())
+                if batched:
+                    futs = [pool.submit(project_layer, *args, L, hs, todo, *tail) for L, hs, todo in calls]
+                    for f in as_completed(futs):
+                        for res in f.result():
+                            collect(res)
+                else:
+                    futs = [pool.submit(project_head, *args, L, h, todo, *tail) for L, h, todo in targets]
+                    for f in as_completed(futs):
+                        collect(f.result())
         finally:
             for v, old in saved.items():
                 if old is None:

@@ -1,0 +1,93 @@
+"""Batched t-SNE/UMAP (attnatlas.project.batched) and the runner's per-layer path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnatlas.project import get_reducer, knn_graph, layout_quality, project_model
+from attnatlas.project.batched import find_ab, knn_graph_batch, tsne_batch, umap_batch
+from attnatlas.testing import synthetic_atlas
+
+M = "synthetic"
+
+
+def _clusters(H=3, n=300, d=8, seed=0):
+    """(head, point, d): 5 well separated Gaussian clusters per head."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(H, 5, d)) * 4
+    lab = rng.integers(0, 5, (H, n))
+    return (np.take_along_axis(c, lab[..., None], 1) + rng.normal(size=(H, n, d))).astype(np.float32)
+
+
+def test_knn_batch_matches_per_head_graph():
+    X = _clusters(H=2, n=200)
+    for metric in ("cosine", "euclidean"):
+        idx, dist = knn_graph_batch(X, 11, metric, block=64)
+        for h in range(2):
+            i1, d1 = knn_graph(X[h], 11, metric)
+            np.testing.assert_allclose(dist[h], d1, atol=1e-5)
+            assert (idx[h, :, 0] == np.arange(200)).all()
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_batched_shapes_quality_and_determinism(method):
+    X = _clusters()
+    idx, dist = knn_graph_batch(X, 91, "cosine")
+    f = tsne_batch if method == "tsne" else umap_batch
+    kw = {"perplexity": 30.0} if method == "tsne" else {}
+    Y = f(X, idx, dist, seed=3, **kw)
+    assert Y.shape == (3, 300, 2) and Y.dtype == np.float32 and np.isfinite(Y).all()
+    for h in range(3):
+        assert layout_quality(X[h], Y[h], "cosine")["trustworthiness"] >= 0.9
+    np.testing.assert_array_equal(Y, f(X, idx, dist, seed=3, **kw))
+    assert not np.array_equal(Y, f(X, idx, dist, seed=4, **kw))
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_few_points_adapt(method):
+    X = _clusters(H=2, n=12)
+    r = get_reducer(method, backend="batched")
+    r.adapt(12)
+    idx, dist = knn_graph_batch(X, max(r.knn_needed, 11), "cosine")
+    Y = r.fit_batch(X, (idx, dist))
+    assert Y.shape == (2, 12, 2) and np.isfinite(Y).all()
+
+
+def test_find_ab_matches_umaps_curve():
+    a, b = find_ab(1.0, 0.1)
+    assert a == pytest.approx(1.577, abs=0.01) and b == pytest.approx(0.895, abs=0.01)
+
+
+def test_backend_option_keeps_names_and_params():
+    assert get_reducer("tsne").backend() in ("sklearnex", "sklearn", "cuml")
+    assert "negatives" not in get_reducer("tsne").params  # library layouts keep their stored params
+    r = get_reducer("umap", backend="batched", negatives=4)
+    assert r.batched and r.params["backend"] == "batched" and r.params["negatives"] == 4
+    with pytest.raises(Exception, match="backend"):
+        get_reducer("tsne", backend="nope")
+
+
+def test_runner_batches_layers_skips_nan_head_and_stores_quality_per_head(tmp_path):
+    atlas = synthetic_atlas(tmp_path / "a", n_layers=2, n_heads=3, n_seq=10, seq_len=10, d_head=8,
+                            nonfinite_head=(1, 2))
+    params = {"tsne": {"backend": "batched"}, "umap": {"backend": "batched"}}
+    s = project_model(atlas, M, ("tsne", "umap", "pca"), progress=False, reducer_params=params)
+    assert s["done"] == 3 * 5
+    assert {(L, h) for L, h, _, _ in s["failed"]} == {(1, 2)} and "NaN" in s["failed"][0][3]
+    for m in ("tsne", "umap", "pca"):
+        q = atlas.layout_quality(M, m).set_index(["layer", "head"])
+        assert atlas.layout_done(M, m).sum() == 5
+        # Stored quality is the per-head quality of the stored layout.
+        lay = atlas.layout(M, 0, 1, m)
+        from attnatlas.project import joint_points, normalise_head
+        qn, kn, _ = normalise_head(atlas.queries(M, 0, 1), atlas.keys(M, 0, 1))
+        X = joint_points(qn, kn)
+        ref = layout_quality(X, lay[["x", "y"]].to_numpy(np.float32), "cosine")
+        assert q.loc[(0, 1), "trustworthiness"] == pytest.approx(ref["trustworthiness"], abs=1e-6)
+        if m != "pca":  # PCA of this random 8-D data is not faithful, whatever the backend
+            assert q.loc[(0, 1), "trustworthiness"] >= 0.8
+    assert atlas.layout_params(M, "tsne")["backend"] == "batched"
+    # Resume: nothing left to do.
+    s2 = project_model(atlas, M, ("tsne", "umap", "pca"), progress=False, reducer_params=params)
+    assert s2["done"] == 0 and s2["skipped"] == 15
