@@ -159,10 +159,10 @@ def _compact(caps: dict[int, LayerCapture], valid: torch.Tensor, first_row: int,
     dtype = getattr(torch, np_dtype.name)
 
     def take(per_layer: list[torch.Tensor], to: torch.dtype) -> np.ndarray:
-        x = torch.stack(per_layer)  # (layer, batch, head, token, d)
+        # Cast first (storage dtype is usually half the width), then move the smaller tensor around.
+        x = torch.stack([t.to(to) for t in per_layer])  # (layer, batch, head, token, d)
         L, B, H, T, D = x.shape
-        x = x.transpose(1, 2).reshape(L, H, B * T, D).index_select(2, real)
-        return x.to(to).cpu().numpy()
+        return x.transpose(1, 2).reshape(L, H, B * T, D).index_select(2, real).cpu().numpy()
 
     arrays = {"queries": take([c.query for c in layers], dtype), "keys": take([c.key for c in layers], dtype)}
     if opts.values:
@@ -209,25 +209,32 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
             out = loaded.model(**enc, output_hidden_states=opts.hidden_states)
         scalings.update({layer: c.scaling for layer, c in rec.layers.items()})
         arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None, np_dtype)
-        ids = enc["input_ids"].cpu()
-        rows, seqs = [], []
-        for b, record in enumerate(batch):
-            n = int(valid[b].sum())
-            seq_id = start + b
-            token_ids = ids[b, :n].tolist()
-            pieces = tok.batch_decode([[i] for i in token_ids], clean_up_tokenization_spaces=False)
-            words = [-1 if w is None else int(w) for w in encoding.word_ids(b)[:n]] if tok.is_fast else [-1] * n
-            for p in range(n):
-                cs, ce = (int(offsets[b, p, 0]), int(offsets[b, p, 1])) if offsets is not None else (-1, -1)
-                is_special = bool(special[b, p])
-                rows.append((seq_id, p, pieces[p], token_ids[p], is_special,
-                             -1 if is_special else cs, -1 if is_special else ce,
-                             words[p], record.source))
-            seqs.append((seq_id, record.source, record.text, n))
-            first_row += n
-        tokens = pd.DataFrame(rows, columns=["sequence", "position", "token", "token_id", "is_special",
-                                             "char_start", "char_end", "word", "source"])
-        sequences = pd.DataFrame(seqs, columns=["sequence", "source", "text", "n_tokens"])
+        real = valid.cpu()
+        lengths = real.sum(1).tolist()
+        token_ids = enc["input_ids"].cpu()[real]  # (real_token,) in sequence order
+        is_special = special[real].bool().numpy()
+        if offsets is not None:
+            starts = np.where(is_special, -1, offsets[..., 0][real].numpy())
+            ends = np.where(is_special, -1, offsets[..., 1][real].numpy())
+        else:
+            starts = ends = np.full(len(token_ids), -1)
+        words = [-1 if w is None else int(w) for b, n in enumerate(lengths) for w in encoding.word_ids(b)[:n]] \
+            if tok.is_fast else [-1] * len(token_ids)
+        tokens = pd.DataFrame({
+            "sequence": np.repeat(np.arange(start, start + len(batch)), lengths),
+            "position": np.concatenate([np.arange(n) for n in lengths]),
+            # One decode per token, so byte-level BPE pieces read as text (" Paris", not "ĠParis").
+            "token": tok.batch_decode(token_ids.view(-1, 1), clean_up_tokenization_spaces=False),
+            "token_id": token_ids.numpy(),
+            "is_special": is_special,
+            "char_start": starts,
+            "char_end": ends,
+            "word": words,
+            "source": np.repeat([r.source for r in batch], lengths),
+        })
+        sequences = pd.DataFrame({"sequence": np.arange(start, start + len(batch)), "source": [r.source for r in batch],
+                                  "text": [r.text for r in batch], "n_tokens": lengths})
+        first_row += int(sum(lengths))
         yield _Batch(arrays, tokens, sequences), len(batch)
 
 
@@ -384,7 +391,7 @@ def extract(
         n_items = len(image_records)
         batches = _image_batches(loaded, image_records, opts, device, np_dtype, scalings)
 
-    tc = tokens_per_chunk(d_head)
+    tc = min(tokens_per_chunk(d_head), n_tokens)  # a small corpus gets one exact chunk per head
     specs = {
         "queries": ArraySpec((n_layers, n_heads, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head)),
         "keys": ArraySpec((n_layers, n_kv, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head)),
@@ -397,7 +404,7 @@ def extract(
         specs["attn_topk_weight"] = ArraySpec((n_layers, n_heads, n_tokens, K), "float16", 2, (1, 1, tc, K), compress=True)
     if opts.hidden_states:
         d_model = attrs["d_model"]
-        specs["hidden"] = ArraySpec((n_layers + 1, n_tokens, d_model), opts.dtype, 1, (1, tokens_per_chunk(d_model), d_model))
+        specs["hidden"] = ArraySpec((n_layers + 1, n_tokens, d_model), opts.dtype, 1, (1, min(tokens_per_chunk(d_model), n_tokens), d_model))
     if adapter.modality == "image":
         H, W = attrs["image_size"]
         specs["images"] = ArraySpec((n_items, H, W, 3), "uint8", 0, (1, H, W, 3), compress=True, per_token=False)

@@ -40,6 +40,7 @@ from attnatlas.errors import StoreError
 
 FORMAT_VERSION = 1
 QUALITY_FIELDS = ("trustworthiness", "knn_kept", "seconds", "points")
+TOKEN_ROW_GROUP = 65_536  # token rows buffered per Parquet row group: few conversions, bounded memory
 _INCOMING = ".incoming-"
 _TRASH = ".trash-"
 
@@ -101,6 +102,8 @@ class ModelWriter:
             self.buffers[key] = _Buffer(spec, np.zeros(buf_shape, dtype=spec.dtype))
         self._token_writer: pq.ParquetWriter | None = None
         self._token_schema: pa.Schema | None = None
+        self._pending_tokens: list[pd.DataFrame] = []  # written as one row group per TOKEN_ROW_GROUP rows
+        self._pending_rows = 0
         self._sequences: list[pd.DataFrame] = []
         self.rows_written = 0
 
@@ -109,13 +112,23 @@ class ModelWriter:
         n = len(tokens)
         for key, block in arrays.items():
             self._append_array(key, block, n)
-        table = pa.Table.from_pandas(tokens.reset_index(drop=True), preserve_index=False)
+        self._pending_tokens.append(tokens)
+        self._pending_rows += n
+        if self._pending_rows >= TOKEN_ROW_GROUP:
+            self._write_tokens()
+        self._sequences.append(sequences)
+        self.rows_written += n
+
+    def _write_tokens(self) -> None:
+        if not self._pending_tokens:
+            return
+        frame = pd.concat(self._pending_tokens, ignore_index=True)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
         if self._token_writer is None:
             self._token_schema = table.schema
             self._token_writer = pq.ParquetWriter(str(self.temp / "tokens.parquet"), table.schema)
         self._token_writer.write_table(table.cast(self._token_schema))
-        self._sequences.append(sequences)
-        self.rows_written += n
+        self._pending_tokens, self._pending_rows = [], 0
 
     def _append_array(self, key: str, block: np.ndarray, n: int) -> None:
         buf = self.buffers[key]
@@ -156,6 +169,7 @@ class ModelWriter:
             raise RuntimeError(f"wrote {self.rows_written} token rows, expected {self.n_tokens}")
         for key in self.buffers:
             self._flush(key)
+        self._write_tokens()
         if self._token_writer is not None:
             self._token_writer.close()
         seq = pd.concat(self._sequences, ignore_index=True) if self._sequences else pd.DataFrame()
