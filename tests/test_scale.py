@@ -275,3 +275,15 @@ def test_extraction_streams_its_arrays(tmp_path, wide_bert):
     # linear (~0.45 KB/token), from extract() tokenizing the whole corpus up front to count tokens (~0.2 KB/token
     # of tokenizer output alone); not flat yet, see docs/scale.md.
     assert big - small < 0.6 * stored_mb, (small, big, stored_mb)
+
+
+def test_project_cli_runs_on_a_local_dask_cluster_and_fails_fast_without_one(tmp_path, capsys):
+    from attnatlas.cli import main as cli
+    from attnatlas.store import open_atlas
+    from attnatlas.testing import synthetic_atlas
+
+    synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=2)
+    assert cli(["project", str(tmp_path / "a"), "--method", "pca", "--scheduler", "local", "--workers", "2", "--quiet"]) == 0
+    assert open_atlas(tmp_path / "a").layout_done("synthetic", "pca").all()
+    code = cli(["project", str(tmp_path / "a"), "--method", "pca", "--scheduler", "tcp://127.0.0.1:9", "--quiet"])
+    assert code == 2 and "Traceback" not in capsys.readouterr().err

@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-points", type=int, default=MAX_POINTS,
                    help=f"cap on points (2 x tokens) per head; above it a seeded token sample is used (default {MAX_POINTS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--scheduler", default="none", metavar="none|local|tcp://HOST:PORT",
+                   help="run heads as Dask tasks: 'local' starts a LocalCluster of --workers, tcp://... joins a cluster")
     p.set_defaults(func=run)
 
 
@@ -41,10 +43,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--workers must be at least 1.")
     if args.max_points < 10:
         raise InputError("--max-points must be at least 10.")
-    s = project_model(atlas, model, methods=args.method, layers=args.layers, heads=args.heads, workers=args.workers,
-                      metric=args.metric, seed=args.seed, force=args.force,
-                      normalise={"translate": not args.no_translate, "scale": not args.no_scale},
-                      max_points=args.max_points, progress=not args.quiet)
+    kwargs = dict(methods=args.method, layers=args.layers, heads=args.heads, metric=args.metric, seed=args.seed,
+                  force=args.force, normalise={"translate": not args.no_translate, "scale": not args.no_scale},
+                  max_points=args.max_points, progress=not args.quiet)
+    if args.scheduler == "none":
+        s = project_model(atlas, model, workers=args.workers, **kwargs)
+    else:
+        from attnatlas.scale.distributed import dask_client, project_distributed
+
+        with dask_client(args.scheduler, workers=args.workers) as client:
+            s = project_distributed(client, atlas, model, **kwargs)
     print(f"{model}: {s['done']} layouts made, {s['skipped']} already done (kept), {len(s['failed'])} failed, "
           f"{s['points']} points per head{' (sampled)' if s['sampled'] else ''}, {s['seconds']:.1f} s "
           f"({s['heads_per_min']:.1f} heads/min)")
