@@ -25,6 +25,7 @@ def test_demo_builds_all_three_models_then_reuses_them(tmp_path, capsys):
         assert atlas.layout_done(model, "pca").all(), model
         assert len(atlas.layout_quality(model, "pca")) == info.n_layers * info.n_heads
     assert atlas.info("smollm2").n_kv_heads == 3
+    assert len(atlas.sequences("dinov2-small")) == 2 and len(atlas.sequences("minilm")) == 12
     assert "extracting" in first
     # Second run: nothing extracted or projected again.
     assert cli(args) == 0

@@ -52,10 +52,14 @@ def _image_subset(folder: str, n: int) -> list[str]:
     from attnatlas.inputs.images import IMAGE_EXTENSIONS
 
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    photos = [p for p in files if not p.name.startswith("synthetic")]
-    synthetic = [p for p in files if p.name.startswith("synthetic")]
-    # Half photos, half synthetic colour fields: both object and colour heads show up.
-    take = photos[: (n + 1) // 2] + synthetic[: n // 2]
+    photos = [p for p in files if p.name.startswith("photo_")]
+    synthetic = [p for p in files if not p.name.startswith("photo_")]
+
+    def spread(items: list[Path], k: int) -> list[Path]:  # evenly spaced, so the picks vary
+        return [items[round(i * (len(items) - 1) / max(k - 1, 1))] for i in range(k)] if k and items else []
+
+    # Half photos, half synthetic colour fields and shapes: both object and colour heads show up.
+    take = spread(photos, min(len(photos), (n + 1) // 2)) + spread(synthetic, min(len(synthetic), n // 2))
     return [str(p) for p in take[:n]]
 
 
