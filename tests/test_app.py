@@ -519,3 +519,13 @@ def test_a_failing_tab_stays_in_its_session(data, monkeypatch):
     assert "could not be built" in msg.text and XSS not in msg.text and html.escape(XSS) in msg.text
     monkeypatch.undo()
     assert "attnatlas analyze" in tab(b, "neurons").text and a.status.text == ""
+
+
+def test_head_view_says_when_its_layout_is_a_sample(tmp_path):
+    from attnatlas.project import project_model
+
+    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=2, n_seq=10, seq_len=12)
+    project_model(atlas, "synthetic", methods="pca", max_points=100, progress=False)  # 120 tokens -> 50 sampled
+    dash, _ = dash_for(AppData(tmp_path / "a"), layer=0, head=1)
+    dash.cell_src.selected.indices = [1]
+    assert "seeded sample: 50 of 120 tokens" in dash.head_title.text

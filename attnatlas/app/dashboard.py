@@ -349,6 +349,9 @@ class Dashboard:
         info = self.data.infos[self.model]
         faith = ("not projected yet" if not ok.any() else
                  f"trustworthiness {h.trust:.3f}, kNN kept {h.knn:.2f}" if np.isfinite(h.trust) else "faithfulness not recorded")
+        shown, total = len(self.data.tokens(self.model, self.method).rows), len(self.data.atlas.tokens(self.model))
+        if shown < total:  # heads over the point cap are projected from a seeded token sample
+            faith += f"<br>layout of a seeded sample: {shown:,} of {total:,} tokens"
         self.head_title.text = (f"<b>{html.escape(self.model)} L{self.layer}H{self.head}</b> ({html.escape(self.method)}, "
                                 f"{info.n_layers}\u00d7{info.n_heads} heads)<br>{faith}")
         self.similar.text = views.similar_heads_html(self.data, self.model, self.layer, self.head)
