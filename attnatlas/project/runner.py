@@ -80,6 +80,16 @@ def _writer(atlas: Atlas, model: str, method: str, rows: np.ndarray, params: dic
     return _WRITERS[key]
 
 
+def _reducers(jobs: list[tuple[str, dict, dict, dict]], metric: str, seed: int) -> list[tuple[Any, dict]]:
+    """Rebuild each job's reducer, with the parameters the driver already adapted, beside its params."""
+    out = []
+    for name, options, adapted, params in jobs:
+        r = get_reducer(name, metric=metric, random_state=seed, **options)
+        r.adapted = dict(adapted)
+        out.append((r, params))
+    return out
+
+
 def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[tuple[str, dict, dict, dict]],
                  rows: np.ndarray, metric: str, seed: int, normalise: dict) -> dict[str, Any]:
     """Project one head with each (method, options, adapted, params) job; never raises."""
@@ -94,11 +104,7 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
             return out
         qn, kn, applied = normalise_head(q, k, **normalise)
         X = joint_points(qn, kn)  # (2 * points, d_head)
-        reducers = []
-        for name, options, adapted, params in jobs:
-            r = get_reducer(name, metric=metric, random_state=seed, **options)
-            r.adapted = dict(adapted)
-            reducers.append((r, params))
+        reducers = _reducers(jobs, metric, seed)
         t0 = time.perf_counter()
         need = max([QUALITY_K + 1] + [r.knn_needed for r, _ in reducers])
         knn = knn_graph(X, need, metric)
@@ -148,11 +154,7 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
                 outs[h]["errors"].append(("*", f"{type(exc).__name__}: {exc}"))
         if good:
             X = np.stack(Xs)  # (head, point, d)
-            reducers = []
-            for name, options, adapted, params in jobs:
-                r = get_reducer(name, metric=metric, random_state=seed, **options)
-                r.adapted = dict(adapted)
-                reducers.append((r, params))
+            reducers = _reducers(jobs, metric, seed)
             t0 = time.perf_counter()
             need = max([QUALITY_K + 1] + [r.knn_needed for r, _ in reducers])
             idx, dist = knn_graph_batch(X, need, metric)
