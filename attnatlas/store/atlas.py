@@ -45,8 +45,9 @@ _INCOMING = ".incoming-"
 _TRASH = ".trash-"
 
 
-def tokens_per_chunk(d_head: int, target_bytes: int = 1 << 20) -> int:
-    """Tokens per chunk so one chunk of float16 is about 1 MiB."""
+def tokens_per_chunk(d_head: int, target_bytes: int = 1 << 18) -> int:
+    """Tokens per chunk so one chunk of float16 is about 256 KiB: small enough that the write buffers
+    (one chunk column of every head) stay modest, large enough that a head reads in a few files."""
     return int(max(1024, 2 ** round(np.log2(target_bytes / (2 * d_head)))))
 
 
