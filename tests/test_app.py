@@ -529,3 +529,13 @@ def test_head_view_says_when_its_layout_is_a_sample(tmp_path):
     dash, _ = dash_for(AppData(tmp_path / "a"), layer=0, head=1)
     dash.cell_src.selected.indices = [1]
     assert "seeded sample: 50 of 120 tokens" in dash.head_title.text
+
+
+def test_similar_heads_hint_never_suggests_comparing_across_modalities(tmp_path):
+    from attnatlas.app.views import similar_heads_html
+
+    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=2)
+    testing.write_synthetic_image_model(atlas, name="vit")
+    testing.random_layouts(atlas, "synthetic")
+    text = similar_heads_html(AppData(tmp_path / "a"), "vit", 0, 0)
+    assert "another image model" in text and "synthetic" not in text

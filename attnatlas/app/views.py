@@ -206,7 +206,12 @@ def similar_heads_html(data, model: str, layer: int, head: int) -> str:
     near = data.similar_heads(model, layer, head)
     if near is None or not len(near):
         other = partner(data, model)
-        cmd = f"attnatlas compare ATLAS --models {model} {other if other != model else 'OTHER'} --out DIR"
+        kind = data.atlas.info(model).modality
+        if other == model or data.atlas.info(other).modality != kind:
+            # compare needs common inputs, so a partner must be of the same modality
+            return (f"<small><b>Similar heads:</b> none stored; add another {kind} model over the same inputs, "
+                    f"then run <code>attnatlas compare</code>.</small>")
+        cmd = f"attnatlas compare ATLAS --models {model} {other} --out DIR"
         return f"<small><b>Similar heads:</b> none stored; run <code>{html.escape(cmd)}</code>.</small>"
     parts = []
     for measure in ("pattern", "profile"):
