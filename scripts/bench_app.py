@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_browser import DOC, IDLE, MODEL, make_driver, serve, wait_js  # noqa: E402
+from test_browser import IDLE, MODEL, make_driver, serve, wait_js  # noqa: E402
 
 SWITCH_JS = """
 const done = arguments[arguments.length - 1];

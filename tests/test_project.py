@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attnatlas.cli import main
-from attnatlas.errors import AtlasError, InputError, StoreError
+from attnatlas.errors import InputError, StoreError
 from attnatlas.project import (
     REDUCERS, Reducer, get_reducer, joint_points, knn_graph, layout_quality, normalise_head, project_model,
     register_reducer,

@@ -10,7 +10,7 @@ import html
 
 import numpy as np
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, Div, HoverTool, LinearColorMapper, Select, Slider, TapTool
+from bokeh.models import ColumnDataSource, Div, HoverTool, LinearColorMapper, Select, Slider
 from bokeh.palettes import Category10_10, Viridis256
 from bokeh.plotting import figure
 

@@ -8,7 +8,6 @@ warning that counts the truncated sequences.
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 import time
 import warnings
@@ -30,7 +29,6 @@ from attnatlas.extract.offline import OFFLINE_MODELS, prepare_offline_model
 from attnatlas.inputs import ImageRecord, TextRecord, load_images, load_texts, patch_colour_table
 from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, tokens_per_chunk
 
-log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 512
 STORAGE_DTYPES = ("float16", "float32")
 

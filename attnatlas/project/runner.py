@@ -11,7 +11,6 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
