@@ -26,7 +26,7 @@ def test_knn_batch_matches_per_head_graph():
         idx, dist = knn_graph_batch(X, 11, metric, block=64)
         for h in range(2):
             i1, d1 = knn_graph(X[h], 11, metric)
-            np.testing.assert_allclose(dist[h], d1, atol=1e-5)
+            np.testing.assert_allclose(dist[h], d1, rtol=1e-5, atol=1e-5)  # float32 rounding differs by backend
             assert (idx[h, :, 0] == np.arange(200)).all()
 
 

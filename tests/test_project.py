@@ -234,3 +234,55 @@ def test_umap_runs_deterministically_on_the_shared_graph(small, tmp_path):
         assert s["done"] == 1 and not s["failed"]
     np.testing.assert_array_equal(small.layout_coords(M, "umap", 0, 2), other.layout_coords(M, "umap", 0, 2))
     assert small.layout_quality(M, "umap").trustworthiness.iloc[0] > 0.8
+
+
+def _blobs(n=600, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(6, d)) * 3
+    return (centres[rng.integers(0, 6, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_tsne_short_schedule_runs_the_iterations_it_records():
+    from attnatlas.project.reducers import _short_schedule
+
+    X = _blobs(300)
+    for backend in ("sklearn", "sklearnex"):
+        cls = _short_schedule(backend, 20)
+        assert cls._EXPLORATION_MAX_ITER == 20
+        t = cls(n_components=2, perplexity=10, max_iter=60, init="pca", random_state=0).fit(X)
+        assert t.n_iter_ <= 60  # below scikit-learn's own floor of 250
+
+
+def test_tsne_on_the_shared_graph_matches_tsne_on_the_points():
+    """The shared kNN graph gives t-SNE the neighbours it would have searched itself."""
+    X = _blobs()
+    r = get_reducer("tsne", random_state=0)
+    r.adapt(len(X))
+    knn = knn_graph(X, r.knn_needed, "cosine")
+    assert r._input(X, knn)[1] == "precomputed" and r._input(X, None)[1] == "euclidean"
+    shared, own = r.fit_transform(X, knn=knn), r.fit_transform(X)
+    for Y in (shared, own):
+        assert layout_quality(X, Y, "cosine")["trustworthiness"] > 0.9
+    assert abs(layout_quality(X, shared, "cosine")["trustworthiness"]
+               - layout_quality(X, own, "cosine")["trustworthiness"]) < 0.01
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_knn_backends_agree_and_put_self_first_among_duplicates(metric, monkeypatch):
+    import attnatlas.project.quality as Q
+
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(200, 8)).astype(np.float32)
+    X[100:130] = X[0]  # 31 identical points: more twins than k
+    fa = Q.knn_graph(X, 12, metric, device="cpu")
+    monkeypatch.setattr(Q, "_has_faiss", lambda: False)
+    th = Q.knn_graph(X, 12, metric, device="cpu")
+    for idx, dist in (fa, th):
+        assert (idx[:, 0] == np.arange(200)).all() and (dist[:, 0] == 0).all()
+        assert (np.unique(idx, axis=1).shape[1] == 12) and all(len(set(r)) == 12 for r in idx)
+    np.testing.assert_allclose(fa[1], th[1], atol=1e-5)
+    twins = np.r_[0, 100:130]
+    clean = np.setdiff1d(np.arange(200), twins)
+    canon = [np.sort(np.where(np.isin(idx[clean], twins), -1, idx[clean]), 1) for idx, _ in (fa, th)]
+    np.testing.assert_array_equal(*canon)  # which of the tied twins is listed is arbitrary

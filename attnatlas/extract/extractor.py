@@ -7,8 +7,11 @@ warning that counts the truncated sequences.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import re
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -31,6 +34,23 @@ from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, tokens_per_chunk
 
 DEFAULT_MAX_TOKENS = 512
 STORAGE_DTYPES = ("float16", "float32")
+# Batches differ in padded length, so every batch frees and re-allocates tensors of new sizes. glibc's
+# default raises its mmap threshold after each large free, serves later tensors from the heap, and the
+# heap fragments: RSS then grows with the corpus (measured: +291 -> +503 MiB over a 20x demo corpus).
+# A fixed threshold keeps large tensors in mmap'd blocks returned on free (+197 -> +244 MiB).
+MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3
+
+
+def _fix_mmap_threshold() -> None:
+    """Pin glibc's mmap threshold (process-wide, idempotent; a no-op off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass  # musl and others: no mallopt
 
 
 @dataclass
@@ -407,6 +427,7 @@ def extract(
         H, W = attrs["image_size"]
         specs["images"] = ArraySpec((n_items, H, W, 3), "uint8", 0, (1, H, W, 3), compress=True, per_token=False)
 
+    _fix_mmap_threshold()
     started = time.perf_counter()
     with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite) as writer:
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",

@@ -10,15 +10,55 @@ QUALITY_SAMPLE = 1000  # trustworthiness is O(n^2 log n); a fixed seeded subsamp
 
 def knn_graph(X: np.ndarray, k: int, metric: str = "cosine", device: str | None = None,
               block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Exact kNN by blocked torch matmul: (n, k) int64 indices and (n, k) float32 distances, self first.
+    """Exact kNN: (n, k) int64 indices and (n, k) float32 distances, each point itself first.
 
     Distances are cosine distances or euclidean distances, as umap-learn expects for `precomputed_knn`.
+    On CPU faiss's exact flat index when installed (measured 1.3x faster than blocked torch matmul at
+    k=93, 10k points, one thread), else blocked torch matmul (also the CUDA path).
     """
     import torch
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    k = min(k, len(X))
+    if dev == "cpu" and _has_faiss():
+        return _knn_faiss(X, k, metric)
+    return _knn_torch(X, k, metric, dev, block)
+
+
+def _has_faiss() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
+def _knn_faiss(X: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    Z = np.ascontiguousarray(X, dtype=np.float32)
+    if metric == "cosine":
+        Z = Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+        index = faiss.IndexFlatIP(Z.shape[1])
+    else:
+        index = faiss.IndexFlatL2(Z.shape[1])
+    index.add(Z)
+    score, idx = index.search(Z, k)  # similarity (IP) or squared distance (L2), best first
+    idx = idx.astype(np.int64)
+    # Self first, even among exact duplicates: put it in place if faiss ranked a twin above it.
+    rows = np.arange(len(Z))
+    missing = ~(idx == rows[:, None]).any(1)
+    idx[missing, -1] = rows[missing]
+    order = np.argsort(idx != rows[:, None], axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, 1)
+    score = np.take_along_axis(score, order, 1)
+    dist = (1 - score).clip(min=0) if metric == "cosine" else np.sqrt(score.clip(min=0))
+    dist[:, 0] = 0
+    return idx, dist.astype(np.float32)
+
+
+def _knn_torch(X: np.ndarray, k: int, metric: str, dev: str, block: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
     n = len(X)
-    k = min(k, n)
     Z = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(dev)
     if metric == "cosine":
         Z = torch.nn.functional.normalize(Z, dim=1)
@@ -66,5 +106,9 @@ def layout_quality(X: np.ndarray, Y: np.ndarray, metric: str = "cosine", knn: tu
         knn = knn_graph(X, kk + 1, metric)
     high = knn[0][sub, 1 : kk + 1]
     low = NearestNeighbors(n_neighbors=kk + 1).fit(Y).kneighbors(Y[sub], return_distance=False)
-    kept = [len(np.intersect1d(h, l[l != s][:kk])) for h, l, s in zip(high, low, sub)]
+    # Drop each point itself from its 2-D neighbours (or the extra last one where a twin hid it).
+    not_self = low != sub[:, None]
+    not_self[~(~not_self).any(1), -1] = False
+    low = low[not_self].reshape(len(sub), kk)
+    kept = (high[:, :, None] == low[:, None, :]).any(2).sum(1)  # neighbour ids are unique per row
     return {"trustworthiness": tw, "knn_kept": float(np.mean(kept) / kk), "points": float(n)}

@@ -100,11 +100,10 @@ class ModelWriter:
             buf_shape = list(spec.shape)
             buf_shape[spec.token_axis] = spec.chunks[spec.token_axis]
             self.buffers[key] = _Buffer(spec, np.zeros(buf_shape, dtype=spec.dtype))
-        self._token_writer: pq.ParquetWriter | None = None
-        self._token_schema: pa.Schema | None = None
-        self._pending_tokens: list[pd.DataFrame] = []  # written as one row group per TOKEN_ROW_GROUP rows
+        # Token and sequence rows go out as Parquet row groups every TOKEN_ROW_GROUP tokens.
+        self._tables = {"tokens": _TableStream(self.temp / "tokens.parquet"),
+                        "sequences": _TableStream(self.temp / "sequences.parquet")}
         self._pending_rows = 0
-        self._sequences: list[pd.DataFrame] = []
         self.rows_written = 0
 
     def append(self, arrays: dict[str, np.ndarray], tokens: pd.DataFrame, sequences: pd.DataFrame) -> None:
@@ -112,23 +111,17 @@ class ModelWriter:
         n = len(tokens)
         for key, block in arrays.items():
             self._append_array(key, block, n)
-        self._pending_tokens.append(tokens)
+        self._tables["tokens"].pending.append(tokens)
+        self._tables["sequences"].pending.append(sequences)
         self._pending_rows += n
         if self._pending_rows >= TOKEN_ROW_GROUP:
-            self._write_tokens()
-        self._sequences.append(sequences)
+            self._write_tables()
         self.rows_written += n
 
-    def _write_tokens(self) -> None:
-        if not self._pending_tokens:
-            return
-        frame = pd.concat(self._pending_tokens, ignore_index=True)
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        if self._token_writer is None:
-            self._token_schema = table.schema
-            self._token_writer = pq.ParquetWriter(str(self.temp / "tokens.parquet"), table.schema)
-        self._token_writer.write_table(table.cast(self._token_schema))
-        self._pending_tokens, self._pending_rows = [], 0
+    def _write_tables(self) -> None:
+        for stream in self._tables.values():
+            stream.write()
+        self._pending_rows = 0
 
     def _append_array(self, key: str, block: np.ndarray, n: int) -> None:
         buf = self.buffers[key]
@@ -169,22 +162,45 @@ class ModelWriter:
             raise RuntimeError(f"wrote {self.rows_written} token rows, expected {self.n_tokens}")
         for key in self.buffers:
             self._flush(key)
-        self._write_tokens()
-        if self._token_writer is not None:
-            self._token_writer.close()
-        seq = pd.concat(self._sequences, ignore_index=True) if self._sequences else pd.DataFrame()
-        seq.to_parquet(self.temp / "sequences.parquet", index=False)
+        self._write_tables()
+        for stream in self._tables.values():
+            stream.close()
         self.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.group.attrs.update(_jsonable(self.attrs))
         self.atlas._install_model(self.temp, self.name, overwrite)
 
     def abort(self) -> None:
-        if self._token_writer is not None:
+        for stream in self._tables.values():
             try:
-                self._token_writer.close()
+                stream.close()
             except Exception:
                 pass
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@dataclass
+class _TableStream:
+    """One Parquet file written as row groups; the first group fixes the schema."""
+
+    path: Path
+    pending: list[pd.DataFrame] = field(default_factory=list)
+    writer: pq.ParquetWriter | None = None
+    schema: pa.Schema | None = None
+
+    def write(self) -> None:
+        if not self.pending:
+            return
+        table = pa.Table.from_pandas(pd.concat(self.pending, ignore_index=True), preserve_index=False)
+        if self.writer is None:
+            self.schema = table.schema
+            self.writer = pq.ParquetWriter(str(self.path), table.schema)
+        self.writer.write_table(table.cast(self.schema))
+        self.pending = []
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def _jsonable(obj: Any) -> Any:
