@@ -1,10 +1,12 @@
 """Extraction with storage vs a plain forward pass over the same batches of the same model.
 
 Runs both side by side, alternating, and prints the ratio (target <= 1.15x on CPU for MiniLM on the demo
-corpus). With --memory it also extracts the corpus repeated 1x and 10x in fresh processes and prints
-their peak resident memory, which stays flat because writing streams per batch.
+corpus). With --memory it also extracts the corpus cycled to --memory-sequences sequences (default: 1x,
+10x and 20x the corpus), each in a fresh process, and prints how much resident memory grew during
+extraction: it stays flat because writing streams per batch.
 
     python scripts/bench_extract.py [--model minilm] [--texts data/corpus/demo.txt] [--repeats 3] [--memory]
+    python scripts/bench_extract.py --memory --repeats 0 --memory-sequences 487,10000,100000
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ def _rss_mib() -> float:
 
 
 def child(args: argparse.Namespace) -> None:
-    """Extract the corpus repeated `args.child` times; print RSS just before extraction and its peak
-    during extraction (sampled every 10 ms), in MiB, as JSON."""
-    texts = [r.text for r in load_texts(args.texts)] * args.child
+    """Extract the corpus cycled to `args.child` sequences; print RSS just before extraction and its
+    peak during extraction (sampled every 10 ms), in MiB, as JSON."""
+    corpus = [r.text for r in load_texts(args.texts)]
+    texts = [corpus[i % len(corpus)] for i in range(args.child)]
     loaded = load_model(args.model)
     out = Path(tempfile.mkdtemp()) / "atlas"
     before = _rss_mib()
@@ -77,13 +80,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention-topk", type=int, default=8)
-    ap.add_argument("--memory", action="store_true", help="also measure peak memory at 1x and 10x corpus")
+    ap.add_argument("--memory", action="store_true", help="also measure memory growth at several corpus sizes")
+    ap.add_argument("--memory-sequences", default=None, help="comma-separated sequence counts (default: 1x,10x,20x)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
 
     texts = [r.text for r in load_texts(args.texts)]
+    if args.repeats < 1:
+        return memory(args, len(texts))
     loaded = load_model(args.model)
     max_len = 512
     opts = ExtractOptions(batch_size=args.batch_size, attention_topk=args.attention_topk, progress=False)
@@ -105,13 +111,18 @@ def main() -> None:
     print(f"extract + store        median {o:7.2f} s  runs {[round(x, 2) for x in ours]}")
     print(f"ratio extract/forward  {o / p:.3f}x  (target <= 1.15x)")
     if args.memory:
-        for n in (1, 10, 20):
-            res = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", args.model, "--texts", args.texts,
-                                  "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            print(f"corpus x{n:<3} {r['sequences']:6d} sequences, {r['stored_mib']:7.1f} MiB stored: RSS grew by "
-                  f"{r['growth_mib']:6.1f} MiB during extraction ({r['before_mib']:.0f} -> {r['peak_mib']:.0f} MiB), "
-                  f"{r['seconds']:.1f} s")
+        memory(args, len(texts))
+
+
+def memory(args: argparse.Namespace, corpus: int) -> None:
+    counts = [int(x) for x in args.memory_sequences.split(",")] if args.memory_sequences else [corpus, 10 * corpus, 20 * corpus]
+    for n in counts:
+        res = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", args.model, "--texts", args.texts,
+                              "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"{r['sequences']:7d} sequences ({n / corpus:5.1f}x corpus), {r['stored_mib']:8.1f} MiB stored: RSS grew by "
+              f"{r['growth_mib']:6.1f} MiB during extraction ({r['before_mib']:.0f} -> {r['peak_mib']:.0f} MiB), "
+              f"{r['seconds']:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def architecture(atlas: Atlas, model: str) -> pd.DataFrame:
         ]
     else:
         n = "n"
-        rows.append(("input", f"word pieces of the text; token + position embeddings", f"(n, {d_model})"))
+        rows.append(("input", "word pieces of the text; token + position embeddings", f"(n, {d_model})"))
     scale = a.get("scaling", [None])[0]
     rows += [
         (f"blocks x {info.n_layers}", "each: LayerNorm -> attention -> add residual -> LayerNorm -> MLP -> add residual"

@@ -17,6 +17,14 @@ from attnatlas.errors import InputError
 
 METRICS = ("cosine", "euclidean")
 REDUCERS: dict[str, type["Reducer"]] = {}
+# Threads a reducer may use; None = the library's default. Set by the runner when heads run in parallel
+# (threadpoolctl covers OpenMP/BLAS, but oneDAL's TBB pool only follows an explicit n_jobs).
+THREADS: int | None = None
+
+
+def set_threads(n: int | None) -> None:
+    global THREADS
+    THREADS = n
 
 
 def register_reducer(cls: type["Reducer"]) -> type["Reducer"]:
@@ -222,7 +230,7 @@ class TSNEReducer(_Backends):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             Y = cls(n_components=2, perplexity=perplexity, max_iter=int(o["max_iter"]), metric=metric, init=init,
-                    early_exaggeration=o["early_exaggeration"], angle=o["angle"],
+                    early_exaggeration=o["early_exaggeration"], angle=o["angle"], n_jobs=THREADS,
                     random_state=self.random_state).fit_transform(Z)
         return np.asarray(Y, dtype=np.float32)
 

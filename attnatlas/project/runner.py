@@ -79,6 +79,12 @@ def _writer(atlas: Atlas, model: str, method: str, rows: np.ndarray, params: dic
     return _WRITERS[key]
 
 
+def _cached_atlas(path: str) -> Atlas:
+    if path not in _ATLASES:
+        _ATLASES[path] = Atlas.open(path)
+    return _ATLASES[path]
+
+
 def _reducers(jobs: list[tuple[str, dict, dict, dict]], metric: str, seed: int) -> list[tuple[Any, dict]]:
     """Rebuild each job's reducer, with the parameters the driver already adapted, beside its params."""
     out = []
@@ -94,7 +100,7 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
     """Project one head with each (method, options, adapted, params) job; never raises."""
     out: dict[str, Any] = {"layer": layer, "head": head, "results": {}, "errors": []}
     try:
-        atlas = _ATLASES.setdefault(atlas_path, Atlas.open(atlas_path))
+        atlas = _cached_atlas(atlas_path)
         q = atlas.queries(model, layer, head)[rows]  # (points, d_head)
         k = atlas.keys(model, layer, head)[rows]  # (points, d_head), GQA key head
         bad = int((~np.isfinite(q)).sum() + (~np.isfinite(k)).sum())
@@ -135,7 +141,7 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
 
     outs = {h: {"layer": layer, "head": h, "results": {}, "errors": []} for h in heads}
     try:
-        atlas = _ATLASES.setdefault(atlas_path, Atlas.open(atlas_path))
+        atlas = _cached_atlas(atlas_path)
         good, Xs, scales = [], [], {}
         for h in heads:
             try:
@@ -184,12 +190,39 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
 
 
 def _init_worker(threads: int) -> None:
+    from attnatlas.project.reducers import set_threads
+
+    set_threads(threads)
     try:
         import torch
 
         torch.set_num_threads(threads)
     except Exception:
         pass
+
+
+class _driver_threads:
+    """While the driver process projects heads beside its workers, every library in it uses one thread."""
+
+    def __enter__(self):
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        from attnatlas.project.reducers import THREADS, set_threads
+
+        self.saved = (torch.get_num_threads(), THREADS)
+        self.limits = threadpool_limits(1)
+        torch.set_num_threads(1)
+        set_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        from attnatlas.project.reducers import set_threads
+
+        self.limits.restore_original_limits()
+        torch.set_num_threads(self.saved[0])
+        set_threads(self.saved[1])
 
 
 # ---- whole model ---------------------------------------------------------------------------------
@@ -295,7 +328,10 @@ def project_model(
         saved = {v: os.environ.get(v) for v in env}
         os.environ.update(env)  # spawned workers read these at start
         try:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+            # Per head, the driver is one of the workers: it starts at once while the spawned ones import
+            # and compile (about 15 s each here), and no core idles.
+            pool_size = workers if batched else workers - 1
+            with ProcessPoolExecutor(pool_size, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                      initargs=(threads,)) as pool:
                 if batched:
                     futs = [pool.submit(project_layer, *args, L, hs, todo, *tail) for L, hs, todo in calls]
@@ -303,9 +339,7 @@ def project_model(
                         for res in f.result():
                             collect(res)
                 else:
-                    futs = [pool.submit(project_head, *args, L, h, todo, *tail) for L, h, todo in targets]
-                    for f in as_completed(futs):
-                        collect(f.result())
+                    _share_with_pool(pool, workers, [(*args, L, h, todo, *tail) for L, h, todo in targets], collect)
         finally:
             for v, old in saved.items():
                 if old is None:
@@ -320,6 +354,36 @@ def project_model(
     summary["quality"] = {m: float(np.mean(v)) if v else None for m, v in summary["quality"].items()}
     summary["failed"].sort()
     return summary
+
+
+def _share_with_pool(pool: ProcessPoolExecutor, workers: int, calls: list[tuple], collect: Callable[[dict], None]) -> None:
+    """Run `project_head` on every call: `workers - 1` pool processes (two calls queued each, so none
+    waits on the driver) and the driver itself, which takes the next call whenever it is free."""
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    queue, pending = deque(calls), set()
+
+    def harvest(block: bool) -> None:
+        nonlocal pending
+        if not pending:
+            return
+        done, pending = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for f in done:
+            collect(f.result())
+
+    def top_up() -> None:
+        while queue and len(pending) < 2 * (workers - 1):
+            pending.add(pool.submit(project_head, *queue.popleft()))
+
+    top_up()
+    with _driver_threads():
+        while queue:
+            collect(project_head(*queue.popleft()))
+            harvest(block=False)
+            top_up()
+    while pending:
+        harvest(block=True)
 
 
 def _json(obj: Any) -> Any:
