@@ -194,8 +194,9 @@ def test_too_few_points_adapts_and_records(tmp_path):
     assert s["adapted"]["tsne"]["perplexity"] == pytest.approx(19 / 3)
     assert tiny.layout_params(M, "tsne")["adapted"]["perplexity"] == pytest.approx(19 / 3)
     assert tiny.layout_done(M, "tsne")[0, 0]
-    u = get_reducer("umap")
+    u = get_reducer("umap", init="spectral")
     assert u.adapt(8) == {"n_neighbors": 7} and u.knn_needed == 7
+    assert get_reducer("umap").init_reducer(4) is None  # too few points for its t-SNE start
     with pytest.raises(InputError, match="at least 5 points"):
         get_reducer("tsne").adapt(4)
 
@@ -286,3 +287,28 @@ def test_knn_backends_agree_and_put_self_first_among_duplicates(metric, monkeypa
     clean = np.setdiff1d(np.arange(200), twins)
     canon = [np.sort(np.where(np.isin(idx[clean], twins), -1, idx[clean]), 1) for idx, _ in (fa, th)]
     np.testing.assert_array_equal(*canon)  # which of the tied twins is listed is arbitrary
+
+
+def test_tsne_layout_does_not_depend_on_which_methods_run_with_it(small, tmp_path):
+    """t-SNE takes the PCA layout as its init when PCA runs in the same job, and computes the same
+    PCA itself otherwise: the stored layouts are identical."""
+    shutil.copytree(small.path, tmp_path / "alone")
+    alone = Atlas.open(tmp_path / "alone")
+    project_model(small, M, "tsne,pca", layers=[1], heads=[3], progress=False)
+    project_model(alone, M, "tsne", layers=[1], heads=[3], progress=False)
+    np.testing.assert_array_equal(small.layout_coords(M, "tsne", 1, 3), alone.layout_coords(M, "tsne", 1, 3))
+
+
+def test_umap_starts_from_the_same_tsne_whether_or_not_tsne_runs(small, tmp_path):
+    shutil.copytree(small.path, tmp_path / "alone")
+    alone = Atlas.open(tmp_path / "alone")
+    project_model(small, M, "umap,tsne,pca", layers=[0], heads=[1], progress=False)
+    project_model(alone, M, "umap", layers=[0], heads=[1], progress=False)
+    np.testing.assert_array_equal(small.layout_coords(M, "umap", 0, 1), alone.layout_coords(M, "umap", 0, 1))
+    assert alone.layout_params(M, "umap")["init"] == "tsne"
+    # A changed t-SNE is not handed to UMAP: it still starts from the default t-SNE.
+    shutil.copytree(small.path, tmp_path / "custom", ignore=shutil.ignore_patterns("layouts"))
+    custom = Atlas.open(tmp_path / "custom")
+    project_model(custom, M, "tsne,umap", layers=[0], heads=[1], progress=False,
+                  reducer_params={"tsne": {"perplexity": 10.0}})
+    np.testing.assert_array_equal(custom.layout_coords(M, "umap", 0, 1), alone.layout_coords(M, "umap", 0, 1))

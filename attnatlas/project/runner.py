@@ -114,13 +114,20 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
         need = max([QUALITY_K + 1] + [r.knn_needed for r, _ in reducers])
         knn = knn_graph(X, need, metric)
         share = (time.perf_counter() - t0) / len(reducers)
-        for r, params in reducers:
+        layouts: dict[str, np.ndarray] = {}
+        by_name = {r.name: r for r, _ in reducers}
+
+        def depth(r: Any) -> int:  # providers of an init run before the reducers they start
+            return 0 if r.init_from not in by_name else 1 + depth(by_name[r.init_from])
+
+        for r, params in sorted(reducers, key=lambda rp: depth(rp[0])):
             try:
                 t1 = time.perf_counter()
-                Y = r.fit_transform(X, knn=knn)
+                Y = r.fit_transform(X, init=_given_init(r, reducers, layouts, len(X)), knn=knn)
                 secs = time.perf_counter() - t1 + share
                 if Y.shape != (len(X), 2) or not np.isfinite(Y).all():
                     raise RuntimeError("the reducer returned non-finite or misshapen coordinates")
+                layouts[r.name] = Y
                 qual = layout_quality(X, Y, metric, knn=knn, seed=seed)
                 qual["seconds"] = secs
                 _writer(atlas, model, r.name, rows, params).write_head(layer, head, Y, qual)
@@ -130,6 +137,18 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
     except Exception as exc:
         out["errors"].append(("*", f"{type(exc).__name__}: {exc}"))
     return out
+
+
+def _given_init(r: Any, reducers: list[tuple[Any, dict]], layouts: dict[str, np.ndarray], n_points: int) -> np.ndarray | None:
+    """The layout `r` starts from, when the same job already made it with exactly the settings `r`
+    would use itself; otherwise None, and `r` computes its own (so results never depend on the job)."""
+    if r.init_from not in layouts:
+        return None
+    want = r.init_reducer(n_points) if hasattr(r, "init_reducer") else None
+    made = next(p for p, _ in reducers if p.name == r.init_from)
+    if hasattr(r, "init_reducer") and (want is None or _json(want.params) != _json(made.params)):
+        return None
+    return layouts[r.init_from]
 
 
 def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], jobs: list[tuple[str, dict, dict, dict]],
