@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import os
 import re
 import sys
 import time
@@ -34,23 +35,20 @@ from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, tokens_per_chunk
 
 DEFAULT_MAX_TOKENS = 512
 STORAGE_DTYPES = ("float16", "float32")
-# Batches differ in padded length, so every batch frees and re-allocates tensors of new sizes. glibc's
-# default raises its mmap threshold after each large free, serves later tensors from the heap, and the
+# Batches differ in padded length, so every batch frees and re-allocates tensors of new sizes, and glibc's
 # heap fragments: RSS then grows with the corpus (measured: +291 -> +503 MiB over a 20x demo corpus).
-# A fixed threshold keeps large tensors in mmap'd blocks returned on free (+197 -> +244 MiB).
-MMAP_THRESHOLD = 128 * 1024
-_M_MMAP_THRESHOLD = -3
+# Handing free heap pages back every few batches keeps it flat at the cost of a heap walk.
+TRIM_EVERY = int(os.environ.get("ATTNATLAS_TRIM_EVERY", 8))  # batches
 
 
-def _fix_mmap_threshold() -> None:
-    """Pin glibc's mmap threshold (process-wide, idempotent; a no-op off glibc)."""
+def _release_free_heap() -> None:
+    """glibc's malloc_trim(0): return free pages of every arena to the OS; a no-op off glibc."""
     if not sys.platform.startswith("linux"):
         return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        pass  # musl and others: no mallopt
+        pass  # musl and others
 
 
 @dataclass
@@ -427,14 +425,15 @@ def extract(
         H, W = attrs["image_size"]
         specs["images"] = ArraySpec((n_items, H, W, 3), "uint8", 0, (1, H, W, 3), compress=True, per_token=False)
 
-    _fix_mmap_threshold()
     started = time.perf_counter()
     with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite) as writer:
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
                   disable=not opts.progress) as bar:
-            for batch, count in batches:
+            for i, (batch, count) in enumerate(batches, 1):
                 writer.append(batch.arrays, batch.tokens, batch.sequences)
                 bar.update(count)
+                if i % TRIM_EVERY == 0:
+                    _release_free_heap()
         writer.attrs["scaling"] = [scalings[i] for i in range(n_layers)]
         writer.attrs["extract_seconds"] = round(time.perf_counter() - started, 3)
         writer.commit(overwrite=overwrite)

@@ -23,7 +23,9 @@ import os
 import shutil
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,9 @@ class ArraySpec:
     per_token: bool = True  # False: one row per sequence (e.g. processed images), not per token
 
 
+MAX_PENDING_WRITES = 2  # chunk columns queued for the write thread (each copied: bounded memory)
+
+
 @dataclass
 class _Buffer:
     """Holds one chunk-column of token rows so Zarr only ever sees whole, aligned chunks."""
@@ -105,6 +110,10 @@ class ModelWriter:
                         "sequences": _TableStream(self.temp / "sequences.parquet")}
         self._pending_rows = 0
         self.rows_written = 0
+        # Zarr writes run on one background thread while the next batch computes; at most
+        # MAX_PENDING_WRITES chunk columns wait, so memory stays bounded.
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="attnatlas-write")
+        self._writes: deque[Future] = deque()
 
     def append(self, arrays: dict[str, np.ndarray], tokens: pd.DataFrame, sequences: pd.DataFrame) -> None:
         """Add the next `len(tokens)` token rows of every array (token axis as in the spec)."""
@@ -153,15 +162,24 @@ class ModelWriter:
         dst[ax] = slice(buf.start, buf.start + buf.fill)
         src = [slice(None)] * buf.data.ndim
         src[ax] = slice(0, buf.fill)
-        self.arrays[key][tuple(dst)] = buf.data[tuple(src)]
+        block = buf.data[tuple(src)].copy()  # the buffer refills while the copy is written
+        while len(self._writes) >= MAX_PENDING_WRITES:
+            self._writes.popleft().result()  # re-raises a failed write here
+        self._writes.append(self._io.submit(self.arrays[key].__setitem__, tuple(dst), block))
         buf.start += buf.fill
         buf.fill = 0
+
+    def _drain(self) -> None:
+        while self._writes:
+            self._writes.popleft().result()
 
     def commit(self, overwrite: bool = False) -> None:
         if self.rows_written != self.n_tokens:
             raise RuntimeError(f"wrote {self.rows_written} token rows, expected {self.n_tokens}")
         for key in self.buffers:
             self._flush(key)
+        self._drain()
+        self._io.shutdown()
         self._write_tables()
         for stream in self._tables.values():
             stream.close()
@@ -170,6 +188,7 @@ class ModelWriter:
         self.atlas._install_model(self.temp, self.name, overwrite)
 
     def abort(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
         for stream in self._tables.values():
             try:
                 stream.close()
