@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
-import os
 import re
 import sys
 import time
@@ -37,8 +36,8 @@ DEFAULT_MAX_TOKENS = 512
 STORAGE_DTYPES = ("float16", "float32")
 # Batches differ in padded length, so every batch frees and re-allocates tensors of new sizes, and glibc's
 # heap fragments: RSS then grows with the corpus (measured: +291 -> +503 MiB over a 20x demo corpus).
-# Handing free heap pages back every few batches keeps it flat at the cost of a heap walk.
-TRIM_EVERY = int(os.environ.get("ATTNATLAS_TRIM_EVERY", 8))  # batches
+# Handing free heap pages back every few batches makes it level off (docs/scale.md) for one heap walk.
+TRIM_EVERY = 8  # batches
 
 
 def _release_free_heap() -> None:
