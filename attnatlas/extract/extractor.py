@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import re
 import sys
@@ -40,14 +41,22 @@ STORAGE_DTYPES = ("float16", "float32")
 TRIM_EVERY = 8  # batches
 
 
-def _release_free_heap() -> None:
-    """glibc's malloc_trim(0): return free pages of every arena to the OS; a no-op off glibc."""
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None (not Linux, or a libc without it, such as musl)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass  # musl and others
+        return None
+
+
+def _release_free_heap() -> None:
+    """Return free pages of every malloc arena to the OS."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass

@@ -65,9 +65,6 @@ class Reducer:
     knn_needed: ClassVar[int] = 0  # neighbours (self included) it reads from the shared graph
     defaults: ClassVar[dict[str, Any]] = {}
     min_points: ClassVar[int] = 3
-    # A reducer whose layout is this one's `init`; the runner runs it first and hands its result over.
-    # Only for inits the reducer would compute identically itself, so results never depend on the job.
-    init_from: ClassVar[str | None] = None
 
     def __init__(self, metric: str = "cosine", random_state: int = 0, **params: Any):
         if metric not in METRICS:
@@ -96,6 +93,12 @@ class Reducer:
 
     def fit_transform(self, X: np.ndarray, init: np.ndarray | None = None, knn: tuple | None = None) -> np.ndarray:
         raise NotImplementedError
+
+    def init_reducer(self, n_points: int | None = None) -> "Reducer | None":
+        """The reducer whose layout starts this one, computed here when `init` is not given. The runner
+        runs it first and hands its layout over only when its params match, so results never depend
+        on which methods share a job."""
+        return None
 
     @property
     def batched(self) -> bool:
@@ -171,7 +174,6 @@ class TSNEReducer(_Backends):
     defaults = {"perplexity": 30.0, "max_iter": 125, "early_iter": 50, "early_exaggeration": 12.0, "angle": 0.5,
                 "backend": "auto"}
     backends = ("cuml", "sklearnex", "sklearn")
-    init_from = "pca"
     # Batched: sampled repulsion converges slower than Barnes-Hut, so it keeps the long schedule.
     batched_defaults = {"negatives": 16, "batched_max_iter": 300, "batched_early_iter": 250}
     min_points = 5
@@ -226,7 +228,7 @@ class TSNEReducer(_Backends):
             return np.asarray(CuTSNE(n_components=2, perplexity=perplexity, n_iter=int(o["max_iter"]),
                                      random_state=self.random_state).fit_transform(Z), np.float32)
         if init is None:
-            init = PCAReducer(self.metric).fit_transform(X)
+            init = self.init_reducer().fit_transform(X)
         # scikit-learn's own PCA init convention: std of the first axis 1e-4.
         init = (init / max(float(np.std(init[:, 0])), 1e-12) * 1e-4).astype(np.float32)
         Z, metric = self._input(X, knn)
@@ -237,6 +239,9 @@ class TSNEReducer(_Backends):
                     early_exaggeration=o["early_exaggeration"], angle=o["angle"], n_jobs=THREADS,
                     random_state=self.random_state).fit_transform(Z)
         return np.asarray(Y, dtype=np.float32)
+
+    def init_reducer(self, n_points=None):
+        return PCAReducer(self.metric, self.random_state)
 
     def _input(self, X: np.ndarray, knn: tuple | None) -> tuple[Any, str]:
         """The shared kNN graph as sparse distances when it is deep enough, else the points themselves."""
@@ -296,13 +301,11 @@ class UMAPReducer(_Backends):
         start = self.init_reducer()
         return max(nn, start.knn_needed) if start is not None else nn
 
-    @property
-    def init_from(self) -> str | None:  # type: ignore[override]
-        return "tsne" if self.options["init"] == "tsne" and not self.batched else None
-
-    def init_reducer(self, n_points: int | None = None) -> Reducer | None:
+    def init_reducer(self, n_points=None):
         """The t-SNE (default settings, this seed) whose layout starts UMAP; None for other inits."""
-        if self.init_from is None or (n_points is not None and n_points < TSNEReducer.min_points):
+        if self.options["init"] != "tsne" or self.batched:
+            return None
+        if n_points is not None and n_points < TSNEReducer.min_points:
             return None  # too few points for t-SNE: umap-learn's spectral init
         t = TSNEReducer(self.metric, self.random_state)
         t.adapt(n_points if n_points is not None else self.adapted.get("n_points", 10**9))

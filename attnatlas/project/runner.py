@@ -118,7 +118,8 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
         by_name = {r.name: r for r, _ in reducers}
 
         def depth(r: Any) -> int:  # providers of an init run before the reducers they start
-            return 0 if r.init_from not in by_name else 1 + depth(by_name[r.init_from])
+            start = r.init_reducer(len(X))
+            return 0 if start is None or start.name not in by_name else 1 + depth(by_name[start.name])
 
         for r, params in sorted(reducers, key=lambda rp: depth(rp[0])):
             try:
@@ -142,13 +143,11 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
 def _given_init(r: Any, reducers: list[tuple[Any, dict]], layouts: dict[str, np.ndarray], n_points: int) -> np.ndarray | None:
     """The layout `r` starts from, when the same job already made it with exactly the settings `r`
     would use itself; otherwise None, and `r` computes its own (so results never depend on the job)."""
-    if r.init_from not in layouts:
+    want = r.init_reducer(n_points)
+    if want is None or want.name not in layouts:
         return None
-    want = r.init_reducer(n_points) if hasattr(r, "init_reducer") else None
-    made = next(p for p, _ in reducers if p.name == r.init_from)
-    if hasattr(r, "init_reducer") and (want is None or _json(want.params) != _json(made.params)):
-        return None
-    return layouts[r.init_from]
+    made = next(p for p, _ in reducers if p.name == want.name)
+    return layouts[want.name] if _json(want.params) == _json(made.params) else None
 
 
 def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], jobs: list[tuple[str, dict, dict, dict]],
