@@ -68,7 +68,7 @@ def test_good_config_resolves_paths_and_jobs(cfg_dir):
     (("methods = [\"pca\"]", "methods = [\"pca\"]\nworkers = \"two\""), "build.workers", 4),
     (("methods = [\"pca\"]", "methods = [\"pca\"]\nschedular = \"local\""), "build.schedular", 4),
     (("methods = [\"pca\"]", "methods = [\"pca\"]\nscheduler = \"myhost:8786\""), "build.scheduler", 4),
-    (("atlas = \"atlas\"", "atlas = \"s3://bucket/atlas\""), "build.atlas", 2),
+    (("atlas = \"atlas\"", "atlas = \"nosuchfs://bucket/atlas\""), "build.atlas", 2),
     (("id = \"some/model\"", "idd = \"some/model\""), "models.tiny.idd", 9),
 ])
 def test_config_errors_name_key_and_line(cfg_dir, edit, key, line):
@@ -287,3 +287,92 @@ def test_project_cli_runs_on_a_local_dask_cluster_and_fails_fast_without_one(tmp
     assert open_atlas(tmp_path / "a").layout_done("synthetic", "pca").all()
     code = cli(["project", str(tmp_path / "a"), "--method", "pca", "--scheduler", "tcp://127.0.0.1:9", "--quiet"])
     assert code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+# ---- atlases at fsspec URLs --------------------------------------------------------------------
+def test_memory_url_atlas_extracts_projects_and_matches_a_folder(tmp_path, tiny_bert):
+    from attnatlas.extract import ExtractOptions, extract
+    from attnatlas.store import open_atlas
+
+    texts = [f"the cat sat on mat {i}" for i in range(6)]
+    url = f"memory://attnatlas-test-{uuid.uuid4().hex[:8]}/atlas"
+    opts = ExtractOptions(progress=False, device="cpu", attention_topk=4)
+    for where in (url, tmp_path / "local"):
+        extract(where, str(tiny_bert), texts=texts, name="m", options=opts)
+        project_model(where, "m", methods="pca,tsne", seed=1, progress=False)
+    remote, local = open_atlas(url), open_atlas(tmp_path / "local")
+    assert str(remote.path) == url and remote.models == ["m"]
+    assert remote.tokens("m").equals(local.tokens("m")) and remote.sequences("m").equals(local.sequences("m"))
+    for L in range(2):
+        for h in range(4):
+            np.testing.assert_array_equal(remote.queries("m", L, h), local.queries("m", L, h))
+            np.testing.assert_array_equal(remote.keys("m", L, h), local.keys("m", L, h))
+            for method in ("pca", "tsne"):
+                np.testing.assert_array_equal(remote.layout_coords("m", method, L, h), local.layout_coords("m", method, L, h))
+    remote.write_table("m", "extra", remote.tokens("m").head(3))
+    assert remote.tables("m") == ["extra"] and len(remote.read_table("m", "extra")) == 3
+    # Replacing the model keeps one visible copy and leaves no temp or trash folder behind.
+    extract(url, str(tiny_bert), texts=texts[:2], name="m", options=opts, overwrite=True)
+    assert open_atlas(url).models == ["m"] and len(open_atlas(url).sequences("m")) == 2
+    assert not [x.name for x in (remote.path / "models").iterdir() if x.name.startswith(".")]
+    with pytest.raises(InputError, match="worker processes cannot see it"):
+        project_model(url, "m", methods="pca", workers=2, force=True, progress=False)
+
+
+def test_unknown_url_scheme_is_one_clear_message(capsys):
+    assert main(["info", "nosuchfs://bucket/atlas"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuchfs" in err and "Traceback" not in err
+
+
+@pytest.fixture()
+def s3_bucket(monkeypatch) -> str:
+    """A local S3 endpoint (moto) on 127.0.0.1 with one empty bucket; credentials via the
+    environment, which Dask's worker processes inherit."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        import fsspec
+
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("atlases")
+        yield "s3://atlases"
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.slow  # a moto server and two Dask worker processes: ~30 s
+def test_s3_atlas_projected_by_dask_worker_processes(tmp_path, s3_bucket):
+    from attnatlas.scale.distributed import dask_client, project_distributed
+    from attnatlas.store import open_atlas
+
+    url = f"{s3_bucket}/study"
+    synthetic_atlas(url, n_layers=2, n_heads=2, n_seq=12)
+    local = synthetic_atlas(tmp_path / "local", n_layers=2, n_heads=2, n_seq=12)
+    project_model(local, M, methods="pca,tsne", seed=2, progress=False)
+    with dask_client("local", workers=2, threads_per_worker=1, processes=True) as client:
+        s = project_distributed(client, url, M, methods="pca,tsne", seed=2, progress=False)
+    assert s["done"] == 8 and not s["failed"], s["failed"]
+    remote = open_atlas(url)
+    for method in ("pca", "tsne"):
+        assert remote.layout_done(M, method).all()
+        for L in range(2):
+            for h in range(2):
+                np.testing.assert_array_equal(remote.layout_coords(M, method, L, h), local.layout_coords(M, method, L, h))

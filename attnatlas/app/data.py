@@ -93,7 +93,7 @@ class AppData:
     """Opens the atlas read-only and serves validated, cached slices of it."""
 
     def __init__(self, path: str | Path, grid_tokens: int = 100, head_cache: int = 48, backend: str = "canvas"):
-        self.path = Path(path)
+        self.path = str(path)
         self.backend = backend if backend in ("webgl", "canvas") else "canvas"  # Bokeh output_backend of the scatters
         self.atlas = Atlas.open(self.path)
         self.models: tuple[str, ...] = tuple(m for m in self.atlas.models if self.atlas.layout_methods(m))

@@ -25,6 +25,8 @@ DEFAULT_METHODS = ("tsne", "umap", "pca")
 # Above this many points per head (2 x tokens) a seeded sample of token rows is projected: t-SNE
 # and UMAP cost grows faster than linearly and 20k points is past what one scatter plot shows well.
 MAX_POINTS = 20_000
+# Thread-count variables a spawned worker reads at start, set to its share of the cores.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def parse_list(value: str | Iterable[int] | None, upper: int, what: str) -> list[int] | None:
@@ -330,6 +332,9 @@ def project_model(
         for (L, names_), hs in groups.items():
             calls.append((L, hs, [j for j in jobs if j[0] in names_]))
     workers = max(1, min(int(workers), (len(calls) if batched else len(targets)) or 1))
+    if workers > 1 and dispatch is None and atlas.path.protocol == "memory":
+        raise InputError(f"{atlas.path} lives inside this process, where worker processes cannot see it; "
+                         f"use workers=1 or storage they share (a folder, s3://...).")
     if batched and workers == 1:
         for L, hs, todo in calls:
             for res in project_layer(*args, L, hs, todo, *tail):
@@ -342,7 +347,7 @@ def project_model(
             collect(project_head(*args, L, h, todo, *tail))
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        env = {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}
+        env = {v: str(threads) for v in THREAD_VARS}
         saved = {v: os.environ.get(v) for v in env}
         os.environ.update(env)  # spawned workers read these at start
         try:

@@ -1,7 +1,7 @@
 """`attnatlas build` configuration: one TOML file naming models x corpora x methods.
 
     [build]
-    atlas = "atlases/study"        # a folder every worker can reach (relative to this file)
+    atlas = "atlases/study"        # a folder (relative to this file) or an fsspec URL every worker reaches
     methods = ["pca", "umap"]
     scheduler = "none"             # none | local | tcp://host:port
 
@@ -73,7 +73,7 @@ class ModelSpec:
 @dataclass
 class BuildConfig:
     path: Path
-    atlas: Path
+    atlas: Path | str  # a local folder, or an fsspec URL such as s3://bucket/atlas
     models: list[ModelSpec]
     corpora: dict[str, Corpus]
     device: str = "auto"
@@ -259,12 +259,16 @@ def parse_config(text: str, path: Path) -> BuildConfig:
     return BuildConfig(path=path, atlas=atlas, models=models, corpora=corpora, **opts)
 
 
-def _atlas_path(ctx: _Ctx, value: str, base: Path) -> Path:
+def _atlas_path(ctx: _Ctx, value: str, base: Path) -> Path | str:
     m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$", value)
     if m and m.group(1) != "file":
-        # The store opens folders (zarr LocalStore + Parquet files), not fsspec URLs.
-        raise ctx.error(("build", "atlas"), f"{value!r}: only local or mounted folders work; mount the "
-                                            f"{m.group(1)} bucket (e.g. with a FUSE driver) on every worker and give that path.")
+        import fsspec
+
+        try:
+            fsspec.get_filesystem_class(m.group(1))
+        except (ImportError, ValueError) as exc:
+            raise ctx.error(("build", "atlas"), f"{value!r}: no fsspec driver for {m.group(1)}:// here ({exc}).") from None
+        return value
     return (base / Path(m.group(2) if m else value).expanduser()).resolve()
 
 

@@ -4,8 +4,9 @@ The driver (`project_model`) creates each method's layout arrays before anything
 each head then writes only its own chunks (coords (1,1,2N,2), quality (1,1,4)), so workers need
 no locks, and a task re-run after a lost worker rewrites the same chunks with the same values.
 
-The atlas must be a folder every worker reaches at the same path (local disk for a LocalCluster,
-a shared or FUSE-mounted filesystem for a real cluster); workers are checked before any task runs.
+The atlas must be storage every worker reaches under the same name: a local folder for a
+LocalCluster, a shared filesystem, or an fsspec URL (s3://bucket/atlas) for a real cluster;
+workers are checked before any task runs.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ import logging
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from attnatlas.errors import AtlasError, InputError
+from attnatlas.project.runner import THREAD_VARS
 
 log = logging.getLogger(__name__)
 RETRIES = 2  # each head's chunks are written idempotently, so a re-run is safe
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def _distributed() -> Any:
@@ -70,11 +70,17 @@ def dask_client(scheduler: str, workers: int = 2, threads_per_worker: int = 1, t
 def _worker_ready(path: str) -> str:
     """'' if this worker sees the atlas and can import the projection code, else why not.
     Importing here also pays sklearn/torch start-up before heads are timed."""
-    if not os.path.isfile(os.path.join(path, "zarr.json")):
-        return f"no atlas at {path}"
     try:
-        import attnatlas.project.runner  # noqa: F401
+        from attnatlas.store.location import Location
+
+        if not (Location.of(path) / "zarr.json").is_file():
+            return f"no atlas at {path}"
         import sklearn.neighbors  # noqa: F401
+
+        from attnatlas.project.reducers import set_threads
+
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # oneDAL follows only an explicit n_jobs
+            set_threads(int(os.environ["OMP_NUM_THREADS"]))
     except Exception as exc:
         return f"cannot import the projection code ({type(exc).__name__}: {exc})"
     return ""
@@ -96,7 +102,7 @@ def check_workers(client: Any, atlas_path: str | os.PathLike, wait: float = 30.0
     bad = sorted((w, why) for w, why in seen.items() if why)
     if bad:
         raise AtlasError(f"{len(bad)} of {n} Dask worker(s) are not ready, e.g. {bad[0][0]}: {bad[0][1]}. Put the atlas "
-                         f"on storage every worker mounts at the same path, with attnatlas installed there.")
+                         f"on storage every worker reaches under the same path or URL, with attnatlas installed there.")
     return n
 
 
@@ -130,7 +136,8 @@ def project_distributed(client: Any, atlas: Any, model: str, task: Callable[...,
     """`project_model` with each head a Dask task on `client`'s workers; same summary dict."""
     from attnatlas.project.runner import project_model
     from attnatlas.store import Atlas
+    from attnatlas.store.location import Location
 
-    path = Path(atlas.path if isinstance(atlas, Atlas) else atlas).expanduser().resolve()
+    path = atlas.path if isinstance(atlas, Atlas) else Location.of(atlas)
     check_workers(client, path)
     return project_model(Atlas.open(path), model, dispatch=dask_dispatch(client, model, task), **kwargs)

@@ -1,5 +1,7 @@
 """The atlas on disk: Zarr arrays per model (one chunk column per head) and Parquet token tables.
 
+An atlas is a local folder or any fsspec URL (s3://bucket/atlas, memory://x); see location.py.
+
 Layout of an atlas folder:
     zarr.json                      root group, attrs {"attnatlas_format": FORMAT_VERSION}
     models/<name>/                 one model, written atomically (temp folder, then rename)
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 from collections import deque
@@ -28,7 +29,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from attnatlas.errors import StoreError
+from attnatlas.store.location import Location
 
 FORMAT_VERSION = 1
 QUALITY_FIELDS = ("trustworthiness", "knn_kept", "seconds", "points")
@@ -194,17 +195,18 @@ class ModelWriter:
                 stream.close()
             except Exception:
                 pass
-        shutil.rmtree(self.temp, ignore_errors=True)
+        self.temp.rmtree()
 
 
 @dataclass
 class _TableStream:
     """One Parquet file written as row groups; the first group fixes the schema."""
 
-    path: Path
+    path: Location
     pending: list[pd.DataFrame] = field(default_factory=list)
     writer: pq.ParquetWriter | None = None
     schema: pa.Schema | None = None
+    file: Any = None
 
     def write(self) -> None:
         if not self.pending:
@@ -212,7 +214,8 @@ class _TableStream:
         table = pa.Table.from_pandas(pd.concat(self.pending, ignore_index=True), preserve_index=False)
         if self.writer is None:
             self.schema = table.schema
-            self.writer = pq.ParquetWriter(str(self.path), table.schema)
+            self.file = self.path.open("wb")
+            self.writer = pq.ParquetWriter(self.file, table.schema)
         self.writer.write_table(table.cast(self.schema))
         self.pending = []
 
@@ -220,6 +223,9 @@ class _TableStream:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -275,7 +281,7 @@ class ModelInfo:
 class Atlas:
     """An atlas folder. Reading needs no torch; every array read returns float32 numpy."""
 
-    def __init__(self, path: Path, root: Any):
+    def __init__(self, path: Location, root: Any):
         self.path = path
         self.root = root
         self._token_cache: dict[str, pd.DataFrame] = {}
@@ -283,14 +289,14 @@ class Atlas:
 
     # ---- opening and creating -------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, create: bool = False) -> "Atlas":
-        p = Path(path).expanduser()
+    def open(cls, path: "str | os.PathLike | Location", create: bool = False) -> "Atlas":
+        p = Location.of(path)
         meta = p / "zarr.json"
         if p.exists() and not p.is_dir():
             raise StoreError(f"{p} is a file, not an atlas folder.")
         if p.is_dir() and meta.is_file():
             try:
-                root = zarr.open_group(str(p), mode="r+" if os.access(p, os.W_OK) else "r")
+                root = zarr.open_group(str(p), mode="r+" if p.writable() else "r")
             except Exception as exc:
                 raise StoreError(f"{p} holds a broken zarr.json and is not a readable atlas ({exc}).") from None
             if "attnatlas_format" not in root.attrs:
@@ -300,20 +306,14 @@ class Atlas:
             return cls(p, root)
         if not create:
             raise StoreError(f"No atlas at {p}. Create one with `attnatlas extract ... --out {p}`.")
-        if p.is_dir() and any(p.iterdir()):
+        if p.is_dir() and p.iterdir():
             raise StoreError(f"{p} is a non-empty folder that is not an atlas; choose an empty or new --out.")
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-            probe = p / f".write-test-{uuid.uuid4().hex[:6]}"
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            raise StoreError(f"Cannot write to {p}: {exc.strerror or exc}.") from None
+        p.check_writable()
         root = zarr.open_group(str(p), mode="w", attributes={"attnatlas_format": FORMAT_VERSION})
         root.require_group("models")
         return cls(p, root)
 
-    def _model_dir(self, name: str) -> Path:
+    def _model_dir(self, name: str) -> Location:
         return self.path / "models" / name
 
     @property
@@ -325,7 +325,7 @@ class Atlas:
 
     def group(self, model: str) -> Any:
         self.require_model(model)
-        return zarr.open_group(str(self._model_dir(model)), mode="r+" if os.access(self.path, os.W_OK) else "r")
+        return zarr.open_group(str(self._model_dir(model)), mode="r+" if self.path.writable() else "r")
 
     def resolve_model(self, model: str | None) -> str:
         """`model` if given (and present), else the atlas's only model."""
@@ -363,44 +363,42 @@ class Atlas:
     def clean_incoming(self, name: str) -> None:
         """Remove leftovers of interrupted writes of `name` (never visible as models)."""
         d = self.path / "models"
-        for x in d.glob(f"{_INCOMING}{name}-*"):
-            shutil.rmtree(x, ignore_errors=True)
-        for x in d.glob(f"{_TRASH}{name}-*"):
-            shutil.rmtree(x, ignore_errors=True)
+        for x in d.glob(f"{_INCOMING}{name}-*") + d.glob(f"{_TRASH}{name}-*"):
+            x.rmtree()
 
-    def _install_model(self, temp: Path, name: str, overwrite: bool) -> None:
+    def _install_model(self, temp: Location, name: str, overwrite: bool) -> None:
         final = self._model_dir(name)
         if final.exists():
             if not overwrite:
                 raise StoreError(f"The atlas already holds a model named {name!r}.")
             trash = final.with_name(f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
-            os.rename(final, trash)
-            os.rename(temp, final)
-            shutil.rmtree(trash, ignore_errors=True)
+            final.rename(trash)
+            temp.rename(final)
+            trash.rmtree()
         else:
-            os.rename(temp, final)
+            temp.rename(final)
         self._token_cache.pop(name, None)
         self._seq_cache.pop(name, None)
 
     def delete_model(self, name: str) -> None:
         self.require_model(name)
         trash = self._model_dir(name).with_name(f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
-        os.rename(self._model_dir(name), trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        self._model_dir(name).rename(trash)
+        trash.rmtree()
 
     # ---- reading vectors ---------------------------------------------------------------------
     def tokens(self, model: str) -> pd.DataFrame:
         """One row per stored token, aligned with the token axis of every array."""
         if model not in self._token_cache:
             self.require_model(model)
-            self._token_cache[model] = pd.read_parquet(self._model_dir(model) / "tokens.parquet")
+            self._token_cache[model] = pd.read_parquet(str(self._model_dir(model) / "tokens.parquet"))
         return self._token_cache[model]
 
     def sequences(self, model: str) -> pd.DataFrame:
         """One row per input sequence or image: `sequence`, `source`, `text` (or image path), `n_tokens`."""
         if model not in self._seq_cache:
             self.require_model(model)
-            self._seq_cache[model] = pd.read_parquet(self._model_dir(model) / "sequences.parquet")
+            self._seq_cache[model] = pd.read_parquet(str(self._model_dir(model) / "sequences.parquet"))
         return self._seq_cache[model]
 
     def has_array(self, model: str, key: str) -> bool:
@@ -480,7 +478,7 @@ class Atlas:
             same_rows = np.array_equal(np.asarray(grp["rows"][:]), rows)
             if same_rows and dict(grp.attrs).get("params") == params:
                 return LayoutWriter(grp["coords"], grp["quality"])
-            shutil.rmtree(path)
+            path.rmtree()
         n = len(rows)
         grp = zarr.open_group(str(path), mode="w", attributes={"params": params, "method": method})
         grp.create_array("rows", data=np.asarray(rows, dtype=np.int64))
@@ -540,26 +538,24 @@ class Atlas:
         )
 
     # ---- results of later stages -----------------------------------------------------------
-    def analysis_dir(self, model: str) -> Path:
+    def analysis_dir(self, model: str) -> Location:
         self.require_model(model)
         d = self._model_dir(model) / "analysis"
-        d.mkdir(exist_ok=True)
+        d.mkdir()
         return d
 
-    def write_table(self, model: str, name: str, df: pd.DataFrame) -> Path:
+    def write_table(self, model: str, name: str, df: pd.DataFrame) -> Location:
         """Atomically write an analysis table (Parquet) of one model."""
-        d = self.analysis_dir(model)
-        final = d / f"{name}.parquet"
-        tmp = d / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, final)
+        final = self.analysis_dir(model) / f"{name}.parquet"
+        with final.atomic_write() as target:
+            df.to_parquet(target, index=False)
         return final
 
     def read_table(self, model: str, name: str) -> pd.DataFrame:
         f = self._model_dir(model) / "analysis" / f"{name}.parquet"
         if not f.is_file():
             raise StoreError(f"Model {model!r} has no {name!r} results yet.")
-        return pd.read_parquet(f)
+        return pd.read_parquet(str(f))
 
     def tables(self, model: str) -> list[str]:
         """Names of the analysis tables stored for `model`."""
