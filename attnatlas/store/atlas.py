@@ -87,7 +87,7 @@ class _Buffer:
 class ModelWriter:
     """Streams one model's arrays into a temp folder; `commit` makes it visible in one rename."""
 
-    def __init__(self, atlas: "Atlas", name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any]):
+    def __init__(self, atlas: Atlas, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any]):
         self.atlas, self.name, self.n_tokens = atlas, name, n_tokens
         self.temp = atlas.path / "models" / f"{_INCOMING}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.group = zarr.open_group(str(self.temp), mode="w", attributes={})
@@ -289,7 +289,7 @@ class Atlas:
 
     # ---- opening and creating -------------------------------------------------------------
     @classmethod
-    def open(cls, path: "str | os.PathLike | Location", create: bool = False) -> "Atlas":
+    def open(cls, path: str | os.PathLike | Location, create: bool = False) -> Atlas:
         p = Location.of(path)
         meta = p / "zarr.json"
         if p.exists() and not p.is_dir():

@@ -37,7 +37,7 @@ class Location:
         self.fs, self.path, self.protocol = fs, path, protocol  # protocol None: local
 
     @classmethod
-    def of(cls, value: "str | os.PathLike | Location") -> "Location":
+    def of(cls, value: str | os.PathLike | Location) -> Location:
         if isinstance(value, Location):
             return value
         text = str(value)
@@ -56,7 +56,7 @@ class Location:
     def is_local(self) -> bool:
         return self.protocol is None
 
-    def __truediv__(self, part: str) -> "Location":
+    def __truediv__(self, part: str) -> Location:
         return Location(self.fs, posixpath.join(self.path, part) if not self.is_local else os.path.join(self.path, part),
                         self.protocol)
 
@@ -85,7 +85,7 @@ class Location:
     def stem(self) -> str:
         return self.name.rsplit(".", 1)[0]
 
-    def with_name(self, name: str) -> "Location":
+    def with_name(self, name: str) -> Location:
         return Location(self.fs, posixpath.join(posixpath.dirname(self.path.rstrip("/")), name), self.protocol)
 
     def _fresh(self) -> Any:
@@ -104,13 +104,13 @@ class Location:
     def is_file(self) -> bool:
         return bool(self._fresh().isfile(self.path))
 
-    def iterdir(self) -> list["Location"]:
+    def iterdir(self) -> list[Location]:
         if not self.is_dir():
             return []
         return [Location(self.fs, p.rstrip("/"), self.protocol) for p in self.fs.ls(self.path, detail=False)
                 if p.rstrip("/") != self.path.rstrip("/")]
 
-    def glob(self, pattern: str) -> list["Location"]:
+    def glob(self, pattern: str) -> list[Location]:
         """Direct children whose name matches `pattern` (no recursion)."""
         return [x for x in self.iterdir() if fnmatch.fnmatchcase(x.name, pattern)]
 
@@ -158,7 +158,7 @@ class Location:
         except FileNotFoundError:
             pass
 
-    def rename(self, dst: "Location", marker: str = "zarr.json") -> None:
+    def rename(self, dst: Location, marker: str = "zarr.json") -> None:
         """Move a folder to `dst` (which must not exist). Atomic on a local disk. On object stores
         every file is copied, `marker` last, so readers that look for the marker never see half."""
         if self.is_local:
