@@ -312,3 +312,26 @@ def test_umap_starts_from_the_same_tsne_whether_or_not_tsne_runs(small, tmp_path
     project_model(custom, M, "tsne,umap", layers=[0], heads=[1], progress=False,
                   reducer_params={"tsne": {"perplexity": 10.0}})
     np.testing.assert_array_equal(custom.layout_coords(M, "umap", 0, 1), alone.layout_coords(M, "umap", 0, 1))
+
+
+def test_cached_umap_kernels_compute_what_umap_learns_own_do():
+    import umap.umap_ as U
+
+    from attnatlas.project.numba_cache import ORIGINALS, cache_umap_kernels
+
+    assert cache_umap_kernels() == 3
+    twin = U.smooth_knn_dist
+    assert type(twin._cache).__name__ != "NullCache"  # cached on disk
+    own = ORIGINALS[("umap.umap_", "smooth_knn_dist")]
+    assert own is not twin and own.py_func is twin.py_func
+    rng = np.random.default_rng(0)
+    dists = np.sort(rng.random((300, 15)).astype(np.float32), axis=1)
+    dists[:, 0] = 0
+    s1, r1 = twin(dists, 15.0)
+    s2, r2 = own(dists, 15.0)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(r1, r2)
+    idx = rng.integers(0, 300, (300, 15)).astype(np.int32)
+    own_m = ORIGINALS[("umap.umap_", "compute_membership_strengths")]
+    for a, b in zip(U.compute_membership_strengths(idx, dists, s1, r1), own_m(idx, dists, s1, r1)):
+        np.testing.assert_array_equal(a, b)

@@ -8,6 +8,7 @@ UMAP and the quality check do not each search neighbours again.
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from typing import Any, ClassVar
 
@@ -18,13 +19,20 @@ from attnatlas.errors import InputError
 METRICS = ("cosine", "euclidean")
 REDUCERS: dict[str, type["Reducer"]] = {}
 # Threads a reducer may use; None = the library's default. Set by the runner when heads run in parallel
-# (threadpoolctl covers OpenMP/BLAS, but oneDAL's TBB pool only follows an explicit n_jobs).
+# (threadpoolctl covers OpenMP/BLAS, but not oneDAL's TBB pool).
 THREADS: int | None = None
 
 
 def set_threads(n: int | None) -> None:
     global THREADS
     THREADS = n
+    if _has("daal4py"):
+        # scikit-learn-intelex's TSNE ignores n_jobs: measured 1.7 cores busy at n_jobs=1 per process,
+        # so two workers oversubscribed two cores. daalinit sets oneDAL's pool for this process.
+        import daal4py
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        daal4py.daalinit(n or cores or 1)
 
 
 def register_reducer(cls: type["Reducer"]) -> type["Reducer"]:
@@ -278,18 +286,21 @@ def _short_schedule(backend: str, early_iter: int) -> type:
 
 @register_reducer
 class UMAPReducer(_Backends):
-    """umap-learn on the shared exact kNN graph, started from the head's t-SNE layout, 60 epochs.
+    """umap-learn on the shared exact kNN graph, started from the head's t-SNE layout, 30 epochs
+    with 3 negative samples per edge.
 
-    umap-learn runs 500 epochs up to 10k points (200 above), and the epochs are nearly all of its
-    time. From spectral init, short schedules lost up to 0.04 trustworthiness on real MiniLM heads;
-    from the t-SNE layout (default settings, the same one `tsne` stores, computed here when t-SNE is
-    not run alongside) 60 epochs stayed within 0.002 of umap-learn's full default. `init` may also
-    be spectral, pca or random. A seed makes umap-learn single-threaded; the runner gets its
-    parallelism from heads instead.
+    umap-learn runs 500 epochs up to 10k points (200 above) with 5 negative samples, and the epochs
+    are nearly all of its time: cost grows with epochs x (1 + negative samples). From spectral init,
+    short schedules lost up to 0.04 trustworthiness on real MiniLM heads. From the t-SNE layout
+    (default settings, the same one `tsne` stores, computed here when t-SNE is not run alongside),
+    30 epochs x 3 negatives cost a third of 60 x 5 and stayed within 0.005 of the AttentionViz
+    recipe's UMAP (3 real MiniLM heads; +0.004 on synthetic ones). `init` may also be spectral, pca
+    or random. A seed makes umap-learn single-threaded; the runner gets its parallelism from heads.
     """
 
     name = "umap"
-    defaults = {"n_neighbors": 15, "min_dist": 0.1, "n_epochs": 60, "init": "tsne", "backend": "auto"}
+    defaults = {"n_neighbors": 15, "min_dist": 0.1, "n_epochs": 30, "negative_sample_rate": 3, "init": "tsne",
+                "backend": "auto"}
     backends = ("cuml", "umap-learn")
     # Batched: PCA init (spectral is a per-head eigensolve), so a longer schedule than umap-learn's 100 epochs.
     batched_defaults = {"batched_epochs": 200, "negatives": 8}
@@ -349,6 +360,9 @@ class UMAPReducer(_Backends):
                                      random_state=self.random_state).fit_transform(X), np.float32)
         import umap
 
+        from attnatlas.project.numba_cache import cache_umap_kernels
+
+        cache_umap_kernels()
         pre = None
         if knn is not None and knn[0].shape[1] >= nn and len(X) > 4096:
             # umap-learn only uses a precomputed graph where it would otherwise run NN-descent.
@@ -357,6 +371,7 @@ class UMAPReducer(_Backends):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             red = umap.UMAP(n_neighbors=nn, min_dist=self.options["min_dist"], n_epochs=int(self.options["n_epochs"]),
-                            metric=self.metric, init=ini, random_state=self.random_state, precomputed_knn=pre or (None, None, None))
+                            negative_sample_rate=int(self.options["negative_sample_rate"]), metric=self.metric, init=ini,
+                            random_state=self.random_state, precomputed_knn=pre or (None, None, None))
             Y = red.fit_transform(X)
         return np.asarray(Y, dtype=np.float32)

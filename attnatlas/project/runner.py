@@ -221,6 +221,16 @@ def _init_worker(threads: int) -> None:
         pass
 
 
+def _load_thread_pools() -> None:
+    """Import the libraries that bring their own OpenMP/BLAS pools (faiss, SciPy's OpenBLAS)."""
+    import importlib.util
+
+    import scipy.linalg  # noqa: F401
+
+    if importlib.util.find_spec("faiss") is not None:
+        import faiss  # noqa: F401
+
+
 class _driver_threads:
     """While the driver process projects heads beside its workers, every library in it uses one thread."""
 
@@ -231,6 +241,7 @@ class _driver_threads:
         from attnatlas.project.reducers import THREADS, set_threads
 
         self.saved = (torch.get_num_threads(), THREADS)
+        _load_thread_pools()  # threadpoolctl limits only the pools already loaded
         self.limits = threadpool_limits(1)
         torch.set_num_threads(1)
         set_threads(1)
