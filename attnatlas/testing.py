@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -179,3 +181,46 @@ def write_synthetic_image_model(
         writer.commit(overwrite=True)
     # The writer streams along the token axis; images have none, so they go in beside the committed model.
     zarr.open_group(str(atlas.path / "models" / name), mode="r+").create_array("images", data=images)
+
+
+@contextlib.contextmanager
+def local_s3(bucket: str = "atlases") -> Iterator[str]:
+    """A local S3 endpoint (moto's server, on 127.0.0.1) with one empty bucket; yields "s3://BUCKET".
+    Endpoint and dummy credentials go into os.environ for the duration, so s3fs in this process and
+    in worker processes started meanwhile (Dask, spawn) reach it. Needs moto[server] and s3fs."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import fsspec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the local S3 server (moto) did not start") from None
+                time.sleep(0.1)
+        os.environ.update(env)
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.kill()
+        server.wait()

@@ -6,12 +6,15 @@ separate warm-up model, so the per-process start-up (imports, umap-learn's numba
 reported apart from the steady rate. With CUDA, also times extraction of a tiny random BERT on GPU
 vs CPU and says whether cuML reducers are in use; without CUDA it prints that it skipped that.
 
-    python scripts/bench_scale.py [--layers 2 --heads 6 --seq 100 --len 20 --methods pca,umap]
+    python scripts/bench_scale.py [--layers 2 --heads 6 --seq 100 --len 20 --methods pca,umap] [--no-s3]
+
+With moto and s3fs installed, a last row runs the 2-worker cluster on an atlas in a local S3 server.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -72,7 +75,13 @@ def main() -> None:
     ap.add_argument("--len", type=int, default=20)
     ap.add_argument("--methods", default="pca,umap")
     ap.add_argument("--skip-gpu", action="store_true")
+    ap.add_argument("--s3", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run 2 workers on an atlas in a local S3 server (default: when moto and s3fs are installed)")
     args = ap.parse_args()
+    if args.s3 is None:
+        import importlib.util
+
+        args.s3 = all(importlib.util.find_spec(m) is not None for m in ("moto", "s3fs"))
 
     from attnatlas.store import Atlas
     from attnatlas.testing import write_synthetic_model
@@ -82,12 +91,22 @@ def main() -> None:
         size = dict(n_layers=args.layers, n_heads=args.heads, n_seq=args.seq, seq_len=args.len, d_head=32)
         print(f"atlas: {args.layers} layers x {args.heads} heads, {args.seq * args.len} tokens "
               f"({2 * args.seq * args.len} points per head), d_head 32; methods {args.methods}")
-        for label, sched, workers in (("this process, 1 worker", None, 1), ("Dask local, 1 worker x 1 thread", "local", 1),
-                                      ("Dask local, 2 workers x 1 thread", "local", 2)):
-            atlas = Atlas.open(tmp / label.replace(" ", "_").replace(",", ""), create=True)
-            write_synthetic_model(atlas, name="warm", **{**size, "n_layers": 1})
-            write_synthetic_model(atlas, name="bench", **size)
-            r = project_rate(atlas, "bench", args.methods, sched, workers)
+        runs = [("this process, 1 worker", None, 1, None), ("Dask local, 1 worker x 1 thread", "local", 1, None),
+                ("Dask local, 2 workers x 1 thread", "local", 2, None)]
+        if args.s3:
+            runs.append(("Dask local, 2 workers x 1 thread, atlas on S3 (local moto server)", "local", 2, "s3"))
+        for label, sched, workers, store in runs:
+            with contextlib.ExitStack() as stack:
+                if store == "s3":
+                    from attnatlas.testing import local_s3
+
+                    where: str | Path = stack.enter_context(local_s3()) + "/bench"
+                else:
+                    where = tmp / label.replace(" ", "_").replace(",", "")
+                atlas = Atlas.open(where, create=True)
+                write_synthetic_model(atlas, name="warm", **{**size, "n_layers": 1})
+                write_synthetic_model(atlas, name="bench", **size)
+                r = project_rate(atlas, "bench", args.methods, sched, workers)
             assert not r["failed"], r["failed"]
             start = f"cluster start {r['cluster_start_s']:.1f} s, " if "cluster_start_s" in r else ""
             print(f"{label}: {r['heads_done']} heads in {r['seconds']:.1f} s = {r['heads_per_min']:.1f} heads/min "

@@ -326,36 +326,13 @@ def test_unknown_url_scheme_is_one_clear_message(capsys):
 
 
 @pytest.fixture()
-def s3_bucket(monkeypatch) -> str:
-    """A local S3 endpoint (moto) on 127.0.0.1 with one empty bucket; credentials via the
-    environment, which Dask's worker processes inherit."""
+def s3_bucket() -> str:
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
-        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(k, v)
-        import fsspec
+    from attnatlas.testing import local_s3
 
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir("atlases")
-        yield "s3://atlases"
-    finally:
-        server.kill()
-        server.wait()
+    with local_s3() as url:
+        yield url
 
 
 @pytest.mark.slow  # a moto server and two Dask worker processes: ~30 s
