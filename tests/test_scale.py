@@ -352,4 +352,8 @@ def test_s3_atlas_projected_by_dask_worker_processes(tmp_path, s3_bucket):
         assert remote.layout_done(M, method).all()
         for L in range(2):
             for h in range(2):
-                np.testing.assert_array_equal(remote.layout_coords(M, method, L, h), local.layout_coords(M, method, L, h))
+                # Workers run oneDAL's t-SNE on 1 thread, this process on 2: summation order moves the last bits.
+                np.testing.assert_allclose(remote.layout_coords(M, method, L, h), local.layout_coords(M, method, L, h),
+                                           rtol=1e-4, atol=1e-4)
+    a = local.layout_coords(M, "tsne", 0, 0)
+    assert np.abs(a - local.layout_coords(M, "tsne", 0, 1)).max() > 1e-2  # heads differ far more than that
