@@ -335,3 +335,20 @@ def test_cached_umap_kernels_compute_what_umap_learns_own_do():
     own_m = ORIGINALS[("umap.umap_", "compute_membership_strengths")]
     for a, b in zip(U.compute_membership_strengths(idx, dists, s1, r1), own_m(idx, dists, s1, r1)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_umap_uses_the_shared_graph_on_small_heads_too(monkeypatch):
+    """Below 4,096 points umap-learn would compute all pairwise distances through a Python callable."""
+    import umap.umap_ as U
+
+    from attnatlas.project import get_reducer, knn_graph
+
+    def no_pairwise(*a, **k):
+        raise AssertionError("umap-learn computed pairwise distances itself")
+
+    monkeypatch.setattr(U, "pairwise_distances", no_pairwise)
+    X = np.random.default_rng(0).normal(size=(600, 8)).astype(np.float32)
+    r = get_reducer("umap", init="spectral")
+    r.adapt(len(X))
+    Y = r.fit_transform(X, knn=knn_graph(X, 16, "cosine"))
+    assert Y.shape == (600, 2) and np.isfinite(Y).all()
