@@ -79,7 +79,7 @@ def _worker_ready(path: str) -> str:
 
         from attnatlas.project.reducers import set_threads
 
-        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # oneDAL follows only an explicit n_jobs
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # oneDAL's pool does not read the variable
             set_threads(int(os.environ["OMP_NUM_THREADS"]))
     except Exception as exc:
         return f"cannot import the projection code ({type(exc).__name__}: {exc})"

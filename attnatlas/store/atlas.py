@@ -214,8 +214,11 @@ class _TableStream:
         table = pa.Table.from_pandas(pd.concat(self.pending, ignore_index=True), preserve_index=False)
         if self.writer is None:
             self.schema = table.schema
-            self.file = self.path.open("wb")
-            self.writer = pq.ParquetWriter(self.file, table.schema)
+            if self.path.is_local:  # Arrow's own file writer
+                self.writer = pq.ParquetWriter(self.path.path, table.schema)
+            else:
+                self.file = self.path.open("wb")
+                self.writer = pq.ParquetWriter(self.file, table.schema)
         self.writer.write_table(table.cast(self.schema))
         self.pending = []
 
