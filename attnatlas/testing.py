@@ -192,6 +192,7 @@ def local_s3(bucket: str = "atlases") -> Iterator[str]:
     import subprocess
     import sys
     import time
+    from unittest.mock import patch
 
     import fsspec
 
@@ -202,7 +203,6 @@ def local_s3(bucket: str = "atlases") -> Iterator[str]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -213,14 +213,9 @@ def local_s3(bucket: str = "atlases") -> Iterator[str]:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("the local S3 server (moto) did not start") from None
                 time.sleep(0.1)
-        os.environ.update(env)
-        fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
-        yield f"s3://{bucket}"
+        with patch.dict(os.environ, env):
+            fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
+            yield f"s3://{bucket}"
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.kill()
         server.wait()

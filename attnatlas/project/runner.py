@@ -12,6 +12,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Iterable
+from unittest.mock import patch
 
 import numpy as np
 
@@ -358,12 +359,10 @@ def project_model(
             collect(project_head(*args, L, h, todo, *tail))
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        env = {v: str(threads) for v in THREAD_VARS}
-        saved = {v: os.environ.get(v) for v in env}
-        os.environ.update(env)  # spawned workers read these at start
-        try:
+        # Spawned workers read these at start; patch.dict restores the driver's own afterwards.
+        with patch.dict(os.environ, {v: str(threads) for v in THREAD_VARS}):
             # Per head, the driver is one of the workers: it starts at once while the spawned ones import
-            # and compile (about 15 s each here), and no core idles.
+            # (several seconds each), and no core idles.
             pool_size = workers if batched else workers - 1
             with ProcessPoolExecutor(pool_size, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                      initargs=(threads,)) as pool:
@@ -374,12 +373,6 @@ def project_model(
                             collect(res)
                 else:
                     _share_with_pool(pool, workers, [(*args, L, h, todo, *tail) for L, h, todo in targets], collect)
-        finally:
-            for v, old in saved.items():
-                if old is None:
-                    os.environ.pop(v, None)
-                else:
-                    os.environ[v] = old
     bar.close()
     secs = time.perf_counter() - t0
     summary["seconds"] = secs
