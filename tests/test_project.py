@@ -254,6 +254,16 @@ def test_tsne_short_schedule_runs_the_iterations_it_records():
         assert t.n_iter_ <= 60  # below scikit-learn's own floor of 250
 
 
+def test_tsne_learning_rate_rules_and_a_bad_one_is_refused_at_once():
+    assert get_reducer("tsne")._learning_rate(24_000) == 2_000.0  # n / early_exaggeration
+    assert get_reducer("tsne", early_exaggeration=4.0)._learning_rate(24_000) == 6_000.0
+    assert get_reducer("tsne")._learning_rate(100) == 50.0  # scikit-learn's floor
+    assert get_reducer("tsne", learning_rate="auto")._learning_rate(24_000) == "auto"
+    assert get_reducer("tsne", learning_rate=300)._learning_rate(24_000) == 300.0
+    with pytest.raises(InputError, match="learning_rate 'fast'"):
+        get_reducer("tsne", learning_rate="fast")
+
+
 def test_tsne_on_the_shared_graph_matches_tsne_on_the_points():
     """The shared kNN graph gives t-SNE the neighbours it would have searched itself."""
     X = _blobs()
@@ -268,20 +278,21 @@ def test_tsne_on_the_shared_graph_matches_tsne_on_the_points():
                - layout_quality(X, own, "cosine")["trustworthiness"]) < 0.01
 
 
+@pytest.mark.parametrize("k", [12, 60])  # faiss keeps heaps below 50 neighbours, a reservoir above
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_knn_backends_agree_and_put_self_first_among_duplicates(metric, monkeypatch):
+def test_knn_backends_agree_and_put_self_first_among_duplicates(metric, k, monkeypatch):
     import attnatlas.project.quality as Q
 
     pytest.importorskip("faiss")
     rng = np.random.default_rng(6)
     X = rng.normal(size=(200, 8)).astype(np.float32)
     X[100:130] = X[0]  # 31 identical points: more twins than k
-    fa = Q.knn_graph(X, 12, metric, device="cpu")
+    fa = Q.knn_graph(X, k, metric, device="cpu")
     monkeypatch.setattr(Q, "_has_faiss", lambda: False)
-    th = Q.knn_graph(X, 12, metric, device="cpu")
+    th = Q.knn_graph(X, k, metric, device="cpu")
     for idx, dist in (fa, th):
         assert (idx[:, 0] == np.arange(200)).all() and (dist[:, 0] == 0).all()
-        assert (np.unique(idx, axis=1).shape[1] == 12) and all(len(set(r)) == 12 for r in idx)
+        assert all(len(set(r)) == k for r in idx)
     np.testing.assert_allclose(fa[1], th[1], atol=1e-5)
     twins = np.r_[0, 100:130]
     clean = np.setdiff1d(np.arange(200), twins)

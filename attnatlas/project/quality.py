@@ -41,15 +41,25 @@ def _knn_faiss(X: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarr
     else:
         index = faiss.IndexFlatL2(Z.shape[1])
     index.add(Z)
-    score, idx = index.search(Z, k)  # similarity (IP) or squared distance (L2), best first
+    # faiss keeps a heap per query below k = 100 and a reservoir above. With one thread and 28k points the
+    # reservoir was 8-10% faster at k = 64-93 (same distances; ties may come in another order), slower at 16.
+    saved = faiss.cvar.distance_compute_min_k_reservoir
+    faiss.cvar.distance_compute_min_k_reservoir = 50 if k >= 50 else saved
+    try:
+        score, idx = index.search(Z, k)  # similarity (IP) or squared distance (L2), best first
+    finally:
+        faiss.cvar.distance_compute_min_k_reservoir = saved
     idx = idx.astype(np.int64)
     # Self first, even among exact duplicates: put it in place if faiss ranked a twin above it.
     rows = np.arange(len(Z))
-    missing = ~(idx == rows[:, None]).any(1)
-    idx[missing, -1] = rows[missing]
-    order = np.argsort(idx != rows[:, None], axis=1, kind="stable")
-    idx = np.take_along_axis(idx, order, 1)
-    score = np.take_along_axis(score, order, 1)
+    twin = np.flatnonzero(idx[:, 0] != rows)  # rare: only these rows need reordering
+    if len(twin):
+        sub, r = idx[twin], rows[twin, None]
+        missing = ~(sub == r).any(1)
+        sub[missing, -1] = twin[missing]
+        order = np.argsort(sub != r, axis=1, kind="stable")
+        idx[twin] = np.take_along_axis(sub, order, 1)
+        score[twin] = np.take_along_axis(score[twin], order, 1)
     dist = (1 - score).clip(min=0) if metric == "cosine" else np.sqrt(score.clip(min=0))
     dist[:, 0] = 0
     return idx, dist.astype(np.float32)
