@@ -319,6 +319,38 @@ def test_memory_url_atlas_extracts_projects_and_matches_a_folder(tmp_path, tiny_
         project_model(url, "m", methods="pca", workers=2, force=True, progress=False)
 
 
+@pytest.mark.parametrize("where", ["folder", "memory"])
+def test_an_open_atlas_reads_a_model_once_and_sees_it_replaced(tmp_path, where, monkeypatch):
+    """Vector reads check one file's version instead of listing models and reopening arrays (each a
+    request on an object store), and still see a model that another Atlas object replaced."""
+    import zarr
+
+    from attnatlas.store import Atlas
+    from attnatlas.store.location import Location
+    from attnatlas.testing import write_synthetic_model
+
+    url = str(tmp_path / "a") if where == "folder" else f"memory://attnatlas-test-{uuid.uuid4().hex[:8]}/a"
+    write_synthetic_model(Atlas.open(url, create=True), name="m", n_layers=1, n_heads=2, n_seq=4, seed=0)
+    reader = Atlas.open(url)
+    q0, k0, n0 = reader.queries("m", 0, 1), reader.keys("m", 0, 1), len(reader.tokens("m"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("opened or listed again")
+
+    with monkeypatch.context() as m:
+        for target, name in ((Location, "iterdir"), (zarr, "open_array"), (zarr, "open_group")):
+            m.setattr(target, name, refuse)
+        np.testing.assert_array_equal(reader.queries("m", 0, 1), q0)
+        np.testing.assert_array_equal(reader.keys("m", 0, 1), k0)
+        assert len(reader.tokens("m")) == n0 and reader.info("m").n_heads == 2
+    write_synthetic_model(Atlas.open(url), name="m", n_layers=1, n_heads=2, n_seq=7, seed=1)  # another writer
+    fresh = Atlas.open(url)
+    assert len(reader.tokens("m")) == len(fresh.tokens("m")) != n0
+    np.testing.assert_array_equal(reader.queries("m", 0, 1), fresh.queries("m", 0, 1))
+    with pytest.raises(AtlasError, match="'gone' is not in the atlas"):
+        reader.queries("gone", 0, 0)
+
+
 def test_unknown_url_scheme_is_one_clear_message(capsys):
     assert main(["info", "nosuchfs://bucket/atlas"]) == 2
     err = capsys.readouterr().err

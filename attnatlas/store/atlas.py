@@ -282,13 +282,20 @@ class ModelInfo:
 
 
 class Atlas:
-    """An atlas folder. Reading needs no torch; every array read returns float32 numpy."""
+    """An atlas folder. Reading needs no torch; every array read returns float32 numpy.
+
+    An installed model never changes in place (a new one replaces it whole, `zarr.json` last), so its
+    metadata, tables and array handles are read once and kept while its `zarr.json` is the same file:
+    one stat per read instead of several opens, which on object stores are requests each."""
 
     def __init__(self, path: Location, root: Any):
         self.path = path
         self.root = root
         self._token_cache: dict[str, pd.DataFrame] = {}
         self._seq_cache: dict[str, pd.DataFrame] = {}
+        self._info_cache: dict[str, ModelInfo] = {}
+        self._array_cache: dict[tuple[str, str], Any] = {}
+        self._versions: dict[str, tuple] = {}
 
     # ---- opening and creating -------------------------------------------------------------
     @classmethod
@@ -340,12 +347,21 @@ class Atlas:
         return self.models[0]
 
     def require_model(self, model: str) -> None:
-        if model not in self.models:
+        """StoreError unless `model` is installed; forget what was read of it if it was replaced since."""
+        named_ok = bool(model) and not model.startswith(".") and not any(c in model for c in "/\\:")
+        version = (self._model_dir(model) / "zarr.json").version() if named_ok else None
+        if version is None:
             have = ", ".join(self.models) or "none"
             raise StoreError(f"Model {model!r} is not in the atlas {self.path} (it holds: {have}).")
+        if self._versions.get(model) != version:
+            self._forget(model)
+            self._versions[model] = version
 
     def info(self, model: str) -> ModelInfo:
-        return ModelInfo(model, dict(self.group(model).attrs))
+        self.require_model(model)
+        if model not in self._info_cache:
+            self._info_cache[model] = ModelInfo(model, dict(self.group(model).attrs))
+        return self._info_cache[model]
 
     # ---- writing a model ---------------------------------------------------------------------
     @contextmanager
@@ -380,27 +396,34 @@ class Atlas:
             trash.rmtree()
         else:
             temp.rename(final)
-        self._token_cache.pop(name, None)
-        self._seq_cache.pop(name, None)
+        self._forget(name)
 
     def delete_model(self, name: str) -> None:
         self.require_model(name)
         trash = self._model_dir(name).with_name(f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
         self._model_dir(name).rename(trash)
+        self._forget(name)
         trash.rmtree()
+
+    def _forget(self, name: str) -> None:
+        """Drop what this object read of model `name` (it was replaced or deleted)."""
+        for cache in (self._token_cache, self._seq_cache, self._info_cache, self._versions):
+            cache.pop(name, None)
+        for key in [k for k in self._array_cache if k[0] == name]:
+            del self._array_cache[key]
 
     # ---- reading vectors ---------------------------------------------------------------------
     def tokens(self, model: str) -> pd.DataFrame:
         """One row per stored token, aligned with the token axis of every array."""
+        self.require_model(model)
         if model not in self._token_cache:
-            self.require_model(model)
             self._token_cache[model] = pd.read_parquet(str(self._model_dir(model) / "tokens.parquet"))
         return self._token_cache[model]
 
     def sequences(self, model: str) -> pd.DataFrame:
         """One row per input sequence or image: `sequence`, `source`, `text` (or image path), `n_tokens`."""
+        self.require_model(model)
         if model not in self._seq_cache:
-            self.require_model(model)
             self._seq_cache[model] = pd.read_parquet(str(self._model_dir(model) / "sequences.parquet"))
         return self._seq_cache[model]
 
@@ -409,6 +432,8 @@ class Atlas:
 
     def array(self, model: str, key: str) -> Any:
         self.require_model(model)
+        if (model, key) in self._array_cache:
+            return self._array_cache[(model, key)]
         if not self.has_array(model, key):
             hint = {
                 "values": "--values",
@@ -417,7 +442,9 @@ class Atlas:
                 "hidden": "--hidden-states",
             }.get(key, "")
             raise StoreError(f"Model {model!r} has no stored {key}" + (f"; extract with {hint}." if hint else "."))
-        return zarr.open_array(str(self._model_dir(model) / key), mode="r")
+        handle = zarr.open_array(str(self._model_dir(model) / key), mode="r")
+        self._array_cache[(model, key)] = handle
+        return handle
 
     def _check_head(self, info: ModelInfo, layer: int, head: int) -> None:
         if not 0 <= layer < info.n_layers:

@@ -22,6 +22,9 @@ import fsspec
 from attnatlas.errors import StoreError
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+# fsspec `info` fields that change whenever an object is written anew (S3, GCS, Azure, memory, ...).
+_VERSION_FIELDS = ("ETag", "etag", "LastModified", "last_modified", "generation", "updated", "md5Hash", "created",
+                   "mtime", "size")
 
 
 def is_url(value: Any) -> bool:
@@ -103,6 +106,20 @@ class Location:
 
     def is_file(self) -> bool:
         return bool(self._fresh().isfile(self.path))
+
+    def version(self) -> tuple | None:
+        """What tells this file's current version from an earlier one (inode and mtime, ETag, ...);
+        None when there is no such file. One stat, or one HEAD request on an object store."""
+        try:
+            if self.is_local:
+                st = os.stat(self.path)
+                return (st.st_ino, st.st_mtime_ns, st.st_size) if os.path.isfile(self.path) else None
+            info = self._fresh().info(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if info.get("type") != "file":
+            return None
+        return tuple((k, str(info[k])) for k in _VERSION_FIELDS if k in info)
 
     def iterdir(self) -> list[Location]:
         if not self.is_dir():
