@@ -348,8 +348,10 @@ class Atlas:
 
     def require_model(self, model: str) -> None:
         """StoreError unless `model` is installed; forget what was read of it if it was replaced since."""
-        named_ok = bool(model) and not model.startswith(".") and not any(c in model for c in "/\\:")
-        version = (self._model_dir(model) / "zarr.json").version() if named_ok else None
+        try:
+            version = (self._model_dir(check_name(model)) / "zarr.json").version()
+        except StoreError:  # not even a valid name
+            version = None
         if version is None:
             have = ", ".join(self.models) or "none"
             raise StoreError(f"Model {model!r} is not in the atlas {self.path} (it holds: {have}).")

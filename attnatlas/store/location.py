@@ -11,6 +11,7 @@ import fnmatch
 import os
 import posixpath
 import re
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,7 +114,7 @@ class Location:
         try:
             if self.is_local:
                 st = os.stat(self.path)
-                return (st.st_ino, st.st_mtime_ns, st.st_size) if os.path.isfile(self.path) else None
+                return (st.st_ino, st.st_mtime_ns, st.st_size) if stat.S_ISREG(st.st_mode) else None
             info = self._fresh().info(self.path)
         except (FileNotFoundError, NotADirectoryError):
             return None
