@@ -42,7 +42,7 @@ def _knn_faiss(X: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarr
         index = faiss.IndexFlatL2(Z.shape[1])
     index.add(Z)
     # faiss keeps a heap per query below k = 100 and a reservoir above. With one thread and 28k points the
-    # reservoir was 8-10% faster at k = 64-93 (same distances; ties may come in another order), slower at 16.
+    # reservoir was 8-13% faster at k = 64-93 (same distances; ties may come in another order), slower at 16.
     saved = faiss.cvar.distance_compute_min_k_reservoir
     faiss.cvar.distance_compute_min_k_reservoir = 50 if k >= 50 else saved
     try:

@@ -176,7 +176,7 @@ class TSNEReducer(_Backends):
     Perplexity 30 reads 91 neighbours instead of 151. Measured with scripts/bench_project.py and on
     6 real MiniLM heads (13,938 points) and 3 synthetic ones (10,000 points): the 4x larger step
     (the rule of openTSNE and Belkina et al. 2019) converges in 100 iterations to the trustworthiness
-    that 125 reached before, and angle 0.7 cuts time by a fifth at -0.002. Angle 0.8 lost 0.008-0.012
+    that 125 reached before, and angle 0.7 cuts time by 14-23% at -0.002. Angle 0.8 lost 0.008-0.012
     per head and perplexity 20 lost 0.009. Cosine runs as euclidean on unit rows: squared euclidean is
     then 2 x cosine distance, and the perplexity calibration absorbs the factor. Backend: cuML on a
     GPU when installed, else scikit-learn-intelex, else scikit-learn.
@@ -314,7 +314,7 @@ class UMAPReducer(_Backends):
     are nearly all of its time: cost grows with epochs x (1 + negative samples). From spectral init,
     short schedules lost up to 0.04 trustworthiness on real MiniLM heads. From the t-SNE layout
     (default settings, the same one `tsne` stores, computed here when t-SNE is not run alongside),
-    30 epochs x 2 negatives cost a fifth of 60 x 5 and stayed within 0.001 of the AttentionViz
+    30 epochs x 2 negatives cost a quarter of 60 x 5 and stayed within 0.001 of the AttentionViz
     recipe's UMAP on 3 real MiniLM heads (3 negatives: +0.003 more, 20% slower). `init` may also be
     spectral, pca or random. A seed makes umap-learn single-threaded; the runner gets its
     parallelism from heads.
