@@ -6,6 +6,7 @@ User mistakes raise AtlasError; they are printed as one line, without a tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -47,6 +48,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing half-written is visible in the atlas", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a lost permission or object store: the machine's fault, not a bug
+        if args.verbose:
+            raise
+        print(f"attnatlas {args.command}: error: {_describe_os_error(exc)}; nothing half-written is kept "
+              "and what the atlas held before is unchanged", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not _is_storage_error(exc) or args.verbose:
+            raise
+        print(f"attnatlas {args.command}: error: the storage service failed ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}); what the atlas held before is unchanged", file=sys.stderr)
+        return 2
+
+
+def _describe_os_error(exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = exc.filename or ""
+    hint = {errno.ENOSPC: " (free some space, or write the atlas elsewhere with --out)",
+            errno.EDQUOT: " (disk quota reached)",
+            errno.EACCES: " (check the folder's permissions)", errno.EROFS: " (the file system is read-only)"}
+    return f"{reason}" + (f": {where}" if where else "") + hint.get(exc.errno, "")
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """Errors of object-store clients (botocore, aiohttp, gcsfs, ...), which are not OSErrors."""
+    return type(exc).__module__.split(".")[0] in {"botocore", "aiobotocore", "aiohttp", "gcsfs", "google", "azure", "adlfs"}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import hashlib
 import re
@@ -31,7 +32,7 @@ from attnatlas.extract.adapters import ADAPTER_VERSION, Adapter, adapter_for, he
 from attnatlas.extract.capture import LayerCapture, capturing
 from attnatlas.extract.offline import OFFLINE_MODELS, prepare_offline_model
 from attnatlas.inputs import ImageRecord, TextRecord, load_images, load_texts, patch_colour_table
-from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, tokens_per_chunk
+from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, check_name, tokens_per_chunk
 
 DEFAULT_MAX_TOKENS = 512
 STORAGE_DTYPES = ("float16", "float32")
@@ -333,6 +334,15 @@ def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: Extrac
         yield _Batch(arrays, tokens, sequences), len(batch)
 
 
+def _clamp_topk(opts: ExtractOptions, longest: int, attrs: dict[str, Any]) -> ExtractOptions:
+    """No query has more keys than the longest sequence has tokens; a larger K would only store padding
+    (and K = 100,000 would allocate (layer, head, token, K) arrays of many GB)."""
+    if opts.attention_topk <= longest:
+        return opts
+    attrs["attention_topk"] = longest
+    return dataclasses.replace(opts, attention_topk=longest)
+
+
 def extract(
     atlas_path: str | Path,
     model: str | LoadedModel,
@@ -351,18 +361,24 @@ def extract(
         raise InputError("--batch-size must be at least 1.")
     if opts.attention_topk < 0:
         raise InputError("--attention-topk must be 0 (off) or a positive number of keys.")
+    if opts.max_tokens is not None and opts.max_tokens < 1:
+        raise InputError(f"--max-tokens must be a positive number of tokens, not {opts.max_tokens}.")
     if (texts is None) == (images is None):
         raise InputError("Give exactly one of --texts or --images.")
-    # Inputs are checked and the atlas opened before the (slow) model load.
+    # Inputs are checked and the atlas looked at before the (slow) model load. A new atlas is only
+    # created once there is something to write, so a failed extract leaves no empty folder behind.
     text_records = load_texts(texts, column=text_column) if texts is not None else None
     image_records = load_images(images) if images is not None else None
-    atlas = Atlas.open(atlas_path, create=True)
-    if name is not None and name in atlas.models and not overwrite:
+    atlas = Atlas.open_or_plan(atlas_path)
+    if name is not None:
+        check_name(name)
+    if name is not None and atlas is not None and name in atlas.models and not overwrite:
         raise InputError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
     device = resolve_device(opts.device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     name = name or loaded.default_name
-    if name in atlas.models and not overwrite:
+    check_name(name)
+    if atlas is not None and name in atlas.models and not overwrite:
         raise InputError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
     adapter, config = loaded.adapter, loaded.config
     if adapter.modality == "text" and text_records is None:
@@ -390,6 +406,10 @@ def extract(
         max_len = int(opts.max_tokens or min(limit, DEFAULT_MAX_TOKENS))
         if opts.max_tokens and opts.max_tokens > limit:
             raise InputError(f"--max-tokens {opts.max_tokens} exceeds the model's limit of {limit} positions.")
+        room = tok.num_special_tokens_to_add() + 1  # the special tokens plus at least one of the text's own
+        if max_len < room:
+            raise InputError(f"--max-tokens {max_len} leaves no room for text: {loaded.model_id!r} adds "
+                             f"{room - 1} special token(s), so use at least {room}.")
         # Counted in slices so the pre-pass holds lengths only, never the whole tokenized corpus.
         lengths = np.concatenate([
             np.fromiter((len(x) for x in tok([r.text for r in text_records[i : i + 1024]])["input_ids"]), dtype=np.int64)
@@ -400,6 +420,7 @@ def extract(
             warnings.warn(f"{truncated} of {len(lengths)} sequences are longer than {max_len} tokens and were truncated "
                           f"(raise --max-tokens up to {limit} to keep more).", stacklevel=2)
         n_tokens = int(np.minimum(lengths, max_len).sum())
+        opts = _clamp_topk(opts, int(min(lengths.max(), max_len)), attrs)
         attrs.update(input_hash=hash_texts(text_records), n_sequences=len(text_records), max_tokens=max_len,
                      truncated_sequences=truncated)
         n_items = len(text_records)
@@ -410,6 +431,7 @@ def extract(
         H, W = probe.shape[-2:]
         per_image = len(prefix) + (H // patch) * (W // patch)
         n_tokens = per_image * len(image_records)
+        opts = _clamp_topk(opts, per_image, attrs)
         attrs.update(input_hash=hash_images(image_records), n_sequences=len(image_records), patch_size=patch,
                      image_size=[int(H), int(W)], prefix_tokens=prefix, grid=[int(H // patch), int(W // patch)])
         n_items = len(image_records)
@@ -434,6 +456,7 @@ def extract(
         specs["images"] = ArraySpec((n_items, H, W, 3), "uint8", 0, (1, H, W, 3), compress=True, per_token=False)
 
     started = time.perf_counter()
+    atlas = atlas or Atlas.open(atlas_path, create=True)
     with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite) as writer:
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
                   disable=not opts.progress) as bar:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from typing import Any, Callable, Iterable
 from unittest.mock import patch
 
@@ -20,7 +22,7 @@ from attnatlas.errors import InputError
 from attnatlas.project.normalize import DEFAULT_NORMALISE, joint_points, normalise_head
 from attnatlas.project.quality import QUALITY_K, QUALITY_SAMPLE, knn_graph, layout_quality
 from attnatlas.project.reducers import METRICS, REDUCERS, get_reducer
-from attnatlas.store import Atlas
+from attnatlas.store import Atlas, claims
 
 DEFAULT_METHODS = ("tsne", "umap", "pca")
 # Above this many points per head (2 x tokens) a seeded sample of token rows is projected: t-SNE
@@ -210,8 +212,36 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
     return [outs[h] for h in heads]
 
 
-def _init_worker(threads: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """End this worker process the moment its driver dies (even by SIGKILL), so no orphan keeps writing
+    heads into layouts another run may own by then. Linux: the kernel's parent-death signal; elsewhere
+    a thread that watches the parent pid."""
+    import signal
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the driver died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="attnatlas-parent-watch").start()
+
+
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
     from attnatlas.project.reducers import set_threads
+
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
 
     set_threads(threads)
     try:
@@ -258,7 +288,38 @@ class _driver_threads:
 
 
 # ---- whole model ---------------------------------------------------------------------------------
-def project_model(
+def project_model(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Project the selected heads of `model` with each method; returns a summary dict
+    (done, skipped, failed [(layer, head, method, message)], adapted parameters, seconds, quality).
+    See `_project_model` for the arguments. Each (model, method) is claimed while it is written."""
+    with ExitStack() as stack:
+        return _project_model(*args, hold=stack.enter_context, **kwargs)
+
+
+def _claim_layout(atlas: Atlas, model: str, method: str, params: dict, progress: bool) -> claims.Claim:
+    """The claim on writing `method` layouts of `model`. Held by a run with other settings: refused (the
+    two would mix settings in one layout). Held by a run with the same settings: wait for it, then
+    keep what it made."""
+    key, want = f"layout.{model}.{method}", _json(params)
+    for _ in range(50):
+        try:
+            return claims.acquire(atlas.path / "models", key, f"project {model} {method}", {"params": want})
+        except claims.ClaimBusy as busy:
+            held = busy.holder.get("params")
+            if held is None:  # the holder has not written who it is yet
+                time.sleep(0.1)
+                continue
+            if held != want:
+                raise InputError(
+                    f"{busy.describe()} is projecting {method} layouts of {model!r} with other settings; wait "
+                    "for it to finish (two runs would mix their settings in one layout).") from None
+            print(f"waiting for {busy.describe()}, which projects the same {method} layouts of {model!r}; "
+                  "the heads it makes are kept, not redone", file=sys.stderr, flush=True)
+            return claims.acquire(atlas.path / "models", key, f"project {model} {method}", {"params": want}, wait=True)
+    raise InputError(f"Cannot tell who holds the {method} layouts of {model!r} in {atlas.path}; try again.")
+
+
+def _project_model(
     atlas: Atlas | str | os.PathLike,
     model: str,
     methods: str | Iterable[str] = DEFAULT_METHODS,
@@ -273,11 +334,9 @@ def project_model(
     progress: bool = True,
     reducer_params: dict[str, dict[str, Any]] | None = None,
     dispatch: Callable[[Callable[..., dict], list[tuple]], Iterable[dict]] | None = None,
+    hold: Callable[[Any], Any] = lambda claim: claim,
 ) -> dict[str, Any]:
-    """Project the selected heads of `model` with each method; returns a summary dict
-    (done, skipped, failed [(layer, head, method, message)], adapted parameters, seconds, quality).
-
-    `dispatch(project_head, calls)`, if given, runs each argument tuple elsewhere (e.g. a Dask cluster)
+    """`dispatch(project_head, calls)`, if given, runs each argument tuple elsewhere (e.g. a Dask cluster)
     and yields one result per call; the layout arrays already exist when it is called."""
     atlas = atlas if isinstance(atlas, Atlas) else Atlas.open(atlas)
     info = atlas.info(model)  # StoreError if the model is missing
@@ -298,6 +357,11 @@ def project_model(
         r = get_reducer(name, metric=metric, random_state=seed, **(reducer_params or {}).get(name, {}))
         adapted_all[name] = r.adapt(n_points)  # InputError if too few points at all
         params = {**r.params, "normalise": norm, "max_points": max_points, "quality_sample": QUALITY_SAMPLE}
+        jobs.append((name, r.options, dict(r.adapted), params))
+    # One run at a time writes a (model, method): claimed in sorted order, so two runs never deadlock.
+    for name, _, _, params in sorted(jobs, key=lambda j: j[0]):
+        hold(_claim_layout(atlas, model, name, params, progress))
+    for name, _, _, params in jobs:
         if name in atlas.layout_methods(model):
             old = atlas.layout_params(model, name)
             same_rows = np.array_equal(atlas.layout_rows(model, name), rows)
@@ -306,8 +370,7 @@ def project_model(
                     f"{model!r} already has {name} layouts made with other settings; pass --force to replace "
                     f"them (existing layouts are kept otherwise).")
         _writer(atlas, model, name, rows, params)  # creates the arrays once, before any worker
-        done[name] = atlas.layout_done(model, name)
-        jobs.append((name, r.options, dict(r.adapted), params))
+        done[name] = atlas.layout_done(model, name)  # read under the claim: heads another run made are kept
 
     targets, skipped = [], 0
     for L in sel_layers:
@@ -365,7 +428,7 @@ def project_model(
             # (several seconds each), and no core idles.
             pool_size = workers if batched else workers - 1
             with ProcessPoolExecutor(pool_size, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
+                                     initargs=(threads, os.getpid())) as pool:
                 if batched:
                     futs = [pool.submit(project_layer, *args, L, hs, todo, *tail) for L, hs, todo in calls]
                     for f in as_completed(futs):

@@ -8,6 +8,7 @@ from attnatlas.store.atlas import (
     LayoutWriter,
     ModelInfo,
     ModelWriter,
+    check_name,
     open_atlas,
     tokens_per_chunk,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "LayoutWriter",
     "ModelInfo",
     "ModelWriter",
+    "check_name",
     "open_atlas",
     "tokens_per_chunk",
 ]

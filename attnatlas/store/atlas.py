@@ -21,7 +21,9 @@ Layout of an atlas folder:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
 import uuid
 from collections import deque
@@ -29,6 +31,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,13 +41,16 @@ import pyarrow.parquet as pq
 import zarr
 
 from attnatlas.errors import StoreError
+from attnatlas.store import claims, faults
 from attnatlas.store.location import Location
 
 FORMAT_VERSION = 1
 QUALITY_FIELDS = ("trustworthiness", "knn_kept", "seconds", "points")
 TOKEN_ROW_GROUP = 65_536  # token rows buffered per Parquet row group: few conversions, bounded memory
+log = logging.getLogger(__name__)
 _INCOMING = ".incoming-"
-_TRASH = ".trash-"
+_TRASH = ".trash-"  # the old copy during an overwrite: the marker that a swap is under way
+_DELETED = ".deleted-"  # a deleted model on its way out: never restored
 
 
 def tokens_per_chunk(d_head: int, target_bytes: int = 1 << 18) -> int:
@@ -53,10 +59,29 @@ def tokens_per_chunk(d_head: int, target_bytes: int = 1 << 18) -> int:
     return int(max(1024, 2 ** round(np.log2(target_bytes / (2 * d_head)))))
 
 
+# A model name is an identifier: it reaches file names, URLs, HTML and JS, so no markup or path characters.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Temp and trash folders of a write of model NAME: .incoming-NAME-PID-HEX, .trash-NAME-HEX, .deleted-NAME-HEX.
+_SIDE_FOLDER = re.compile(r"\.incoming-(?P<incoming>.+)-\d+-[0-9a-f]{8}|\.(?:trash|deleted)-(?P<old>.+)-[0-9a-f]{8}")
+
+
 def check_name(name: str) -> str:
-    if not name or name.startswith(".") or any(c in name for c in "/\\:") or name in ("models",):
-        raise StoreError(f"Invalid model name {name!r}: use letters, digits, '-', '_' or '.', not starting with '.'.")
+    """A model name for writing: letters, digits, '.', '_' and '-', starting with a letter or digit."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "models":
+        raise StoreError(f"Invalid model name {name!r}: use up to 128 letters, digits, '-', '_' or '.', "
+                         "starting with a letter or digit.")
     return name
+
+
+def _readable_name(name: str) -> bool:
+    """Names of models already stored (perhaps by an older version) only need to be safe as a path."""
+    return isinstance(name, str) and bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+def side_folder_owner(folder: str) -> str | None:
+    """The model name a temp/trash folder belongs to, matched whole (so 'mini' never claims 'mini-2's)."""
+    m = _SIDE_FOLDER.fullmatch(folder)
+    return (m.group("incoming") or m.group("old")) if m else None
 
 
 @dataclass
@@ -87,13 +112,24 @@ class _Buffer:
 class ModelWriter:
     """Streams one model's arrays into a temp folder; `commit` makes it visible in one rename."""
 
-    def __init__(self, atlas: Atlas, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any]):
-        self.atlas, self.name, self.n_tokens = atlas, name, n_tokens
+    def __init__(self, atlas: Atlas, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any],
+                 claim: claims.Claim | None = None):
+        self.atlas, self.name, self.n_tokens, self.claim = atlas, name, n_tokens, claim
         self.temp = atlas.path / "models" / f"{_INCOMING}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.group = zarr.open_group(str(self.temp), mode="w", attributes={})
         self.attrs = dict(attrs)
         self.arrays: dict[str, Any] = {}
         self.buffers: dict[str, _Buffer] = {}
+        self.committed = False
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="attnatlas-write")
+        self._writes: deque[Future] = deque()
+        try:
+            self._create(specs)
+        except BaseException:
+            self.abort()  # e.g. a full disk while creating the arrays: leave nothing behind
+            raise
+
+    def _create(self, specs: dict[str, ArraySpec]) -> None:
+        self.group = zarr.open_group(str(self.temp), mode="w", attributes={})
         for key, spec in specs.items():
             self.arrays[key] = self.group.create_array(
                 key,
@@ -111,10 +147,8 @@ class ModelWriter:
                         "sequences": _TableStream(self.temp / "sequences.parquet")}
         self._pending_rows = 0
         self.rows_written = 0
-        # Zarr writes run on one background thread while the next batch computes; at most
+        # Zarr writes run on one background thread (self._io) while the next batch computes; at most
         # MAX_PENDING_WRITES chunk columns wait, so memory stays bounded.
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="attnatlas-write")
-        self._writes: deque[Future] = deque()
 
     def append(self, arrays: dict[str, np.ndarray], tokens: pd.DataFrame, sequences: pd.DataFrame) -> None:
         """Add the next `len(tokens)` token rows of every array (token axis as in the spec)."""
@@ -166,7 +200,7 @@ class ModelWriter:
         block = buf.data[tuple(src)].copy()  # the buffer refills while the copy is written
         while len(self._writes) >= MAX_PENDING_WRITES:
             self._writes.popleft().result()  # re-raises a failed write here
-        self._writes.append(self._io.submit(self.arrays[key].__setitem__, tuple(dst), block))
+        self._writes.append(self._io.submit(_write_chunk, self.arrays[key], tuple(dst), block))
         buf.start += buf.fill
         buf.fill = 0
 
@@ -184,18 +218,46 @@ class ModelWriter:
         self._write_tables()
         for stream in self._tables.values():
             stream.close()
+        # "created" is written last: recovery takes a temp folder that has it as a whole model.
         self.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.group.attrs.update(_jsonable(self.attrs))
+        faults.checkpoint("attrs")
         self.atlas._install_model(self.temp, self.name, overwrite)
+        self.committed = True
+        self._release()
 
     def abort(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)
-        for stream in self._tables.values():
+        for stream in getattr(self, "_tables", {}).values():
             try:
                 stream.close()
             except Exception:
                 pass
-        self.temp.rmtree()
+        _remove_settled(self.temp)
+        self._release()
+
+    def _release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
+
+
+def _write_chunk(array: Any, selection: tuple, block: np.ndarray) -> None:
+    array[selection] = block
+    faults.checkpoint("chunk")
+
+
+def _remove_settled(folder: Location, tries: int = 6) -> None:
+    """Remove a folder that writes may still be landing in: after a failed write Zarr's own event loop
+    can finish sibling chunk writes after the error surfaced, so remove until it stays gone."""
+    for i in range(tries):
+        try:
+            folder.rmtree()
+        except OSError:
+            pass
+        time.sleep(0.05 * (i + 1))
+        if not folder.exists():
+            return
 
 
 @dataclass
@@ -221,6 +283,7 @@ class _TableStream:
                 self.writer = pq.ParquetWriter(self.file, table.schema)
         self.writer.write_table(table.cast(self.schema))
         self.pending = []
+        faults.checkpoint("table")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -247,6 +310,7 @@ class LayoutWriter:
         self.coords[layer, head] = xy.astype(np.float32)
         # Quality last: a head counts as done only once its coordinates are on disk.
         self.quality[layer, head] = np.array([quality.get(f, np.nan) for f in QUALITY_FIELDS], dtype=np.float32)
+        faults.checkpoint("head")
 
 
 @dataclass
@@ -313,7 +377,9 @@ class Atlas:
                 raise StoreError(f"{p} is a Zarr store but not an attnatlas atlas; choose another --out.")
             if int(root.attrs["attnatlas_format"]) > FORMAT_VERSION:
                 raise StoreError(f"{p} was written by a newer attnatlas (format {root.attrs['attnatlas_format']}).")
-            return cls(p, root)
+            atlas = cls(p, root)
+            atlas.recover_interrupted()
+            return atlas
         if not create:
             raise StoreError(f"No atlas at {p}. Create one with `attnatlas extract ... --out {p}`.")
         if p.is_dir() and p.iterdir():
@@ -323,6 +389,23 @@ class Atlas:
         root.require_group("models")
         return cls(p, root)
 
+    @classmethod
+    def open_or_plan(cls, path: str | os.PathLike | Location) -> Atlas | None:
+        """The atlas at `path` if there is one, else None once it is clear one can be created there
+        (nothing is created yet: a command that fails before writing leaves no empty atlas behind)."""
+        p = Location.of(path)
+        if p.is_dir() and (p / "zarr.json").is_file():
+            return cls.open(p)
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"{p} is a file, not an atlas folder.")
+        if p.is_dir() and p.iterdir():
+            raise StoreError(f"{p} is a non-empty folder that is not an atlas; choose an empty or new --out.")
+        if p.is_local:
+            parent = next((str(a) for a in [Path(p.path), *Path(p.path).parents] if a.exists()), None)
+            if parent is None or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+                raise StoreError(f"Cannot create an atlas at {p}: {parent or 'its parent'} is not a writable folder.")
+        return None
+
     def _model_dir(self, name: str) -> Location:
         return self.path / "models" / name
 
@@ -331,7 +414,7 @@ class Atlas:
         d = self.path / "models"
         if not d.is_dir():
             return []
-        return sorted(x.name for x in d.iterdir() if x.is_dir() and not x.name.startswith(".") and (x / "zarr.json").is_file())
+        return sorted(x.name for x in d.iterdir() if not x.name.startswith(".") and (x / "zarr.json").is_file())
 
     def group(self, model: str) -> Any:
         self.require_model(model)
@@ -348,10 +431,7 @@ class Atlas:
 
     def require_model(self, model: str) -> None:
         """StoreError unless `model` is installed; forget what was read of it if it was replaced since."""
-        try:
-            version = (self._model_dir(check_name(model)) / "zarr.json").version()
-        except StoreError:  # not even a valid name
-            version = None
+        version = (self._model_dir(model) / "zarr.json").version() if _readable_name(model) else None
         if version is None:
             have = ", ".join(self.models) or "none"
             raise StoreError(f"Model {model!r} is not in the atlas {self.path} (it holds: {have}).")
@@ -371,41 +451,97 @@ class Atlas:
         self, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any], overwrite: bool = False
     ) -> Iterator[ModelWriter]:
         check_name(name)
-        if name in self.models and not overwrite:
-            raise StoreError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
-        self.clean_incoming(name)
-        writer = ModelWriter(self, name, n_tokens, specs, attrs)
+        claim = self.claim_model(name, "extract")
+        try:
+            self.recover(name)
+            if name in self.models and not overwrite:
+                raise StoreError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
+            writer = ModelWriter(self, name, n_tokens, specs, attrs, claim)
+        except BaseException:
+            claim.release()
+            raise
         try:
             yield writer
         except BaseException:
             writer.abort()
             raise
+        if not writer.committed:
+            writer.abort()
 
-    def clean_incoming(self, name: str) -> None:
-        """Remove leftovers of interrupted writes of `name` (never visible as models)."""
+    # ---- the write protocol: one writer per name, swaps that survive a kill ----------------------------------
+    def claim_model(self, name: str, doing: str) -> claims.Claim:
+        """Become the only writer of model `name`, or StoreError naming who is."""
+        try:
+            return claims.acquire(self.path / "models", f"model.{name}", f"{doing} {name}")
+        except claims.ClaimBusy as busy:
+            raise StoreError(f"Model {name!r} in {self.path} is being written by {busy.describe()}; "
+                             "wait for it to finish, or choose another --name.") from None
+
+    def recover(self, name: str) -> None:
+        """Finish or undo an interrupted write of `name` and remove its leftovers; the caller holds the
+        name's claim, so every temp folder of `name` belongs to a writer that died.
+
+        A swap (overwrite) moves the old copy to .trash-NAME-*, then the new one into place. Killed between
+        the two, the new copy is rolled forward if it was complete ("created" written), else the old one back."""
         d = self.path / "models"
-        for x in d.glob(f"{_INCOMING}{name}-*") + d.glob(f"{_TRASH}{name}-*"):
-            x.rmtree()
+        side = [x for x in d.iterdir() if side_folder_owner(x.name) == name]
+        final = self._model_dir(name)
+        if not (final / "zarr.json").is_file():
+            if final.exists():
+                final.rmtree()  # half a copy (object stores move folders file by file, marker last)
+            olds = [x for x in side if x.name.startswith(_TRASH) and (x / "zarr.json").is_file()]
+            if olds:
+                done = [x for x in side if x.name.startswith(_INCOMING) and _created(x)]
+                pick = max(done or olds, key=_created)
+                pick.rename(final)
+                side.remove(pick)
+                log.warning("model %r: an interrupted overwrite was %s", name,
+                            "completed (the new copy was whole)" if done else "undone (the old copy is back)")
+        for x in side:
+            _remove_settled(x)
+        self._forget(name)
+
+    def recover_interrupted(self) -> None:
+        """On open: recover every model whose writer died mid-write (its claim is free), so a killed swap
+        never leaves a model missing. Models whose writer is alive, or a read-only atlas, are left alone."""
+        d = self.path / "models"
+        if not self.path.writable():
+            return
+        try:
+            names = {side_folder_owner(x.name) for x in d.iterdir()} - {None}
+        except OSError:
+            return
+        for name in sorted(names):
+            try:
+                with claims.acquire(d, f"model.{name}", f"recover {name}"):
+                    self.recover(name)
+            except (claims.ClaimBusy, OSError):
+                continue
 
     def _install_model(self, temp: Location, name: str, overwrite: bool) -> None:
         final = self._model_dir(name)
-        if final.exists():
+        if (final / "zarr.json").is_file():
             if not overwrite:
                 raise StoreError(f"The atlas already holds a model named {name!r}.")
             trash = final.with_name(f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
             final.rename(trash)
+            faults.checkpoint("rename:trash")
             temp.rename(final)
+            faults.checkpoint("rename:final")
             trash.rmtree()
+            faults.checkpoint("cleanup")
         else:
             temp.rename(final)
+            faults.checkpoint("rename:final")
         self._forget(name)
 
     def delete_model(self, name: str) -> None:
         self.require_model(name)
-        trash = self._model_dir(name).with_name(f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
-        self._model_dir(name).rename(trash)
-        self._forget(name)
-        trash.rmtree()
+        with self.claim_model(name, "delete"):
+            gone = self._model_dir(name).with_name(f"{_DELETED}{name}-{uuid.uuid4().hex[:8]}")
+            self._model_dir(name).rename(gone)
+            self._forget(name)
+            gone.rmtree()
 
     def _forget(self, name: str) -> None:
         """Drop what this object read of model `name` (it was replaced or deleted)."""
@@ -596,6 +732,15 @@ class Atlas:
 
     def has_table(self, model: str, name: str) -> bool:
         return (self._model_dir(model) / "analysis" / f"{name}.parquet").is_file()
+
+
+def _created(folder: Location) -> str:
+    """The "created" stamp of a model folder ('' when it has none: an unfinished write)."""
+    try:
+        with (folder / "zarr.json").open("rb") as f:
+            return str(json.load(f).get("attributes", {}).get("created", ""))
+    except (OSError, ValueError, FileNotFoundError):
+        return ""
 
 
 def open_atlas(path: str | os.PathLike) -> Atlas:
