@@ -29,12 +29,13 @@ from bokeh.models import (
 from bokeh.palettes import RdBu11, Viridis256
 from bokeh.plotting import figure
 
+from attnatlas.app.safe import JS_ESCAPE, seal
 from attnatlas.compare.metrics import HEAD_FIELDS
 from attnatlas.compare.run import CompareResult, load
 
 CELL = 14  # pixels per head in the grids
 
-HIGHLIGHT_JS = """
+HIGHLIGHT_JS = JS_ESCAPE + """
 // sim: (heads of this grid) x (heads of the other grid), row-major, for the measure chosen
 const i = src.selected.indices.length ? src.selected.indices[0] : -1
 const n_other = other.data.layer.length
@@ -58,7 +59,7 @@ if (i >= 0) {
     lines.push(`${r + 1}. L${d.layer[j]}H${d.head[j]} (${row[r][0].toFixed(3)})`)
   }
   const s = src.data
-  text = `<b>${name} L${s.layer[i]}H${s.head[i]}</b>: nearest in ${other_name} by ${col}<br>` + lines.join('<br>')
+  text = `<b>${esc(name)} L${s.layer[i]}H${s.head[i]}</b>: nearest in ${esc(other_name)} by ${esc(col)}<br>` + lines.join('<br>')
 }
 d.width = width
 d.score = score
@@ -129,7 +130,7 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     """Bokeh layout comparing two models; a note instead when `attnatlas compare` has not been run."""
     res = result if result is not None else load(atlas, model_a, model_b)
     if res is None:
-        return Div(text=f"No comparison of <b>{html.escape(model_a)}</b> and <b>{html.escape(model_b)}</b> is stored. "
+        return Div(disable_math=True, text=f"No comparison of <b>{html.escape(model_a)}</b> and <b>{html.escape(model_b)}</b> is stored. "
                         f"Run <code>attnatlas compare ATLAS --models {html.escape(model_a)} {html.escape(model_b)} "
                         f"--out DIR</code> first.")
     if metric not in HEAD_FIELDS:
@@ -197,4 +198,6 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
                                                         slider=slider), code=METRIC_JS))
     metric_sel.js_on_change("value", filt)
     controls = row(metric_sel, measure_sel, which, slider)
-    return column(controls, row(fig_a, fig_b, info), hf, table, name="attnatlas-compare")
+    view_layout = column(controls, row(fig_a, fig_b, info), hf, table, name="attnatlas-compare")
+    seal(view_layout)  # model names reach titles and labels; none may be typeset
+    return view_layout

@@ -14,6 +14,7 @@ from bokeh.transform import transform
 
 from attnatlas.app import colors
 from attnatlas.app.data import AppData
+from attnatlas.app.safe import plain, seal
 
 
 def head_layout(data: AppData, model: str, method: str, layer: int, head: int, mode: str = "kind"):
@@ -29,7 +30,8 @@ def head_layout(data: AppData, model: str, method: str, layer: int, head: int, m
     cols = {k: t.columns[k] for k in ("token", "ctx", "position", "kind", "sequence")}
     src = ColumnDataSource(data=dict(x=h.x, y=h.y, norm=h.norm, c=values, **cols))
     fig = figure(width=800, height=760, output_backend="webgl", tools="pan,wheel_zoom,box_zoom,reset,save",
-                 match_aspect=True, title=f"{model} L{layer}H{head} ({method})")
+                 match_aspect=True)
+    fig.title.text = plain(f"{model} L{layer}H{head} ({method})")
     mapper = LinearColorMapper(palette=list(palette), low=lo, high=hi)
     r = fig.scatter("x", "y", source=src, size=4, fill_alpha=0.6, line_color=None, fill_color=transform("c", mapper))
     from attnatlas.app.dashboard import TOOLTIPS
@@ -44,4 +46,6 @@ def head_html(data: AppData, model: str, method: str, layer: int, head: int, mod
     """A standalone page of one head with BokehJS inlined, so it opens offline."""
     model = data.model(model)
     layer, head = data.clamp(model, layer, head)
-    return file_html(head_layout(data, model, method, layer, head, mode), INLINE, title=f"attnatlas {model} L{layer}H{head}")
+    layout = head_layout(data, model, method, layer, head, mode)
+    seal(layout)  # a saved page is opened later, by anyone: nothing in it may typeset or run
+    return file_html(layout, INLINE, title=f"attnatlas {model} L{layer}H{head}")

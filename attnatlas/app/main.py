@@ -11,6 +11,7 @@ from bokeh.models import Div
 
 from attnatlas.app.dashboard import build_document
 from attnatlas.app.data import AppData
+from attnatlas.app.safe import seal
 
 doc = curdoc()
 ctx = doc.session_context
@@ -20,6 +21,7 @@ try:
         data = AppData(sys.argv[1])
     args = ctx.request.arguments if ctx is not None and ctx.request is not None else {}
     build_document(doc, data, args)
+    seal(doc)  # theme.yaml covers Divs made later; titles and labels are made plain here
 except Exception as exc:  # noqa: BLE001 - one broken session page, not a dead server
     logging.getLogger("attnatlas.app").exception("could not build a session")
-    doc.add_root(Div(text=f"<b>attnatlas could not open this view:</b> {html.escape(str(exc))}"))
+    doc.add_root(Div(text=f"<b>attnatlas could not open this view:</b> {html.escape(str(exc))}", disable_math=True))

@@ -16,6 +16,7 @@ from bokeh.plotting import figure
 
 from attnatlas.analyze import embeddings, neurons, overview, rollout, similarity
 from attnatlas.analyze.common import require_hidden, require_image
+from attnatlas.app.safe import plain
 from attnatlas.store import Atlas
 
 ALPHA = 0.6
@@ -252,8 +253,9 @@ def build_overview(atlas: Atlas, model: str, layer: int = 0, head: int = 0, seq:
     raw = [str(t) for t in m.tokens]  # plot titles and plain hover fields are text: Bokeh escapes them
     toks = [html.escape(t) for t in raw]  # for the Div below, which is HTML
     srow = ColumnDataSource(dict(m=np.arange(n), p=m.softmax, logit=np.where(np.isfinite(m.logits), m.logits, np.nan), token=raw))
-    sfig = figure(width=460, height=200, title=f"softmax row of query {i} ({raw[i]})", tools="hover,tap",
+    sfig = figure(width=460, height=200, tools="hover,tap",
                   tooltips=[("key", "@token"), ("q.k/sqrt(d)", "@logit{0.000}"), ("weight", "@p{0.0000}")])
+    sfig.title.text = plain(f"softmax row of query {i} ({raw[i]})")  # a token: shown as written, never as TeX
     sfig.vbar(x="m", top="p", width=0.8, source=srow)
     text = Div(text=(f"q·k = Σ q×k = <b>{m.dot:.4f}</b>; × {m.scaling:.4g} (1/√{d}) = <b>{m.scaled:.4f}</b>; "
                      f"softmax over the {n} keys of sequence {seq}: weight of key {j} ({toks[j]}) = <b>{m.weight:.4f}</b>"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import socket
 
@@ -23,9 +24,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _free_port(address: str) -> int:
-    with socket.socket() as s:
+    with socket.socket(_family(address)) as s:
         s.bind((address, 0))
         return int(s.getsockname()[1])
+
+
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def check_listen(address: str, port: int) -> None:
+    """AtlasError unless `port` is a port number and `address` is an interface of this machine that is
+    free to bind, so a mistake is one message instead of a traceback from inside the server."""
+    if not 0 <= port <= 65535:
+        raise AtlasError(f"--port {port} is not a port number; use 1-65535 (or 0 to pick a free one).")
+    try:
+        infos = socket.getaddrinfo(address, port or None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise AtlasError(f"--address {address!r} is not an address or host name here ({exc.strerror}).") from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(sockaddr)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRNOTAVAIL:
+                why += " (it is not an address of this machine)"
+            raise AtlasError(f"cannot listen on {address}:{port}: {why}; try another --address or --port.") from None
 
 
 def make_server(atlas: str, port: int = 5006, address: str = "127.0.0.1", allow_origin: list[str] | None = None):
@@ -39,6 +65,7 @@ def make_server(atlas: str, port: int = 5006, address: str = "127.0.0.1", allow_
     from attnatlas.app.data import AppData
 
     AppData(atlas)  # raises StoreError with a readable message
+    check_listen(address, port)
     if port == 0:
         port = _free_port(address)
     handler = DirectoryHandler(filename=str(APP_DIR), argv=[str(atlas)])

@@ -95,7 +95,10 @@ def summary_html(res: CompareResult) -> str:
 
 def report_html(atlas, res: CompareResult) -> str:
     from attnatlas.app.compare_view import build_compare_view
+    from attnatlas.app.safe import seal
 
     a, b = res.models
     view = build_compare_view(atlas, a, b, result=res)
-    return file_html(column(Div(text=summary_html(res), width=1200), view), INLINE, title=f"attnatlas compare {a} {b}")
+    page = column(Div(text=summary_html(res), width=1200, disable_math=True), view)
+    seal(page)  # model names and tokens are shown as written, never typeset
+    return file_html(page, INLINE, title=f"attnatlas compare {a} {b}")

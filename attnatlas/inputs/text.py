@@ -159,9 +159,11 @@ def _from_jsonl(content: str, name: str, column: str) -> tuple[list[TextRecord],
 
 
 def _from_csv(content: str, name: str, column: str) -> tuple[list[TextRecord], int]:
-    reader = csv.reader(io.StringIO(content, newline=""))
+    # strict: a stray quote is an error naming its line, not a field that silently swallows the rows after it.
+    reader = csv.reader(io.StringIO(content, newline=""), strict=True)
     records: list[TextRecord] = []
     blank = 0
+    lineno = 1
     try:
         header = next(reader, None)
         if header is None:
@@ -179,9 +181,10 @@ def _from_csv(content: str, name: str, column: str) -> tuple[list[TextRecord], i
             if not row:
                 blank += 1
                 continue
-            if idx >= len(row):
+            if len(row) != len(header):
                 raise InputError(
-                    f"{name}:{lineno}: row has {len(row)} field(s) but column {column!r} is field {idx + 1}"
+                    f"{name}:{lineno}: row has {len(row)} field(s) but the header has {len(header)}; "
+                    "check that line for a stray quote or an unquoted comma"
                 )
             value = row[idx]
             if not value.strip():
@@ -189,5 +192,7 @@ def _from_csv(content: str, name: str, column: str) -> tuple[list[TextRecord], i
                 continue
             records.append(TextRecord(value, f"{name}:{lineno}"))
     except csv.Error as exc:
-        raise InputError(f"{name}:{reader.line_num}: malformed CSV ({exc})") from exc
+        start = lineno if reader.line_num > lineno else reader.line_num
+        raise InputError(f"{name}:{start}: malformed CSV ({exc}); a quoted field opened on line {start} "
+                         f"never closes properly (read up to line {reader.line_num})") from exc
     return records, blank
