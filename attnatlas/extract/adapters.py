@@ -1,81 +1,262 @@
-"""One small adapter per model family: where its attention modules are and what its tokens mean.
+"""Which modules of a model are its attention, and what its tokens mean: found from the model itself.
 
-Adapters never touch model code: q and k are captured through transformers' public attention
-interface (see capture.py), which every supported family calls with post-rotary q and k.
+Discovery is generic: one tiny forward pass with the capture active records every call to
+transformers' attention interface in call order, which gives the attention modules (one per layer),
+the head counts (from the q and k shapes), whether attention is causal (from the model's own mask)
+and which layers are windowed. A new architecture that calls the interface works without a code
+change. What cannot be read off the model is small and declarative below: image prefix tokens,
+eager-only families whose own attention method is wrapped (capture.WRAPPERS), and families refused
+with the reason.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from attnatlas.errors import ModelError
 
-ADAPTER_VERSION = 1
+ADAPTER_VERSION = 2
+
+# Kinds of the tokens an image model puts before its patches, where it is not [CLS] (+ registers).
+PREFIX_TOKENS: dict[str, tuple[str, ...]] = {
+    "deit": ("cls", "distillation"),
+    "siglip_vision_model": (),  # SigLIP pools with a head: patches only
+}
 
 
 @dataclass(frozen=True)
+class Wrapped:
+    """An eager-only family: the method that receives q and k (capture.WRAPPERS) and what its module
+    computes internally that the model passes to no function."""
+
+    module_class: str
+    causal: bool
+    window: Callable[[Any, int], int | None] = lambda config, layer: None
+
+
+WRAPPED: dict[str, Wrapped] = {
+    "gpt_neo": Wrapped("GPTNeoSelfAttention", True,
+                       lambda c, i: c.window_size if c.attention_layers[i] == "local" else None),
+    "bloom": Wrapped("BloomAttention", True),
+}
+
+REFUSED: dict[str, str] = {
+    "deberta-v2": "its disentangled attention adds content-to-position and position-to-content terms computed from "
+                  "relative position embeddings inside the module, which the atlas does not record yet",
+    "deberta": "its disentangled attention adds content-to-position and position-to-content terms computed from "
+               "relative position embeddings inside the module, which the atlas does not record yet",
+    "swin": "it attends within shifted local windows whose tokens are merged between stages, so heads neither see "
+            "one token sequence nor keep one head count; this does not map onto per-token query and key clouds",
+    "swinv2": "it attends within shifted local windows with cosine attention and merges tokens between stages",
+    "falcon": "it calls torch's attention kernel directly (rotary or ALiBi applied inside the module, no attention "
+              "interface to capture); not yet supported",
+    "mpnet": "its eager-only attention adds a relative position bias inside the module; not yet supported",
+}
+
+# Head-count attributes as configs spell them (after each config's attribute_map).
+_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "n_heads")
+
+
+@dataclass
 class Adapter:
-    family: str
-    model_types: tuple[str, ...]
+    """What the extractor needs to know about one loaded model (built by `discover`)."""
+
+    family: str  # the model_type
     modality: str  # "text" | "image"
     causal: bool
-    # Dotted suffix of the module that calls the attention interface, after "<blocks>.<i>.".
-    attention_suffix: str
-    # What the family's attention computes on, for the README and `attnatlas info`.
-    note: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    capture: str  # how q and k are captured, for the atlas and the README
+    prefix: list[str] = field(default_factory=list)  # image models: kinds of the tokens before the patches
+    window_hint: list[int | None] = field(default_factory=list)  # per layer, from what the model passes
+    window_rule: str = "causal"  # "causal": 0 <= i - j < W; "bidirectional": |i - j| <= W
+    layer_of_module: dict[int, list[int]] = field(default_factory=dict, repr=False)  # id(module) -> layers
+    wrapped: list[Any] = field(default_factory=list, repr=False)  # eager-only: the modules to wrap
+    check_masks: bool = True  # the model's mask is passed whole (not only padding) and can be checked
 
-    def layer_of(self, module_name: str) -> int | None:
-        """Layer index of an attention module's qualified name, or None if it is not one."""
-        m = re.search(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\." + re.escape(self.attention_suffix) + r"$", module_name)
-        return int(m.group(1)) if m else None
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return (self.family,)
 
-    def prefix_tokens(self, config: Any) -> list[str]:
-        """Kinds of the tokens an image model puts before its patches ('cls', 'distillation', 'register')."""
-        if self.modality != "image":
-            return []
-        kinds = ["cls"]
-        if config.model_type == "deit":
-            kinds.append("distillation")
-        kinds += ["register"] * int(getattr(config, "num_register_tokens", 0) or 0)
-        return kinds
+    def prefix_tokens(self, config: Any = None) -> list[str]:
+        return list(self.prefix)
 
 
-ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("bert", ("bert", "roberta", "xlm-roberta", "camembert"), "text", False, "attention.self",
-            "BERT, RoBERTa and MiniLM encoders: bidirectional attention over word pieces"),
-    Adapter("gpt2", ("gpt2",), "text", True, "attn",
-            "GPT-2 decoders: q, k, v split from the fused c_attn projection; causal"),
-    Adapter("llama", ("llama", "mistral", "qwen2"), "text", True, "self_attn",
-            "Llama-family decoders: q, k after rotary embedding; grouped-query attention; causal"),
-    Adapter("vit", ("vit", "deit", "dinov2", "dinov2_with_registers"), "image", False, "attention",
-            "ViT, DeiT and DINOv2 encoders: [CLS] (+ distillation / register tokens) then image patches"),
+# Model types whose recomputed attention is tested against the model's eager attention
+# (tests/test_families.py); others that call the attention interface are found the same way.
+TESTED = (
+    "gpt2", "gpt_neox", "opt", "gptj", "gpt_neo", "bloom", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
+    "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2",
+    "bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert", "modernbert", "t5 (encoder)",
+    "vit", "deit", "dinov2", "dinov2_with_registers", "beit", "clip (vision, text)", "siglip (vision, text)",
 )
 
 
 def supported_families() -> str:
-    return "; ".join(f"{a.family} ({', '.join(a.model_types)})" for a in ADAPTERS)
+    return ", ".join(TESTED)
 
 
-def adapter_for(config: Any) -> Adapter:
+def _head_count(config: Any) -> int | None:
+    for key in _HEAD_KEYS:
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def stacks_of(config: Any) -> list[str]:
+    """The stacks of a composite config ("text", "vision", "encoder"), empty for a single stack."""
+    subs = [k[: -len("_config")] for k in (getattr(config, "sub_configs", None) or {}) if k.endswith("_config")]
+    if subs:
+        return subs
+    if getattr(config, "is_encoder_decoder", False):
+        return ["encoder"]
+    return []
+
+
+def check_config(config: Any, model_id: str, stack: str | None, raw: dict[str, Any] | None = None) -> Any:
+    """Refuse what cannot be captured before any weights load; returns the config of the stack to load.
+    raw: the config.json as written, to tell a missing head count from a class default."""
     model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-            if not heads:
-                raise ModelError(f"The {model_type!r} model has no attention heads to map.")
-            return adapter
-    raise ModelError(
-        f"Model type {model_type!r} is not supported: attnatlas maps attention heads of these families: {supported_families()}."
-    )
+    stacks = stacks_of(config)
+    if stacks and stack is None:
+        opts = " or ".join(f"{model_id}#{s}" for s in stacks)
+        raise ModelError(f"{model_id!r} is a {model_type!r} model with more than one stack "
+                         f"({', '.join(stacks + (['decoder'] if stacks == ['encoder'] else []))}); "
+                         f"say which one to map: --model {opts}.")
+    if stack is not None:
+        if stack == "decoder" and stacks == ["encoder"]:
+            raise ModelError(f"The decoder of {model_type!r} mixes self- and cross-attention; only its encoder can be "
+                             f"mapped: --model {model_id}#encoder.")
+        if stack not in stacks:
+            have = ", ".join(stacks) if stacks else "none: it is a single stack, give it without '#'"
+            raise ModelError(f"{model_id!r} ({model_type!r}) has no {stack!r} stack (stacks: {have}).")
+        if stack != "encoder":
+            config = getattr(config, f"{stack}_config")
+            raw = (raw or {}).get(f"{stack}_config", raw)
+            model_type = config.model_type
+    if model_type in REFUSED:
+        raise ModelError(f"Model type {model_type!r} is not supported: {REFUSED[model_type]}.")
+    heads = _head_count(config)
+    aliases = {k for k in _HEAD_KEYS} | {k for k, v in getattr(config, "attribute_map", {}).items() if v in _HEAD_KEYS} \
+        | {v for k, v in getattr(config, "attribute_map", {}).items() if k in _HEAD_KEYS}
+    if heads is None:
+        raise ModelError(f"Model type {model_type!r} is not supported: its config has no attention heads "
+                         f"(no {' / '.join(_HEAD_KEYS[:3])}), so there are none to map.")
+    if raw is not None and not aliases & set(raw):
+        raise ModelError(f"The {model_type!r} config of {model_id!r} lacks the number of attention heads "
+                         f"({' / '.join(sorted(aliases & set(_HEAD_KEYS)))}); add it to its config.json.")
+    return config
 
 
-def head_counts(config: Any) -> tuple[int, int, int, int]:
-    """(n_layers, n_heads, n_kv_heads, d_head) from a config of any supported family."""
-    n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    n_heads = getattr(config, "num_attention_heads", None) or config.n_head
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    d_head = getattr(config, "head_dim", None) or hidden // n_heads
-    return int(n_layers), int(n_heads), int(n_kv), int(d_head)
+def modality_of(model: Any) -> str:
+    params = inspect.signature(model.forward).parameters
+    if "input_ids" in params:
+        return "text"
+    if "pixel_values" in params:
+        return "image"
+    raise ModelError(f"Model type {model.config.model_type!r} takes neither input_ids nor pixel_values; "
+                     "attnatlas maps text and image models only.")
+
+
+def _image_size(config: Any) -> tuple[int, int]:
+    s = getattr(config, "image_size", 224)
+    return (int(s[0]), int(s[1])) if isinstance(s, (tuple, list)) else (int(s), int(s))
+
+
+def patch_size(config: Any) -> int:
+    p = config.patch_size
+    return int(p[0]) if isinstance(p, (tuple, list)) else int(p)
+
+
+def _calls_interface(model: Any) -> bool:
+    """Whether the model's attention looks its function up in transformers' attention interface
+    (transformers' own test: its modeling code calls ALL_ATTENTION_FUNCTIONS.get_interface)."""
+    can = getattr(type(model), "_can_set_attn_implementation", None)
+    return bool(can()) if can is not None else bool(getattr(model, "_supports_attention_backend", False))
+
+
+def discover(model: Any, config: Any) -> Adapter:
+    """Find a loaded model's attention modules and head counts with one tiny forward pass."""
+    import torch
+
+    from attnatlas.extract.capture import WRAPPERS, capturing
+
+    model_type = config.model_type
+    modality = modality_of(model)
+    wrapped_spec = WRAPPED.get(model_type)
+    wrapped = []
+    if wrapped_spec is not None:
+        wrapped = [m for m in model.modules() if type(m).__name__ == wrapped_spec.module_class]
+    elif not _calls_interface(model):
+        raise ModelError(f"Model type {model_type!r} is not supported: its attention is eager-only code that calls no "
+                         f"attention interface, and attnatlas knows no method of it to wrap "
+                         f"(wrapped eager-only families: {', '.join(WRAPPERS)}).")
+    device = next(model.parameters()).device
+    if modality == "text":
+        vocab = int(getattr(config, "vocab_size", 8) or 8)
+        ids = torch.tensor([[min(i, vocab - 1) for i in (1, 2, 3, 4)]], device=device)
+        # One padded position, so the model builds its mask in full (causal or not can be read off it).
+        inputs = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0]], device=device)}
+        if "attention_mask" not in inspect.signature(model.forward).parameters:
+            inputs.pop("attention_mask")
+    else:
+        H, W = _image_size(config)
+        inputs = {"pixel_values": torch.zeros(1, int(getattr(config, "num_channels", 3)), H, W, device=device)}
+    with capturing(model, None, wrapped=wrapped, model_type=model_type) as rec, torch.inference_mode():
+        model(**inputs)
+    calls = rec.calls  # one per layer, in call order; a shared module (ALBERT) is called once per layer
+    if not calls:
+        raise ModelError(f"Model type {model_type!r} is not supported: no attention call was seen in a forward pass "
+                         "(does it have attention heads?).")
+    n_cfg = getattr(config, "num_hidden_layers", None)
+    if isinstance(n_cfg, int) and n_cfg != len(calls):
+        raise ModelError(f"Model type {model_type!r}: found {len(calls)} attention calls per forward pass but the config "
+                         f"says {n_cfg} layers; this variant is not laid out as attnatlas expects.")
+    shapes = {(c.query.shape[1], c.key.shape[1], c.query.shape[-1], c.query.shape[2]) for _, c in calls}
+    if len(shapes) != 1:
+        raise ModelError(f"Model type {model_type!r}: attention layers differ in head count, head size or token count "
+                         f"({sorted(shapes)}); attnatlas maps models whose layers all share one token sequence.")
+    n_heads, n_kv, d_head, n_tokens = shapes.pop()
+    unrecordable = {c.unrecordable for _, c in calls if c.unrecordable}
+    if unrecordable:
+        raise ModelError(f"Model type {model_type!r} is not supported: it passes {', '.join(sorted(unrecordable))} "
+                         "(attention sinks) to attention, which the atlas does not record.")
+    first = calls[0][1]
+    if wrapped_spec is not None:
+        causal = wrapped_spec.causal
+    elif modality == "text" and first.mask is not None:
+        causal = not bool(first.mask[0, :, 0, 1].any())  # may query 0 see key 1 (both real)?
+    elif first.is_causal is not None:
+        causal = bool(first.is_causal)
+    else:
+        causal = bool(getattr(calls[0][0], "is_causal", False))
+    cfg_window = getattr(config, "sliding_window", None)
+    if wrapped_spec is not None:
+        hint = [wrapped_spec.window(config, i) for i in range(len(calls))]
+    else:
+        hint = [(cfg_window if isinstance(cfg_window, int) else c.sliding_window) if c.sliding_window else None
+                for _, c in calls]
+    prefix: list[str] = []
+    if modality == "image":
+        H, W = _image_size(config)
+        count = n_tokens - (H // patch_size(config)) * (W // patch_size(config))
+        kinds = list(PREFIX_TOKENS.get(model_type, ("cls",)))
+        if model_type not in PREFIX_TOKENS:
+            kinds += ["register"] * int(getattr(config, "num_register_tokens", 0) or 0)
+        if len(kinds) != count:
+            kinds = (["cls"] if count else []) + ["prefix"] * max(count - 1, 0)
+        prefix = kinds
+    layers_of: dict[int, list[int]] = {}
+    for i, (m, _) in enumerate(calls):
+        layers_of.setdefault(id(m), []).append(i)
+    how = (f"wrapped {wrapped_spec.module_class}.{WRAPPERS[model_type][0]}" if wrapped_spec is not None
+           else "attention interface")
+    return Adapter(model_type, modality, causal, len(calls), int(n_heads), int(n_kv), int(d_head), how, prefix,
+                   hint, "causal" if causal else "bidirectional",
+                   layers_of, wrapped)

@@ -1,14 +1,16 @@
-"""Capture per-head q, k, v through transformers' public attention interface.
+"""Capture per-head q, k, v and everything else that shapes attention, without forking model code.
 
-The model is switched to the "attnatlas" implementation, which records what the model passes to
-attention (q and k after any rotary embedding, the model's own mask and scaling) and then runs the
-model's normal SDPA kernel, so outputs are unchanged.
+Models that call transformers' attention interface are switched to the "attnatlas" implementation,
+which records what the model passes to attention (q and k after any rotary embedding, the mask,
+scaling, softcap, an additive `position_bias`) and then attends as the model would. Models that call
+no interface (eager-only code) get their own attention method wrapped on the instance (see
+adapters.WRAPPED): the wrapper records its arguments and calls the original.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "attnatlas"
+# Additive float masks block with finfo.min or -inf; anything above this is a bias, not a block.
+BLOCKED = -1e4
+# Keyword arguments some families pass that change attention in a way the atlas cannot record yet.
+UNRECORDABLE = ("s_aux", "sinks")
 
 
 @dataclass
@@ -25,37 +31,84 @@ class LayerCapture:
     query: torch.Tensor  # (batch, head, token, d_head)
     key: torch.Tensor  # (batch, kv_head, token, d_head)
     value: torch.Tensor  # (batch, kv_head, token, d_head)
-    mask: torch.Tensor | None  # (batch, 1, token, token) bool (True = may attend) or additive float
+    mask: torch.Tensor | None  # (batch, 1|head, token, token) bool (True = may attend) or additive float
     scaling: float
+    softcap: float | None = None  # logits -> softcap * tanh(logits / softcap), before bias and mask
+    bias: torch.Tensor | None = None  # (batch|1, head|1, token|1, token) additive term that is not a mask
+    sliding_window: int | None = None  # what the model passed, a hint for which layers are windowed
+    is_causal: bool | None = None  # what the model passed for SDPA when the mask is None
+    unrecordable: str | None = None  # a keyword the atlas cannot record (the extractor refuses)
     topk_weight: torch.Tensor | None = None  # (batch, head, query, k) strongest attention weights
     topk_key: torch.Tensor | None = None  # (batch, head, query, k) their key positions
 
 
 class _Recorder:
-    """Where the active capture goes; one per `capturing` context, keyed by module identity."""
+    """Where the active capture goes; one per `capturing` context, keyed by module identity.
+    With `layer_of_module` None every attention call is kept in call order (discovery)."""
 
-    def __init__(self, layer_of_module: dict[int, int], topk: int = 0, causal: bool = False):
-        self.layer_of_module = layer_of_module
+    def __init__(self, layer_of_module: dict[int, list[int]] | None, topk: int = 0, causal: bool = False):
+        self.layer_of_module = layer_of_module  # id(module) -> its layers in call order (ALBERT shares one)
         self.topk, self.causal = topk, causal
         self.layers: dict[int, LayerCapture] = {}
+        self.calls: list[tuple[torch.nn.Module, LayerCapture]] = []
+        self._seen: dict[int, int] = {}
+
+    def layer(self, module: torch.nn.Module) -> int | None:
+        if self.layer_of_module is None:
+            return -1
+        layers = self.layer_of_module.get(id(module))
+        if layers is None:
+            return None
+        i = self._seen.get(id(module), 0)
+        self._seen[id(module)] = i + 1
+        return layers[i] if i < len(layers) else None
+
+    def keep(self, module: torch.nn.Module, layer: int, cap: LayerCapture) -> None:
+        if layer < 0:
+            self.calls.append((module, cap))
+        else:
+            self.layers[layer] = cap
 
 
 _active: list[_Recorder] = []
 
 
+def _split_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mask, bias): an additive float mask's finite part is a bias (BEiT passes its relative
+    position bias as the mask); what stays is a bool mask (True = may attend) or None."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask, None
+    blocked = mask <= BLOCKED
+    bias = mask.masked_fill(blocked, 0.0)
+    if not bias.any():
+        bias = None
+    return (~blocked if blocked.any() else None), bias
+
+
 def _attention(module: torch.nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     if _active:
         rec = _active[-1]
-        layer = rec.layer_of_module.get(id(module))
+        layer = rec.layer(module)
         if layer is not None:
             scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-            cap = LayerCapture(query.detach(), key.detach(), value.detach(), attention_mask, scale)
-            rec.layers[layer] = cap
-            if rec.topk and not module.training:
-                # The probabilities are needed for top-k anyway: attend with them instead of a second
-                # SDPA pass (same math; dropout is off in eval).
-                probs = attention_probs(cap, rec.causal)  # (batch, head, query, key)
-                cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
+            mask, bias = _split_mask(attention_mask)
+            extra = kwargs.get("position_bias")  # T5: added to the logits by the model's own attention
+            if extra is not None:
+                bias = extra if bias is None else bias + extra
+            softcap = kwargs.get("softcap")
+            cap = LayerCapture(query.detach(), key.detach(), value.detach(), mask, scale,
+                               softcap=float(softcap) if softcap else None,
+                               bias=None if bias is None else bias.detach(),
+                               sliding_window=kwargs.get("sliding_window"), is_causal=kwargs.get("is_causal"),
+                               unrecordable=next((k for k in UNRECORDABLE if kwargs.get(k) is not None), None))
+            rec.keep(module, layer, cap)
+            # SDPA has no softcap and no separate bias: attend with the recomputed probabilities then
+            # (the model's eager math), and also when they are needed for top-k anyway (dropout is off).
+            if (rec.topk or cap.softcap or cap.bias is not None) and not module.training:
+                causal = rec.causal if cap.is_causal is None else bool(cap.is_causal)
+                probs = attention_probs(cap, causal)  # (batch, head, query, key)
+                if rec.topk:
+                    cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
                 v = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1) if value.shape[1] != query.shape[1] else value
                 return (probs.to(v.dtype) @ v).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -65,29 +118,100 @@ AttentionInterface.register(IMPLEMENTATION, _attention)
 AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
+# ---- eager-only families: wrap the module's own attention method ---------------------------------
+
+def _wrap(module: torch.nn.Module, method: str, record: Callable[..., LayerCapture | None]) -> Callable[[], None]:
+    """Replace `module.<method>` on the instance by a wrapper that records, then calls the original."""
+    original = getattr(module, method)
+
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if _active:
+            rec = _active[-1]
+            layer = rec.layer(module)
+            if layer is not None:
+                cap = record(module, out, *args, **kwargs)
+                if cap is not None:
+                    if rec.topk:  # the model attends itself: top-k needs its own recomputation
+                        probs = attention_probs(cap, rec.causal)
+                        cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
+                    rec.keep(module, layer, cap)
+        return out
+
+    setattr(module, method, wrapper)
+    return lambda: delattr(module, method)
+
+
+def _record_gpt_neo(module, out, query, key, value, attention_mask=None) -> LayerCapture:
+    # GPTNeoSelfAttention._attn: q.k unscaled, masked by its own causal / local buffer, plus an
+    # additive padding mask; both are combined here into one bool mask (True = may attend).
+    t_q, t_k = query.shape[-2], key.shape[-2]
+    mask = module.bias[:, :, t_k - t_q : t_k, :t_k]
+    if attention_mask is not None:
+        mask = mask & (attention_mask > BLOCKED)
+    return LayerCapture(query.detach(), key.detach(), value.detach(), mask, 1.0)
+
+
+def _record_bloom_split(module, out, fused_qkv) -> None:
+    # BloomAttention._reshape returns (q, k, v); the forward pre-hook below has already seen alibi.
+    q, k, v = out
+    pending = module._attnatlas_pending
+    module._attnatlas_pending = None
+    alibi, mask = pending
+    B, H, T, _ = q.shape
+    bias = alibi.view(B, H, 1, -1) * float(module.beta)  # baddbmm(beta * alibi + alpha * q.k)
+    allowed = None if mask is None else (mask > BLOCKED if mask.dtype != torch.bool else mask)
+    return LayerCapture(q.detach(), k.detach(), v.detach(), allowed, float(module.inv_norm_factor), bias=bias.detach())
+
+
+def _bloom_pre_hook(module, args, kwargs):
+    alibi = kwargs.get("alibi", args[2] if len(args) > 2 else None)
+    mask = kwargs.get("attention_mask", args[3] if len(args) > 3 else None)
+    module._attnatlas_pending = (alibi, mask)
+
+
+# model_type -> (method to wrap, recorder, optional forward pre-hook with kwargs)
+WRAPPERS: dict[str, tuple[str, Callable, Callable | None]] = {
+    "gpt_neo": ("_attn", _record_gpt_neo, None),
+    "bloom": ("_reshape", _record_bloom_split, _bloom_pre_hook),
+}
+
+
 @contextmanager
-def capturing(model: torch.nn.Module, layer_of_module: dict[int, int], topk: int = 0,
-              causal: bool = False) -> Iterator[_Recorder]:
-    """Route `model`'s attention through the recorder; restores the previous implementation on exit.
-    With `topk`, each layer's strongest `topk` keys per query are kept too."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(IMPLEMENTATION)
+def capturing(model: torch.nn.Module, layer_of_module: dict[int, list[int]] | None, topk: int = 0,
+              causal: bool = False, wrapped: list[torch.nn.Module] | None = None,
+              model_type: str | None = None) -> Iterator[_Recorder]:
+    """Route `model`'s attention through the recorder; restores everything on exit.
+    With `topk`, each layer's strongest `topk` keys per query are kept too. `wrapped` are the
+    attention modules of an eager-only family (`model_type` in WRAPPERS) to wrap instead."""
     rec = _Recorder(layer_of_module, topk, causal)
-    _active.append(rec)
-    try:
+    with ExitStack() as stack:
+        if wrapped:
+            method, record, pre_hook = WRAPPERS[model_type]
+            for module in wrapped:
+                stack.callback(_wrap(module, method, record))
+                if pre_hook is not None:
+                    stack.callback(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+        else:
+            previous = model.config._attn_implementation
+            model.set_attn_implementation(IMPLEMENTATION)
+            stack.callback(model.set_attn_implementation, previous)
+        _active.append(rec)
+        stack.callback(_active.remove, rec)
         yield rec
-    finally:
-        _active.remove(rec)
-        model.set_attn_implementation(previous)
 
 
 def attention_probs(cap: LayerCapture, causal: bool) -> torch.Tensor:
-    """(batch, head, query, key) softmax(q.k * scaling + mask), recomputed from captured q and k."""
+    """(batch, head, query, key) softmax(cap(q.k * scaling) + bias + mask), recomputed from captured q and k."""
     q, k = cap.query.float(), cap.key.float()
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
     logits = (q @ k.transpose(-1, -2)) * cap.scaling
+    if cap.softcap:
+        logits = torch.tanh(logits / cap.softcap) * cap.softcap
+    if cap.bias is not None:
+        logits = logits + cap.bias.float()
     return torch.softmax(apply_mask(logits, cap.mask, causal), dim=-1)
 
 

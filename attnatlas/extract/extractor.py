@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from attnatlas import __version__
 from attnatlas.errors import InputError, ModelError
-from attnatlas.extract.adapters import ADAPTER_VERSION, Adapter, adapter_for, head_counts
+from attnatlas.extract.adapters import ADAPTER_VERSION, WRAPPED, Adapter, check_config, discover, modality_of, patch_size
 from attnatlas.extract.capture import LayerCapture, capturing
+from attnatlas.extract.recipe import Recipe
 from attnatlas.extract.offline import OFFLINE_MODELS, prepare_offline_model
 from attnatlas.inputs import ImageRecord, TextRecord, load_images, load_texts, patch_colour_table
 from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, check_name, tokens_per_chunk
@@ -82,7 +83,7 @@ class LoadedModel:
     model_id: str
     source: str  # local folder or hub id actually loaded
     default_name: str
-    layer_of_module: dict[int, int] = field(repr=False, default_factory=dict)
+    layer_of_module: dict[int, list[int]] = field(repr=False, default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -106,16 +107,45 @@ def _short_error(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def load_model(model_id: str, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a supported model from an offline short name, a local folder or a hub id."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+def split_stack(model_id: str) -> tuple[str, str | None]:
+    """"google/t5-small#encoder" -> ("google/t5-small", "encoder"): which stack of a composite model."""
+    base, sep, stack = model_id.rpartition("#")
+    return (base, stack or None) if sep and base else (model_id, None)
 
-    if model_id in OFFLINE_MODELS:
-        source = str(prepare_offline_model(model_id))
-        default_name = model_id
-    else:
-        source = model_id
-        default_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_id.rstrip("/")).name).strip(".-") or "model"
+
+def default_name(model_id: str) -> str:
+    """The atlas name a model gets without --name (known before anything loads)."""
+    base, stack = split_stack(model_id)
+    if base in OFFLINE_MODELS:
+        return base
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(base.rstrip("/")).name).strip(".-") or "model"
+    return f"{name}-{stack}" if stack else name
+
+
+def _model_class(config: Any, stack_config: Any, stack: str | None) -> Any:
+    """The transformers class that loads one stack: AutoModel's, the sub-config's, or <X>EncoderModel."""
+    import transformers
+    from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    if stack is None:
+        return AutoModel
+    if stack == "encoder":
+        name = MODEL_MAPPING[type(config)].__name__.replace("Model", "EncoderModel")
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            raise ModelError(f"transformers has no {name} for the encoder of {config.model_type!r}.")
+        return cls
+    return MODEL_MAPPING[type(stack_config)]
+
+
+def load_model(model_id: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a supported model from an offline short name, a local folder or a hub id; a composite
+    model (T5, CLIP, SigLIP) names its stack after '#': "t5-small#encoder", "clip-vit-base-patch32#vision"."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PretrainedConfig
+
+    base, stack = split_stack(model_id)
+    source = str(prepare_offline_model(base)) if base in OFFLINE_MODELS else base
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:  # transformers raises OSError/ValueError/HF errors for bad ids
@@ -124,33 +154,37 @@ def load_model(model_id: str, device: str | torch.device = "cpu") -> LoadedModel
             f"Could not load a model config from {model_id!r}: {_short_error(exc)} "
             f"(give a Hugging Face hub id, a local model folder, or one of the offline names: {known})."
         ) from None
-    adapter = adapter_for(config)
     try:
-        model = AutoModel.from_pretrained(source, attn_implementation="sdpa")
-        if adapter.modality == "text":
-            pre = AutoTokenizer.from_pretrained(source)
-        else:
-            pre = AutoImageProcessor.from_pretrained(source)
+        raw = PretrainedConfig.get_config_dict(source)[0]
+    except Exception:  # e.g. a config only reachable through AutoConfig's remote code
+        raw = None
+    stack_config = check_config(config, model_id, stack, raw)  # refusals come before any weights load
+    cls = _model_class(config, stack_config, stack)
+    # Eager-only families get their own eager attention wrapped; the rest use SDPA through the interface.
+    attn = "eager" if stack_config.model_type in WRAPPED else "sdpa"
+    try:
+        model = cls.from_pretrained(source, attn_implementation=attn)
+        pre = (AutoTokenizer if modality_of(model) == "text" else AutoImageProcessor).from_pretrained(source)
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"Could not load {model_id!r}: {_short_error(exc)}") from None
+    return prepare_model(model, pre, model_id, source, device)
+
+
+def prepare_model(model: torch.nn.Module, preprocessor: Any, model_id: str, source: str | None = None,
+                  device: str | torch.device = "cpu") -> LoadedModel:
+    """Discover a loaded model's attention (one tiny forward pass) and make it ready to extract."""
     model.eval().to(resolve_device(device) if isinstance(device, str) else device)
-    layer_of_module = {}
-    for qualified, module in model.named_modules():
-        layer = adapter.layer_of(qualified)
-        if layer is not None:
-            layer_of_module[id(module)] = layer
-    n_layers = head_counts(config)[0]
-    if sorted(layer_of_module.values()) != list(range(n_layers)):
-        raise ModelError(
-            f"Found {len(layer_of_module)} attention modules in {model_id!r} but its config says {n_layers} layers; "
-            f"this {config.model_type!r} variant is not laid out as the {adapter.family} adapter expects."
-        )
+    adapter = discover(model, model.config)
+    pre = preprocessor
     if adapter.modality == "text":
         if pre.pad_token is None:
             # Decoders often ship without one; padded positions are masked out and never stored.
             pre.pad_token = pre.eos_token or pre.unk_token
-        pre.padding_side = "right"  # keeps rotary positions of real tokens independent of padding
-    return LoadedModel(model, pre, adapter, config, model_id, source, default_name, layer_of_module)
+        pre.padding_side = "right"  # keeps positions of real tokens independent of padding
+    return LoadedModel(model, pre, adapter, model.config, model_id, source or model_id, default_name(model_id),
+                       adapter.layer_of_module)
 
 
 def hash_texts(records: Sequence[TextRecord]) -> str:
@@ -218,7 +252,7 @@ def _compact(caps: dict[int, LayerCapture], valid: torch.Tensor, first_row: int,
 
 
 def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractOptions, max_len: int,
-                  device: torch.device, np_dtype: np.dtype, scalings: dict[int, float]):
+                  device: torch.device, np_dtype: np.dtype, recipe: Recipe):
     tok = loaded.preprocessor
     first_row = 0
     for start in range(0, len(records), opts.batch_size):
@@ -229,10 +263,11 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
         special = encoding["special_tokens_mask"]
         enc = {k: encoding[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding}
         valid = enc["attention_mask"].bool()
-        with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, loaded.adapter.causal) as rec, \
-                torch.inference_mode(), _autocast(device, opts.precision):
+        adapter = loaded.adapter
+        with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, adapter.causal, adapter.wrapped,
+                       adapter.family) as rec, torch.inference_mode(), _autocast(device, opts.precision):
             out = loaded.model(**enc, output_hidden_states=opts.hidden_states)
-        scalings.update({layer: c.scaling for layer, c in rec.layers.items()})
+        recipe.observe(rec.layers, valid, image=False)
         arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None, np_dtype)
         real = valid.cpu()
         lengths = real.sum(1).tolist()
@@ -270,9 +305,7 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _image_geometry(loaded: LoadedModel) -> tuple[int, list[str]]:
-    patch = loaded.config.patch_size
-    patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
-    return patch, loaded.adapter.prefix_tokens(loaded.config)
+    return patch_size(loaded.config), list(loaded.adapter.prefix)
 
 
 def _image_pixels(pre: Any, pixel_values: torch.Tensor) -> np.ndarray:
@@ -288,7 +321,7 @@ def _image_pixels(pre: Any, pixel_values: torch.Tensor) -> np.ndarray:
 
 
 def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: ExtractOptions,
-                   device: torch.device, np_dtype: np.dtype, scalings: dict[int, float]):
+                   device: torch.device, np_dtype: np.dtype, recipe: Recipe):
     pre = loaded.preprocessor
     patch, prefix = _image_geometry(loaded)
     first_row = 0
@@ -300,13 +333,14 @@ def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: Extrac
         rows_, cols_ = H // patch, W // patch
         n = len(prefix) + rows_ * cols_
         valid = torch.ones(B, n, dtype=torch.bool, device=device)
-        with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, False) as rec, \
-                torch.inference_mode(), _autocast(device, opts.precision):
+        adapter = loaded.adapter
+        with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, adapter.causal, adapter.wrapped,
+                       adapter.family) as rec, torch.inference_mode(), _autocast(device, opts.precision):
             out = loaded.model(pixel_values=pixel_values.to(device), output_hidden_states=opts.hidden_states)
         got = rec.layers[0].query.shape[2]
         if got != n:
             raise ModelError(f"The model saw {got} tokens per image, expected {n} ({len(prefix)} + {rows_}x{cols_} patches).")
-        scalings.update({layer: c.scaling for layer, c in rec.layers.items()})
+        recipe.observe(rec.layers, valid, image=True)
         arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None, np_dtype)
         arrays["images"] = np.rint(pixels * 255).astype(np.uint8)
         frames, seqs = [], []
@@ -386,19 +420,20 @@ def extract(
     if adapter.modality == "image" and image_records is None:
         raise InputError(f"{loaded.model_id!r} is an image model; give --images, not --texts.")
 
-    n_layers, n_heads, n_kv, d_head = head_counts(config)
+    n_layers, n_heads, n_kv, d_head = adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.d_head
     np_dtype = np.dtype(opts.dtype)
     attrs: dict[str, Any] = dict(
         model_id=loaded.model_id, source=loaded.source, revision=getattr(config, "_commit_hash", None),
         model_type=config.model_type, family=adapter.family, adapter_version=ADAPTER_VERSION,
         modality=adapter.modality, causal=adapter.causal, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=n_kv, d_head=d_head, d_model=getattr(config, "hidden_size", None) or config.n_embd,
+        n_kv_heads=n_kv, d_head=d_head, d_model=getattr(config, "hidden_size", None) or n_heads * d_head,
+        capture=adapter.capture,
         dtype=opts.dtype, attention_topk=opts.attention_topk, attnatlas_version=__version__,
         format_version=FORMAT_VERSION, config=config.to_dict(), device=str(device), precision=opts.precision,
     )
     if loaded.model_id in OFFLINE_MODELS:
         attrs["description"] = OFFLINE_MODELS[loaded.model_id].description
-    scalings: dict[int, float] = {}
+    recipe = Recipe(config.model_type, n_layers, adapter.causal, adapter.window_hint, adapter.window_rule)
 
     if text_records is not None:
         tok = loaded.preprocessor
@@ -424,7 +459,7 @@ def extract(
         attrs.update(input_hash=hash_texts(text_records), n_sequences=len(text_records), max_tokens=max_len,
                      truncated_sequences=truncated)
         n_items = len(text_records)
-        batches = _text_batches(loaded, text_records, opts, max_len, device, np_dtype, scalings)
+        batches = _text_batches(loaded, text_records, opts, max_len, device, np_dtype, recipe)
     else:
         patch, prefix = _image_geometry(loaded)
         probe = loaded.preprocessor(images=[image_records[0].image], return_tensors="pt")["pixel_values"]
@@ -435,7 +470,7 @@ def extract(
         attrs.update(input_hash=hash_images(image_records), n_sequences=len(image_records), patch_size=patch,
                      image_size=[int(H), int(W)], prefix_tokens=prefix, grid=[int(H // patch), int(W // patch)])
         n_items = len(image_records)
-        batches = _image_batches(loaded, image_records, opts, device, np_dtype, scalings)
+        batches = _image_batches(loaded, image_records, opts, device, np_dtype, recipe)
 
     tc = min(tokens_per_chunk(d_head), n_tokens)  # a small corpus gets one exact chunk per head
     specs = {
@@ -465,7 +500,9 @@ def extract(
                 bar.update(count)
                 if i % TRIM_EVERY == 0:
                     _release_free_heap()
-        writer.attrs["scaling"] = [scalings[i] for i in range(n_layers)]
+        # What besides q.k shapes attention (attnatlas.attention recomputes it from this alone).
+        writer.attrs["attention"] = recipe.to_attrs()
+        writer.attrs["scaling"] = recipe.scaling
         writer.attrs["extract_seconds"] = round(time.perf_counter() - started, 3)
         writer.commit(overwrite=overwrite)
     return name

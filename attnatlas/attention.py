@@ -1,0 +1,145 @@
+"""A head's attention recomputed exactly from the atlas alone (numpy only: the app uses this, never torch).
+
+    p = softmax(cap(q.k * scaling) + bias + mask)
+
+cap is the layer's logit softcap (Gemma 2), bias an additive term recorded at extraction (relative
+position bias of T5, ALiBi of Bloom as a function of the key-query offset; BEiT's position-pair bias),
+mask the causal mask and the layer's sliding window. Everything comes from the model's attrs
+(`attention`, written by the extractor); atlases written before it fall back to `scaling` and `causal`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from attnatlas.errors import AtlasError
+
+
+def unpack(d: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(d["base64"]), dtype=np.dtype(d["dtype"])).reshape(d["shape"])
+
+
+@dataclass
+class AttentionRecipe:
+    """What the atlas records about one model's attention besides q and k."""
+
+    n_layers: int
+    causal: bool
+    scaling: list[float]
+    softcap: list[float | None]
+    window: list[int | None]
+    window_rule: str = "causal"  # causal: 0 <= i - j < window; bidirectional: |i - j| <= window
+    bias: dict[str, Any] | None = None
+    _tables: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], n_layers: int, d_head: int) -> AttentionRecipe:
+        a = attrs.get("attention") or {}
+        scaling = a.get("scaling") or attrs.get("scaling") or [d_head ** -0.5] * n_layers
+        scaling = [float(s) if s is not None else d_head ** -0.5 for s in scaling]
+        return cls(n_layers, bool(a.get("causal", attrs.get("causal", False))), scaling,
+                   list(a.get("softcap") or [None] * n_layers), list(a.get("window") or [None] * n_layers),
+                   a.get("window_rule", "causal"), a.get("bias"))
+
+    @property
+    def additive(self) -> bool:
+        """Whether a term other than q.k (a bias) shapes attention: the joint layout then shows q.k only."""
+        return self.bias is not None
+
+    def _table(self, layer: int):
+        if self.bias is None:
+            return None
+        t = self.bias["layer_table"][layer]
+        if t is None:
+            return None
+        if t not in self._tables:
+            entry = self.bias["tables"][t]
+            self._tables[t] = (unpack(entry["offsets"]),) if self.bias["kind"] == "relative" else \
+                (unpack(entry["values"]), unpack(entry["index"]))
+        return self._tables[t]
+
+    def allowed(self, layer: int, n: int) -> np.ndarray:
+        """(query, key) bool: which keys each query may attend to in a sequence of n tokens."""
+        d = np.arange(n)[:, None] - np.arange(n)[None, :]  # i - j
+        ok = np.ones((n, n), dtype=bool)
+        if self.causal:
+            ok &= d >= 0
+        w = self.window[layer]
+        if w is not None:
+            ok &= (d < w) if self.window_rule == "causal" else (np.abs(d) <= w)
+        return ok
+
+    def bias_of(self, layer: int, head: int, n: int) -> np.ndarray | None:
+        """(query, key) float64 additive bias of one head, or None."""
+        t = self._table(layer)
+        if t is None:
+            return None
+        if self.bias["kind"] == "relative":
+            table = t[0]  # (head, 2 * span - 1)
+            span = table.shape[1] // 2 + 1
+            if n > span:
+                raise AtlasError(f"The recorded attention bias covers sequences of up to {span} tokens, not {n}.")
+            off = np.arange(n)[None, :] - np.arange(n)[:, None] + span - 1
+            return table[head, off].astype(np.float64)
+        values, index = t  # (unique, head), (n, n)
+        if index.shape[0] != n:
+            raise AtlasError(f"The recorded attention bias is for {index.shape[0]} tokens, not {n}.")
+        return values[index, head].astype(np.float64)
+
+    def probabilities(self, logits: np.ndarray, layer: int, head: int, valid: np.ndarray | None = None) -> np.ndarray:
+        """softmax over keys of raw q.k `logits` (..., query, key) of sequences whose slot = position;
+        valid: (..., slot) bool for padded batches. 0 where a key is masked."""
+        n = logits.shape[-1]
+        x = logits * self.scaling[layer]
+        cap = self.softcap[layer]
+        if cap:
+            x = np.tanh(x / cap) * cap
+        b = self.bias_of(layer, head, n)
+        allow = self.allowed(layer, n)
+        if valid is not None:
+            allow = allow & valid[..., :, None] & valid[..., None, :]
+        if b is not None:
+            if (np.isnan(b) & self.allowed(layer, n)).any():
+                raise AtlasError("The recorded attention bias lacks a key-query offset this sequence needs.")
+            x = x + np.nan_to_num(b)
+        x = np.where(allow, x, -np.inf)
+        top = x.max(-1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            p = np.exp(x - top)
+            p /= np.maximum(p.sum(-1, keepdims=True), 1e-300)
+        return np.where(allow, p, 0.0)
+
+
+def recipe(atlas, model: str) -> AttentionRecipe:
+    info = atlas.info(model)
+    return AttentionRecipe.from_attrs(info.attrs, info.n_layers, info.d_head)
+
+
+def attention_from_atlas(atlas, model: str, layer: int, head: int, sequence: int) -> np.ndarray:
+    """(query, key) float64 attention probabilities of one head over one sequence, in position order,
+    recomputed from the stored q and k and the recorded scaling, softcap, window and bias.
+
+    atlas: what `attnatlas.open_atlas` returns, or a path; sequence: its id in the token table."""
+    if isinstance(atlas, (str, os.PathLike)):
+        from attnatlas.store import open_atlas
+
+        atlas = open_atlas(atlas)
+    info = atlas.info(model)
+    if not 0 <= layer < info.n_layers:
+        raise AtlasError(f"Layer {layer} is out of range for {model!r} (0..{info.n_layers - 1}).")
+    if not 0 <= head < info.n_heads:
+        raise AtlasError(f"Head {head} is out of range for {model!r} (0..{info.n_heads - 1}).")
+    tokens = atlas.tokens(model)
+    rows = np.flatnonzero(tokens.sequence.to_numpy() == sequence)
+    if len(rows) == 0:
+        raise AtlasError(f"{model!r} has no sequence {sequence}.")
+    rows = rows[np.argsort(tokens.position.to_numpy()[rows], kind="stable")]
+    q = atlas.queries(model, layer, head)[rows].astype(np.float64)
+    k = atlas.keys(model, layer, head)[rows].astype(np.float64)
+    return recipe(atlas, model).probabilities(q @ k.T, layer, head)

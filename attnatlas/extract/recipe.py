@@ -1,0 +1,205 @@
+"""What besides q.k shapes a model's attention, learnt from what it passes to attention, batch by batch.
+
+For every layer this records the scaling, the softcap, the window (from the model's own mask, checked
+on every batch) and any additive bias (relative position bias, ALiBi), which is stored as a function of
+the key-query offset for text (checked to depend on nothing else) or as a fixed position-pair table for
+images. `to_attrs()` gives what attnatlas.attention needs to recompute the model's attention exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnatlas.errors import ModelError
+from attnatlas.extract.capture import LayerCapture
+
+RECIPE_VERSION = 1
+BIAS_TOL = 1e-4  # relative: a bias that varies more than this for one offset is not positional
+
+
+def pack(a: np.ndarray) -> dict[str, Any]:
+    """A numpy array as JSON-safe attrs (base64 of little-endian bytes)."""
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+class Recipe:
+    """Accumulates per-layer attention facts over the batches of one extraction."""
+
+    def __init__(self, model_type: str, n_layers: int, causal: bool, window_hint: list[int | None],
+                 window_rule: str, check_masks: bool = True):
+        self.model_type, self.n_layers, self.causal = model_type, n_layers, causal
+        self.window_rule = window_rule  # "causal": 0 <= i - j < W; "bidirectional": |i - j| <= W
+        self.window: list[int | None] = list(window_hint)
+        self.check_masks = check_masks
+        self.scaling: list[float | None] = [None] * n_layers
+        self.softcap: list[float | None] = [None] * n_layers
+        self.rel: dict[int, torch.Tensor] = {}  # layer -> (head, 2 * span - 1) bias by offset j - i, NaN = unseen
+        self.pairs: dict[int, torch.Tensor] = {}  # layer -> (head, n, n) fixed bias (images)
+
+    def _refuse(self, layer: int, what: str) -> ModelError:
+        return ModelError(f"Model type {self.model_type!r}: layer {layer} {what}; attnatlas cannot record it "
+                          f"exactly, so this model is not supported.")
+
+    def observe(self, caps: dict[int, LayerCapture], valid: torch.Tensor, image: bool) -> None:
+        """valid: (batch, token) bool, True for real tokens (right padding)."""
+        seen: dict[tuple, Any] = {}  # layers often share one mask / bias tensor: check each once
+        for layer, cap in caps.items():
+            if cap.unrecordable:
+                raise self._refuse(layer, f"passes {cap.unrecordable!r} (attention sinks) to attention")
+            for name, value in (("scaling", cap.scaling), ("softcap", cap.softcap)):
+                old = getattr(self, name)[layer]
+                if old is not None and value is not None and abs(old - value) > 1e-9 * max(1.0, abs(old)):
+                    raise self._refuse(layer, f"changes its {name} between batches ({old} then {value})")
+                getattr(self, name)[layer] = value if value is not None else old
+            if cap.mask is not None and self.check_masks:
+                key = ("mask", cap.mask.data_ptr(), tuple(cap.mask.shape), self.window[layer])
+                if key not in seen:
+                    seen[key] = self._check_mask(layer, cap.mask, valid)
+                else:
+                    self.window[layer] = seen[key]
+            if cap.bias is not None:
+                key = ("bias", cap.bias.data_ptr(), tuple(cap.bias.shape))
+                store = self.pairs if image else self.rel
+                if key in seen:  # the same tensor as an earlier layer's (T5, Bloom): one table
+                    store[layer] = store[seen[key]]
+                    continue
+                seen[key] = layer
+                (self._observe_pairs if image else self._observe_relative)(layer, cap.bias, valid)
+
+    # ---- masks and windows ---------------------------------------------------------------------------
+
+    def _expected(self, n: int, window: int | None, device) -> torch.Tensor:
+        i = torch.arange(n, device=device)
+        d = i[:, None] - i[None, :]  # (query, key) i - j
+        ok = torch.ones(n, n, dtype=torch.bool, device=device)
+        if self.causal:
+            ok &= d >= 0
+        if window is not None:
+            ok &= (d < window) if self.window_rule == "causal" else (d.abs() <= window)
+        return ok
+
+    def _check_mask(self, layer: int, mask: torch.Tensor, valid: torch.Tensor) -> int | None:
+        """The model's bool mask (batch, 1|head, query, key) on real query rows must be padding + causal +
+        this layer's window; a window the hint missed is read off the mask. Returns the window."""
+        allowed = mask.all(1)
+        if not torch.equal(allowed, mask.any(1)):
+            raise self._refuse(layer, "masks heads differently")
+        B, T = valid.shape
+        allowed = allowed[:, -T:, -T:]
+        rows = valid[:, :, None].expand(B, T, T)
+
+        def matches(window):
+            exp = self._expected(T, window, mask.device)[None] & valid[:, None, :]
+            return bool(((exp == allowed) | ~rows).all())
+
+        if matches(self.window[layer]):
+            return self.window[layer]
+        # Read the window off the mask: the smallest blocked distance between two real tokens.
+        i = torch.arange(T, device=mask.device)
+        d = i[:, None] - i[None, :]
+        real = rows & valid[:, None, :] & ~allowed
+        if self.causal:
+            real &= d[None] >= 0
+        if real.any():
+            dist = d.abs()[None].expand(B, T, T)[real].min().item()
+            guess = int(dist) if self.window_rule == "causal" else int(dist) - 1
+            if (self.window[layer] is None or guess < self.window[layer]) and matches(guess):
+                self.window[layer] = guess
+                return guess
+        raise self._refuse(layer, "uses an attention mask that is not padding, causal and a sliding window")
+
+    # ---- additive bias ---------------------------------------------------------------------------------
+
+    def _observe_relative(self, layer: int, bias: torch.Tensor, valid: torch.Tensor) -> None:
+        B, T = valid.shape
+        b = bias.float()[..., -T:, -T:]
+        H = b.shape[1]
+        b = b.expand(B, H, T, T) if b.shape[2] == T else b.expand(B, H, 1, T).expand(B, H, T, T)
+        norm = b - b.diagonal(dim1=-2, dim2=-1)[..., None]  # softmax ignores a per-row constant
+        i = torch.arange(T, device=b.device)
+        off = (i[None, :] - i[:, None] + T - 1)  # (query, key) j - i + T - 1
+        allow = valid[:, :, None] & valid[:, None, :]
+        if self.causal:
+            allow &= (i[None, :] <= i[:, None])[None]
+        m = allow.reshape(-1)
+        vals = norm.permute(1, 0, 2, 3).reshape(H, -1)[:, m]
+        idx = off.expand(B, T, T).reshape(-1)[m][None].expand(H, -1)
+        hi = torch.full((H, 2 * T - 1), -torch.inf, device=b.device).scatter_reduce(1, idx, vals, "amax")
+        lo = torch.full((H, 2 * T - 1), torch.inf, device=b.device).scatter_reduce(1, idx, vals, "amin")
+        seen = torch.isfinite(hi)
+        scale = torch.clamp(hi.abs(), min=1.0)
+        if ((hi - lo)[seen] > BIAS_TOL * scale[seen]).any():
+            raise self._refuse(layer, "adds an attention bias that depends on more than the key-query offset")
+        table = torch.where(seen, hi, torch.nan).cpu()
+        old = self.rel.get(layer)
+        if old is not None:
+            span = max(old.shape[1], table.shape[1]) // 2 + 1
+            table, old = _widen(table, span), _widen(old, span)
+            both = ~torch.isnan(old) & ~torch.isnan(table)
+            if (old[both] - table[both]).abs().gt(BIAS_TOL * torch.clamp(old[both].abs(), min=1.0)).any():
+                raise self._refuse(layer, "adds an attention bias that changes between batches")
+            table = torch.where(torch.isnan(old), table, old)
+        self.rel[layer] = table
+
+    def _observe_pairs(self, layer: int, bias: torch.Tensor, valid: torch.Tensor) -> None:
+        b = bias.float()
+        if b.shape[0] > 1 and not torch.allclose(b, b[:1].expand_as(b), atol=1e-6):
+            raise self._refuse(layer, "adds an attention bias that differs between images")
+        b = b[0].cpu()
+        old = self.pairs.get(layer)
+        if old is not None and not torch.allclose(old, b, atol=1e-6):
+            raise self._refuse(layer, "adds an attention bias that changes between batches")
+        self.pairs[layer] = b
+
+    # ---- what the atlas stores ---------------------------------------------------------------------------
+
+    def to_attrs(self) -> dict[str, Any]:
+        bias = None
+        if self.rel or self.pairs:
+            store, kind = (self.rel, "relative") if self.rel else (self.pairs, "pairs")
+            tables, layer_table = [], []
+            ids: dict[int, int] = {}
+            for layer in range(self.n_layers):
+                t = store.get(layer)
+                if t is None:
+                    layer_table.append(None)
+                    continue
+                if id(t) not in ids:  # layers sharing one bias (T5, Bloom) store it once
+                    ids[id(t)] = len(tables)
+                    tables.append(_pack_bias(t, kind))
+                layer_table.append(ids[id(t)])
+            bias = {"kind": kind, "tables": tables, "layer_table": layer_table}
+        return {
+            "version": RECIPE_VERSION,
+            "causal": self.causal,
+            "scaling": self.scaling,
+            "softcap": self.softcap,
+            "window": self.window,
+            "window_rule": self.window_rule,
+            "bias": bias,
+            "additive": bias is not None,
+        }
+
+
+def _widen(table: torch.Tensor, span: int) -> torch.Tensor:
+    """(head, 2 * s - 1) -> (head, 2 * span - 1), NaN for the new offsets."""
+    s = table.shape[1] // 2 + 1
+    if s == span:
+        return table
+    pad = span - s
+    return torch.nn.functional.pad(table, (pad, pad), value=float("nan"))
+
+
+def _pack_bias(t: torch.Tensor, kind: str) -> dict[str, Any]:
+    a = t.numpy().astype(np.float32)
+    if kind == "relative":
+        return {"offsets": pack(a)}  # (head, 2 * span - 1), offset j - i at column j - i + span - 1
+    H, n, _ = a.shape
+    # Position-pair biases come from small tables (BEiT: (2w - 1)^2 + 3 rows): store those and an index.
+    values, index = np.unique(a.reshape(H, n * n).T, axis=0, return_inverse=True)
+    return {"values": pack(values.astype(np.float32)), "index": pack(index.reshape(n, n).astype(np.int32))}
