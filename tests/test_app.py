@@ -59,19 +59,9 @@ def test_directory_app_builds_a_document(atlas_path):
     assert not handler.failed, handler.error
     doc = Application(handler).create_document()
     names = {m.name for m in doc.models if m.name}
-    assert {"grid_scatter", "grid_cells", "tabs"} <= names
+    assert {"grid_image", "grid_cells", "tabs"} <= names
     assert "head_scatter" not in names  # joins the document when a head is opened
     assert not any("could not open" in d.text for d in all_divs(doc))
-
-
-def test_grid_has_one_cell_per_head_and_points_inside_cells(data):
-    dash, _ = dash_for(data)
-    assert dash.tabs.active == 0
-    cells = dash.cell_src.data
-    assert len(cells["label"]) == 12 and cells["label"][5] == "L1H1"
-    x, y = np.asarray(dash.grid_src.data["x"]), np.asarray(dash.grid_src.data["y"])
-    assert len(x) == 12 * 2 * min(data.grid_tokens, 120)
-    assert x.min() >= 0 and x.max() <= 4 and y.min() >= 0 and y.max() <= 3
 
 
 def test_url_arguments_select_the_view(data):
@@ -118,18 +108,18 @@ def test_head_switch_in_norm_mode_recolours(data):
 
 def test_clicking_a_grid_cell_opens_that_head(data):
     dash, _ = dash_for(data)
-    dash.cell_src.selected.indices = [6]  # L1H2
+    dash.grid.cell_src.selected.indices = [6]  # L1H2
     assert dash.tabs.active == 1 and (dash.layer, dash.head) == (1, 2)
     assert dash.tabs.tabs[1].child is dash.head_panel and dash.src.document is dash.root.document
-    assert dash.cell_src.selected.indices == []  # cleared, so the same cell can be clicked again
+    assert dash.grid.cell_src.selected.indices == []  # cleared, so the same cell can be clicked again
     assert "L1H2" in dash.head_title.text and "trustworthiness 0.900" in dash.head_title.text
 
 
 def test_method_switch_replaces_grid_and_head(data):
     dash, _ = dash_for(data, layer=1, head=1)
-    before = np.asarray(dash.grid_src.data["x"]).copy()
+    before = dash.grid.base_src.data["url"][0]
     dash.method_select.value = "umap" if dash.method == "pca" else "pca"
-    assert not np.allclose(before, dash.grid_src.data["x"])
+    assert dash.grid.method == dash.method and dash.grid.base_src.data["url"][0] != before
     np.testing.assert_allclose(dash.src.data["x"], data.atlas.layout("synthetic", 1, 1, dash.method)["x"].to_numpy())
     assert f"method={dash.method}" in dash.url.text
 
@@ -322,8 +312,10 @@ def test_grid_of_270_heads_fits(tmp_path):
     atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=30, n_heads=9, n_kv_heads=3, n_seq=4, seq_len=8, topk=2)
     testing.random_layouts(atlas, "synthetic", "pca")
     dash, _ = dash_for(AppData(tmp_path / "a"))
-    assert len(dash.cell_src.data["label"]) == 270 and dash.cell_src.data["label"][-1] == "L29H8"
-    assert dash.grid_fig.height <= 1500 and len(dash.grid_src.data["x"]) == 270 * 2 * 32
+    assert len(dash.grid.cell_src.data["label"]) == 270 and dash.grid.cell_src.data["label"][-1] == "L29H8"
+    # Full window width: 9 columns of 173 px cells in a 1600 px window, the rows scroll with the page.
+    assert dash.grid.fig.sizing_mode == "scale_width" and dash.grid._cell_px >= 150
+    assert dash.grid.fig.toolbar.active_scroll is None  # the wheel scrolls the page over a tall grid
 
 
 # ---- the further tabs: compare, similar heads, ViT analyses, head math ------------------------------------------
@@ -524,7 +516,7 @@ def test_head_view_says_when_its_layout_is_a_sample(tmp_path):
     atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=2, n_seq=10, seq_len=12)
     project_model(atlas, "synthetic", methods="pca", max_points=100, progress=False)  # 120 tokens -> 50 sampled
     dash, _ = dash_for(AppData(tmp_path / "a"), layer=0, head=1)
-    dash.cell_src.selected.indices = [1]
+    dash.grid.cell_src.selected.indices = [1]
     assert "seeded sample: 50 of 120 tokens" in dash.head_title.text
 
 

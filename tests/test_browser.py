@@ -94,6 +94,8 @@ def wait_js(driver, expr: str, timeout: float = 30.0, poll: float = 0.02):
 DOC = "Bokeh.documents[0]"
 IDLE = f"Bokeh.documents.length > 0 && {DOC}.is_idle"
 MODEL = DOC + ".get_model_by_name('{}')"
+# The grid's image is a PNG the browser decodes after the document is idle: drawn once its glyph says so.
+GRID_DRAWN = f"{IDLE} && Bokeh.index.find_one({MODEL.format('grid_image')}).glyph._images_rendered"
 
 
 def screenshot_array(driver) -> np.ndarray:
@@ -139,10 +141,9 @@ def test_grid_draws_and_a_click_opens_the_head(atlas_path):
         try:
             driver.get(url)
             wait_js(driver, IDLE)
-            n_points = driver.execute_script(f"return {MODEL.format('grid_scatter')}.data_source.data.x.length")
-            assert n_points == 4 * 5 * 2 * 100  # AppData's grid_tokens
+            wait_js(driver, GRID_DRAWN)
             names = driver.execute_script(f"return [...{DOC}.all_models].map(m => m.name).filter(n => n)")
-            assert {"grid_scatter", "grid_cells", "grid_figure", "tabs"} <= set(names)
+            assert {"grid_image", "grid_cells", "grid_figure", "tabs"} <= set(names)
             backend = driver.execute_script(f"return {MODEL.format('grid_figure')}.output_backend")
             assert backend == "canvas"  # faster than WebGL under software rendering (scripts/bench_app.py)
 
@@ -197,5 +198,56 @@ def test_url_opens_a_head_directly(atlas_path):
             wait_js(driver, IDLE)
             assert driver.execute_script(f"return {MODEL.format('tabs')}.active") == 1
             assert "L3H4" in driver.execute_script(f"return {MODEL.format('head_title')}.text")
+        finally:
+            driver.quit()
+
+
+def wheel_zoom_at(driver, figure_name: str, x: float, y: float, clicks: int = 1) -> None:
+    """Real mouse-wheel zoom-in steps with the pointer at data coordinates (x, y) of a Bokeh figure."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+    view = f"Bokeh.index.find_one({MODEL.format(figure_name)})"
+    el = driver.execute_script(f"return {view}.canvas_view.events_el")
+    for _ in range(clicks):
+        dx, dy = driver.execute_script(
+            f"const v = {view}; const r = v.canvas_view.events_el.getBoundingClientRect();"
+            "return [v.frame.x_scale.compute(arguments[0]) - r.width / 2, v.frame.y_scale.compute(arguments[1]) - r.height / 2]",
+            x, y)
+        ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(el, int(dx), int(dy)), 0, -300).perform()
+
+
+def test_grid_draws_every_cell_and_zooming_into_one_opens_it(atlas_path):
+    with serve(atlas_path) as url:
+        driver = make_driver(1200, 1500)  # 5 x 4 cells across 1200 px: the whole grid in the window
+        try:
+            driver.get(url)
+            wait_js(driver, GRID_DRAWN)
+            fig = MODEL.format("grid_figure")
+            width = driver.execute_script(f"return Bokeh.index.find_one({fig}).canvas_view.el.getBoundingClientRect().width")
+            assert width > 0.9 * 1200  # the grid fills the window width
+            # Every cell carries ink in the screenshot: all of its head's points are drawn.
+            shot = screenshot_array(driver)
+            boxes = driver.execute_script(
+                f"const v = Bokeh.index.find_one({fig}); const r = v.canvas_view.el.getBoundingClientRect();"
+                "const out = []; for (let c = 0; c < 5; c++) for (let l = 0; l < 4; l++) out.push(["
+                " r.left + v.frame.x_scale.compute(c + 0.1), r.top + v.frame.y_scale.compute(l + 0.9),"
+                " r.left + v.frame.x_scale.compute(c + 0.9), r.top + v.frame.y_scale.compute(l + 0.1)]); return out")
+            ratio = driver.execute_script("return window.devicePixelRatio")
+            for x0, y0, x1, y1 in boxes:
+                cell = shot[int(y0 * ratio):int(y1 * ratio), int(x0 * ratio):int(x1 * ratio)]
+                assert (cell.sum(2) < 3 * 235).mean() > 0.05, "a blank cell"
+            # Zooming in re-renders the visible cells at screen resolution, then hands over to the head.
+            wheel_zoom_at(driver, "grid_figure", 2.5, 4 - 1 - 1 + 0.5, clicks=2)  # layer 1, head 2
+            wait_js(driver, f"{MODEL.format('grid_detail_image')}.data_source.data.url.length > 0")
+            for _ in range(20):
+                if driver.execute_script(f"return {MODEL.format('tabs')}.active") == 1:
+                    break
+                wheel_zoom_at(driver, "grid_figure", 2.5, 2.5)
+                time.sleep(0.3)
+            wait_js(driver, f"{MODEL.format('tabs')}.active == 1 && {MODEL.format('head_title')}.text.includes('L1H2')")
+            wait_js(driver, "[...Bokeh.index.all_views()].some(v => v.model.name == 'head_scatter')")
+            # Back on the grid, the whole grid is shown again.
+            assert driver.execute_script(f"const f = {fig}; return [f.x_range.start, f.x_range.end]") == [0, 5]
         finally:
             driver.quit()

@@ -17,13 +17,12 @@ ARGS = tuple(sys.argv[1:])
 def on_server_loaded(server_context) -> None:
     if not ARGS:
         raise SystemExit("attnatlas app: give the atlas path, e.g. `bokeh serve attnatlas/app --args ATLAS`.")
-    # Knobs for benchmarks (scripts/bench_app.py): tokens per grid cell and the scatters' backend. Canvas and 100
-    # tokens are the defaults: faster than WebGL and 200 in headless Chromium's software rendering (docs: bench).
-    data = AppData(ARGS[0], grid_tokens=int(os.environ.get("ATTNATLAS_GRID_TOKENS", "100")),
-                   backend=os.environ.get("ATTNATLAS_BACKEND", "canvas"))
+    # Knob for benchmarks (scripts/bench_app.py): the scatters' backend. Canvas is the default: faster than WebGL
+    # in headless Chromium's software rendering (docs: bench).
+    data = AppData(ARGS[0], backend=os.environ.get("ATTNATLAS_BACKEND", "canvas"))
     # Warm the default grid and token columns so the first visitor waits no longer than later ones.
     first = data.models[0]
-    data.grid(first, data.method(first, None))
+    data.grid_layouts(first, data.method(first, None))
     data.tokens(first, data.method(first, None))
     server_context.attnatlas_data = data
     log.info("attnatlas: serving %s (%s)", ARGS[0], ", ".join(data.models))

@@ -24,7 +24,6 @@ from bokeh.models import (
     ColumnDataSource,
     CustomJS,
     Div,
-    FixedTicker,
     HoverTool,
     LinearColorMapper,
     Range1d,
@@ -40,6 +39,7 @@ from bokeh.transform import transform
 
 from attnatlas.app import colors, views
 from attnatlas.app.data import AppData
+from attnatlas.app.grid_view import GridView
 
 log = logging.getLogger(__name__)
 
@@ -145,31 +145,19 @@ class Dashboard:
         self.view_built: set[str] = set()
         panels = [TabPanel(child=self.grid_panel, title="All heads"), TabPanel(child=placeholder, title="Single head")]
         panels += [TabPanel(child=self.view_boxes[k], title=titles[k]) for k in self.view_keys[2:]]
-        self.tabs = Tabs(tabs=panels, name="tabs")
+        self.tabs = Tabs(tabs=panels, name="tabs", sizing_mode="stretch_width")  # the grid fills the window width
         self.tabs.on_change("active", self._on_tab)
         header = row(Div(text="<b>attnatlas</b>", styles={"font-size": "18px", "margin-top": "24px"}),
                      self.model_select, self.method_select, self.status, self.url)
-        self.root = column(header, self.tabs, name="root")
+        self.root = column(header, self.tabs, name="root", sizing_mode="stretch_width")
 
     def _build_grid(self) -> None:
-        self.grid_src = ColumnDataSource(data=dict(x=np.zeros(0, np.float32), y=np.zeros(0, np.float32), kind=np.zeros(0, np.uint8)), name="grid_points")
-        self.cell_src = ColumnDataSource(data=dict(left=[], right=[], bottom=[], top=[], label=[], layer=[], head=[], trust=[], fill=[]), name="grid_cells")
-        self.grid_fig = figure(width=900, height=900, output_backend=self.data.backend, tools="pan,wheel_zoom,box_zoom,reset,save",
-                               toolbar_location="above", match_aspect=True, name="grid_figure")
-        self.grid_fig.grid.visible = False
-        mapper = LinearColorMapper(palette=[colors.QUERY, colors.KEY], low=0, high=1)
-        cells = self.grid_fig.quad(left="left", right="right", bottom="bottom", top="top", source=self.cell_src,
-                                   fill_color="fill", fill_alpha=0.12, line_color="#ddd", name="grid_cells")
-        cells.nonselection_glyph = None
-        cells.selection_glyph = None
-        self.grid_fig.scatter("x", "y", source=self.grid_src, size=2, line_color=None, fill_alpha=0.55,
-                              fill_color=transform("kind", mapper), name="grid_scatter")
-        self.grid_fig.add_tools(TapTool(renderers=[cells]),
-                                HoverTool(renderers=[cells], tooltips=[("head", "@label"), ("trustworthiness", "@trust{0.000}")]))
-        self.cell_src.selected.on_change("indices", self._on_cell)
-        self.grid_info = Div(text="")
-        self.grid_panel = column(self.grid_info, self.grid_fig)
-        self._fill_grid()
+        self.grid = GridView(self.data, on_open=self.open_head, on_error=self._report_error)
+        self.grid_panel = self.grid.panel
+        self.grid.show(self.model, self.method)
+
+    def _report_error(self, message: str) -> None:
+        self.status.text = f'<span style="color:#b00">Error: {html.escape(message)}</span>'
 
     def _build_head(self) -> None:
         empty = {k: [] for k in ("x", "y", "norm", "c", "size", "alpha", "token", "ctx", "position", "kind", "sequence")}
@@ -258,47 +246,6 @@ class Dashboard:
         if self.colour_select.value not in [k for k, _ in modes]:
             self.colour_select.value = "kind"
         self.img_fig.visible = self.data.modality(self.model) == "image"
-
-    # ---- global grid --------------------------------------------------------------------------------------------
-    def _fill_grid(self) -> None:
-        info = self.data.infos[self.model]
-        g = self.data.grid(self.model, self.method)
-        L, H = info.n_layers, info.n_heads
-        self.grid_src.data = dict(x=g.x, y=g.y, kind=g.kind)
-        q = g.quality.set_index(["layer", "head"])["trustworthiness"] if len(g.quality) else None
-        layers = np.repeat(np.arange(L), H)
-        heads = np.tile(np.arange(H), L)
-        trust = [float(q.get((a, b), np.nan)) if q is not None else np.nan for a, b in zip(layers, heads)]
-        self.cell_src.data = dict(
-            left=heads.astype(float), right=heads + 1.0, bottom=(L - 1 - layers).astype(float), top=(L - layers).astype(float),
-            label=[f"L{a}H{b}" for a, b in zip(layers, heads)], layer=layers, head=heads, trust=trust,
-            fill=["#ffffff" if g.done[a, b] else "#888888" for a, b in zip(layers, heads)],
-        )
-        cell = int(max(30, min(80, 880 // max(H, 1), 1400 // max(L, 1))))  # 30 layers still fit a screen or two
-        self.grid_fig.width = max(420, cell * H + 80)
-        self.grid_fig.height = max(300, cell * L + 80)
-        self.grid_fig.x_range.start, self.grid_fig.x_range.end = 0, H
-        self.grid_fig.y_range.start, self.grid_fig.y_range.end = 0, L
-        self.grid_fig.xaxis.ticker = FixedTicker(ticks=[h + 0.5 for h in range(H)])
-        self.grid_fig.xaxis.major_label_overrides = {h + 0.5: f"H{h}" for h in range(H)}
-        self.grid_fig.yaxis.ticker = FixedTicker(ticks=[L - 1 - l + 0.5 for l in range(L)])
-        self.grid_fig.yaxis.major_label_overrides = {L - 1 - l + 0.5: f"L{l}" for l in range(L)}
-        n_done = int(g.done.sum())
-        self.grid_info.text = (
-            f"{html.escape(self.model)}: {L} layers \u00d7 {H} heads, {html.escape(self.method)} layouts for {n_done} heads; "
-            f"{g.n_tokens} tokens per cell as "
-            f'<span style="color:{colors.QUERY}">queries</span> and <span style="color:{colors.KEY}">keys</span>. '
-            "Click a cell to open the head."
-        )
-
-    @guarded
-    def _on_cell(self, attr: str, old: list[int], new: list[int]) -> None:
-        if not new:
-            return
-        i = int(new[0])
-        self.cell_src.selected.indices = []
-        H = self.data.infos[self.model].n_heads
-        self.open_head(i // H, i % H)
 
     # ---- single head ----------------------------------------------------------------------------------------------
     def open_head(self, layer: int, head: int) -> None:
@@ -459,7 +406,7 @@ class Dashboard:
         self.selected = None
         self.src.selected.indices = []
         self._configure_model_widgets()
-        self._fill_grid()
+        self.grid.show(self.model, self.method)
         self.layer, self.head = 0, 0
         if self.tabs.active == 1:
             self.show_head(0, 0)
@@ -473,7 +420,7 @@ class Dashboard:
         self.method = self.data.method(self.model, new)
         self.selected = None
         self.src.selected.indices = []
-        self._fill_grid()
+        self.grid.show(self.model, self.method)
         if self.tabs.active == 1 or self._loaded_static is not None:
             self.show_head(self.layer, self.head)
         self._sync_url()
@@ -580,8 +527,11 @@ class Dashboard:
             if has_offsets and a is not None and a >= 0 and b >= a and not special:
                 if a > cursor:
                     out.append(html.escape(text[cursor:a]))
-                piece = text[a:b]
+                # Byte-level pieces of one character share its offsets: show each character once.
+                piece = text[max(a, cursor):b]
                 cursor = max(cursor, b)
+                if not piece:
+                    continue
             else:
                 piece = str(tok)
                 style += "color:#888;font-size:smaller;"

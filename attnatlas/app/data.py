@@ -71,13 +71,39 @@ class Tokens:
 
 
 @dataclass(frozen=True)
-class Grid:
-    x: np.ndarray
-    y: np.ndarray
-    kind: np.ndarray  # 0 query, 1 key
-    done: np.ndarray  # (layers, heads) bool
-    quality: pd.DataFrame
-    n_tokens: int  # tokens per cell
+class GridLayouts:
+    """Every stored layout point of every head of one (model, method), for the global grid."""
+
+    coords: np.ndarray  # (layer, head, point, 2) float32: queries first, then keys; NaN where not projected
+    n_queries: int  # points [0, n_queries) of a head are queries, the rest keys
+    done: np.ndarray  # (layer, head) bool: heads with a finished layout
+    lo: np.ndarray  # (layer, head, 2) robust lower corner (x, y) of each head's points
+    hi: np.ndarray  # (layer, head, 2) robust upper corner
+
+
+# A grid cell's range: the 0.5-99.5% quantiles, cut further to 3 interquartile ranges beyond the quartiles.
+# A sink token (a decoder's first token: one in ten points of short sequences) far from the rest would
+# otherwise shrink the head's structure into a band; its points are drawn on the cell's edge instead.
+GRID_QUANTILE = 0.005
+GRID_FENCE = 3.0
+
+
+def robust_range(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(point, 2) finite coordinates -> (lo, hi), each (2,): the range a grid cell maps."""
+    a, q1, q3, b = np.quantile(xy, [GRID_QUANTILE, 0.25, 0.75, 1 - GRID_QUANTILE], axis=0)
+    iqr = q3 - q1
+    lo, hi = np.maximum(a, q1 - GRID_FENCE * iqr), np.minimum(b, q3 + GRID_FENCE * iqr)
+    flat = ~(hi > lo)  # every point on one line: centre it instead of dividing by zero
+    return np.where(flat, lo - 0.5, lo).astype(np.float32), np.where(flat, hi + 0.5, hi).astype(np.float32)
+# Per-head numbers shown and sortable in the grid, in menu order; compare's table adds its own.
+QUALITY_LABELS = {"trustworthiness": "trustworthiness", "knn_kept": "10-NN kept"}
+METRIC_LABELS = {"entropy_mean": "entropy (nats)", "first_share": "sink share (first token)",
+                 "prev_share": "previous-token share", "distance_mean": "mean distance (tokens)",
+                 "special_share": "special-token share", "self_share": "self share", "next_share": "next-token share",
+                 "punct_share": "punctuation share", "entropy_norm_mean": "entropy / log(keys)",
+                 "distance_rel_mean": "relative distance", "keys90_mean": "keys holding 90%",
+                 "frac90_mean": "share of keys holding 90%", "layout_positional": "layout positional R\u00b2",
+                 "qk_separation": "query/key separation"}
 
 
 @dataclass(frozen=True)
@@ -92,7 +118,7 @@ class Head:
 class AppData:
     """Opens the atlas read-only and serves validated, cached slices of it."""
 
-    def __init__(self, path: str | Path, grid_tokens: int = 100, head_cache: int = 48, backend: str = "canvas"):
+    def __init__(self, path: str | Path, head_cache: int = 48, backend: str = "canvas"):
         self.path = str(path)
         self.backend = backend if backend in ("webgl", "canvas") else "canvas"  # Bokeh output_backend of the scatters
         self.atlas = Atlas.open(self.path)
@@ -101,10 +127,10 @@ class AppData:
             raise StoreError(f"The atlas {self.path} has no projected model yet; run `attnatlas project {self.path}`.")
         self.infos = {m: self.atlas.info(m) for m in self.models}
         self.methods = {m: tuple(self.atlas.layout_methods(m)) for m in self.models}
-        self.grid_tokens = grid_tokens
         self._heads = _LRU(head_cache)
         self._topk = _LRU(head_cache)
         self._static = _LRU(16)
+        self._grids = _LRU(4)  # full layouts of every head: tens of MB each for big models
         self._results = _LRU(32)  # stored comparison and nearest-head tables, read once
         self._lock = threading.Lock()
 
@@ -195,36 +221,53 @@ class AppData:
         return np.array(out, dtype=object)
 
     # ---- global grid ------------------------------------------------------------------------------------------
-    def grid(self, model: str, method: str) -> Grid:
-        return self._static.get(("grid", model, method), lambda: self._make_grid(model, method))
+    def grid_layouts(self, model: str, method: str) -> GridLayouts:
+        return self._grids.get(("layouts", model, method), lambda: self._make_grid_layouts(model, method))
 
-    def _make_grid(self, model: str, method: str) -> Grid:
+    def _make_grid_layouts(self, model: str, method: str) -> GridLayouts:
+        info = self.infos[model]
+        grp = self.atlas.layout_group(model, method)
+        coords = grp["coords"]
+        done = self.atlas.layout_done(model, method)
+        L, H, P, _ = coords.shape
+        out = np.full((L, H, P, 2), np.nan, np.float32)
+        lo = np.zeros((L, H, 2), np.float32)
+        hi = np.ones((L, H, 2), np.float32)
+        for layer in range(info.n_layers):
+            if not done[layer].any():
+                continue
+            block = np.asarray(coords[layer], dtype=np.float32)  # (head, point, 2): one read per layer
+            out[layer] = block
+            for head in np.flatnonzero(done[layer]):
+                xy = block[head]
+                xy = xy[np.isfinite(xy).all(1)]
+                if not len(xy):
+                    done[layer, head] = False
+                    continue
+                lo[layer, head], hi[layer, head] = robust_range(xy)
+        return GridLayouts(out, P // 2, done, lo, hi)
+
+    def head_table(self, model: str, method: str) -> pd.DataFrame:
+        """One row per head (layer, head order): layout faithfulness, then `attnatlas compare`'s metrics where
+        stored. Columns are the keys of `head_metric_labels`."""
+        return self._static.get(("head_table", model, method), lambda: self._make_head_table(model, method))
+
+    def _make_head_table(self, model: str, method: str) -> pd.DataFrame:
         info = self.infos[model]
         L, H = info.n_layers, info.n_heads
-        grp = self.atlas.layout_group(model, method)
-        n = int(grp["rows"].shape[0])
-        take = np.sort(np.random.default_rng(0).choice(n, size=min(n, self.grid_tokens), replace=False))
-        pick = np.concatenate([take, n + take])  # the same tokens as queries and as keys
-        coords = grp["coords"]
-        xs, ys, kinds = [], [], []
-        kind = np.concatenate([np.zeros(len(take), np.uint8), np.ones(len(take), np.uint8)])
-        done = self.atlas.layout_done(model, method)
-        for layer in range(L):
-            block = np.asarray(coords[layer])  # (H, 2n, 2): one read per layer
-            for head in range(H):
-                if not done[layer, head]:
-                    continue
-                xy = block[head][pick]
-                ok = np.isfinite(xy).all(1)
-                if not ok.any():
-                    continue
-                u, v = _unit(xy[ok, 0]), _unit(xy[ok, 1])
-                xs.append(head + 0.05 + 0.9 * u)
-                ys.append((L - 1 - layer) + 0.05 + 0.9 * v)  # layer 0 at the top
-                kinds.append(kind[ok])
-        cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
-        return Grid(cat(xs, np.float32), cat(ys, np.float32), cat(kinds, np.uint8), done,
-                    self.atlas.layout_quality(model, method), len(take))
+        df = pd.DataFrame({"layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L)})
+        q = self.atlas.layout_quality(model, method)
+        df = df.merge(q[["layer", "head", *QUALITY_LABELS]], on=["layer", "head"], how="left")
+        if self.atlas.has_table(model, "head_metrics"):
+            m = self.atlas.read_table(model, "head_metrics")
+            cols = [c for c in METRIC_LABELS if c in m and pd.api.types.is_numeric_dtype(m[c])]
+            df = df.merge(m[["layer", "head", *cols]].astype({"layer": int, "head": int}), on=["layer", "head"], how="left")
+        return df.sort_values(["layer", "head"]).reset_index(drop=True)
+
+    def head_metric_labels(self, model: str, method: str) -> dict[str, str]:
+        """Column of head_table -> label, for the metrics this model has."""
+        cols = self.head_table(model, method).columns
+        return {k: v for k, v in {**QUALITY_LABELS, **METRIC_LABELS}.items() if k in cols}
 
     # ---- one head --------------------------------------------------------------------------------------------
     def head(self, model: str, method: str, layer: int, head: int) -> Head:
@@ -305,11 +348,3 @@ def _continues_word(tok: pd.DataFrame) -> np.ndarray:
     out = np.zeros(len(tok), bool)
     out[1:] = (w[1:] == w[:-1]) & (s[1:] == s[:-1]) & (w[1:] >= 0)
     return out
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1] by the 1st and 99th percentiles so one outlier does not shrink a cell."""
-    lo, hi = np.percentile(v, [1, 99])
-    if not hi > lo:
-        return np.full_like(v, 0.5)
-    return np.clip((v - lo) / (hi - lo), 0, 1)

@@ -15,7 +15,7 @@ from attnatlas import __version__
 from attnatlas.errors import AtlasError
 
 # Each module defines register(subparsers) and sets a `func(args) -> int | None` default.
-COMMANDS = ["extract", "info", "project", "serve", "demo", "compare", "analyze", "build"]
+COMMANDS = ["extract", "info", "project", "serve", "demo", "compare", "analyze", "build", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,542 @@
+"""The global grid: every head of a model as one cell, each cell drawn from all of its head's layout points.
+
+Cells are rasterised here, on the server, from the stored layouts (numpy only, never torch): per cell, two
+count images (queries, keys) over the head's robust range, log-shaded into 15 levels each, and blended like
+inks on white, so overlaps mix instead of hiding each other. The whole grid goes to the browser as one
+palette PNG (most pixels are blank, so it compresses to a small part of an RGBA array). Zooming re-renders
+the visible cells at the screen's resolution, and zooming into about one cell opens that head.
+
+`GridView(data, on_open, on_error)` builds the Bokeh models; the dashboard places `.panel` and calls
+`.show(model, method)`. `render_grid` is shared with `attnatlas export --grid`.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import html
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from bokeh.events import RangesUpdate
+from bokeh.models import (
+    BoxZoomTool,
+    CheckboxGroup,
+    ColumnDataSource,
+    Div,
+    FixedTicker,
+    HoverTool,
+    PanTool,
+    Range1d,
+    RangeSlider,
+    ResetTool,
+    SaveTool,
+    Select,
+    TapTool,
+    WheelZoomTool,
+)
+from bokeh.layouts import column, row
+from bokeh.palettes import Viridis256
+from bokeh.plotting import figure
+from PIL import Image
+
+from attnatlas.app import colors
+from attnatlas.app.data import AppData, GridLayouts
+
+log = logging.getLogger(__name__)
+
+LEVELS = 16  # shading levels per channel, 0 = empty; LEVELS**2 palette entries must fit a byte
+FLOOR = 0.45  # ink of a pixel with one point: a lone point stays visible
+MARGIN = 0.04  # blank share of a cell on each side, between cells
+TARGET_WIDTH = 1560  # px the base image is rendered for (a 1600 px window); zooming re-renders at the real size
+MIN_CELL_PX, MAX_CELL_PX = 40, 256
+MAX_DETAIL_CELL_PX = 1400  # a zoomed cell is never rendered larger than this
+SHARPEN = 1.25  # re-render when cells are shown this much larger than rendered
+HAND_OVER = 1.2  # open the head once the view spans fewer cells than this in both directions
+FRAME = "#d0d0d0"
+
+
+# ---- rasterising ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def palette(query: str = colors.QUERY, key: str = colors.KEY) -> np.ndarray:
+    """(LEVELS**2, 4) uint8 RGBA: entry q * LEVELS + k is query level q over key level k, mixed like inks on
+    white (each channel multiplies what the other lets through), so an overlap shows both hues darker."""
+    q_rgb = np.array([int(query[i:i + 2], 16) for i in (1, 3, 5)], np.float64) / 255
+    k_rgb = np.array([int(key[i:i + 2], 16) for i in (1, 3, 5)], np.float64) / 255
+    ink = np.concatenate([[0.0], FLOOR + (1 - FLOOR) * np.arange(LEVELS - 1) / (LEVELS - 2)])  # (LEVELS,)
+    rgb = (1 - ink[:, None, None] * (1 - q_rgb)) * (1 - ink[None, :, None] * (1 - k_rgb))  # (q, k, 3)
+    out = np.empty((LEVELS, LEVELS, 4), np.uint8)
+    out[..., :3] = np.round(255 * rgb).astype(np.uint8)
+    out[..., 3] = 255
+    out[0, 0, 3] = 0  # no point: transparent, the cell's background shows
+    return out.reshape(LEVELS * LEVELS, 4)
+
+
+def pixel_xy(xy: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """(point, 2) layout coordinates -> (column, row) pixel indices of a w x h raster over [lo, hi]; points
+    outside are clamped onto the edge (the range is a robust quantile range). Row 0 is the top."""
+    u = (xy[:, 0] - lo[0]) / (hi[0] - lo[0])
+    v = (xy[:, 1] - lo[1]) / (hi[1] - lo[1])
+    col = np.clip((u * w).astype(np.int64), 0, w - 1)
+    row_ = np.clip(((1 - v) * h).astype(np.int64), 0, h - 1)
+    return col, row_
+
+
+def _spread(levels: np.ndarray, radius: int) -> np.ndarray:
+    """Max filter with a (2r+1)^2 square: isolated points of a large raster stay visible."""
+    if radius <= 0:
+        return levels
+    h, w = levels.shape
+    pad = np.pad(levels, radius)
+    out = levels.copy()
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            np.maximum(out, pad[dy:dy + h, dx:dx + w], out=out)
+    return out
+
+
+def cell_counts(xy: np.ndarray, n_queries: int, lo: np.ndarray, hi: np.ndarray, w: int, h: int) -> np.ndarray:
+    """(2, h, w) int64 counts of queries (0) and keys (1) of one head's (point, 2) layout."""
+    ok = np.isfinite(xy).all(1)
+    counts = np.zeros((2, h * w), np.int64)
+    for k, part in enumerate((slice(0, n_queries), slice(n_queries, None))):
+        pts = xy[part][ok[part]]
+        if len(pts):
+            col, row_ = pixel_xy(pts, lo, hi, w, h)
+            counts[k] = np.bincount(row_ * w + col, minlength=h * w)
+    return counts.reshape(2, h, w)
+
+
+def shade(counts: np.ndarray) -> np.ndarray:
+    """(2, h, w) counts -> (h, w) uint8 palette index. Log shading against the 99th percentile of the
+    non-empty pixels of both channels together, so one pixel holding a repeated sink token does not dim
+    the rest, and queries and keys are on one scale."""
+    nz = counts[counts > 0]
+    if not len(nz):
+        return np.zeros(counts.shape[1:], np.uint8)
+    ref = max(float(np.quantile(nz, 0.99)), 2.0)
+    frac = np.log1p(counts) / np.log1p(ref)
+    lev = np.where(counts > 0, 1 + np.round(np.clip(frac, 0, 1) * (LEVELS - 2)), 0).astype(np.uint8)
+    # Grow points when they are few for the raster (fewer points than half its pixels): lone points in a large
+    # cell would be single specks. About one pixel more per 300 px of cell.
+    side = min(counts.shape[1:])
+    sparse = counts.sum() < 0.5 * counts.shape[1] * counts.shape[2] and side >= 64
+    radius = min(3, side // 300 + int(sparse))
+    lev = np.stack([_spread(lev[0], radius), _spread(lev[1], radius)])
+    return (lev[0] * LEVELS + lev[1]).astype(np.uint8)
+
+
+def render_cell(g: GridLayouts, layer: int, head: int, w: int, h: int) -> np.ndarray:
+    """(h, w) uint8 palette index image of one head; all zeros when the head has no layout."""
+    if not g.done[layer, head]:
+        return np.zeros((h, w), np.uint8)
+    return shade(cell_counts(g.coords[layer, head], g.n_queries, g.lo[layer, head], g.hi[layer, head], w, h))
+
+
+def to_rgba(index: np.ndarray) -> np.ndarray:
+    """(h, w) palette index -> (h, w, 4) uint8 RGBA."""
+    return palette()[index]
+
+
+def png_bytes(index: np.ndarray, compress_level: int = 6) -> bytes:
+    """A palette PNG of an index image, with entry 0 transparent."""
+    img = Image.fromarray(index, mode="P")
+    pal = palette()
+    img.putpalette(pal[:, :3].reshape(-1).tolist())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=compress_level, transparency=0)
+    return buf.getvalue()
+
+
+def data_url(index: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(index)).decode("ascii")
+
+
+def base_cell_px(n_heads: int) -> int:
+    return int(np.clip(TARGET_WIDTH // max(n_heads, 1), MIN_CELL_PX, MAX_CELL_PX))
+
+
+@dataclass(frozen=True)
+class GridImage:
+    """The whole grid as one index image; slot (row r, column c) holds the head order[r][c]."""
+
+    index: np.ndarray  # (rows * cell_px, cols * cell_px) uint8
+    cell_px: int
+    boxes: list[dict[str, Any]]  # per head: layer, head, x0, y0, x1, y1 (pixels), x_min, x_max, y_min, y_max
+
+
+def slot_order(n_layers: int, n_heads: int, sort_by: np.ndarray | None = None) -> np.ndarray:
+    """(layer, head) -> column: head order, or within each layer by descending metric (NaN last)."""
+    if sort_by is None:
+        return np.tile(np.arange(n_heads), (n_layers, 1))
+    key = np.where(np.isfinite(sort_by), -sort_by, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")  # (layer, column) -> head
+    col = np.empty_like(order)
+    np.put_along_axis(col, order, np.arange(n_heads)[None, :].repeat(n_layers, 0), axis=1)
+    return col
+
+
+def render_grid(g: GridLayouts, cell_px: int, columns: np.ndarray | None = None,
+                cells: dict[tuple[int, int], np.ndarray] | None = None) -> GridImage:
+    """All cells at `cell_px` into one image, layer 0 at the top. `columns` (layer, head) -> column (default:
+    head order); `cells` optional pre-rendered (layer, head) -> inner images, reused across orders."""
+    L, H = g.done.shape
+    columns = slot_order(L, H) if columns is None else columns
+    gap = max(1, int(round(MARGIN * cell_px)))
+    inner = cell_px - 2 * gap
+    out = np.zeros((L * cell_px, H * cell_px), np.uint8)
+    boxes = []
+    for layer in range(L):
+        for head in range(H):
+            img = cells.get((layer, head)) if cells is not None else None
+            if img is None:
+                img = render_cell(g, layer, head, inner, inner)
+                if cells is not None:
+                    cells[(layer, head)] = img
+            x0, y0 = int(columns[layer, head]) * cell_px + gap, layer * cell_px + gap
+            out[y0:y0 + inner, x0:x0 + inner] = img
+            lo, hi = g.lo[layer, head], g.hi[layer, head]
+            done = bool(g.done[layer, head])
+            boxes.append(dict(layer=layer, head=head, x0=x0, y0=y0, x1=x0 + inner, y1=y0 + inner, has_layout=done,
+                              x_min=float(lo[0]) if done else None, x_max=float(hi[0]) if done else None,
+                              y_min=float(lo[1]) if done else None, y_max=float(hi[1]) if done else None))
+    return GridImage(out, cell_px, boxes)
+
+
+# ---- the Bokeh view -------------------------------------------------------------------------------------------
+def _fmt(v: Any, digits: int = 3) -> str:
+    return f"{float(v):.{digits}f}" if v is not None and np.isfinite(v) else "\u2013"
+
+
+class GridView:
+    """Bokeh models and callbacks of one session's grid. `on_open(layer, head)` opens a head's view;
+    `on_error(message)` reports a failed callback in the session's status line."""
+
+    def __init__(self, data: AppData, on_open: Callable[[int, int], None], on_error: Callable[[str], None]):
+        self.data = data
+        self.on_open = on_open
+        self.on_error = on_error
+        self.model: str | None = None
+        self.method: str | None = None
+        self.columns: np.ndarray = np.zeros((0, 0), np.int64)  # (layer, head) -> column shown
+        self._cells: dict[tuple[int, int], np.ndarray] = {}  # base-size cell images of the current model/method
+        self._cell_px = MIN_CELL_PX
+        self._detail_key: tuple | None = None
+        self._pending: tuple[float, float, float, float] | None = None
+        self._build()
+
+    def _guard(fn: Callable) -> Callable:  # noqa: N805 - a decorator used inside the class body
+        @functools.wraps(fn)
+        def wrapper(self: "GridView", *a: Any, **kw: Any) -> Any:
+            try:
+                return fn(self, *a, **kw)
+            except Exception as exc:  # noqa: BLE001 - reported to this session only
+                log.exception("grid callback %s failed", fn.__name__)
+                self.on_error(str(exc))
+                return None
+
+        return wrapper
+
+    def _build(self) -> None:
+        self.base_src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[]), name="grid_base")
+        self.detail_src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[]), name="grid_detail")
+        self.cell_src = ColumnDataSource(data=dict(left=[], right=[], bottom=[], top=[], layer=[], head=[], label=[],
+                                                   frame=[], frame_w=[], fade=[]), name="grid_cells")
+        self.label_src = ColumnDataSource(data=dict(x=[], y=[], text=[]), name="grid_labels")
+        self.x_range, self.y_range = Range1d(0, 1, name="grid_x"), Range1d(0, 1, name="grid_y")
+        self.wheel = WheelZoomTool(name="grid_wheel")
+        box = BoxZoomTool(match_aspect=True)
+        self.fig = figure(width=900, height=900, sizing_mode="scale_width", x_range=self.x_range, y_range=self.y_range,
+                          tools=[PanTool(), self.wheel, box, ResetTool(), SaveTool()], toolbar_location="above",
+                          name="grid_figure", min_border=4)
+        self.fig.grid.visible = False
+        self.fig.outline_line_color = None
+        # Images first, then the cell frames (and the fade of filtered heads) on top of them.
+        self.fig.image_url(url="url", x="x", y="y", w="w", h="h", anchor="top_left", source=self.base_src,
+                           name="grid_image")
+        self.fig.image_url(url="url", x="x", y="y", w="w", h="h", anchor="top_left", source=self.detail_src,
+                           name="grid_detail_image")
+        cells = self.fig.quad(left="left", right="right", bottom="bottom", top="top", source=self.cell_src,
+                              fill_color="#ffffff", fill_alpha="fade", line_color="frame", line_width="frame_w",
+                              name="grid_cell_quads")
+        cells.nonselection_glyph = None
+        cells.selection_glyph = None
+        self.fig.text("x", "y", text="text", source=self.label_src, text_font_size="9px", text_color="#444",
+                      text_baseline="top", x_offset=3, y_offset=2, name="grid_head_labels")
+        self.hover = HoverTool(renderers=[cells], tooltips=[("head", "@label")])
+        self.fig.add_tools(TapTool(renderers=[cells]), self.hover)
+        self.cell_src.selected.on_change("indices", self._on_cell)
+        self.fig.on_event(RangesUpdate, self._on_ranges)
+        self.fig.on_change("inner_width", self._on_width)  # the browser reports the real size once drawn
+
+        self.metric_select = Select(title="Head metric", width=220, name="grid_metric")
+        self.metric_opts = CheckboxGroup(labels=["colour frames", "sort heads in each layer"], active=[0],
+                                         name="grid_metric_opts")
+        self.metric_filter = RangeSlider(title="show heads with the metric in", start=0, end=1, value=(0, 1), step=0.001,
+                                         width=280, visible=False, name="grid_filter")
+        self.metric_select.on_change("value", self._on_metric)
+        self.metric_opts.on_change("active", self._on_metric)
+        self.metric_filter.on_change("value_throttled", self._on_filter)
+        self.legend = Div(text="", disable_math=True, name="grid_legend")
+        self.info = Div(text="", disable_math=True, name="grid_info")
+        controls = row(self.metric_select, self.metric_opts, self.metric_filter, self.legend)
+        self.panel = column(self.info, controls, self.fig, sizing_mode="stretch_width", name="grid_panel")
+
+    # ---- model and method ---------------------------------------------------------------------------------------
+    def show(self, model: str, method: str) -> None:
+        """Draw the grid of `model`'s `method` layouts (both already validated by AppData)."""
+        self.model, self.method = model, method
+        info = self.data.infos[model]
+        L, H = info.n_layers, info.n_heads
+        self.g = self.data.grid_layouts(model, method)
+        self.table = self.data.head_table(model, method)
+        self._cells = {}
+        self._cell_px = base_cell_px(H)
+        self.columns = slot_order(L, H)
+        labels = self.data.head_metric_labels(model, method)
+        self.metric_select.options = [("none", "none")] + list(labels.items())
+        if self.metric_select.value not in labels:
+            self.metric_select.value = "none"  # fires _on_metric when it changes; harmless before the first draw
+        # Scale with the window width; the height follows the aspect, so tall grids scroll with the page.
+        self.fig.width, self.fig.height = H * 100 + 60, L * 100 + 40
+        tall = L * 100 > 1.1 * H * 100
+        # A tall grid fills more than the window: the mouse wheel must scroll the page, not zoom.
+        self.fig.toolbar.active_scroll = None if tall else self.wheel
+        self.x_range.update(start=0, end=H, bounds=(0, H))
+        self.y_range.update(start=0, end=L, bounds=(0, L))
+        self.fig.xaxis.ticker = FixedTicker(ticks=[h + 0.5 for h in range(H)])
+        self.fig.yaxis.ticker = FixedTicker(ticks=[L - 1 - i + 0.5 for i in range(L)])
+        self.fig.yaxis.major_label_overrides = {L - 1 - i + 0.5: f"L{i}" for i in range(L)}
+        self._draw_cells()
+        self.detail_src.data = dict(url=[], x=[], y=[], w=[], h=[])
+        self._detail_key = None
+        n_done = int(self.g.done.sum())
+        scroll = " Scroll the page for more layers; the toolbar's wheel zoom zooms with the mouse wheel." if tall else ""
+        self.info.text = (
+            f"{html.escape(model)}: {L} layers \u00d7 {H} heads, {html.escape(method)} layouts of {n_done} heads, "
+            f"each cell drawn from all {2 * self.g.n_queries:,} points of its head as "
+            f'<span style="color:{colors.QUERY}">queries</span> and <span style="color:{colors.KEY}">keys</span> '
+            "(darker: denser; where both overlap the colours mix). Click a cell, or zoom into it, to open the head."
+            + scroll)
+
+    def _metric(self) -> str | None:
+        v = self.metric_select.value
+        return v if v in self.table.columns and v not in ("layer", "head") else None
+
+    def _draw_cells(self) -> None:
+        """Base image, frames, hover fields and labels for the current order and metric."""
+        g, L, H = self.g, *self.g.done.shape
+        metric = self._metric()
+        sort = metric is not None and 1 in self.metric_opts.active
+        values = self.table[metric].to_numpy(np.float64).reshape(L, H) if metric else None
+        self.columns = slot_order(L, H, values if sort else None)
+        img = render_grid(g, self._cell_px, self.columns, self._cells)
+        self.base_src.data = dict(url=[data_url(img.index)], x=[0.0], y=[float(L)], w=[float(H)], h=[float(L)])
+        layers, heads = np.repeat(np.arange(L), H), np.tile(np.arange(H), L)
+        cols = self.columns.reshape(-1).astype(float)
+        frame, frame_w = [FRAME] * (L * H), [1.0] * (L * H)
+        if metric is not None and 0 in self.metric_opts.active:
+            frame, frame_w = self._frame_colours(values.reshape(-1))
+        hover = {k: [_fmt(v) for v in self.table[k]] for k in self.data.head_metric_labels(self.model, self.method)}
+        self.cell_src.data = dict(
+            left=cols, right=cols + 1, bottom=(L - 1 - layers).astype(float), top=(L - layers).astype(float),
+            layer=layers, head=heads, label=[f"L{a}H{b}" + ("" if g.done[a, b] else " (no layout)") for a, b in zip(layers, heads)],
+            frame=frame, frame_w=frame_w, fade=self._fade(values), **{f"m_{k}": v for k, v in hover.items()})
+        self.hover.tooltips = [("head", "@label")] + [(lab, f"@m_{k}") for k, lab in
+                                                      self.data.head_metric_labels(self.model, self.method).items()]
+        if sort:  # columns no longer are head numbers: each cell says which head it is
+            self.label_src.data = dict(x=cols, y=(L - layers).astype(float), text=[f"H{b}" for b in heads])
+            self.fig.xaxis.major_label_overrides = {h + 0.5: f"#{h + 1}" for h in range(H)}
+        else:
+            self.label_src.data = dict(x=[], y=[], text=[])
+            self.fig.xaxis.major_label_overrides = {h + 0.5: f"H{h}" for h in range(H)}
+
+    def _frame_colours(self, values: np.ndarray) -> tuple[list[str], list[float]]:
+        finite = values[np.isfinite(values)]
+        if not len(finite):
+            return [FRAME] * len(values), [1.0] * len(values)
+        lo, hi = float(finite.min()), float(finite.max())
+        t = np.clip((values - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+        pal = Viridis256
+        frame = [pal[int(round(x * 255))] if np.isfinite(x) else FRAME for x in t]
+        name = html.escape(self.data.head_metric_labels(self.model, self.method).get(self.metric_select.value, ""))
+        swatch = lambda c, label: (f'<span style="display:inline-block;width:12px;height:12px;border:3px solid {c};'  # noqa: E731
+                                   f'margin:0 4px 0 10px;vertical-align:middle"></span>{label}')
+        self.legend.text = f"frames: {name}<br>" + swatch(pal[0], f"{lo:.3g}") + swatch(pal[-1], f"{hi:.3g}")
+        return frame, [3.0 if np.isfinite(x) else 1.0 for x in t]
+
+    def _fade(self, values: np.ndarray | None) -> list[float]:
+        """0 for shown heads, 0.85 (a white veil) for heads outside the filter range."""
+        n = self.g.done.size
+        if values is None or not self.metric_filter.visible:
+            return [0.0] * n
+        a, b = self.metric_filter.value
+        v = values.reshape(-1)
+        keep = np.isfinite(v) & (v >= a - 1e-12) & (v <= b + 1e-12)
+        return [0.0 if k else 0.85 for k in keep]
+
+    @_guard
+    def _on_metric(self, attr: str, old: Any, new: Any) -> None:
+        if self.model is None:
+            return
+        metric = self._metric()
+        if metric is None:
+            self.metric_filter.visible = False
+            self.legend.text = ""
+        else:
+            v = self.table[metric].to_numpy(np.float64)
+            v = v[np.isfinite(v)]
+            lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+            hi = hi if hi > lo else lo + 1e-6
+            self.metric_filter.update(start=lo, end=hi, value=(lo, hi), step=(hi - lo) / 200,
+                                      title=f"show heads with {self.data.head_metric_labels(self.model, self.method)[metric]} in",
+                                      visible=True)
+            if 0 not in self.metric_opts.active:
+                self.legend.text = ""
+        self._draw_cells()
+        self._detail_key = None
+        self._refresh_detail()
+
+    @_guard
+    def _on_filter(self, attr: str, old: Any, new: Any) -> None:
+        metric = self._metric()
+        if metric is None:
+            return
+        L, H = self.g.done.shape
+        self.cell_src.data.update(fade=self._fade(self.table[metric].to_numpy(np.float64).reshape(L, H)))
+
+    @_guard
+    def _on_cell(self, attr: str, old: list[int], new: list[int]) -> None:
+        if not new:
+            return
+        i = int(new[0])
+        self.cell_src.selected.indices = []  # so the same cell can be clicked again
+        layer, head = int(self.cell_src.data["layer"][i]), int(self.cell_src.data["head"][i])
+        self.on_open(layer, head)
+
+    # ---- zoom --------------------------------------------------------------------------------------------------
+    def cell_at(self, x: float, y: float) -> tuple[int, int] | None:
+        """(layer, head) of the cell under data point (x, y), in the current order."""
+        L, H = self.g.done.shape
+        c, r = int(np.floor(x)), L - 1 - int(np.floor(y))
+        if not (0 <= c < H and 0 <= r < L):
+            return None
+        hits = np.flatnonzero(self.columns[r] == c)
+        return (r, int(hits[0])) if len(hits) else None
+
+    @_guard
+    def _on_ranges(self, event: RangesUpdate) -> None:
+        if self.model is None or None in (event.x0, event.x1, event.y0, event.y1):
+            return
+        x0, x1, y0, y1 = float(event.x0), float(event.x1), float(event.y0), float(event.y1)
+        if x1 - x0 < HAND_OVER and y1 - y0 < HAND_OVER:
+            cell = self.cell_at((x0 + x1) / 2, (y0 + y1) / 2)
+            if cell is not None:
+                self.reset_view()
+                self.on_open(*cell)
+                return
+        self._pending = (x0, x1, y0, y1)
+        doc = self.fig.document
+        if doc is None or doc.session_context is None:
+            self._refresh_detail()  # no server loop (tests, notebooks): render now
+        elif not getattr(self, "_scheduled", False):
+            self._scheduled = True  # wheel zooms send bursts of events: render the last one, once
+            doc.add_timeout_callback(self._flush, 60)
+
+    @_guard
+    def _on_width(self, attr: str, old: Any, new: Any) -> None:
+        """A window wider than the base image was made for: sharpen what is shown."""
+        if self.model is None or not new:
+            return
+        self._pending = (self.x_range.start, self.x_range.end, self.y_range.start, self.y_range.end)
+        self._refresh_detail()
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        self._refresh_detail()
+
+    def reset_view(self) -> None:
+        L, H = self.g.done.shape
+        self.x_range.update(start=0, end=H)
+        self.y_range.update(start=0, end=L)
+        self._pending = (0.0, float(H), 0.0, float(L))
+        self.detail_src.data = dict(url=[], x=[], y=[], w=[], h=[])
+        self._detail_key = None
+
+    @_guard
+    def _refresh_detail(self) -> None:
+        if self._pending is None:
+            return
+        x0, x1, y0, y1 = self._pending
+        width = self.fig.inner_width or TARGET_WIDTH
+        self.render_detail(x0, x1, y0, y1, int(width))
+
+    def render_detail(self, x0: float, x1: float, y0: float, y1: float, px_width: int) -> int:
+        """Re-render the cells visible in [x0, x1] x [y0, y1] at the size they are shown, when that is
+        larger than the base image's; returns how many cells were rendered."""
+        L, H = self.g.done.shape
+        px_per_cell = px_width / max(x1 - x0, 1e-9)
+        inner = int(min(round(px_per_cell * (1 - 2 * MARGIN)), MAX_DETAIL_CELL_PX))
+        base_inner = self._cell_px - 2 * max(1, int(round(MARGIN * self._cell_px)))
+        if inner < SHARPEN * base_inner:
+            if self._detail_key is not None:
+                self.detail_src.data = dict(url=[], x=[], y=[], w=[], h=[])
+                self._detail_key = None
+            return 0
+        c0, c1 = max(0, int(np.floor(x0))), min(H, int(np.ceil(x1)))
+        r0, r1 = max(0, L - int(np.ceil(y1))), min(L, L - int(np.floor(y0)))  # rows, layer 0 at the top
+        key = (self.model, self.method, c0, c1, r0, r1, inner, self.columns.tobytes())
+        if key == self._detail_key:
+            return 0
+        urls, xs, ys = [], [], []
+        for r in range(r0, r1):
+            for c in range(c0, c1):
+                hits = np.flatnonzero(self.columns[r] == c)
+                if not len(hits):
+                    continue
+                img = render_cell(self.g, r, int(hits[0]), inner, inner)
+                if not img.any():
+                    continue
+                urls.append(data_url(img))
+                xs.append(c + MARGIN)
+                ys.append(L - r - MARGIN)
+        n = len(urls)
+        w = [1 - 2 * MARGIN] * n
+        self.detail_src.data = dict(url=urls, x=xs, y=ys, w=w, h=w)
+        self._detail_key = key
+        return n
+
+
+# ---- a figure for papers (`attnatlas export --grid`) -----------------------------------------------------------
+LABEL_LEFT, LABEL_TOP = 40, 22  # px of margin for the layer and head labels
+
+
+def grid_figure(g: GridLayouts, cell_px: int) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """The grid as the dashboard draws it, on white with a frame per cell and layer/head labels, and each
+    head's pixel box in that image with the data range the box maps."""
+    from PIL import ImageDraw, ImageFont
+
+    L, H = g.done.shape
+    grid = render_grid(g, cell_px)
+    rgba = Image.fromarray(to_rgba(grid.index), mode="RGBA")
+    canvas = Image.new("RGB", (LABEL_LEFT + rgba.width, LABEL_TOP + rgba.height), "white")
+    canvas.paste(rgba, (LABEL_LEFT, LABEL_TOP), rgba)
+    draw = ImageDraw.Draw(canvas)
+    size = int(np.clip(cell_px // 6, 9, 14))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed bitmap font
+        font = ImageFont.load_default()
+    boxes = []
+    for b in grid.boxes:
+        box = {**b, "x0": b["x0"] + LABEL_LEFT, "x1": b["x1"] + LABEL_LEFT, "y0": b["y0"] + LABEL_TOP, "y1": b["y1"] + LABEL_TOP}
+        draw.rectangle((box["x0"] - 1, box["y0"] - 1, box["x1"], box["y1"]), outline=FRAME if b["has_layout"] else "#888888")
+        boxes.append(box)
+    for head in range(H):
+        draw.text((LABEL_LEFT + head * cell_px + cell_px / 2, LABEL_TOP / 2), f"H{head}", fill="#333333", font=font, anchor="mm")
+    for layer in range(L):
+        draw.text((LABEL_LEFT / 2, LABEL_TOP + layer * cell_px + cell_px / 2), f"L{layer}", fill="#333333", font=font, anchor="mm")
+    return canvas, boxes

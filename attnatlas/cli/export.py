@@ -1,0 +1,92 @@
+"""attnatlas export: the global grid of one model as a PNG (or PDF) for papers, with a JSON of cell boxes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from attnatlas.errors import InputError, StoreError
+
+FORMATS = {".png": "PNG", ".pdf": "PDF"}
+MIN_CELL_PX, MAX_CELL_PX = 16, 1024
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write the global grid of a model as an image for papers",
+                       description="Write the global grid of one model's layouts as the dashboard draws it (PNG or PDF), "
+                                   "and beside it OUT.json: every head's pixel box and the data range it maps.")
+    p.add_argument("atlas", metavar="ATLAS")
+    p.add_argument("--model", required=True, help="model name in the atlas")
+    p.add_argument("--method", required=True, help="projection method (tsne, umap, pca, ...)")
+    p.add_argument("--grid", required=True, metavar="OUT.png", help="output image: .png or .pdf")
+    p.add_argument("--cell-px", type=int, default=None,
+                   help=f"pixels per cell ({MIN_CELL_PX}-{MAX_CELL_PX}; default: the dashboard's, for a 1600 px window)")
+    p.set_defaults(func=run)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, renamed into place: no half-written output."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an exported figure is an ordinary file
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.grid).expanduser()
+    fmt = FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise InputError(f"--grid {out}: give a .png or .pdf file name.")
+    if args.cell_px is not None and not MIN_CELL_PX <= args.cell_px <= MAX_CELL_PX:
+        raise InputError(f"--cell-px {args.cell_px}: choose {MIN_CELL_PX} to {MAX_CELL_PX} pixels.")
+    out_json = out.with_suffix(".json")
+    parent = out.parent.resolve()
+    if not parent.is_dir():
+        raise StoreError(f"--grid {out}: the folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"--grid {out}: the folder {parent} is not writable.")
+    from attnatlas.app.data import AppData
+    from attnatlas.app.grid_view import base_cell_px, grid_figure
+
+    data = AppData(args.atlas)  # read-only; a path that is not an atlas is a StoreError here
+    if "://" not in str(args.atlas):
+        atlas_dir = Path(args.atlas).resolve()
+        if parent == atlas_dir or atlas_dir in parent.parents:
+            raise InputError(f"--grid {out} is inside the atlas {args.atlas}; write it somewhere else.")
+    if args.model not in data.models:
+        have = ", ".join(data.models)
+        raise InputError(f"Model {args.model!r} has no layouts in {args.atlas} (models with layouts: {have}).")
+    if args.method not in data.methods[args.model]:
+        have = ", ".join(data.methods[args.model])
+        raise InputError(f"Model {args.model!r} has no {args.method!r} layouts (has: {have}); run `attnatlas project`.")
+    g = data.grid_layouts(args.model, args.method)
+    missing = [(int(a), int(b)) for a, b in zip(*(~g.done).nonzero())]
+    if missing:
+        names = ", ".join(f"L{a}H{b}" for a, b in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise InputError(f"{len(missing)} heads of {args.model!r} have no {args.method!r} layout ({names}); "
+                         f"run `attnatlas project {args.atlas} --model {args.model} --method {args.method}` first.")
+    cell_px = args.cell_px or base_cell_px(g.done.shape[1])
+    image, boxes = grid_figure(g, cell_px)
+    meta = {"model": args.model, "method": args.method, "cell_px": cell_px, "width": image.width, "height": image.height,
+            "image": out.name,
+            "note": "x0, y0, x1, y1: pixel box of the head's points, x1 and y1 exclusive (y down from the top of the image); "
+                    "x_min..x_max, y_min..y_max: layout range the box maps (y_max at y0); points outside are drawn on the edge",
+            "heads": [{k: b[k] for k in ("layer", "head", "x0", "y0", "x1", "y1", "x_min", "x_max", "y_min", "y_max")}
+                      for b in boxes]}
+    try:
+        _atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **({"resolution": 150.0} if fmt == "PDF" else {})))
+        _atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    except OSError as exc:
+        raise StoreError(f"Could not write {out}: {exc.strerror or exc}.") from None
+    print(f"wrote {out} ({image.width} x {image.height} px, {len(boxes)} heads) and {out_json}")
+    return 0
