@@ -91,11 +91,11 @@ class AttentionRecipe:
             raise AtlasError(f"The recorded attention bias is for {index.shape[0]} tokens, not {n}.")
         return values[index, head].astype(np.float64)
 
-    def probabilities(self, logits: np.ndarray, layer: int, head: int, valid: np.ndarray | None = None) -> np.ndarray:
-        """softmax over keys of raw q.k `logits` (..., query, key) of sequences whose slot = position;
-        valid: (..., slot) bool for padded batches. 0 where a key is masked."""
-        n = logits.shape[-1]
-        x = logits * self.scaling[layer]
+    def logits(self, qk: np.ndarray, layer: int, head: int, valid: np.ndarray | None = None) -> np.ndarray:
+        """What the model's softmax sees, from raw q.k `qk` (..., query, key) of sequences whose slot is the
+        position: cap(q.k * scaling) + bias, -inf where a key is masked; valid: (..., slot) bool when padded."""
+        n = qk.shape[-1]
+        x = qk * self.scaling[layer]
         cap = self.softcap[layer]
         if cap:
             x = np.tanh(x / cap) * cap
@@ -106,14 +106,19 @@ class AttentionRecipe:
         if b is not None:
             if (np.isnan(b) & self.allowed(layer, n)).any():
                 raise AtlasError("The recorded attention bias lacks a key-query offset this sequence needs.")
-            x = x + np.nan_to_num(b)
-        x = np.where(allow, x, -np.inf)
+            x = x + np.nan_to_num(b).astype(x.dtype)
+        return np.where(allow, x, -np.inf)
+
+    def probabilities(self, qk: np.ndarray, layer: int, head: int, valid: np.ndarray | None = None) -> np.ndarray:
+        """softmax over keys of `logits(qk, ...)`; 0 where a key is masked (a row with no key is all 0)."""
+        x = self.logits(qk, layer, head, valid)
+        allow = x != -np.inf  # NaN logits (broken vectors) stay NaN rather than looking masked
         top = x.max(-1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0)
-        with np.errstate(invalid="ignore", over="ignore"):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             p = np.exp(x - top)
-            p /= np.maximum(p.sum(-1, keepdims=True), 1e-300)
-        return np.where(allow, p, 0.0)
+            p /= np.maximum(p.sum(-1, keepdims=True), np.finfo(p.dtype).tiny)
+        return np.where(allow, p, 0).astype(p.dtype)
 
 
 def recipe(atlas, model: str) -> AttentionRecipe:

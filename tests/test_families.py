@@ -168,3 +168,153 @@ def test_image_family_attention_equals_eager(tmp_path, kind):
     assert int(atlas.tokens(kind).is_special.sum()) == 3 * PREFIX[kind]
     worst = _check(tmp_path / "a", kind, model, ref, [n] * 3, kind)
     assert worst <= TOL, (kind, worst)
+
+
+# ---- one recomputation everywhere: analyze, compare and the head math use attention_from_atlas's recipe -----
+
+@pytest.fixture(scope="module")
+def windowed_atlas(tmp_path_factory):
+    """A Mistral-style model whose window (3) is shorter than the sequences, and its eager attention."""
+    tmp = tmp_path_factory.mktemp("windowed")
+    torch.manual_seed(0)
+    model = TEXT["mistral"]().eval()
+    tok = _tokenizer(tmp)
+    extract(tmp / "a", prepare_model(model, tok, "m"), texts=TEXTS,
+            options=ExtractOptions(dtype="float32", batch_size=2, progress=False))
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    ref = _eager(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    return tmp / "a", ref, enc["attention_mask"].sum(1).tolist()
+
+
+def test_analyze_compare_and_head_math_share_the_recipe(windowed_atlas):
+    from attnatlas.analyze.common import layer_attention, sequence_rows
+    from attnatlas.analyze.overview import head_math
+    from attnatlas.compare.metrics import iter_attention, make_batch
+
+    path, ref, lengths = windowed_atlas
+    atlas = attnatlas.open_atlas(path)
+    rows = [sequence_rows(atlas, "m", s) for s in range(len(TEXTS))]
+    batch = make_batch(atlas.tokens("m"))
+    compared = {(layer, head): p for layer, head, p in iter_attention(atlas, "m", batch)}
+    for layer in range(2):
+        per_seq = layer_attention(atlas, "m", layer, rows)
+        for s, n in enumerate(lengths):
+            for head in range(4):
+                want = ref[layer][s, head, :n, :n]
+                assert np.abs(attnatlas.attention_from_atlas(path, "m", layer, head, s) - want).max() <= TOL
+                assert np.abs(per_seq[s][head] - want).max() <= TOL
+                assert np.abs(compared[layer, head][s, :n, :n] - want).max() <= TOL
+    longest = int(np.argmax(lengths))
+    m = head_math(atlas, "m", 1, 2, longest, lengths[longest] - 1, 0)  # the first key is outside the window
+    np.testing.assert_allclose(m.softmax, ref[1][longest, 2, lengths[longest] - 1, : lengths[longest]], atol=TOL)
+    assert m.weight == 0.0
+
+
+def test_attention_from_atlas_needs_no_torch(windowed_atlas):
+    import subprocess
+    import sys
+
+    code = ("import sys, attnatlas; p = attnatlas.attention_from_atlas(sys.argv[1], 'm', 0, 0, 1); "
+            "assert abs(p.sum(1) - 1).max() < 1e-9; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code, str(windowed_atlas[0])], check=True)
+
+
+def test_attention_from_atlas_names_bad_arguments(windowed_atlas):
+    from attnatlas.errors import AtlasError
+
+    path = windowed_atlas[0]
+    for args, needle in (((5, 0, 0), "Layer 5"), ((0, 9, 0), "Head 9"), ((0, 0, 99), "no sequence 99")):
+        with pytest.raises(AtlasError, match=needle):
+            attnatlas.attention_from_atlas(path, "m", *args)
+
+
+# ---- composite models name their stack; what cannot be captured is refused before any weights load ---------
+
+def _fingerprint(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _save(folder, model, pre) -> str:
+    model.save_pretrained(folder)
+    pre.save_pretrained(folder)
+    return str(folder)
+
+
+def test_encoder_of_t5_and_towers_of_clip_load_by_stack(tmp_path):
+    torch.manual_seed(0)
+    cfg = tf.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=48, vocab_size=64, decoder_start_token_id=0)
+    t5 = _save(tmp_path / "t5", tf.T5Model(cfg), _tokenizer(tmp_path))
+    name = extract(tmp_path / "a", t5 + "#encoder", texts=TEXTS, options=ExtractOptions(dtype="float32", progress=False))
+    assert name == "t5-encoder"
+    enc = _tokenizer(tmp_path)(TEXTS[1], return_tensors="pt")
+    ref = _eager(tf.T5EncoderModel.from_pretrained(t5).eval(), input_ids=enc["input_ids"])
+    got = attnatlas.attention_from_atlas(tmp_path / "a", name, 1, 3, 1)
+    assert np.abs(got - ref[1][0, 3]).max() <= TOL
+
+    clip = tf.CLIPConfig(text_config=dict(D, eos_token_id=3), vision_config=V)
+    folder = tmp_path / "clip"
+    tf.CLIPModel(clip).save_pretrained(folder)
+    _tokenizer(tmp_path).save_pretrained(folder)
+    tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    images = sorted(write_images(tmp_path / "imgs", n=2).iterdir())
+    vision = extract(tmp_path / "a", f"{folder}#vision", images=images, options=ExtractOptions(progress=False))
+    text = extract(tmp_path / "a", f"{folder}#text", texts=TEXTS, options=ExtractOptions(progress=False))
+    atlas = attnatlas.open_atlas(tmp_path / "a")
+    assert atlas.info(vision).modality == "image" and atlas.info(vision).attrs["model_type"] == "clip_vision_model"
+    assert atlas.info(text).attrs["causal"] and atlas.info(text).attrs["model_type"] == "clip_text_model"
+
+
+def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
+    from attnatlas.cli import main as cli
+
+    tok = _tokenizer(tmp_path)
+    texts = tmp_path / "t.txt"
+    texts.write_text("the cat sat\n")
+    atlas = tmp_path / "atlas"
+    bert = _save(tmp_path / "bert", tf.BertModel(tf.BertConfig(**D)), tok)
+    assert cli(["extract", "--model", bert, "--texts", str(texts), "--out", str(atlas), "--no-progress"]) == 0
+    before = _fingerprint(atlas)
+
+    deberta = _save(tmp_path / "deb", tf.DebertaV2Model(tf.DebertaV2Config(**D)), tok)
+    swin = tmp_path / "swin"
+    tf.SwinModel(tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                               window_size=4)).save_pretrained(swin)
+    t5 = _save(tmp_path / "t5", tf.T5Model(tf.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=48,
+                                                         vocab_size=64)), tok)
+    headless = _save(tmp_path / "headless", tf.BertModel(tf.BertConfig(**D)), tok)
+    import json
+
+    cfg = json.loads((tmp_path / "headless" / "config.json").read_text())
+    del cfg["num_attention_heads"]
+    (tmp_path / "headless" / "config.json").write_text(json.dumps(cfg))
+    # Same default name as the stored model, weights unreadable: the clash must be found before loading.
+    clash = tmp_path / "clash" / "bert"
+    clash.mkdir(parents=True)
+    (clash / "config.json").write_text((tmp_path / "bert" / "config.json").read_text())
+    (clash / "model.safetensors").write_bytes(b"not weights")
+    cases = {
+        "deberta-v2": ([deberta], ["'deberta-v2'", "disentangled"]),
+        "swin": ([str(swin), "--images", str(write_images(tmp_path / "imgs", n=1))], ["'swin'", "windows"]),
+        "t5 without a stack": ([t5], ["'t5'", f"{t5}#encoder"]),
+        "t5 decoder": ([t5 + "#decoder"], ["cross-attention"]),
+        "t5 unknown stack": ([t5 + "#vision"], ["no 'vision' stack"]),
+        "no head count": ([str(tmp_path / "headless")], ["'bert'", "lacks the number of attention heads"]),
+        "name clash": ([str(clash)], ["--overwrite"]),
+    }
+    for case, (args, needles) in cases.items():
+        argv = ["extract", "--model", *args, "--out", str(atlas), "--no-progress"]
+        if "--images" not in args:
+            argv += ["--texts", str(texts)]
+        capsys.readouterr()
+        code = cli(argv)
+        err = capsys.readouterr().err
+        assert code == 2, (case, err)
+        assert "Traceback" not in err and err.count("error:") == 1, (case, err)
+        for needle in needles:
+            assert needle in err, (case, err)
+        assert _fingerprint(atlas) == before, case

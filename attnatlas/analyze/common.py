@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from attnatlas.attention import recipe
 from attnatlas.errors import AtlasError, StoreError
 from attnatlas.store import Atlas
 
@@ -50,26 +51,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def attention_logits(atlas: Atlas, model: str, layer: int, head: int, rows: np.ndarray,
                      q: np.ndarray | None = None, k: np.ndarray | None = None) -> np.ndarray:
-    """(n, n) float64 q.k * scaling for one sequence's rows, -inf where a causal mask hides a key."""
-    info = atlas.info(model)
-    scaling = info.attrs.get("scaling")
-    s = float(scaling[layer]) if scaling else 1.0 / np.sqrt(info.d_head)
+    """(n, n) float64 logits of one sequence's rows as the model's softmax sees them: q.k * scaling,
+    softcapped, plus any recorded bias, -inf where the causal mask or the layer's window hides a key."""
+    rec = recipe(atlas, model)
     q = atlas.queries(model, layer, head)[rows] if q is None else q
     k = atlas.keys(model, layer, head)[rows] if k is None else k
-    logits = q.astype(np.float64) @ k.astype(np.float64).T * s
-    if info.attrs.get("causal"):
-        n = len(rows)
-        logits = np.where(np.tri(n, dtype=bool), logits, -np.inf)
-    return logits
+    return rec.logits(q.astype(np.float64) @ k.astype(np.float64).T, layer, head)
 
 
 def layer_attention(atlas: Atlas, model: str, layer: int, sequences: list[np.ndarray]) -> list[np.ndarray]:
-    """Per sequence, (head, n, n) exact attention of one layer; reads each head's q and k once."""
+    """Per sequence, (head, n, n) exact attention of one layer (attnatlas.attention's recipe: scaling,
+    softcap, bias, causal mask and window); reads each head's q and k once."""
     info = atlas.info(model)
+    rec = recipe(atlas, model)
     out = [np.zeros((info.n_heads, len(r), len(r))) for r in sequences]
     for head in range(info.n_heads):
         q_all = atlas.queries(model, layer, head)
         k_all = atlas.keys(model, layer, head)
         for i, rows in enumerate(sequences):
-            out[i][head] = softmax(attention_logits(atlas, model, layer, head, rows, q_all[rows], k_all[rows]))
+            q, k = q_all[rows].astype(np.float64), k_all[rows].astype(np.float64)
+            out[i][head] = rec.probabilities(q @ k.T, layer, head)
     return out

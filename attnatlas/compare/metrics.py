@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from attnatlas.attention import AttentionRecipe, recipe
 from attnatlas.errors import StoreError
 
 MASS = 0.9  # sparsity: keys needed to hold this share of the weight
@@ -103,31 +104,31 @@ def make_batch(tokens: pd.DataFrame, image: bool = False) -> Batch:
     return Batch(ids, rows, special, punct, rc)
 
 
-def allowed_keys(valid: np.ndarray, causal: bool) -> np.ndarray:
-    """(seq, query, key) bool: which keys each query may attend to."""
+def allowed_keys(valid: np.ndarray, causal: bool, recipe: AttentionRecipe | None = None, layer: int = 0) -> np.ndarray:
+    """(seq, query, key) bool: which keys each query may attend to (with a recipe: its layer's window too)."""
     allow = valid[:, :, None] & valid[:, None, :]
+    if recipe is not None:
+        return allow & recipe.allowed(layer, valid.shape[1])[None]
     if causal:
         allow &= np.tri(valid.shape[1], dtype=bool)[None]
     return allow
 
 
-def attention(q: np.ndarray, k: np.ndarray, batch: Batch, scaling: float, causal: bool) -> np.ndarray:
-    """(seq, query, key) softmax(q.k * scaling + mask) within each sequence; 0 outside the mask.
+def attention(q: np.ndarray, k: np.ndarray, batch: Batch, scaling: float | AttentionRecipe, causal: bool = False,
+              layer: int = 0, head: int = 0) -> np.ndarray:
+    """(seq, query, key) attention within each sequence, exactly as the model computed it (the atlas's
+    recipe: scaling, softcap, bias, causal mask, window; see attnatlas.attention); 0 outside the mask.
 
-    q, k: (token, d_head) for the whole model; padding slots give all-zero rows.
+    q, k: (token, d_head) for the whole model; padding slots give all-zero rows. `scaling` is a recipe,
+    or a plain scale with `causal` for plain softmax(q.k * scaling + mask).
     """
+    rec = scaling if isinstance(scaling, AttentionRecipe) else AttentionRecipe(1, causal, [float(scaling)], [None], [None])
+    if not isinstance(scaling, AttentionRecipe):
+        layer = 0
     safe = np.where(batch.valid, batch.rows, 0)
     qs = q[safe].astype(np.float32)  # (seq, slot, d)
     ks = k[safe].astype(np.float32)
-    logits = np.einsum("sqd,skd->sqk", qs, ks) * np.float32(scaling)
-    allow = allowed_keys(batch.valid, causal)
-    logits = np.where(allow, logits, -np.inf)
-    top = logits.max(2, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0)
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = np.exp(logits - top)
-        p /= np.maximum(p.sum(2, keepdims=True), 1e-30)
-    return np.where(allow, p, 0).astype(np.float32)
+    return rec.probabilities(np.einsum("sqd,skd->sqk", qs, ks), layer, head, batch.valid).astype(np.float32)
 
 
 def keys_for_mass(p: np.ndarray, mass: float = MASS) -> np.ndarray:
@@ -144,11 +145,12 @@ class HeadResult:
     keys90: np.ndarray  # (seq, slot) per-token keys holding 90%; -1 = padding or undefined
 
 
-def head_metrics(p: np.ndarray, batch: Batch, causal: bool) -> HeadResult:
+def head_metrics(p: np.ndarray, batch: Batch, causal: bool, recipe: AttentionRecipe | None = None,
+                 layer: int = 0) -> HeadResult:
     """Metrics of one head from its (seq, query, key) attention (see the module doc)."""
     valid = batch.valid
     S, N = valid.shape
-    allow = allowed_keys(valid, causal)
+    allow = allowed_keys(valid, causal, recipe, layer)
     n_keys = allow.sum(2)  # (seq, query)
     finite = np.isfinite(p).all(2)
     p = np.where(np.isfinite(p), p, 0)
@@ -252,14 +254,13 @@ def pick_layout(atlas, model: str, method: str | None) -> str | None:
 def iter_attention(atlas, model: str, batch: Batch) -> Iterator[tuple[int, int, np.ndarray]]:
     """(layer, head, (seq, query, key) attention) for every head, one layer read at a time."""
     info = atlas.info(model)
-    causal = bool(info.attrs.get("causal", False))
-    scaling = info.attrs.get("scaling") or [info.d_head ** -0.5] * info.n_layers
+    rec = recipe(atlas, model)
     qa, ka = atlas.array(model, "queries"), atlas.array(model, "keys")
     for layer in range(info.n_layers):
         qs = np.asarray(qa[layer], dtype=np.float32)  # (head, token, d)
         ks = np.asarray(ka[layer], dtype=np.float32)  # (kv_head, token, d)
         for head in range(info.n_heads):
-            yield layer, head, attention(qs[head], ks[info.kv_head(head)], batch, float(scaling[layer]), causal)
+            yield layer, head, attention(qs[head], ks[info.kv_head(head)], batch, rec, layer=layer, head=head)
 
 
 @dataclass
@@ -282,6 +283,7 @@ def collect(
     tokens = atlas.tokens(model)
     batch = batch or make_batch(tokens, image=info.modality == "image")
     causal = bool(info.attrs.get("causal", False))
+    rec = recipe(atlas, model)
     notes: list[str] = []
     method = pick_layout(atlas, model, layout_method)
     if method is None:
@@ -289,7 +291,7 @@ def collect(
                      f"(run `attnatlas project {atlas.path} --model {model}`).")
     rows_out, k90 = [], {}
     for layer, head, p in iter_attention(atlas, model, batch):
-        r = head_metrics(p, batch, causal)
+        r = head_metrics(p, batch, causal, rec, layer)
         if on_head is not None:
             on_head(layer, head, p)
         row = {"layer": layer, "head": head, **r.metrics, "layout_positional": np.nan, "qk_separation": np.nan,

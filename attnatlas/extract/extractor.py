@@ -406,8 +406,10 @@ def extract(
     atlas = Atlas.open_or_plan(atlas_path)
     if name is not None:
         check_name(name)
-    if name is not None and atlas is not None and name in atlas.models and not overwrite:
-        raise InputError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
+    # Without --name the name follows from the model id alone, so a clash is found before any weights load.
+    planned = name or (model.default_name if isinstance(model, LoadedModel) else default_name(model))
+    if atlas is not None and planned in atlas.models and not overwrite:
+        raise InputError(f"The atlas already holds a model named {planned!r}; pass --overwrite or choose another --name.")
     device = resolve_device(opts.device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     name = name or loaded.default_name
