@@ -130,6 +130,7 @@ def write_synthetic_image_model(
     d_head: int = 8,
     topk: int = 4,
     seed: int = 0,
+    file_names: list[str] | None = None,
 ) -> None:
     """A small ViT-shaped model ([CLS] + grid x grid patches per image) with an `images` array."""
     import colorsys
@@ -149,7 +150,8 @@ def write_synthetic_image_model(
             rows.append(dict(sequence=s, position=p, token=f"patch {r},{c}" if p else "[CLS]", is_special=p == 0,
                              token_kind="patch" if p else "cls", patch_row=r, patch_col=c, mean_r=mr, mean_g=mg,
                              mean_b=mb, hue=h, saturation=sat, brightness=v))
-        seqs.append(dict(sequence=s, source=f"synthetic-image:{s}", text=f"image{s}.png", n_tokens=grid * grid + 1,
+        seqs.append(dict(sequence=s, source=f"synthetic-image:{s}", text=file_names[s] if file_names else f"image{s}.png",
+                         n_tokens=grid * grid + 1,
                          grid_rows=grid, grid_cols=grid, image_size=size))
     tokens, seq_df = pd.DataFrame(rows), pd.DataFrame(seqs)
     T, n = len(tokens), grid * grid + 1

@@ -20,7 +20,9 @@ def checkpoint(step: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    name, _, nth = spec.partition(":")
+    name, _, nth = spec.rpartition(":")
+    if not nth.isdigit():  # "rename:trash" is a step name, "chunk:3" its third pass
+        name, nth = spec, "1"
     if name != step:
         return
     with _lock:
