@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from attnatlas.app import grid_view
 from attnatlas.app.data import AppData
 
 log = logging.getLogger(__name__)
@@ -20,9 +21,11 @@ def on_server_loaded(server_context) -> None:
     # Knob for benchmarks (scripts/bench_app.py): the scatters' backend. Canvas is the default: faster than WebGL
     # in headless Chromium's software rendering (docs: bench).
     data = AppData(ARGS[0], backend=os.environ.get("ATTNATLAS_BACKEND", "canvas"))
-    # Warm the default grid and token columns so the first visitor waits no longer than later ones.
+    # Warm the default grids (every model's, a model switch is one click) and the first model's token columns,
+    # so the first visitor waits no longer than later ones.
     first = data.models[0]
-    data.grid_layouts(first, data.method(first, None))
+    for model in data.models:
+        grid_view.warm(data, model, data.method(model, None))
     data.tokens(first, data.method(first, None))
     server_context.attnatlas_data = data
     log.info("attnatlas: serving %s (%s)", ARGS[0], ", ".join(data.models))

@@ -131,6 +131,7 @@ class AppData:
         self._topk = _LRU(head_cache)
         self._static = _LRU(16)
         self._grids = _LRU(4)  # full layouts of every head: tens of MB each for big models
+        self._grid_images = _LRU(16)  # rendered grid images, shared by the sessions
         self._results = _LRU(32)  # stored comparison and nearest-head tables, read once
         self._lock = threading.Lock()
 
@@ -246,6 +247,10 @@ class AppData:
                     continue
                 lo[layer, head], hi[layer, head] = robust_range(xy)
         return GridLayouts(out, P // 2, done, lo, hi)
+
+    def grid_image(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """A rendered grid image (made by grid_view from grid_layouts), cached for every session."""
+        return self._grid_images.get(key, make)
 
     def head_table(self, model: str, method: str) -> pd.DataFrame:
         """One row per head (layer, head order): layout faithfulness, then `attnatlas compare`'s metrics where
