@@ -386,3 +386,30 @@ def test_csv_with_a_stray_quote_is_refused_naming_the_line(tmp_path):
     f.write_text("\n".join(rows) + "\n")
     with pytest.raises(InputError, match=r"c\.csv:7: malformed CSV"):
         load_texts(str(f))
+
+
+def test_project_on_a_full_disk_stops_with_one_message(small_disk):
+    path = small_disk / "atlas"
+    testing.synthetic_atlas(path, n_layers=1, n_heads=3, n_seq=30)  # chunks are 256 KiB each: about 2 MB
+    before = _queries_digest(open_atlas(path), "synthetic")
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:  # the disk is full
+        pass
+    os.close(fd)
+    os.truncate(filler, os.path.getsize(filler) - 40_000)
+    r = subprocess.run([sys.executable, "-m", "attnatlas", "project", str(path), "--method", "pca", "--quiet"],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1
+    atlas = open_atlas(path)
+    assert _queries_digest(atlas, "synthetic") == before
+    filler.unlink()
+    r = subprocess.run([sys.executable, "-m", "attnatlas", "project", str(path), "--method", "pca", "--quiet"],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert open_atlas(path).layout_done("synthetic", "pca").all()

@@ -7,6 +7,7 @@ reducer and write its layout and quality. One bad head is reported and skipped, 
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import os
 import sys
@@ -139,10 +140,22 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
                 _writer(atlas, model, r.name, rows, params).write_head(layer, head, Y, qual)
                 out["results"][r.name] = {**qual, "scale": applied["scale"]}
             except Exception as exc:  # one method failing must not stop the others
+                _raise_if_storage_failed(exc)
                 out["errors"].append((r.name, f"{type(exc).__name__}: {exc}"))
     except Exception as exc:
+        _raise_if_storage_failed(exc)
         out["errors"].append(("*", f"{type(exc).__name__}: {exc}"))
     return out
+
+
+# The storage itself failed (full disk, lost permission): every further head would fail the same way, so the
+# whole run stops with one message instead of one per head.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO}
+
+
+def _raise_if_storage_failed(exc: Exception) -> None:
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        raise exc
 
 
 def _given_init(r: Any, reducers: list[tuple[Any, dict]], layouts: dict[str, np.ndarray], n_points: int) -> np.ndarray | None:
@@ -179,6 +192,7 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
                 scales[h] = applied["scale"]
                 good.append(h)
             except Exception as exc:
+                _raise_if_storage_failed(exc)
                 outs[h]["errors"].append(("*", f"{type(exc).__name__}: {exc}"))
         if good:
             X = np.stack(Xs)  # (head, point, d)
@@ -193,6 +207,7 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
                     Y = r.fit_batch(X, knn=(idx, dist))  # (head, point, 2)
                     secs = (time.perf_counter() - t1) / len(good) + share
                 except Exception as exc:
+                    _raise_if_storage_failed(exc)
                     for h in good:
                         outs[h]["errors"].append((r.name, f"{type(exc).__name__}: {exc}"))
                     continue
@@ -205,8 +220,10 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
                         _writer(atlas, model, r.name, rows, params).write_head(layer, h, Y[i], qual)
                         outs[h]["results"][r.name] = {**qual, "scale": scales[h]}
                     except Exception as exc:
+                        _raise_if_storage_failed(exc)
                         outs[h]["errors"].append((r.name, f"{type(exc).__name__}: {exc}"))
     except Exception as exc:
+        _raise_if_storage_failed(exc)
         for h in heads:
             outs[h]["errors"].append(("*", f"{type(exc).__name__}: {exc}"))
     return [outs[h] for h in heads]
