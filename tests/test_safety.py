@@ -413,3 +413,80 @@ def test_project_on_a_full_disk_stops_with_one_message(small_disk):
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert open_atlas(path).layout_done("synthetic", "pca").all()
+
+
+# ---- object stores: claims by heartbeat ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3_url():
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    with testing.local_s3("claims") as url:
+        yield url
+
+
+def test_object_store_claims_exclude_a_second_writer_and_expire_with_their_holder(s3_url):
+    import json
+
+    from attnatlas.store import claims
+    from attnatlas.store.location import Location
+
+    models = Location.of(f"{s3_url}/atlas/models")
+    first = claims.acquire(models, "model.m", "extract m")
+    try:
+        with pytest.raises(claims.ClaimBusy) as busy:
+            claims.acquire(models, "model.m", "extract m")
+        assert busy.value.holder["pid"] == os.getpid()
+    finally:
+        first.release()
+    claims.acquire(models, "model.m", "extract m").release()  # free again once released
+    # A holder that died leaves its object behind; once its heartbeat is stale the claim is free.
+    loc = claims.claim_location(models, "model.n")
+    dead = {"pid": 1, "host": "elsewhere", "started": 0, "token": "dead", "heartbeat": time.time() - claims.STALE_S - 1}
+    loc.fs.pipe_file(loc.path, json.dumps(dead).encode())
+    claims.acquire(models, "model.n", "extract n").release()
+    loc.fs.pipe_file(loc.path, json.dumps({**dead, "heartbeat": time.time()}).encode())
+    with pytest.raises(claims.ClaimBusy):
+        claims.acquire(models, "model.n", "extract n")
+
+
+def test_object_store_overwrite_killed_between_renames_is_recovered(s3_url):
+    url = f"{s3_url}/swap"
+    atlas = testing.synthetic_atlas(url, name="m", seed=0)
+    script = ("from attnatlas.store import faults\n" + WRITER)
+    r = subprocess.run([sys.executable, "-c", script, url, "m", "1", "20"], env=_env(ATTNATLAS_KILL_AT="rename:trash"),
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    reopened = open_atlas(url)
+    assert reopened.models == ["m"]
+    reference = Atlas.open(f"{s3_url}/ref", create=True)
+    testing.write_synthetic_model(reference, name="m", seed=1)
+    assert _queries_digest(reopened, "m") == _queries_digest(reference, "m")
+    del atlas
+
+
+# ---- the sequence panel ------------------------------------------------------------------------------------
+def test_sequence_panel_shows_a_character_split_into_byte_tokens_once():
+    import pandas as pd
+
+    from attnatlas.app.dashboard import Dashboard
+
+    text = "a 東京 b"
+    # Byte-level BPE: the three byte tokens of 東 all carry the offsets of the whole character.
+    toks = pd.DataFrame({"row": range(7), "token": ["a", " ", "\ufffd", "\ufffd", "\ufffd", "京", " b"],
+                         "is_special": [False] * 7, "char_start": [0, 1, 2, 2, 2, 3, 4], "char_end": [1, 2, 3, 3, 3, 4, 6]})
+
+    class Data:
+        def sequence_tokens(self, model, seq):
+            return toks
+
+        def sequence_info(self, model, seq):
+            return {"text": text}
+
+    class Stub:
+        data, model = Data(), "m"
+
+    out = Dashboard._sequence_html(Stub(), 0, 0, {})
+    import re
+
+    shown = re.sub(r"<[^>]+>", "", out)
+    assert shown == text, shown

@@ -3,7 +3,8 @@
 A claim is a small file under `<atlas>/models/.claims/`. On a local disk it is held with an exclusive
 `flock`, which the kernel drops the moment the holder dies (even by SIGKILL), so a dead holder can never
 keep it. Object stores have no locks: there the claim is an object carrying a heartbeat that its holder
-refreshes every HEARTBEAT_S seconds, and a claim whose heartbeat is older than STALE_S counts as dead.
+refreshes every HEARTBEAT_S seconds; a claim whose heartbeat is older than STALE_S counts as dead, and so
+does one whose holder ran on this host and is gone.
 Either way the file says who holds the claim (pid, host, start, what it is doing), for the message the
 next writer gets.
 """
@@ -129,12 +130,25 @@ def _acquire_local(loc: Location, key: str, info: dict[str, Any], wait: bool) ->
     return Claim(loc, key, info, _fd=fd)
 
 
+def _alive(held: dict[str, Any]) -> bool:
+    """A holder is alive while its heartbeat is fresh; on this very host, only while its pid runs too."""
+    if not held or time.time() - float(held.get("heartbeat", 0)) >= STALE_S:
+        return False
+    if held.get("host") == socket.gethostname():
+        try:
+            os.kill(int(held.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            pass
+    return True
+
+
 def _acquire_object(loc: Location, key: str, info: dict[str, Any], wait: bool) -> Claim:
     token = uuid.uuid4().hex
     while True:
         held = _read_object(loc)
-        alive = held and time.time() - float(held.get("heartbeat", 0)) < STALE_S
-        if not alive:
+        if not _alive(held):
             loc.fs.pipe_file(loc.path, json.dumps({**info, "token": token, "heartbeat": time.time()}).encode())
             time.sleep(0.5)  # a rival that wrote at the same moment wins or loses by the read-back
             if _read_object(loc).get("token") == token:
