@@ -1,11 +1,11 @@
 """Extraction with storage vs a plain forward pass over the same batches of the same model.
 
-Runs both side by side, alternating, and prints the ratio (target <= 1.15x on CPU for MiniLM on the demo
-corpus). With --memory it also extracts the corpus cycled to --memory-sequences sequences (default: 1x,
+Runs both side by side, alternating, and prints the ratio per model (target <= 1.15x on CPU for MiniLM and
+SmolLM2 on the demo corpus, median of 5, both models in the same run; --attention-topk 0: q and k only). With --memory it also extracts the corpus cycled to --memory-sequences sequences (default: 1x,
 10x and 20x the corpus), each in a fresh process, and prints how much resident memory grew during
 extraction: it stays flat because writing streams per batch.
 
-    python scripts/bench_extract.py [--model minilm] [--texts data/corpus/demo.txt] [--repeats 3] [--memory]
+    python scripts/bench_extract.py [--models minilm,smollm2] [--texts data/corpus/demo.txt] [--repeats 5] [--memory]
     python scripts/bench_extract.py --memory --repeats 0 --memory-sequences 487,10000,100000
 """
 
@@ -73,24 +73,9 @@ def child(args: argparse.Namespace) -> None:
                       "seconds": round(seconds, 2)}))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="minilm")
-    ap.add_argument("--texts", default=str(ROOT / "data" / "corpus" / "demo.txt"))
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--attention-topk", type=int, default=8)
-    ap.add_argument("--memory", action="store_true", help="also measure memory growth at several corpus sizes")
-    ap.add_argument("--memory-sequences", default=None, help="comma-separated sequence counts (default: 1x,10x,20x)")
-    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        return child(args)
-
-    texts = [r.text for r in load_texts(args.texts)]
-    if args.repeats < 1:
-        return memory(args, len(texts))
-    loaded = load_model(args.model)
+def bench_model(model: str, texts: list[str], args: argparse.Namespace) -> dict:
+    """Plain forward vs extraction (q and k stored) of one model, alternating, `args.repeats` times each."""
+    loaded = load_model(model)
     max_len = 512
     opts = ExtractOptions(batch_size=args.batch_size, attention_topk=args.attention_topk, progress=False)
     plain_forward(loaded, texts[:32], args.batch_size, max_len)  # warm-up
@@ -105,11 +90,40 @@ def main() -> None:
         ours.append(time.perf_counter() - t)
         shutil.rmtree(out.parent)
     p, o = statistics.median(plain), statistics.median(ours)
-    print(f"model {args.model}, {len(texts)} sequences, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
+    print(f"model {model}, {len(texts)} sequences, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
           f"top-k {args.attention_topk}")
-    print(f"plain forward          median {p:7.2f} s  runs {[round(x, 2) for x in plain]}")
-    print(f"extract + store        median {o:7.2f} s  runs {[round(x, 2) for x in ours]}")
-    print(f"ratio extract/forward  {o / p:.3f}x  (target <= 1.15x)")
+    print(f"  plain forward          median {p:7.2f} s  runs {[round(x, 2) for x in plain]}")
+    print(f"  extract + store        median {o:7.2f} s  runs {[round(x, 2) for x in ours]}")
+    print(f"  ratio extract/forward  {o / p:.3f}x  (target <= 1.15x)", flush=True)
+    del loaded
+    return {"model": model, "plain_s": plain, "extract_s": ours, "ratio": o / p}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="minilm,smollm2", help="comma-separated; each timed in this same run")
+    ap.add_argument("--model", default=None, help="one model (the --memory runs use the first of --models)")
+    ap.add_argument("--texts", default=str(ROOT / "data" / "corpus" / "demo.txt"))
+    ap.add_argument("--sequences", type=int, default=None, help="use only the first N sequences of the corpus")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--attention-topk", type=int, default=0, help="0: store q and k only (the 1.15x target)")
+    ap.add_argument("--memory", action="store_true", help="also measure memory growth at several corpus sizes")
+    ap.add_argument("--memory-sequences", default=None, help="comma-separated sequence counts (default: 1x,10x,20x)")
+    ap.add_argument("--json", default=None, help="also write the timings here")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    models = [args.model] if args.model else args.models.split(",")
+    args.model = models[0]
+    if args.child:
+        return child(args)
+
+    texts = [r.text for r in load_texts(args.texts)][: args.sequences]
+    if args.repeats < 1:
+        return memory(args, len(texts))
+    results = [bench_model(m, texts, args) for m in models]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     if args.memory:
         memory(args, len(texts))
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers as tf
 
+from attnatlas import attention_from_atlas
 from attnatlas.cli import main as cli
 from attnatlas.extract import ExtractOptions, extract
 from attnatlas.store import open_atlas
@@ -26,21 +27,10 @@ TEXTS = [
 
 
 def recomputed(atlas, model: str, sequence: int) -> np.ndarray:
-    """(layer, head, query, key) softmax(q.k * scaling + mask) from the atlas alone."""
+    """(layer, head, query, key) attention from the atlas alone (attnatlas.attention_from_atlas)."""
     info = atlas.info(model)
-    rows = np.flatnonzero(atlas.tokens(model).sequence.to_numpy() == sequence)
-    n = len(rows)
-    out = np.zeros((info.n_layers, info.n_heads, n, n))
-    for layer in range(info.n_layers):
-        for head in range(info.n_heads):
-            q = atlas.queries(model, layer, head)[rows].astype(np.float64)
-            k = atlas.keys(model, layer, head)[rows].astype(np.float64)
-            logits = q @ k.T * info.attrs["scaling"][layer]
-            if info.attrs["causal"]:
-                logits = np.where(np.tri(n, dtype=bool), logits, -np.inf)
-            p = np.exp(logits - logits.max(1, keepdims=True))
-            out[layer, head] = p / p.sum(1, keepdims=True)
-    return out
+    return np.stack([np.stack([attention_from_atlas(atlas, model, layer, head, sequence) for head in range(info.n_heads)])
+                     for layer in range(info.n_layers)])
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 2e-2)])

@@ -113,6 +113,8 @@ def _check(atlas_path, name, model, ref: list[np.ndarray], lengths: list[int], k
     if windows:
         assert max(lengths) > min(windows) + 1  # the window really cut attention
     assert (rec["bias"] is not None) == (kind in BIASED)
+    if kind in {"bloom", "t5", "beit-shared"}:  # one bias for every layer is stored once
+        assert rec["bias"]["tables"] and set(rec["bias"]["layer_table"]) == {0}
     assert any(rec["softcap"]) == (kind in SOFTCAP)
     return worst
 
@@ -297,7 +299,12 @@ def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
     clash.mkdir(parents=True)
     (clash / "config.json").write_text((tmp_path / "bert" / "config.json").read_text())
     (clash / "model.safetensors").write_bytes(b"not weights")
+    config_only = {}
+    for kind, cfg in (("falcon", tf.FalconConfig(**D)), ("mpnet", tf.MPNetConfig(**D))):
+        cfg.save_pretrained(tmp_path / kind)  # refused from the config alone: no weights needed
+        config_only[kind] = ([str(tmp_path / kind)], [f"'{kind}'", "not yet supported"])
     cases = {
+        **config_only,
         "deberta-v2": ([deberta], ["'deberta-v2'", "disentangled"]),
         "swin": ([str(swin), "--images", str(write_images(tmp_path / "imgs", n=1))], ["'swin'", "windows"]),
         "t5 without a stack": ([t5], ["'t5'", f"{t5}#encoder"]),
@@ -318,3 +325,12 @@ def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
         for needle in needles:
             assert needle in err, (case, err)
         assert _fingerprint(atlas) == before, case
+
+
+def test_attention_sinks_are_refused(tmp_path):
+    from attnatlas.errors import ModelError
+
+    cfg = tf.GptOssConfig(**dict(DEC, head_dim=8), num_local_experts=2, num_experts_per_tok=1, sliding_window=W,
+                          layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ModelError, match="'gpt_oss'.*s_aux"):
+        prepare_model(tf.GptOssModel(cfg).eval(), _tokenizer(tmp_path), "gpt-oss")

@@ -163,7 +163,12 @@ def load_model(model_id: str, device: str | torch.device = "cpu") -> LoadedModel
     # Eager-only families get their own eager attention wrapped; the rest use SDPA through the interface.
     attn = "eager" if stack_config.model_type in WRAPPED else "sdpa"
     try:
-        model = cls.from_pretrained(source, attn_implementation=attn)
+        try:
+            model = cls.from_pretrained(source, attn_implementation=attn)
+        except ValueError as exc:  # no SDPA path (Gemma 2): its eager attention runs between captures
+            if "scaled_dot_product_attention" not in str(exc):
+                raise
+            model = cls.from_pretrained(source, attn_implementation="eager")
         pre = (AutoTokenizer if modality_of(model) == "text" else AutoImageProcessor).from_pretrained(source)
     except ModelError:
         raise

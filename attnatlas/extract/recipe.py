@@ -162,17 +162,19 @@ class Recipe:
         bias = None
         if self.rel or self.pairs:
             store, kind = (self.rel, "relative") if self.rel else (self.pairs, "pairs")
-            tables, layer_table = [], []
-            ids: dict[int, int] = {}
+            tables, layer_table, distinct = [], [], []
             for layer in range(self.n_layers):
                 t = store.get(layer)
                 if t is None:
                     layer_table.append(None)
                     continue
-                if id(t) not in ids:  # layers sharing one bias (T5, Bloom) store it once
-                    ids[id(t)] = len(tables)
+                # Layers with the same bias (T5, Bloom's ALiBi, BEiT's shared table) store it once.
+                same = next((i for i, d in enumerate(distinct) if d.shape == t.shape and torch.equal(d.nan_to_num(), t.nan_to_num())), None)
+                if same is None:
+                    same = len(distinct)
+                    distinct.append(t)
                     tables.append(_pack_bias(t, kind))
-                layer_table.append(ids[id(t)])
+                layer_table.append(same)
             bias = {"kind": kind, "tables": tables, "layer_table": layer_table}
         return {
             "version": RECIPE_VERSION,
