@@ -490,3 +490,15 @@ def test_sequence_panel_shows_a_character_split_into_byte_tokens_once():
 
     shown = re.sub(r"<[^>]+>", "", out)
     assert shown == text, shown
+
+
+def test_a_lost_object_store_is_one_message():
+    pytest.importorskip("s3fs")
+    with __import__("socket").socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="t", AWS_SECRET_ACCESS_KEY="t",
+               AWS_DEFAULT_REGION="us-east-1", AWS_MAX_ATTEMPTS="1")
+    r = subprocess.run([sys.executable, "-m", "attnatlas", "info", "s3://gone/atlas"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "storage service failed" in r.stderr and "Traceback" not in r.stderr, r.stderr
