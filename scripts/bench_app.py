@@ -143,6 +143,37 @@ def bench_grid(url: str, drawn: str, loads: int, width: int = 1600) -> dict[str,
     return {"s": times, "bytes": sizes}
 
 
+MAP_JS = """
+const done = arguments[arguments.length - 1];
+const doc = Bokeh.documents[0];
+const t0 = performance.now();
+doc.get_model_by_name('grid_mode').active = 1;
+function check() {
+  const m = doc.get_model_by_name('head_map_thumbs');
+  const v = m && Bokeh.index.find_one(m);
+  if (v && v.glyph._images_rendered && doc.is_idle) {
+    requestAnimationFrame(() => requestAnimationFrame(() => done([performance.now() - t0, m.data_source.data.url.length])));
+  } else if (performance.now() - t0 > 60000) { done([-1, 0]) } else { requestAnimationFrame(check) }
+}
+check();
+"""
+
+
+def bench_head_map(url: str, loads: int) -> tuple[list[float], int]:
+    """Seconds from the 'head map' button to every thumbnail painted, per fresh page."""
+    driver = make_driver(1600, 1200)
+    times, n = [], 0
+    try:
+        for _ in range(loads):
+            driver.get(url)
+            wait_js(driver, GRID_DRAWN, timeout=120)
+            ms, n = driver.execute_async_script(MAP_JS)
+            times.append(ms / 1000)
+    finally:
+        driver.quit()
+    return times, n
+
+
 def grid_section(a: argparse.Namespace) -> None:
     cases = [(f"synthetic {a.layers}x{a.heads} heads x {2 * a.tokens:,} points", a.atlas, "")]
     if a.demo and (a.demo / "zarr.json").exists():
@@ -154,12 +185,18 @@ def grid_section(a: argparse.Namespace) -> None:
         with serve_rev(atlas, a.old_rev, timeout=300) as url:
             old = bench_grid(url + query, OLD_GRID_DRAWN, a.loads)
         rows.append((label, new, old))
+    if a.demo and (a.demo / "zarr.json").exists():
+        with serve(a.demo, timeout=300) as url:
+            map_s, n_heads = bench_head_map(url + "?model=minilm&method=tsne", a.loads)
     for label, new, old in rows:
         nt, ot = statistics.median(new["s"]), statistics.median(old["s"])
         nb, ob = statistics.median(new["bytes"]), statistics.median(old["bytes"])
         print(f"grid, {label}, {a.loads} loads each, median request -> drawn: full-density {nt:.2f} s "
               f"(first {new['s'][0]:.2f}, max {max(new['s']):.2f}), old 100-token grid {ot:.2f} s: ratio {nt / ot:.2f}x; "
               f"websocket bytes: {nb / 1e6:.2f} MB vs {ob / 1e6:.2f} MB: ratio {nb / ob:.2f}x")
+    if a.demo and (a.demo / "zarr.json").exists():
+        print(f"head map, {n_heads} heads (MiniLM with SmolLM2), button to thumbnails painted, {a.loads} fresh pages: "
+              f"median {statistics.median(map_s):.2f} s, first {map_s[0]:.2f} s, max {max(map_s):.2f} s")
 
 
 def bench_browser(url: str, loads: int, switches: int) -> dict[str, object]:

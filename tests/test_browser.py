@@ -249,5 +249,15 @@ def test_grid_draws_every_cell_and_zooming_into_one_opens_it(atlas_path):
             wait_js(driver, "[...Bokeh.index.all_views()].some(v => v.model.name == 'head_scatter')")
             # Back on the grid, the whole grid is shown again.
             assert driver.execute_script(f"const f = {fig}; return [f.x_range.start, f.x_range.end]") == [0, 5]
+
+            # The head map: every head as its thumbnail; a click on one opens it.
+            driver.execute_script(f"{MODEL.format('tabs')}.active = 0; {MODEL.format('grid_mode')}.active = 1")
+            thumbs = MODEL.format("head_map_thumbs")
+            wait_js(driver, f"{thumbs} && Bokeh.index.find_one({thumbs}) && Bokeh.index.find_one({thumbs}).glyph._images_rendered")
+            data = driver.execute_script(f"const d = {MODEL.format('head_map_points')}.data;"
+                                         "return [d.url.length, d.cx[7], d.cy[7], d.label[7]]")
+            assert data[0] == 20 and data[3] == "L1H2"
+            click_data_point(driver, "head_map_figure", data[1], data[2])
+            wait_js(driver, f"{MODEL.format('tabs')}.active == 1 && {MODEL.format('head_title')}.text.includes('L1H2')")
         finally:
             driver.quit()

@@ -357,3 +357,79 @@ def test_export_refuses_a_model_with_unprojected_heads(tmp_path, capsys):
     # the dashboard draws such a grid, with the missing heads marked
     dash, _ = dash_for(AppData(tmp_path / "a"))
     assert dash.grid.cell_src.data["label"][1] == "L0H1 (no layout)"
+
+
+# ---- head map -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """Two models on one corpus, compared (`attnatlas compare`), each with layouts."""
+    from attnatlas.compare.run import compare_models
+    from attnatlas.store import Atlas
+
+    path = tmp_path_factory.mktemp("map") / "atlas"
+    atlas = Atlas.open(path, create=True)
+    testing.write_synthetic_model(atlas, name="m1", n_layers=2, n_heads=3, n_seq=8, seed=3)
+    testing.write_synthetic_model(atlas, name="m2", n_layers=2, n_heads=2, n_kv_heads=1, n_seq=8, seed=3)  # same corpus
+    testing.random_layouts(atlas, "m1", "pca")
+    testing.random_layouts(atlas, "m2", "pca", seed=1)
+    compare_models(atlas, ["m1", "m2"])
+    return path
+
+
+def test_head_map_places_heads_by_attention_pattern_similarity(two_models):
+    from attnatlas.app.head_map import classical_mds
+
+    data = AppData(two_models)
+    dash, _ = dash_for(data, model="m1")
+    dash.grid.mode.active = 1
+    hm = dash.grid.head_map
+    assert dash.grid.panel.children[1] is hm.panel
+    d = hm.src.data
+    assert len(d["url"]) == 6 + 4 and d["model"][:6] == ["m1"] * 6 and d["model"][6:] == ["m2"] * 4
+    assert "attention pattern" in hm.info.text
+    labels, sim = data.head_similarity(("m1", "m2"), "pattern")
+    assert sim.shape == (10, 10) and np.isfinite(sim).all()
+    # Map distances follow the stored dissimilarity (classical MDS keeps the largest part of it).
+    xy = np.c_[d["cx"], d["cy"]]
+    iu = np.triu_indices(10, 1)
+    mapped = np.linalg.norm(xy[:, None] - xy[None], axis=2)[iu]
+    assert correlation(mapped, (1 - sim)[iu]) > 0.6
+    # MDS recovers exact points from their distances (up to rotation): the placement is not arbitrary.
+    pts = np.random.default_rng(0).normal(size=(12, 2))
+    back = classical_mds(np.linalg.norm(pts[:, None] - pts[None], axis=2))
+    np.testing.assert_allclose(np.linalg.norm(back[:, None] - back[None], axis=2),
+                               np.linalg.norm(pts[:, None] - pts[None], axis=2), atol=1e-8)
+    # Each thumbnail is the head's own cell, drawn from all its points.
+    thumb = decode(d["url"][7])  # m2 L0H1
+    g = data.grid_layouts("m2", "pca")
+    np.testing.assert_array_equal(thumb, gv.render_cell(g, 0, 1, thumb.shape[1], thumb.shape[0]))
+    # Clicking a head of the other model opens it there.
+    hm.src.selected.indices = [7]
+    assert (dash.model, dash.layer, dash.head, dash.tabs.active) == ("m2", 0, 1, 1)
+
+
+def test_head_map_by_metric_profile_and_without_a_comparison(two_models, data):
+    dash, _ = dash_for(AppData(two_models), model="m1")
+    dash.grid.mode.active = 1
+    hm = dash.grid.head_map
+    hm.with_models.active = []  # m1 alone
+    assert len(hm.src.data["url"]) == 6
+    hm.measure.active = 2
+    assert "metric profile" in hm.info.text and len(set(zip(hm.src.data["cx"], hm.src.data["cy"]))) == 6
+    # An atlas with metrics but no comparison between models: placed by metric profile, and it says so.
+    dash, _ = dash_for(data, method="tsne")
+    dash.grid.mode.active = 1
+    assert "metric profile (no stored comparison: run `attnatlas compare`" in dash.grid.head_map.info.text
+    assert not dash.grid.head_map.with_models.visible
+    dash.grid.mode.active = 0
+    assert dash.grid.panel.children[1] is dash.grid.grid_box
+
+
+def test_head_map_of_indistinguishable_heads_is_the_grid_lattice(tmp_path):
+    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=2, n_heads=3, n_seq=4, seq_len=6)
+    testing.random_layouts(atlas, "synthetic", "pca")  # the same faithfulness for every head
+    dash, _ = dash_for(AppData(tmp_path / "a"))
+    dash.grid.mode.active = 1
+    d = dash.grid.head_map.src.data
+    assert list(zip(d["cx"], d["cy"])) == [(h, -layer) for layer in range(2) for h in range(3)]
+    assert "do not tell these heads apart" in dash.grid.head_map.info.text

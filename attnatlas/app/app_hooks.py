@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from attnatlas.app import grid_view
+from attnatlas.app import grid_view, head_map
 from attnatlas.app.data import AppData
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ def on_server_loaded(server_context) -> None:
     first = data.models[0]
     for model in data.models:
         grid_view.warm(data, model, data.method(model, None))
+    head_map.warm(data, first, data.method(first, None))
     data.tokens(first, data.method(first, None))
     server_context.attnatlas_data = data
     log.info("attnatlas: serving %s (%s)", ARGS[0], ", ".join(data.models))

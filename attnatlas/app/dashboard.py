@@ -152,7 +152,7 @@ class Dashboard:
         self.root = column(header, self.tabs, name="root", sizing_mode="stretch_width")
 
     def _build_grid(self) -> None:
-        self.grid = GridView(self.data, on_open=self.open_head, on_error=self._report_error)
+        self.grid = GridView(self.data, on_open=self.open_head, on_error=self._report_error, on_open_model=self.open_model_head)
         self.grid_panel = self.grid.panel
         self.grid.show(self.model, self.method)
 
@@ -252,6 +252,13 @@ class Dashboard:
         self.tabs.active = 1
         self.show_head(layer, head)
         self._mount_head()
+
+    def open_model_head(self, model: str, layer: int, head: int) -> None:
+        """Open a head of any model (the head map shows several): switch models first when needed."""
+        model = self.data.model(model)
+        if model != self.model:
+            self.model_select.value = model  # _on_model: widgets, grid and views of the new model
+        self.open_head(layer, head)
 
     def _mount_head(self) -> None:
         if self.tabs.tabs[1].child is not self.head_panel:

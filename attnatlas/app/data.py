@@ -274,6 +274,46 @@ class AppData:
         cols = self.head_table(model, method).columns
         return {k: v for k, v in {**QUALITY_LABELS, **METRIC_LABELS}.items() if k in cols}
 
+    # ---- head map: every head of one or more models as one point ------------------------------------------
+    def compared_models(self, model: str) -> list[str]:
+        """Models with layouts that `attnatlas compare` has measured against `model`."""
+        return [m for m in self.models if m != model and self.atlas.has_table(model, f"similarity__{m}")
+                and self.atlas.has_table(m, f"similarity__{model}")]
+
+    def head_similarity(self, models: tuple[str, ...], measure: str) -> tuple[pd.DataFrame, np.ndarray] | None:
+        """(labels: model, layer, head in model then (layer, head) order; (head, head) similarity) of the heads
+        of `models` by compare's 'pattern' or 'profile' measure, where pattern is undefined the profile measure;
+        None unless every pair of models (or, for one model, any pair with it) has a stored comparison."""
+        def make() -> tuple[pd.DataFrame, np.ndarray] | None:
+            pairs = [(a, b) for i, a in enumerate(models) for b in models[i + 1:]]
+            if len(models) == 1:
+                others = self.compared_models(models[0])
+                pairs = [(models[0], others[0])] if others else []
+            results = [self.compare_result(a, b) for a, b in pairs]
+            if not results or any(r is None for r in results):
+                return None
+            labels = pd.concat([pd.DataFrame({"model": m, "layer": np.repeat(np.arange(self.infos[m].n_layers), self.infos[m].n_heads),
+                                              "head": np.tile(np.arange(self.infos[m].n_heads), self.infos[m].n_layers)})
+                                for m in models], ignore_index=True)
+            start = dict(zip(models, np.cumsum([0] + [self.infos[m].n_layers * self.infos[m].n_heads for m in models])))
+            sim = np.full((len(labels), len(labels)), np.nan)
+            for res in results:
+                mat = np.where(np.isfinite(res.pattern), res.pattern, res.profile) if measure == "pattern" else res.profile
+                for a in res.models:
+                    for b in res.models:
+                        if a in start and b in start:
+                            block = mat[np.ix_(np.flatnonzero(res.labels["model"] == a), np.flatnonzero(res.labels["model"] == b))]
+                            sa, sb = start[a], start[b]
+                            sim[sa:sa + len(block), sb:sb + block.shape[1]] = block
+            return labels, sim
+
+        key = ("head_similarity", tuple(models), measure)
+        res = self._results.get(key, make)
+        if res is None:  # comparisons stored while the server runs show up on the next try
+            with self._results._lock:
+                self._results._d.pop(key, None)
+        return res
+
     # ---- one head --------------------------------------------------------------------------------------------
     def head(self, model: str, method: str, layer: int, head: int) -> Head:
         return self._heads.get((model, method, layer, head), lambda: self._make_head(model, method, layer, head))

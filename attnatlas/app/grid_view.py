@@ -31,6 +31,7 @@ from bokeh.models import (
     HoverTool,
     PanTool,
     Range1d,
+    RadioButtonGroup,
     RangeSlider,
     ResetTool,
     SaveTool,
@@ -222,13 +223,17 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 class GridView:
-    """Bokeh models and callbacks of one session's grid. `on_open(layer, head)` opens a head's view;
-    `on_error(message)` reports a failed callback in the session's status line."""
+    """Bokeh models and callbacks of one session's grid. `on_open(layer, head)` opens a head's view of the
+    current model, `on_open_model(model, layer, head)` one of any model (from the head map); `on_error(message)`
+    reports a failed callback in the session's status line."""
 
-    def __init__(self, data: AppData, on_open: Callable[[int, int], None], on_error: Callable[[str], None]):
+    def __init__(self, data: AppData, on_open: Callable[[int, int], None], on_error: Callable[[str], None],
+                 on_open_model: Callable[[str, int, int], None] | None = None):
         self.data = data
         self.on_open = on_open
         self.on_error = on_error
+        self.on_open_model = on_open_model or (lambda model, layer, head: on_open(layer, head))
+        self.head_map: Any = None  # HeadMap, built when first shown
         self.model: str | None = None
         self.method: str | None = None
         self.columns: np.ndarray = np.zeros((0, 0), np.int64)  # (layer, head) -> column shown
@@ -294,7 +299,10 @@ class GridView:
         self.legend = Div(text="", disable_math=True, name="grid_legend")
         self.info = Div(text="", disable_math=True, name="grid_info")
         controls = row(self.metric_select, self.metric_opts, self.metric_filter, self.legend)
-        self.panel = column(self.info, controls, self.fig, sizing_mode="stretch_width", name="grid_panel")
+        self.mode = RadioButtonGroup(labels=["grid", "head map"], active=0, name="grid_mode")
+        self.mode.on_change("active", self._on_mode)
+        self.grid_box = column(self.info, controls, self.fig, sizing_mode="stretch_width", name="grid_box")
+        self.panel = column(self.mode, self.grid_box, sizing_mode="stretch_width", name="grid_panel")
 
     # ---- model and method ---------------------------------------------------------------------------------------
     def show(self, model: str, method: str) -> None:
@@ -339,6 +347,21 @@ class GridView:
             f'<span style="color:{colors.QUERY}">queries</span> and <span style="color:{colors.KEY}">keys</span> '
             "(darker: denser; where both overlap the colours mix). Click a cell, or zoom into it, to open the head."
             + scroll)
+        if self.mode.active == 1:
+            self.head_map.show(model, method)
+
+    @_guard
+    def _on_mode(self, attr: str, old: int, new: int) -> None:
+        """Grid or head map in the same tab; the head map is built the first time it is asked for."""
+        if new == 1:
+            if self.head_map is None:
+                from attnatlas.app.head_map import HeadMap
+
+                self.head_map = HeadMap(self.data, on_open=self.on_open_model, on_error=self.on_error)
+            self.head_map.show(self.model, self.method)
+            self.panel.children = [self.mode, self.head_map.panel]
+        else:
+            self.panel.children = [self.mode, self.grid_box]
 
     def _metric(self) -> str | None:
         v = self.metric_select.value

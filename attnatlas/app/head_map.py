@@ -1,0 +1,199 @@
+"""The head map ("projection of projections"): every head of one or more models as its grid thumbnail, placed
+in 2-D so similar heads lie close. Placement: classical MDS of 1 - similarity from `attnatlas compare`
+(attention pattern, or compare's profile measure), or PCA of the heads' z-scored stored metrics. Clicking a
+head opens it.
+
+`HeadMap(data, on_open, on_error)` builds the Bokeh models; the grid view places `.panel` and calls
+`.show(model, method)`. Thumbnails come from grid_view's rasteriser, from all of each head's points.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from bokeh.layouts import column, row
+from bokeh.models import CheckboxGroup, ColumnDataSource, Div, HoverTool, RadioButtonGroup, TapTool
+from bokeh.palettes import Category10
+from bokeh.plotting import figure
+
+from attnatlas.app import grid_view as gv
+from attnatlas.app.data import AppData
+
+log = logging.getLogger(__name__)
+
+THUMB_PX = 48
+MEASURES = (("pattern", "attention pattern (compare)"), ("profile", "compare's profile"), ("metrics", "metric profile"))
+
+
+def classical_mds(dist: np.ndarray) -> np.ndarray:
+    """(n, n) distances -> (n, 2) coordinates (Torgerson). NaN distances take the mean distance; the sign of
+    each axis is fixed so its largest coordinate is positive (the same map every time)."""
+    d = np.array(dist, dtype=np.float64)
+    d = np.where(np.isfinite(d), d, np.nanmean(d) if np.isfinite(d).any() else 1.0)
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0)
+    n = len(d)
+    j = np.eye(n) - 1.0 / n
+    b = -0.5 * j @ (d ** 2) @ j
+    w, v = np.linalg.eigh(b)
+    top = np.argsort(w)[::-1][:2]
+    xy = v[:, top] * np.sqrt(np.maximum(w[top], 0))
+    if xy.shape[1] < 2:
+        xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
+    flip = np.sign(xy[np.abs(xy).argmax(0), np.arange(2)])
+    return xy * np.where(flip == 0, 1, flip)
+
+
+def metric_pca(table: pd.DataFrame) -> np.ndarray:
+    """(head, 2) PCA of z-scored metric columns (columns with a NaN or no spread left out)."""
+    x = table.to_numpy(np.float64)
+    keep = np.isfinite(x).all(0) & (np.nanstd(x, 0) > 0)
+    x = x[:, keep]
+    if x.shape[1] == 0:
+        return np.zeros((len(table), 2))
+    x = (x - x.mean(0)) / x.std(0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    xy = u[:, :2] * s[:2]
+    if xy.shape[1] < 2:
+        xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
+    flip = np.sign(xy[np.abs(xy).argmax(0), np.arange(2)])
+    return xy * np.where(flip == 0, 1, flip)
+
+
+def thumbnails(data: AppData, model: str, method: str) -> list[str]:
+    """A PNG data URL per head of `model`, (layer, head) order, cached for every session."""
+    def make() -> list[str]:
+        g = data.grid_layouts(model, method)
+        L, H = g.done.shape
+        return [gv.data_url(gv.render_cell(g, a, b, THUMB_PX, THUMB_PX)) for a in range(L) for b in range(H)]
+
+    return data.grid_image(("thumbs", model, method, THUMB_PX), make)
+
+
+def warm(data: AppData, model: str, method: str) -> None:
+    """Thumbnails and similarities of the default head map (a model and those compared with it), cached."""
+    models = (model, *data.compared_models(model))
+    for m in models:
+        thumbnails(data, m, data.method(m, method))
+    data.head_similarity(models, "pattern")
+
+
+class HeadMap:
+    """Bokeh models and callbacks of one session's head map. `on_open(model, layer, head)` opens a head."""
+
+    def __init__(self, data: AppData, on_open: Callable[[str, int, int], None], on_error: Callable[[str], None]):
+        self.data = data
+        self.on_open = on_open
+        self.on_error = on_error
+        self.model: str | None = None
+        self.method: str | None = None
+        self._quiet = False
+        self.src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[], cx=[], cy=[], model=[], label=[],
+                                              layer=[], head=[], colour=[]), name="head_map_points")
+        self.fig = figure(width=1000, height=760, sizing_mode="scale_width", match_aspect=True, name="head_map_figure",
+                          tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above")
+        self.fig.grid.visible = False
+        self.fig.axis.visible = False
+        self.fig.image_url(url="url", x="x", y="y", w="w", h="h", anchor="top_left", source=self.src, name="head_map_thumbs")
+        frames = self.fig.rect(x="cx", y="cy", width="w", height="h", source=self.src, fill_color="#ffffff", fill_alpha=0.0,
+                               line_color="colour", line_width=1.5, name="head_map_frames")
+        frames.nonselection_glyph = None
+        frames.selection_glyph = None
+        self.fig.add_tools(TapTool(renderers=[frames]), HoverTool(renderers=[frames], tooltips=[("head", "@model @label")]))
+        self.src.selected.on_change("indices", self._on_tap)
+        self.measure = RadioButtonGroup(labels=[label for _, label in MEASURES], active=0, name="head_map_measure")
+        self.measure.on_change("active", self._on_change)
+        self.with_models = CheckboxGroup(labels=[], active=[], name="head_map_models")
+        self.with_models.on_change("active", self._on_change)
+        self.info = Div(text="", disable_math=True, name="head_map_info")
+        self.panel = column(self.info, row(self.measure, self.with_models), self.fig, sizing_mode="stretch_width",
+                            name="head_map_panel")
+
+    def _guard(fn: Callable) -> Callable:  # noqa: N805 - a decorator used inside the class body
+        @functools.wraps(fn)
+        def wrapper(self: "HeadMap", *a: Any, **kw: Any) -> Any:
+            try:
+                return fn(self, *a, **kw)
+            except Exception as exc:  # noqa: BLE001 - reported to this session only
+                log.exception("head map callback %s failed", fn.__name__)
+                self.on_error(str(exc))
+                return None
+
+        return wrapper
+
+    def show(self, model: str, method: str) -> None:
+        self.model, self.method = model, method
+        others = self.data.compared_models(model)
+        self._quiet = True
+        try:
+            self.with_models.labels = [f"with {m}" for m in others]
+            self.with_models.active = list(range(len(others)))  # all compared models at first
+            self.with_models.visible = bool(others)
+            self._others = others
+        finally:
+            self._quiet = False
+        self._draw()
+
+    def models(self) -> tuple[str, ...]:
+        return (self.model, *[self._others[i] for i in self.with_models.active if i < len(self._others)])
+
+    @_guard
+    def _on_change(self, attr: str, old: Any, new: Any) -> None:
+        if not self._quiet and self.model is not None:
+            self._draw()
+
+    def _placement(self, models: tuple[str, ...]) -> tuple[pd.DataFrame, np.ndarray, str]:
+        """(labels, (head, 2) coordinates, what placed them)."""
+        key = MEASURES[self.measure.active][0] if 0 <= self.measure.active < len(MEASURES) else "pattern"
+        if key in ("pattern", "profile"):
+            res = self.data.head_similarity(models, key)
+            if res is not None:
+                labels, sim = res
+                return labels, classical_mds(1 - np.clip(sim, -1, 1)), MEASURES[[k for k, _ in MEASURES].index(key)][1]
+        # Metric profile: every model's heads on the metric columns they all have.
+        tables = [self.data.head_table(m, self.data.method(m, self.method)).assign(model=m) for m in models]
+        common = [c for c in tables[0].columns if all(c in t for t in tables) and c not in ("layer", "head", "model")]
+        table = pd.concat(tables, ignore_index=True)
+        note = "metric profile" + ("" if key == "metrics" else
+                                   " (no stored comparison: run `attnatlas compare` for the attention-pattern map)")
+        xy = metric_pca(table[common])
+        if not np.ptp(xy, 0).any():  # every head has the same numbers: lay them out as the grid does
+            offset = np.cumsum([0] + [self.data.infos[m].n_layers + 1 for m in models])
+            row_of = dict(zip(models, offset))
+            xy = np.c_[table["head"].to_numpy(float), -(table["layer"].to_numpy(float) + table["model"].map(row_of).to_numpy(float))]
+            note = "layer and head (the stored metrics do not tell these heads apart)"
+        return table[["model", "layer", "head"]], xy, note
+
+    def _draw(self) -> None:
+        models = self.models()
+        labels, xy, how = self._placement(models)
+        span = float(np.ptp(xy, 0).max()) if len(xy) else 1.0
+        size = (span or 1.0) / max(np.sqrt(len(xy)), 1) * 0.9
+        urls: list[str] = []
+        for m in models:
+            urls += thumbnails(self.data, m, self.data.method(m, self.method))
+        palette = Category10[10]
+        colour = {m: palette[i % 10] for i, m in enumerate(models)}
+        cx, cy = xy[:, 0], xy[:, 1]
+        self.src.data = dict(url=urls, x=cx - size / 2, y=cy + size / 2, w=[size] * len(cx), h=[size] * len(cx),
+                             cx=cx, cy=cy, model=labels["model"].tolist(),
+                             label=[f"L{a}H{b}" for a, b in zip(labels["layer"], labels["head"])],
+                             layer=labels["layer"].astype(int).tolist(), head=labels["head"].astype(int).tolist(),
+                             colour=[colour[m] for m in labels["model"]])
+        legend = " ".join(f'<span style="border:2px solid {colour[m]};padding:0 4px">{html.escape(m)}</span>' for m in models)
+        self.info.text = (f"{len(labels)} heads placed by {html.escape(how)}: nearby heads behave alike. "
+                          f"Each is drawn from all its layout points. Click a head to open it. {legend}")
+
+    @_guard
+    def _on_tap(self, attr: str, old: list[int], new: list[int]) -> None:
+        if not new:
+            return
+        i = int(new[0])
+        self.src.selected.indices = []
+        d = self.src.data
+        self.on_open(str(d["model"][i]), int(d["layer"][i]), int(d["head"][i]))
