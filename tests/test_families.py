@@ -61,6 +61,7 @@ TEXT = {
                                                                  max_position_embeddings=64)),
     "electra": lambda: tf.ElectraModel(tf.ElectraConfig(**D, embedding_size=16)),
     "albert": lambda: tf.AlbertModel(tf.AlbertConfig(**D, embedding_size=16)),
+    "mpnet": lambda: tf.MPNetModel(tf.MPNetConfig(**dict(D, max_position_embeddings=70), pad_token_id=0)),
     "modernbert": lambda: tf.ModernBertModel(tf.ModernBertConfig(**D, local_attention=2 * W, global_attn_every_n_layers=2,
                                                                  pad_token_id=0)),
     "t5": lambda: tf.T5EncoderModel(tf.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=48, vocab_size=64,
@@ -82,7 +83,7 @@ IMAGE = {
 }
 # What the atlas must record beyond q.k for each type (checked, so a recipe cannot silently go missing).
 WINDOWED = {"gpt_neo", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "modernbert"}
-BIASED = {"bloom", "t5", "beit", "beit-shared"}
+BIASED = {"bloom", "mpnet", "t5", "beit", "beit-shared"}
 SOFTCAP = {"gemma2"}
 PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 3, "beit": 1, "beit-shared": 1,
           "clip_vision_model": 1, "siglip_vision_model": 0}
@@ -113,7 +114,7 @@ def _check(atlas_path, name, model, ref: list[np.ndarray], lengths: list[int], k
     if windows:
         assert max(lengths) > min(windows) + 1  # the window really cut attention
     assert (rec["bias"] is not None) == (kind in BIASED)
-    if kind in {"bloom", "t5", "beit-shared"}:  # one bias for every layer is stored once
+    if kind in {"bloom", "mpnet", "t5", "beit-shared"}:  # one bias for every layer is stored once
         assert rec["bias"]["tables"] and set(rec["bias"]["layer_table"]) == {0}
     assert any(rec["softcap"]) == (kind in SOFTCAP)
     return worst
@@ -126,7 +127,7 @@ def test_text_family_attention_equals_eager(tmp_path, kind):
     tok = _tokenizer(tmp_path)
     loaded = prepare_model(model, tok, kind)
     assert loaded.adapter.causal == (kind not in {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra",
-                                                  "albert", "modernbert", "t5", "siglip_text_model"})
+                                                  "albert", "mpnet", "modernbert", "t5", "siglip_text_model"})
     # Batches of 3 and 1: padding inside the first batch.
     extract(tmp_path / "a", loaded, texts=TEXTS, options=ExtractOptions(dtype="float32", batch_size=3, progress=False,
                                                                         attention_topk=4))
@@ -300,7 +301,7 @@ def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
     (clash / "config.json").write_text((tmp_path / "bert" / "config.json").read_text())
     (clash / "model.safetensors").write_bytes(b"not weights")
     config_only = {}
-    for kind, cfg in (("falcon", tf.FalconConfig(**D)), ("mpnet", tf.MPNetConfig(**D))):
+    for kind, cfg in (("falcon", tf.FalconConfig(**D)),):
         cfg.save_pretrained(tmp_path / kind)  # refused from the config alone: no weights needed
         config_only[kind] = ([str(tmp_path / kind)], [f"'{kind}'", "not yet supported"])
     cases = {

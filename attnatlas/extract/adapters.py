@@ -34,13 +34,15 @@ class Wrapped:
 
     module_class: str
     causal: bool
+    how: str  # for the atlas and the README
     window: Callable[[Any, int], int | None] = lambda config, layer: None
 
 
 WRAPPED: dict[str, Wrapped] = {
-    "gpt_neo": Wrapped("GPTNeoSelfAttention", True,
+    "gpt_neo": Wrapped("GPTNeoSelfAttention", True, "wrapped GPTNeoSelfAttention._attn",
                        lambda c, i: c.window_size if c.attention_layers[i] == "local" else None),
-    "bloom": Wrapped("BloomAttention", True),
+    "bloom": Wrapped("BloomAttention", True, "wrapped BloomAttention._reshape + its alibi argument"),
+    "mpnet": Wrapped("MPNetSelfAttention", False, "hooks on MPNetSelfAttention.q/k/v + its position_bias argument"),
 }
 
 REFUSED: dict[str, str] = {
@@ -53,7 +55,6 @@ REFUSED: dict[str, str] = {
     "swinv2": "it attends within shifted local windows with cosine attention and merges tokens between stages",
     "falcon": "it calls torch's attention kernel directly (rotary or ALiBi applied inside the module, no attention "
               "interface to capture); not yet supported",
-    "mpnet": "its eager-only attention adds a relative position bias inside the module; not yet supported",
 }
 
 # Head-count attributes as configs spell them (after each config's attribute_map).
@@ -92,7 +93,7 @@ class Adapter:
 TESTED = (
     "gpt2", "gpt_neox", "opt", "gptj", "gpt_neo", "bloom", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
     "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2",
-    "bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert", "modernbert", "t5 (encoder)",
+    "bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert", "mpnet", "modernbert", "t5 (encoder)",
     "vit", "deit", "dinov2", "dinov2_with_registers", "beit", "clip (vision, text)", "siglip (vision, text)",
 )
 
@@ -255,8 +256,7 @@ def discover(model: Any, config: Any) -> Adapter:
     layers_of: dict[int, list[int]] = {}
     for i, (m, _) in enumerate(calls):
         layers_of.setdefault(id(m), []).append(i)
-    how = (f"wrapped {wrapped_spec.module_class}.{WRAPPERS[model_type][0]}" if wrapped_spec is not None
-           else "attention interface")
+    how = wrapped_spec.how if wrapped_spec is not None else "attention interface"
     return Adapter(model_type, modality, causal, len(calls), int(n_heads), int(n_kv), int(d_head), how, prefix,
                    hint, "causal" if causal else "bidirectional",
                    layers_of, wrapped)

@@ -127,15 +127,7 @@ def _wrap(module: torch.nn.Module, method: str, record: Callable[..., LayerCaptu
     def wrapper(*args, **kwargs):
         out = original(*args, **kwargs)
         if _active:
-            rec = _active[-1]
-            layer = rec.layer(module)
-            if layer is not None:
-                cap = record(module, out, *args, **kwargs)
-                if cap is not None:
-                    if rec.topk:  # the model attends itself: top-k needs its own recomputation
-                        probs = attention_probs(cap, rec.causal)
-                        cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
-                    rec.keep(module, layer, cap)
+            _emit(module, record(module, out, *args, **kwargs))
         return out
 
     setattr(module, method, wrapper)
@@ -170,10 +162,63 @@ def _bloom_pre_hook(module, args, kwargs):
     module._attnatlas_pending = (alibi, mask)
 
 
-# model_type -> (method to wrap, recorder, optional forward pre-hook with kwargs)
-WRAPPERS: dict[str, tuple[str, Callable, Callable | None]] = {
-    "gpt_neo": ("_attn", _record_gpt_neo, None),
-    "bloom": ("_reshape", _record_bloom_split, _bloom_pre_hook),
+def _emit(module: torch.nn.Module, cap: LayerCapture) -> None:
+    """Hand a capture from a wrapper or hook to the active recorder (with top-k if it wants it)."""
+    if not _active:
+        return
+    rec = _active[-1]
+    layer = rec.layer(module)
+    if layer is None:
+        return
+    if rec.topk:  # the model attends itself: top-k needs its own recomputation
+        probs = attention_probs(cap, rec.causal)
+        cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
+    rec.keep(module, layer, cap)
+
+
+def _install_mpnet(module: torch.nn.Module) -> list[Callable[[], None]]:
+    """MPNetSelfAttention: hook its q, k, v projections (no rotary: heads are a plain split) and read the
+    additive mask and the relative position bias the encoder passes it."""
+    state: dict[str, Any] = {}
+
+    def pre(mod, args, kwargs):
+        state["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        state["bias"] = kwargs.get("position_bias", args[2] if len(args) > 2 else None)
+
+    def projection(name):
+        def hook(mod, inputs, out):
+            state[name] = out.detach()
+        return hook
+
+    def post(mod, args, kwargs, out):
+        B, T, _ = state["q"].shape
+        H, D = mod.num_attention_heads, mod.attention_head_size
+        q, k, v = (state[n].view(B, T, H, D).transpose(1, 2) for n in ("q", "k", "v"))
+        mask = state["mask"]
+        allowed = None if mask is None else (mask if mask.dtype == torch.bool else mask > BLOCKED)
+        bias = state["bias"]
+        _emit(mod, LayerCapture(q, k, v, allowed, D ** -0.5, bias=None if bias is None else bias.detach()))
+
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
+               *(getattr(module, n).register_forward_hook(projection(n)) for n in ("q", "k", "v")),
+               module.register_forward_hook(post, with_kwargs=True)]
+    return [h.remove for h in handles]
+
+
+def _wrapping(method: str, record: Callable, pre_hook: Callable | None = None) -> Callable:
+    def install(module: torch.nn.Module) -> list[Callable[[], None]]:
+        undo = [_wrap(module, method, record)]
+        if pre_hook is not None:
+            undo.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+        return undo
+    return install
+
+
+# model_type -> how its attention modules are instrumented (returns what undoes it)
+WRAPPERS: dict[str, Callable[[torch.nn.Module], list[Callable[[], None]]]] = {
+    "gpt_neo": _wrapping("_attn", _record_gpt_neo),
+    "bloom": _wrapping("_reshape", _record_bloom_split, _bloom_pre_hook),
+    "mpnet": _install_mpnet,
 }
 
 
@@ -187,11 +232,9 @@ def capturing(model: torch.nn.Module, layer_of_module: dict[int, list[int]] | No
     rec = _Recorder(layer_of_module, topk, causal)
     with ExitStack() as stack:
         if wrapped:
-            method, record, pre_hook = WRAPPERS[model_type]
             for module in wrapped:
-                stack.callback(_wrap(module, method, record))
-                if pre_hook is not None:
-                    stack.callback(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+                for undo in WRAPPERS[model_type](module):
+                    stack.callback(undo)
         else:
             previous = model.config._attn_implementation
             model.set_attn_implementation(IMPLEMENTATION)

@@ -116,6 +116,13 @@ class Recipe:
     # ---- additive bias ---------------------------------------------------------------------------------
 
     def _observe_relative(self, layer: int, bias: torch.Tensor, valid: torch.Tensor) -> None:
+        if bias.shape[0] == 1:  # one bias for the whole batch (T5): right padding, so the longest row covers all
+            self._observe_one(layer, bias, valid.any(0, keepdim=True))
+        else:  # per sequence (ALiBi from the mask): one at a time, so memory stays (head, token, token)
+            for b in range(bias.shape[0]):
+                self._observe_one(layer, bias[b : b + 1], valid[b : b + 1])
+
+    def _observe_one(self, layer: int, bias: torch.Tensor, valid: torch.Tensor) -> None:
         B, T = valid.shape
         b = bias.float()[..., -T:, -T:]
         H = b.shape[1]
