@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from bokeh.document import Document
-from bokeh.events import RangesUpdate
+from bokeh.events import ButtonClick, RangesUpdate
 from PIL import Image
 
 from attnatlas import testing
@@ -433,3 +434,61 @@ def test_head_map_of_indistinguishable_heads_is_the_grid_lattice(tmp_path):
     d = dash.grid.head_map.src.data
     assert list(zip(d["cx"], d["cy"])) == [(h, -layer) for layer in range(2) for h in range(3)]
     assert "do not tell these heads apart" in dash.grid.head_map.info.text
+
+
+# ---- top sequences --------------------------------------------------------------------------------------------
+def test_strongest_non_sink_attention_lists_the_right_sequences(data):
+    from attnatlas.app.top_sequences import strongest
+
+    tok = data.atlas.tokens("synthetic")
+    idx, w = data.atlas.attention_topk("synthetic", 1, 2)
+    sink = ((tok["position"] == 0) | tok["is_special"]).to_numpy()
+    # Independently: every (query, key, weight) of the stored top-k, sinks dropped, best per sequence.
+    q, slot = np.nonzero(idx >= 0)
+    df = pd.DataFrame({"query": q, "key": idx[q, slot], "w": w[q, slot].astype(np.float32)})
+    df = df[~sink[df["key"]]]
+    df["sequence"] = tok["sequence"].to_numpy()[df["query"]]
+    best = df.sort_values("w", ascending=False, kind="stable").drop_duplicates("sequence")
+    entries = strongest(data, "synthetic", 1, 2, n=4)
+    assert [e.sequence for e in entries] == best["sequence"].head(4).tolist()
+    assert [e.score for e in entries] == pytest.approx(best["w"].head(4).tolist())
+    e = entries[0]
+    assert e.mark is not None and tok["sequence"].iloc[e.mark] == e.sequence
+    assert max(e.shade.values()) == pytest.approx(1.0) and not any(sink[r] for r in e.shade)
+
+
+def test_typical_sequences_of_each_cluster_and_escaping(tmp_path, monkeypatch):
+    from attnatlas.app.top_sequences import top_sequences_html, typical
+
+    xss = "<img src=x onerror=alert(1)>"
+    monkeypatch.setattr(testing, "WORDS", [xss])  # every word of the corpus is hostile
+    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=1, n_seq=10, seq_len=8)
+    monkeypatch.undo()
+    tok = atlas.tokens("synthetic")
+    rows = np.arange(len(tok))
+    seq = tok["sequence"].to_numpy()
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(2 * len(rows), 2)).astype(np.float32)
+    far = np.concatenate([seq == 7, np.zeros(len(rows), bool)])  # sequence 7's queries: a cluster of their own
+    xy[far] += 50
+    writer = atlas.layout_writer("synthetic", "tsne", rows, {"method": "tsne", "fake": True})
+    writer.write_head(0, 0, xy, {"trustworthiness": 0.9, "knn_kept": 0.3, "seconds": 0.0, "points": 2 * len(rows)})
+    data = AppData(tmp_path / "a")
+    clusters = typical(data, "synthetic", "tsne", 0, 0, k=2)
+    sizes = sorted(n for _, n, _ in clusters)
+    assert sizes == [8, 2 * len(rows) - 8]
+    small = [entries for _, n, entries in clusters if n == 8][0]
+    assert small[0].sequence == 7 and small[0].score == pytest.approx(0.5)  # its 8 queries of its 16 points
+    assert small[0].colour == ",".join(str(int(gv.colors.QUERY[i:i + 2], 16)) for i in (1, 3, 5))
+    page = top_sequences_html(data, "synthetic", "tsne", 0, 0)
+    assert xss not in page and html.escape(xss) in page
+
+
+def test_head_view_lists_top_sequences_on_demand(data):
+    dash, _ = dash_for(data, method="tsne", layer=1, head=2)
+    assert dash.top.div.text == ""  # a head switch costs nothing until asked
+    dash.top.button._trigger_event(ButtonClick(dash.top.button))
+    assert "Top sequences of L1H2" in dash.top.div.text and "cluster 1" in dash.top.div.text
+    assert dash.top.div.disable_math
+    dash._step("next_head")
+    assert dash.top.div.text == ""

@@ -40,6 +40,7 @@ from bokeh.transform import transform
 from attnatlas.app import colors, views
 from attnatlas.app.data import AppData
 from attnatlas.app.grid_view import GridView
+from attnatlas.app.top_sequences import TopSequences
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ class Dashboard:
         self.export_btn = Button(label="Download standalone HTML", width=200, name="export_html", tags=[self.export_src])
         self.export_src.js_on_change("data", CustomJS(code=DOWNLOAD_JS))
         self.export_btn.on_click(self._on_export)
+        self.top = TopSequences(self.data)  # listed on demand: a head switch only clears it
         controls = column(
             self.head_title,
             self.similar,
@@ -232,6 +234,7 @@ class Dashboard:
             self.sequence,
             self.img_fig,
             self.export_btn,
+            self.top.panel,
         )
         self.head_panel = row(self.fig, controls)
         self._configure_model_widgets()
@@ -309,6 +312,7 @@ class Dashboard:
         self.head_title.text = (f"<b>{html.escape(self.model)} L{self.layer}H{self.head}</b> ({html.escape(self.method)}, "
                                 f"{info.n_layers}\u00d7{info.n_heads} heads)<br>{faith}")
         self.similar.text = views.similar_heads_html(self.data, self.model, self.layer, self.head)
+        self.top.show(self.model, self.method, self.layer, self.head)
         self.thumb_src.data = dict(image=[], x=[], y=[], cx=[], cy=[], dw=[], dh=[], border=[])
         self._refresh_attention()
         self._sync_url()
