@@ -196,6 +196,8 @@ def test_zooming_re_renders_the_visible_cells_sharper(data):
     q_base, _ = cell_channels(dash, 0, 0)
     assert correlation(block_means(img // gv.LEVELS, BINS), block_means(q_base, BINS)) > 0.8
     assert grid.detail_src.data["x"][0] == pytest.approx(gv.MARGIN) and grid.detail_src.data["y"][0] == pytest.approx(3 - gv.MARGIN)
+    # A white square under each sharpened cell hides the blurred base pixels around its points.
+    assert (grid.detail_src.data["cx"][0], grid.detail_src.data["cy"][0]) == pytest.approx((0.5, 2.5))
     grid.render_detail(0.0, N_HEADS, 0.0, N_LAYERS, N_HEADS * base)  # zoomed out, as wide as the base image
     assert grid.detail_src.data["url"] == []
     # Few heads in a wide window: the whole grid is shown larger than its capped base image, so it is sharpened.

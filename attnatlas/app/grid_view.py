@@ -121,11 +121,11 @@ def shade(counts: np.ndarray) -> np.ndarray:
     ref = max(float(np.quantile(nz, 0.99)), 2.0)
     frac = np.log1p(counts) / np.log1p(ref)
     lev = np.where(counts > 0, 1 + np.round(np.clip(frac, 0, 1) * (LEVELS - 2)), 0).astype(np.uint8)
-    # Grow points when they are few for the raster (fewer points than half its pixels): lone points in a large
-    # cell would be single specks. About one pixel more per 300 px of cell.
+    # Grow points when they are few for the raster (fewer points than half its pixels): lone points would be
+    # single specks. 3 px dots, 5 px in a zoomed cell of 600 px or more: a size on screen, not in data units.
     side = min(counts.shape[1:])
     sparse = counts.sum() < 0.5 * counts.shape[1] * counts.shape[2] and side >= 64
-    radius = min(3, side // 300 + int(sparse))
+    radius = int(sparse) * (2 if side >= 600 else 1)
     lev = np.stack([_spread(lev[0], radius), _spread(lev[1], radius)])
     return (lev[0] * LEVELS + lev[1]).astype(np.uint8)
 
@@ -258,7 +258,7 @@ class GridView:
 
     def _build(self) -> None:
         self.base_src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[]), name="grid_base")
-        self.detail_src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[]), name="grid_detail")
+        self.detail_src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[], cx=[], cy=[]), name="grid_detail")
         self.cell_src = ColumnDataSource(data=dict(left=[], right=[], bottom=[], top=[], layer=[], head=[], label=[],
                                                    frame=[], frame_w=[], fade=[]), name="grid_cells")
         self.label_src = ColumnDataSource(data=dict(x=[], y=[], text=[]), name="grid_labels")
@@ -273,6 +273,9 @@ class GridView:
         # Images first, then the cell frames (and the fade of filtered heads) on top of them.
         self.fig.image_url(url="url", x="x", y="y", w="w", h="h", anchor="top_left", source=self.base_src,
                            name="grid_image")
+        # A sharpened cell covers its blurred base pixels: blank pixels of the detail image are transparent.
+        self.fig.rect(x="cx", y="cy", width="w", height="h", source=self.detail_src, fill_color="#ffffff", line_color=None,
+                      name="grid_detail_under")
         self.fig.image_url(url="url", x="x", y="y", w="w", h="h", anchor="top_left", source=self.detail_src,
                            name="grid_detail_image")
         cells = self.fig.quad(left="left", right="right", bottom="bottom", top="top", source=self.cell_src,
@@ -337,7 +340,7 @@ class GridView:
         self.fig.yaxis.ticker = FixedTicker(ticks=[L - 1 - i + 0.5 for i in range(L)])
         self.fig.yaxis.major_label_overrides = {L - 1 - i + 0.5: f"L{i}" for i in range(L)}
         self._draw_cells()
-        self.detail_src.data = dict(url=[], x=[], y=[], w=[], h=[])
+        self.detail_src.data = dict(url=[], x=[], y=[], w=[], h=[], cx=[], cy=[])
         self._detail_key = None
         n_done = int(self.g.done.sum())
         scroll = " Scroll the page for more layers; the toolbar's wheel zoom zooms with the mouse wheel." if tall else ""
@@ -505,7 +508,7 @@ class GridView:
         self.x_range.update(start=0, end=H)
         self.y_range.update(start=0, end=L)
         self._pending = (0.0, float(H), 0.0, float(L))
-        self.detail_src.data = dict(url=[], x=[], y=[], w=[], h=[])
+        self.detail_src.data = dict(url=[], x=[], y=[], w=[], h=[], cx=[], cy=[])
         self._detail_key = None
 
     @_guard
@@ -525,7 +528,7 @@ class GridView:
         base_inner = self._cell_px - 2 * max(1, int(round(MARGIN * self._cell_px)))
         if inner < SHARPEN * base_inner:
             if self._detail_key is not None:
-                self.detail_src.data = dict(url=[], x=[], y=[], w=[], h=[])
+                self.detail_src.data = dict(url=[], x=[], y=[], w=[], h=[], cx=[], cy=[])
                 self._detail_key = None
             return 0
         c0, c1 = max(0, int(np.floor(x0))), min(H, int(np.ceil(x1)))
@@ -547,7 +550,8 @@ class GridView:
                 ys.append(L - r - MARGIN)
         n = len(urls)
         w = [1 - 2 * MARGIN] * n
-        self.detail_src.data = dict(url=urls, x=xs, y=ys, w=w, h=w)
+        half = (1 - 2 * MARGIN) / 2
+        self.detail_src.data = dict(url=urls, x=xs, y=ys, w=w, h=w, cx=[x + half for x in xs], cy=[y - half for y in ys])
         self._detail_key = key
         return n
 

@@ -172,7 +172,7 @@ def top_sequences_html(data: AppData, model: str, method: str, layer: int, head:
     for c, n_points, entries in clusters:
         parts.append(f"<div style='margin-top:3px'>cluster {c + 1} ({n_points:,} points)</div>")
         for e in entries:
-            parts.append(f'<div style="margin:2px 0 2px 10px">{100 * e.score:.0f}% of seq {e.sequence}: '
+            parts.append(f'<div style="margin:2px 0 2px 10px">{100 * e.score:.0f}% of the points of seq {e.sequence}: '
                          f"{sequence_html(data, model, e)}</div>")
     return '<div style="line-height:1.7;white-space:pre-wrap">' + "".join(parts) + "</div>"
 
