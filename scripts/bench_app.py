@@ -192,7 +192,8 @@ def grid_section(a: argparse.Namespace) -> None:
         nt, ot = statistics.median(new["s"]), statistics.median(old["s"])
         nb, ob = statistics.median(new["bytes"]), statistics.median(old["bytes"])
         print(f"grid, {label}, {a.loads} loads each, median request -> drawn: full-density {nt:.2f} s "
-              f"(first {new['s'][0]:.2f}, max {max(new['s']):.2f}), old 100-token grid {ot:.2f} s: ratio {nt / ot:.2f}x; "
+              f"(first {new['s'][0]:.2f}, max {max(new['s']):.2f}), old 100-token grid {ot:.2f} s "
+              f"(first {old['s'][0]:.2f}, max {max(old['s']):.2f}): ratio {nt / ot:.2f}x; "
               f"websocket bytes: {nb / 1e6:.2f} MB vs {ob / 1e6:.2f} MB: ratio {nb / ob:.2f}x")
     if a.demo and (a.demo / "zarr.json").exists():
         print(f"head map, {n_heads} heads (MiniLM with SmolLM2), button to thumbnails painted, {a.loads} fresh pages: "

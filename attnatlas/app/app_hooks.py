@@ -21,12 +21,12 @@ def on_server_loaded(server_context) -> None:
     # Knob for benchmarks (scripts/bench_app.py): the scatters' backend. Canvas is the default: faster than WebGL
     # in headless Chromium's software rendering (docs: bench).
     data = AppData(ARGS[0], backend=os.environ.get("ATTNATLAS_BACKEND", "canvas"))
-    # Warm the default grids (every model's, a model switch is one click) and the first model's token columns,
-    # so the first visitor waits no longer than later ones.
+    # Warm the default grids and head maps (every model's, a model switch is one click) and the first model's
+    # token columns, so the first visitor waits no longer than later ones.
     first = data.models[0]
     for model in data.models:
         grid_view.warm(data, model, data.method(model, None))
-    head_map.warm(data, first, data.method(first, None))
+        head_map.warm(data, model, data.method(model, None))
     data.tokens(first, data.method(first, None))
     server_context.attnatlas_data = data
     log.info("attnatlas: serving %s (%s)", ARGS[0], ", ".join(data.models))
