@@ -204,8 +204,14 @@ def test_missing_hidden_states(tmp_path):
 
 def test_cli(vit_atlas, text_atlas, capsys):
     atlas, name, *_ = vit_atlas
-    assert cli(["analyze", str(atlas.path), "--rollout", "--embeddings", "--max-points", "40"]) == 0
+    assert cli(["analyze", str(atlas.path), "--rollout", "--embeddings", "--max-points", "40", "--force", "--quiet"]) == 0
     assert "rollout done" in capsys.readouterr().out
+    before = atlas.read_table(name, "rollout")
+    # Stored results are kept unless --force: nothing is recomputed or rewritten.
+    assert cli(["analyze", str(atlas.path), "--rollout", "--embeddings", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "rollout already stored, kept" in out and "embeddings already stored, kept" in out and "done in" not in out
+    assert atlas.read_table(name, "rollout").equals(before)
     t_atlas, t_name = text_atlas
     assert cli(["analyze", str(t_atlas.path), "--rollout"]) == 2
     err = capsys.readouterr().err

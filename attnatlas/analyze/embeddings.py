@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score, silhouette_score
+from tqdm.auto import tqdm
 
 from attnatlas.analyze.common import require_hidden
 from attnatlas.errors import AtlasError, StoreError
@@ -112,7 +113,7 @@ def reduce_2d(x: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
 
 
 def compute_embeddings(atlas: Atlas, model: str, method: str = "pca", max_points: int = 3000,
-                       layers: list[int] | None = None, seed: int = 0) -> pd.DataFrame:
+                       layers: list[int] | None = None, seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """Layouts and cluster scores of every hidden-state layer; writes both tables, returns the scores."""
     require_hidden(atlas, model, "Layer-wise embedding layouts")
     hidden = atlas.array(model, "hidden")
@@ -126,7 +127,7 @@ def compute_embeddings(atlas: Atlas, model: str, method: str = "pca", max_points
         raise AtlasError(f"{model!r} has only {len(rows)} tokens to lay out; extract more inputs.")
     labels = token_labels(atlas, model, rows)
     quality, layouts = [], []
-    for layer in layers:
+    for layer in tqdm(layers, desc=f"embeddings {model}", unit="layer", disable=not progress):
         t0 = time.perf_counter()
         x = np.asarray(hidden[layer], dtype=np.float32)[rows]
         xy = reduce_2d(x, method, seed)

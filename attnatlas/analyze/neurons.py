@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from attnatlas.analyze.common import require_image
 from attnatlas.analyze.embeddings import HUE_NAMES, colour_class, token_category
@@ -106,7 +107,8 @@ def _text_batches(atlas: Atlas, model: str, tok_: Any, batch_size: int):
         yield enc, keep
 
 
-def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, device: str = "cpu") -> pd.DataFrame:
+def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, device: str = "cpu",
+                progress: bool = True) -> pd.DataFrame:
     """Run the model over the atlas's inputs; (layer, neuron, rank, token, activation) of the top-N per neuron."""
     import torch
 
@@ -134,6 +136,7 @@ def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, de
         return pre
 
     handles = [m.register_forward_pre_hook(hook(layer)) for layer, m in mods.items()]
+    bar = tqdm(total=len(atlas.sequences(model)), desc=f"neurons {model}", unit="seq", disable=not progress)
     try:
         with torch.inference_mode():
             if info.modality == "image":
@@ -142,6 +145,7 @@ def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, de
                     current["mask"] = mask
                     current["rows"] = torch.from_numpy(np.concatenate([r[patch[r]] for r in keep]))
                     out = loaded.model(pixel_values=px.to(device))
+                    bar.update(len(keep))
                     if out.last_hidden_state.shape[1] != mask.shape[1]:
                         raise StoreError("The model now sees a different number of tokens per image than the atlas holds.")
             else:
@@ -149,7 +153,9 @@ def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, de
                     current["mask"] = enc["attention_mask"].bool()
                     current["rows"] = torch.from_numpy(np.concatenate(keep))
                     loaded.model(**{k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+                    bar.update(len(keep))
     finally:
+        bar.close()
         for h in handles:
             h.remove()
     frames = []
@@ -242,13 +248,13 @@ def label_text_neurons(atlas: Atlas, model: str, top: pd.DataFrame, share: float
 
 
 def compute_neurons(atlas: Atlas, model: str, top: int = 16, share: float = 0.75, batch_size: int = 8,
-                    device: str = "cpu") -> pd.DataFrame:
+                    device: str = "cpu", progress: bool = True) -> pd.DataFrame:
     """Top-N per neuron and labels for every layer; writes `neuron_top` and `neuron_labels`, returns labels."""
     if top < 1:
         raise AtlasError("--top must be at least 1.")
     if not 0 < share <= 1:
         raise AtlasError("--share must be in (0, 1].")
-    tops = collect_top(atlas, model, top, batch_size, device)
+    tops = collect_top(atlas, model, top, batch_size, device, progress)
     if atlas.info(model).modality == "image":
         labels = label_image_neurons(atlas, model, tops, share)
     else:

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="pca", help="reducer of the projection stage for embedding layouts (default pca)")
     p.add_argument("--max-points", type=int, default=3000, help="tokens sampled for embedding layouts (default 3000)")
     p.add_argument("--device", default="cpu", help="device for --neurons (cpu, cuda, mps)")
+    p.add_argument("--force", action="store_true", help="recompute results that are already stored")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -40,14 +42,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"{model}: text model, skipping rollout (image-only)")
     steps = [("rollout", do_rollout, lambda: rollout.compute_rollout(atlas, model)),
              ("embeddings", args.embeddings or args.all,
-              lambda: embeddings.compute_embeddings(atlas, model, args.method, args.max_points)),
+              lambda: embeddings.compute_embeddings(atlas, model, args.method, args.max_points, progress=not args.quiet)),
              ("neurons", args.neurons or args.all,
-              lambda: neurons.compute_neurons(atlas, model, args.top, args.share, device=args.device))]
+              lambda: neurons.compute_neurons(atlas, model, args.top, args.share, device=args.device,
+                                              progress=not args.quiet))]
     if do_rollout:  # fail before any slow step
         from attnatlas.analyze.common import require_image
         require_image(atlas, model, "Attention rollout")
+    stored = {"rollout": "rollout", "embeddings": "embedding_quality", "neurons": "neuron_labels"}
     for name, wanted, fn in steps:
         if not wanted:
+            continue
+        if not args.force and atlas.has_table(model, stored[name]):
+            print(f"{model}: {name} already stored, kept (--force recomputes it)")
             continue
         t0 = time.perf_counter()
         result = fn()

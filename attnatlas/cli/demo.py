@@ -108,7 +108,9 @@ def build_demo_atlas(args: argparse.Namespace) -> Path:
 
 
 def _analyses(atlas, models: list[str]) -> None:
-    """Fill the dashboard's Compare and Rollout tabs (each skipped when already stored)."""
+    """Fill the dashboard's Compare, Rollout, Layer embeddings and Neurons tabs (each skipped when stored)."""
+    from attnatlas.analyze.embeddings import compute_embeddings
+    from attnatlas.analyze.neurons import compute_neurons
     from attnatlas.analyze.rollout import compute_rollout
     from attnatlas.compare.run import compare_models
 
@@ -120,6 +122,15 @@ def _analyses(atlas, models: list[str]) -> None:
     if "dinov2-small" in models and not atlas.has_table("dinov2-small", "rollout"):
         compute_rollout(atlas, "dinov2-small")
         print(f"[demo] attention rollout of dinov2-small in {time.perf_counter() - t:.0f} s")
+    for spec in DEMO_MODELS:
+        if spec.short_name not in models or not spec.hidden_states:
+            continue
+        t = time.perf_counter()
+        if not atlas.has_table(spec.short_name, "embedding_quality"):
+            compute_embeddings(atlas, spec.short_name, "pca", 3000)
+        if not atlas.has_table(spec.short_name, "neuron_labels"):
+            compute_neurons(atlas, spec.short_name)
+        print(f"[demo] {spec.short_name}: layer embeddings and neuron labels in {time.perf_counter() - t:.0f} s")
 
 
 def run(args: argparse.Namespace) -> int:
