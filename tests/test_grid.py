@@ -220,8 +220,8 @@ def test_zooming_into_one_cell_opens_its_head(data):
 def test_hover_shows_faithfulness_and_stored_metrics(data):
     dash, _ = dash_for(data, method="tsne")
     tips = dict(dash.grid.hover.tooltips)
-    assert {"head", "trustworthiness", "entropy (nats)", "sink share (first token)", "previous-token share",
-            "mean distance (tokens)"} <= set(tips)
+    assert list(tips) == ["head", "trustworthiness", "10-NN kept", "entropy (nats)", "sink share (first token)",
+                          "previous-token share", "mean distance (tokens)"]
     cells = dash.grid.cell_src.data
     i = 1 * N_HEADS + 2  # L1H2
     assert cells["label"][i] == "L1H2" and cells["m_trustworthiness"][i] == "0.820"

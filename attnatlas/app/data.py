@@ -255,7 +255,9 @@ class AppData:
     def head_table(self, model: str, method: str) -> pd.DataFrame:
         """One row per head (layer, head order): layout faithfulness, then `attnatlas compare`'s metrics where
         stored. Columns are the keys of `head_metric_labels`."""
-        return self._static.get(("head_table", model, method), lambda: self._make_head_table(model, method))
+        # Keyed by whether compare's table exists: metrics stored while the server runs show up on the next draw.
+        stored = self.atlas.has_table(model, "head_metrics")
+        return self._static.get(("head_table", model, method, stored), lambda: self._make_head_table(model, method))
 
     def _make_head_table(self, model: str, method: str) -> pd.DataFrame:
         info = self.infos[model]

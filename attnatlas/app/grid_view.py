@@ -58,6 +58,8 @@ MAX_DETAIL_CELL_PX = 1400  # a zoomed cell is never rendered larger than this
 SHARPEN = 1.25  # re-render when cells are shown this much larger than rendered
 HAND_OVER = 1.2  # open the head once the view spans fewer cells than this in both directions
 FRAME = "#d0d0d0"
+# Numbers in a cell's hover: faithfulness, then compare's metrics where stored.
+HOVER = ("trustworthiness", "knn_kept", "entropy_mean", "first_share", "prev_share", "distance_mean")
 
 
 # ---- rasterising ---------------------------------------------------------------------------------------------
@@ -385,13 +387,14 @@ class GridView:
         frame, frame_w = [FRAME] * (L * H), [1.0] * (L * H)
         if metric is not None and 0 in self.metric_opts.active:
             frame, frame_w = self._frame_colours(values.reshape(-1))
-        hover = {k: [_fmt(v) for v in self.table[k]] for k in self.data.head_metric_labels(self.model, self.method)}
+        labels = self.data.head_metric_labels(self.model, self.method)
+        shown = {k: v for k, v in labels.items() if k in HOVER}  # the rest are in the metric menu
+        hover = {k: [_fmt(v) for v in self.table[k]] for k in shown}
         self.cell_src.data = dict(
             left=cols, right=cols + 1, bottom=(L - 1 - layers).astype(float), top=(L - layers).astype(float),
             layer=layers, head=heads, label=[f"L{a}H{b}" + ("" if g.done[a, b] else " (no layout)") for a, b in zip(layers, heads)],
             frame=frame, frame_w=frame_w, fade=self._fade(values), **{f"m_{k}": v for k, v in hover.items()})
-        self.hover.tooltips = [("head", "@label")] + [(lab, f"@m_{k}") for k, lab in
-                                                      self.data.head_metric_labels(self.model, self.method).items()]
+        self.hover.tooltips = [("head", "@label")] + [(lab, f"@m_{k}") for k, lab in shown.items()]
         if sort:  # columns no longer are head numbers: each cell says which head it is
             self.label_src.data = dict(x=cols, y=(L - layers).astype(float), text=[f"H{b}" for b in heads])
             self.fig.xaxis.major_label_overrides = {h + 0.5: f"#{h + 1}" for h in range(H)}
