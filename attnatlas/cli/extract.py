@@ -14,7 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--texts", metavar="FILE", help=".txt (one sequence per line), .jsonl or .csv")
     src.add_argument("--images", metavar="DIR_OR_FILE", help="a folder of images or one image file")
-    p.add_argument("--text-column", metavar="NAME", help="field of .jsonl / column of .csv holding the text (default: text)")
+    src.add_argument("--dataset", metavar="ID_OR_DIR",
+                     help="a Hugging Face dataset: a save_to_disk folder, a folder of images, or a hub id")
+    p.add_argument("--text-column", metavar="NAME",
+                   help="field of .jsonl / column of .csv, .parquet or a dataset holding the text (default: text)")
+    p.add_argument("--image-column", metavar="NAME", help="image column of a --dataset (default: its only one)")
+    p.add_argument("--split", help="split of a --dataset (default: train, or its only split)")
+    p.add_argument("--limit", type=int, metavar="N", help="use the first N rows of the corpus")
+    p.add_argument("--sample", type=int, metavar="N", help="use N rows drawn at random (with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     p.add_argument("--out", required=True, metavar="ATLAS", help="atlas folder (created if missing)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype of vectors")
@@ -37,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     opts = ExtractOptions(dtype=args.dtype, batch_size=args.batch_size, max_tokens=args.max_tokens,
                           values=args.values, attention_topk=args.attention_topk, hidden_states=args.hidden_states,
                           device=args.device, precision=args.precision, progress=not args.no_progress)
-    name = extract(args.out, args.model, texts=args.texts, images=args.images, name=args.name, options=opts,
-                   overwrite=args.overwrite, text_column=args.text_column)
+    corpus = dict(split=args.split, image_column=args.image_column, limit=args.limit, sample=args.sample, seed=args.seed)
+    name = extract(args.out, args.model, texts=args.texts, images=args.images, dataset=args.dataset, name=args.name,
+                   options=opts, overwrite=args.overwrite, text_column=args.text_column, corpus=corpus)
     print(f"stored model {name!r} in {args.out}")
     return 0

@@ -32,7 +32,7 @@ from attnatlas.extract.adapters import ADAPTER_VERSION, WRAPPED, Adapter, check_
 from attnatlas.extract.capture import LayerCapture, capturing
 from attnatlas.extract.recipe import Recipe
 from attnatlas.extract.offline import OFFLINE_MODELS, prepare_offline_model
-from attnatlas.inputs import ImageRecord, TextRecord, load_images, load_texts, patch_colour_table
+from attnatlas.inputs import ImageRecord, TextRecord, load_corpus, patch_colour_table
 from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, check_name, tokens_per_chunk
 
 DEFAULT_MAX_TOKENS = 512
@@ -391,8 +391,12 @@ def extract(
     options: ExtractOptions | None = None,
     overwrite: bool = False,
     text_column: str | None = None,
+    dataset: str | None = None,
+    corpus: dict[str, Any] | None = None,
 ) -> str:
-    """Extract one model over a corpus into the atlas at `atlas_path`; returns the stored model name."""
+    """Extract one model over a corpus into the atlas at `atlas_path`; returns the stored model name.
+    The corpus is `texts`, `images` or a Hugging Face `dataset`; `corpus` holds the row selection and
+    dataset options of `attnatlas.inputs.load_corpus` (split, image_column, limit, sample, seed)."""
     opts = options or ExtractOptions()
     if opts.dtype not in STORAGE_DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {opts.dtype!r}.")
@@ -402,12 +406,10 @@ def extract(
         raise InputError("--attention-topk must be 0 (off) or a positive number of keys.")
     if opts.max_tokens is not None and opts.max_tokens < 1:
         raise InputError(f"--max-tokens must be a positive number of tokens, not {opts.max_tokens}.")
-    if (texts is None) == (images is None):
-        raise InputError("Give exactly one of --texts or --images.")
     # Inputs are checked and the atlas looked at before the (slow) model load. A new atlas is only
     # created once there is something to write, so a failed extract leaves no empty folder behind.
-    text_records = load_texts(texts, column=text_column) if texts is not None else None
-    image_records = load_images(images) if images is not None else None
+    text_records, image_records, provenance = load_corpus(texts, images, dataset, text_column=text_column,
+                                                          **(corpus or {}))
     atlas = Atlas.open_or_plan(atlas_path)
     if name is not None:
         check_name(name)
@@ -438,6 +440,7 @@ def extract(
         dtype=opts.dtype, attention_topk=opts.attention_topk, attnatlas_version=__version__,
         format_version=FORMAT_VERSION, config=config.to_dict(), device=str(device), precision=opts.precision,
     )
+    attrs["input"] = provenance  # where the corpus came from: file, folder or dataset, and which rows
     if loaded.model_id in OFFLINE_MODELS:
         attrs["description"] = OFFLINE_MODELS[loaded.model_id].description
     recipe = Recipe(config.model_type, n_layers, adapter.causal, adapter.window_hint, adapter.window_rule)

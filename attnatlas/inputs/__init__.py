@@ -1,5 +1,6 @@
 """Corpus and image loaders: everything a user can feed to an atlas enters through here."""
 
+from attnatlas.inputs.dataset import load_corpus, load_dataset_records
 from attnatlas.inputs.images import (
     IMAGE_EXTENSIONS,
     ImageRecord,
@@ -13,6 +14,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageRecord",
     "TextRecord",
+    "load_corpus",
+    "load_dataset_records",
     "load_images",
     "load_texts",
     "patch_colour_table",

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 DEFAULT_COLUMN = "text"
 JSONL_EXTENSIONS = {".jsonl", ".ndjson"}
 CSV_EXTENSIONS = {".csv"}
+PARQUET_EXTENSIONS = {".parquet", ".pq"}
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -48,18 +49,23 @@ def load_texts(
     name = os.fspath(spec)
     path = Path(name)
     suffix = path.suffix.lower()
-    if column is not None and suffix not in JSONL_EXTENSIONS | CSV_EXTENSIONS:
+    if column is not None and suffix not in JSONL_EXTENSIONS | CSV_EXTENSIONS | PARQUET_EXTENSIONS:
         raise InputError(
-            f"{name}: a column can only be chosen for .jsonl or .csv files; "
+            f"{name}: a column can only be chosen for .jsonl, .csv or .parquet files; "
             "other files are read as one sequence per line"
         )
-    content = _read_utf8(path, name)
-    if suffix in JSONL_EXTENSIONS:
-        records, blank = _from_jsonl(content, name, column or DEFAULT_COLUMN)
+    if suffix in PARQUET_EXTENSIONS:
+        from attnatlas.inputs.dataset import load_parquet_texts
+
+        if not path.is_file():
+            raise InputError(f"corpus file not found: {name}")
+        records, blank = load_parquet_texts(name, column)
+    elif suffix in JSONL_EXTENSIONS:
+        records, blank = _from_jsonl(_read_utf8(path, name), name, column or DEFAULT_COLUMN)
     elif suffix in CSV_EXTENSIONS:
-        records, blank = _from_csv(content, name, column or DEFAULT_COLUMN)
+        records, blank = _from_csv(_read_utf8(path, name), name, column or DEFAULT_COLUMN)
     else:
-        records, blank = _from_lines(content, name)
+        records, blank = _from_lines(_read_utf8(path, name), name)
     if blank:
         log.info("%s: skipped %d empty or whitespace-only sequence(s)", name, blank)
     if not records:
