@@ -243,7 +243,8 @@ class GridView:
         self._quiet = False  # set while show() resets widgets: their change callbacks must not redraw
         self._cell_px = MIN_CELL_PX
         self._detail_key: tuple | None = None
-        self._pending: tuple[float, float, float, float] | None = None
+        self._pending: tuple[float, float, float, float] | None = None  # the last view range asked for
+        self._scheduled = False  # a detail render is queued on the server loop
         self._build()
 
     def _guard(fn: Callable) -> Callable:  # noqa: N805 - a decorator used inside the class body
@@ -490,7 +491,7 @@ class GridView:
         doc = self.fig.document
         if doc is None or doc.session_context is None:
             self._refresh_detail()  # no server loop (tests, notebooks): render now
-        elif not getattr(self, "_scheduled", False):
+        elif not self._scheduled:
             self._scheduled = True  # wheel zooms send bursts of events: render the last one, once
             doc.add_timeout_callback(self._flush, 60)
 
