@@ -111,3 +111,67 @@ def test_extract_records_provenance(saved, tmp_path):
     assert cli(["extract", "--model", str(folder), "--dataset", str(saved / "dict"), "--split", "nope",
                 "--out", str(tmp_path / "b"), "--no-progress"]) == 2
     assert not (tmp_path / "b").exists()
+
+
+# ---- long documents ------------------------------------------------------------------------------------------
+def test_chunked_windows_cover_the_document_with_their_offsets(tmp_path):
+    import random
+
+    from tiny_models import WORDS, save_text_model
+
+    from attnatlas.cli import main as cli
+    from attnatlas.store import open_atlas
+
+    rng = random.Random(0)
+    doc = " ".join(rng.choice(WORDS[:20]) for _ in range(300))
+    f = tmp_path / "long.txt"
+    f.write_text(doc + "\nshort line\n")
+    folder = save_text_model("bert", tmp_path / "bert")
+    out = tmp_path / "a"
+    assert cli(["extract", "--model", str(folder), "--texts", str(f), "--out", str(out), "--max-tokens", "40",
+                "--chunk", "--stride", "5", "--no-progress"]) == 0
+    atlas = open_atlas(out)
+    seqs, toks = atlas.sequences("bert"), atlas.tokens("bert")
+    windows = seqs[seqs.document == 0]
+    assert len(windows) > 5 and (windows.n_windows == len(windows)).all() and (seqs.n_tokens <= 40).all()
+    assert not seqs.truncated.any()
+    covered = set()
+    for _, w in windows.iterrows():
+        assert doc[w.doc_char_start: w.doc_char_start + len(w.text)] == w.text  # a window is a slice of its document
+        t = toks[(toks.sequence == w.sequence) & ~toks.is_special]
+        covered.update(zip(t.char_start + w.doc_char_start, t.char_end + w.doc_char_start))
+    whole = atlas.tokens  # every word of the document is in some window
+    n_words = len(doc.split())
+    assert len(covered) >= n_words  # (BERT-style pieces: at least one token per word)
+    # consecutive windows share `stride` tokens
+    first, second = windows.sequence.iloc[0], windows.sequence.iloc[1]
+    a = toks[(toks.sequence == first) & ~toks.is_special].token.tolist()
+    b = toks[(toks.sequence == second) & ~toks.is_special].token.tolist()
+    assert a[-5:] == b[:5]
+    assert seqs[seqs.document == 1].n_windows.tolist() == [1]
+    del whole
+
+
+def test_truncation_is_marked_and_bad_strides_refused(tmp_path, capsys):
+    from tiny_models import save_text_model
+
+    from attnatlas.cli import main as cli
+    from attnatlas.store import open_atlas
+
+    f = tmp_path / "t.txt"
+    f.write_text(" ".join(["the cat sat"] * 40) + "\nshort\n")
+    folder = save_text_model("bert", tmp_path / "bert")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "attnatlas", "extract", "--model", str(folder), "--texts", str(f), "--out",
+                        str(tmp_path / "a"), "--max-tokens", "20", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "truncated" in line]  # stated once, on one line
+    assert len(said) == 1 and "--chunk" in said[0] and "UserWarning" not in r.stderr, r.stderr
+    assert open_atlas(tmp_path / "a").sequences("bert").truncated.tolist() == [True, False]
+    for stride in ("20", "18", "-1"):
+        assert cli(["extract", "--model", str(folder), "--texts", str(f), "--out", str(tmp_path / "b"), "--max-tokens", "20",
+                    "--chunk", "--stride", stride, "--no-progress"]) == 2
+        assert "--stride" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -502,3 +502,33 @@ def test_a_lost_object_store_is_one_message():
     r = subprocess.run([sys.executable, "-m", "attnatlas", "info", "s3://gone/atlas"], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "storage service failed" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_sequence_panel_marks_the_cut_part_and_the_window():
+    import re
+
+    import pandas as pd
+
+    from attnatlas.app.dashboard import CUT_PREVIEW_CHARS, Dashboard
+
+    text = "seen part " + "x" * 2700
+    toks = pd.DataFrame({"row": [0, 1], "token": ["seen", "part"], "is_special": [False, False],
+                         "char_start": [0, 5], "char_end": [4, 9]})
+    info = {"text": text, "truncated": True, "n_windows": 1}
+
+    class Data:
+        def sequence_tokens(self, model, seq):
+            return toks
+
+        def sequence_info(self, model, seq):
+            return info
+
+    class Stub:
+        data, model = Data(), "m"
+
+    out = Dashboard._sequence_html(Stub(), 0, 0, {})
+    assert "cut at the token limit" in out and f"({2701 - CUT_PREVIEW_CHARS:,} more characters cut)" in out
+    assert len(re.sub(r"<[^>]+>", "", out)) < 400  # a 2,700-character line no longer stretches the panel
+    info.update(truncated=False, n_windows=4, window=1, document=7, doc_char_start=1200, text="seen part")
+    out = Dashboard._sequence_html(Stub(), 0, 0, {})
+    assert "window 2 of 4 of document 7" in out and "1,200\u20131,209" in out and "cut" not in out

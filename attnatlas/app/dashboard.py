@@ -98,6 +98,9 @@ def guarded(fn: Callable) -> Callable:
     return wrapper
 
 
+CUT_PREVIEW_CHARS = 200  # characters shown of the part of a truncated sequence the model did not see
+
+
 class Dashboard:
     """All models and callbacks of one session."""
 
@@ -523,7 +526,8 @@ class Dashboard:
 
     def _sequence_html(self, seq: int, row_: int, weights: dict[int, float]) -> str:
         toks = self.data.sequence_tokens(self.model, seq)
-        text = str(self.data.sequence_info(self.model, seq).get("text", ""))
+        info = self.data.sequence_info(self.model, seq)
+        text = str(info.get("text", ""))
         top = max(weights.values(), default=1.0) or 1.0
         out, cursor = [], 0
         has_offsets = "char_start" in toks
@@ -548,9 +552,23 @@ class Dashboard:
                 style += "color:#888;font-size:smaller;"
                 out.append(" ")
             out.append(f'<span style="{style}"{title}>{html.escape(piece)}</span>')
-        if has_offsets and cursor < len(text):
-            out.append(html.escape(text[cursor:]))
-        return '<div style="line-height:1.7;white-space:pre-wrap">' + "".join(out) + "</div>"
+        rest = text[cursor:] if has_offsets else ""
+        if rest and bool(info.get("truncated", False)):
+            # The model never saw this part: marked, greyed and shortened, so a long line cannot stretch the page.
+            shown = rest[:CUT_PREVIEW_CHARS]
+            more = len(rest) - len(shown)
+            dots = "\u2026" if more else ""
+            out.append(f'<span style="color:#999;border-left:2px solid #c00;padding-left:3px" title="not seen by the model">'
+                       f'\u2702 cut at the token limit: {html.escape(shown)}{dots}</span>'
+                       + (f' <i style="color:#999">({more:,} more characters cut)</i>' if more else ""))
+        elif rest:
+            out.append(html.escape(rest))
+        where = ""
+        if int(info.get("n_windows", 1) or 1) > 1:
+            a = int(info.get("doc_char_start", 0))
+            where = (f'<div style="color:#555"><i>window {int(info["window"]) + 1} of {int(info["n_windows"])} of document '
+                     f'{int(info["document"])}: its characters {a:,}\u2013{a + len(text):,}</i></div>')
+        return where + '<div style="line-height:1.7;white-space:pre-wrap">' + "".join(out) + "</div>"
 
     def _draw_image(self, seq: int, row_: int, weights: dict[int, float]) -> None:
         img = self.data.image(self.model, seq)

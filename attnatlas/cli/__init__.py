@@ -10,6 +10,7 @@ import errno
 import importlib
 import logging
 import sys
+import warnings
 
 from attnatlas import __version__
 from attnatlas.errors import AtlasError
@@ -34,9 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings meant for the user (truncation, sampling) as one line, without a source line under them."""
+    return f"attnatlas: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        warnings.formatwarning = _one_line_warning
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compute precision (autocast); float32 keeps attention exact")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, help="truncate longer sequences (default: model limit, at most 512)")
+    p.add_argument("--chunk", action="store_true",
+                   help="split longer documents into windows of --max-tokens instead of truncating them")
+    p.add_argument("--stride", type=int, default=0, help="tokens shared by consecutive --chunk windows (default 0)")
     p.add_argument("--values", action="store_true", help="also store value vectors")
     p.add_argument("--attention-topk", type=int, default=8, metavar="K",
                    help="store each query's K strongest keys and weights (0 = off; default 8)")
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     opts = ExtractOptions(dtype=args.dtype, batch_size=args.batch_size, max_tokens=args.max_tokens,
                           values=args.values, attention_topk=args.attention_topk, hidden_states=args.hidden_states,
-                          device=args.device, precision=args.precision, progress=not args.no_progress)
+                          device=args.device, precision=args.precision, progress=not args.no_progress,
+                          chunk=args.chunk, stride=args.stride)
     corpus = dict(split=args.split, image_column=args.image_column, limit=args.limit, sample=args.sample, seed=args.seed)
     name = extract(args.out, args.model, texts=args.texts, images=args.images, dataset=args.dataset, name=args.name,
                    options=opts, overwrite=args.overwrite, text_column=args.text_column, corpus=corpus)

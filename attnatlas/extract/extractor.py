@@ -32,6 +32,7 @@ from attnatlas.extract.adapters import ADAPTER_VERSION, WRAPPED, Adapter, check_
 from attnatlas.extract.capture import LayerCapture, capturing
 from attnatlas.extract.recipe import Recipe
 from attnatlas.extract.offline import OFFLINE_MODELS, prepare_offline_model
+from attnatlas.extract.windows import window_documents
 from attnatlas.inputs import ImageRecord, TextRecord, load_corpus, patch_colour_table
 from attnatlas.store import FORMAT_VERSION, ArraySpec, Atlas, check_name, tokens_per_chunk
 
@@ -72,6 +73,8 @@ class ExtractOptions:
     device: str = "auto"
     precision: str = "float32"  # compute: float32 | bfloat16 | float16 (autocast)
     progress: bool = True
+    chunk: bool = False  # split long documents into windows of max_tokens instead of truncating them
+    stride: int = 0  # tokens shared by consecutive windows
 
 
 @dataclass
@@ -297,8 +300,13 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
             "word": words,
             "source": np.repeat([r.source for r in batch], lengths),
         })
+        # A window knows its document and where in it it starts; a truncated sequence knows it was cut.
+        cut = [bool(e.overflowing) for e in encoding.encodings] if tok.is_fast else [False] * len(batch)
         sequences = pd.DataFrame({"sequence": np.arange(start, start + len(batch)), "source": [r.source for r in batch],
-                                  "text": [r.text for r in batch], "n_tokens": lengths})
+                                  "text": [r.text for r in batch], "n_tokens": lengths,
+                                  "document": [r.document if r.document >= 0 else start + i for i, r in enumerate(batch)],
+                                  "doc_char_start": [r.doc_start for r in batch], "window": [r.window for r in batch],
+                                  "n_windows": [r.n_windows for r in batch], "truncated": cut})
         first_row += int(sum(lengths))
         yield _Batch(arrays, tokens, sequences), len(batch)
 
@@ -455,6 +463,9 @@ def extract(
         if max_len < room:
             raise InputError(f"--max-tokens {max_len} leaves no room for text: {loaded.model_id!r} adds "
                              f"{room - 1} special token(s), so use at least {room}.")
+        n_documents = len(text_records)
+        if opts.chunk:
+            text_records = window_documents(text_records, tok, max_len, opts.stride)
         # Counted in slices so the pre-pass holds lengths only, never the whole tokenized corpus.
         lengths = np.concatenate([
             np.fromiter((len(x) for x in tok([r.text for r in text_records[i : i + 1024]])["input_ids"]), dtype=np.int64)
@@ -463,11 +474,13 @@ def extract(
         truncated = int((lengths > max_len).sum())
         if truncated:
             warnings.warn(f"{truncated} of {len(lengths)} sequences are longer than {max_len} tokens and were truncated "
-                          f"(raise --max-tokens up to {limit} to keep more).", stacklevel=2)
+                          f"(raise --max-tokens up to {limit}, or pass --chunk to keep every token as windows).",
+                          stacklevel=2)
         n_tokens = int(np.minimum(lengths, max_len).sum())
         opts = _clamp_topk(opts, int(min(lengths.max(), max_len)), attrs)
         attrs.update(input_hash=hash_texts(text_records), n_sequences=len(text_records), max_tokens=max_len,
-                     truncated_sequences=truncated)
+                     truncated_sequences=truncated, n_documents=n_documents,
+                     windows={"stride": opts.stride} if opts.chunk else None)
         n_items = len(text_records)
         batches = _text_batches(loaded, text_records, opts, max_len, device, np_dtype, recipe)
     else:

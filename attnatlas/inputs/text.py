@@ -28,6 +28,11 @@ class TextRecord:
 
     text: str
     source: str  # "path:line" (1-based) for files, "list:i" for Python lists
+    # A window of a longer document (--chunk): which document, and the characters of it this text is.
+    document: int = -1
+    doc_start: int = 0
+    window: int = 0
+    n_windows: int = 1
 
 
 def load_texts(
