@@ -517,7 +517,8 @@ def test_head_view_says_when_its_layout_is_a_sample(tmp_path):
     project_model(atlas, "synthetic", methods="pca", max_points=100, progress=False)  # 120 tokens -> 50 sampled
     dash, _ = dash_for(AppData(tmp_path / "a"), layer=0, head=1)
     dash.grid.cell_src.selected.indices = [1]
-    assert "seeded sample: 50 of 120 tokens" in dash.head_title.text
+    assert "seeded sample of 50 of 120 tokens; the other 70 were placed" in dash.head_title.text
+    assert len(dash.src.data["x"]) == 240 and list(dash.src.data["placed"]).count("laid out") == 100
 
 
 def test_similar_heads_hint_never_suggests_comparing_across_modalities(tmp_path):

@@ -154,12 +154,21 @@ def test_other_settings_never_silently_replace_layouts(small):
     assert small.layout_params(M, "pca")["metric"] == "cosine"
 
 
-def test_point_cap_samples_token_rows(small):
+def test_point_cap_samples_token_rows(small, tmp_path):
+    shutil.copytree(small.path, tmp_path / "c")
+    other = Atlas.open(tmp_path / "c")
     project_model(small, M, methods="pca", layers=[0], heads=[0], max_points=100, progress=False)
     df = small.layout(M, 0, 0, "pca")
     rows = small.layout_rows(M, "pca")
-    assert len(rows) == 50 and (np.diff(rows) > 0).all() and len(df) == 100
+    sampled = small.layout_sampled(M, "pca")
+    n_tokens = len(small.tokens(M))
+    # 50 sampled tokens are laid out; every other token is placed into that layout
+    assert len(rows) == n_tokens and sampled.sum() == 50 and len(df) == 2 * n_tokens
     np.testing.assert_array_equal(df.token.to_numpy(), np.concatenate([rows, rows]))
+    # without placement only the sample is stored, as before
+    project_model(other, M, methods="pca", layers=[0], heads=[0], max_points=100, progress=False, place=False)
+    rows = other.layout_rows(M, "pca")
+    assert len(rows) == 50 and (np.diff(rows) > 0).all() and len(other.layout(M, 0, 0, "pca")) == 100
 
 
 @pytest.mark.slow  # two spawned workers import torch: about 20 s here

@@ -55,6 +55,7 @@ TOOLTIPS = [
     ("type", "@kind"),
     ("norm", "@norm{0.00}"),
     ("sequence", "@sequence"),
+    ("coordinates", "@placed"),  # laid out, or placed into a capped layout from its neighbours
 ]
 URL_JS = "if (cb_obj.text) { window.history.replaceState(null, '', cb_obj.text) }"
 DOWNLOAD_JS = """
@@ -309,9 +310,14 @@ class Dashboard:
         info = self.data.infos[self.model]
         faith = ("not projected yet" if not ok.any() else
                  f"trustworthiness {h.trust:.3f}, kNN kept {h.knn:.2f}" if np.isfinite(h.trust) else "faithfulness not recorded")
-        shown, total = len(self.data.tokens(self.model, self.method).rows), len(self.data.atlas.tokens(self.model))
+        toks = self.data.tokens(self.model, self.method)
+        shown, total = len(toks.rows), len(self.data.atlas.tokens(self.model))
+        n_placed = int((toks.columns["placed"] != "laid out").sum()) // 2
         if shown < total:  # heads over the point cap are projected from a seeded token sample
             faith += f"<br>layout of a seeded sample: {shown:,} of {total:,} tokens"
+        elif n_placed:  # ... and the other tokens placed into it from their nearest neighbours
+            faith += (f"<br>layout of a seeded sample of {total - n_placed:,} of {total:,} tokens; the other {n_placed:,} "
+                      f"were placed into it from their nearest neighbours (their trustworthiness {h.placed_trust:.3f})")
         self.head_title.text = (f"<b>{html.escape(self.model)} L{self.layer}H{self.head}</b> ({html.escape(self.method)}, "
                                 f"{info.n_layers}\u00d7{info.n_heads} heads)<br>{faith}")
         self.similar.text = views.similar_heads_html(self.data, self.model, self.layer, self.head)

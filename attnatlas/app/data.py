@@ -113,6 +113,7 @@ class Head:
     norm: np.ndarray
     trust: float
     knn: float
+    placed_trust: float = float("nan")  # faithfulness of the tokens placed into this (capped) layout
 
 
 class AppData:
@@ -170,6 +171,7 @@ class AppData:
         tok = self.atlas.tokens(model)
         seqs = self.atlas.sequences(model).set_index("sequence")
         rows = np.asarray(self.atlas.layout_rows(model, method))
+        placed = ~self.atlas.layout_sampled(model, method)  # placed into a capped layout, not laid out
         t = tok.iloc[rows].reset_index(drop=True)
         text = t["token"].astype(str).to_numpy()
         pos = t["position"].to_numpy().astype(np.int32)
@@ -189,6 +191,7 @@ class AppData:
             "pos_frac": pos_frac,
             "category": cat,
             "length": np.array([len(s.lstrip("#").replace("\u0120", "").replace("\u2581", "")) for s in text], np.int32),
+            "placed": np.where(placed, "placed from its neighbours", "laid out"),
         }
         if self.modality(model) == "image":
             for c in ("hue", "brightness", "mean_r", "mean_g", "mean_b"):
@@ -325,10 +328,12 @@ class AppData:
         grp = self.atlas.layout_group(model, method)
         xy = np.asarray(grp["coords"][layer, head], dtype=np.float32)
         q = np.asarray(grp["quality"][layer, head], dtype=np.float32)
+        pq = np.asarray(grp["placed_quality"][layer, head], dtype=np.float32) if "placed_quality" in grp else [np.nan]
         rows = self.tokens(model, method).rows
         qn = np.linalg.norm(np.asarray(self.atlas.array(model, "queries")[layer, head], dtype=np.float32)[rows], axis=1)
         kn = np.linalg.norm(np.asarray(self.atlas.array(model, "keys")[layer, info.kv_head(head)], dtype=np.float32)[rows], axis=1)
-        return Head(xy[:, 0].copy(), xy[:, 1].copy(), np.concatenate([qn, kn]).astype(np.float32), float(q[0]), float(q[1]))
+        return Head(xy[:, 0].copy(), xy[:, 1].copy(), np.concatenate([qn, kn]).astype(np.float32), float(q[0]), float(q[1]),
+                    float(pq[0]))
 
     def has_attention(self, model: str) -> bool:
         return self.atlas.has_array(model, "attn_topk_index") and self.atlas.has_array(model, "attn_topk_weight")

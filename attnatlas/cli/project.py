@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-scale", action="store_true", help="do not balance query and key norms")
     p.add_argument("--max-points", type=int, default=MAX_POINTS,
                    help=f"cap on points (2 x tokens) per head; above it a seeded token sample is used (default {MAX_POINTS})")
+    p.add_argument("--no-place", action="store_true",
+                   help="above --max-points, give coordinates to the sampled tokens only (default: place every other "
+                        "token into the sampled layout from its nearest neighbours)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--scheduler", default="none", metavar="none|local|tcp://HOST:PORT",
                    help="run heads as Dask tasks: 'local' starts a LocalCluster of --workers, tcp://... joins a cluster")
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--max-points must be at least 10.")
     kwargs = dict(methods=args.method, layers=args.layers, heads=args.heads, metric=args.metric, seed=args.seed,
                   force=args.force, normalise={"translate": not args.no_translate, "scale": not args.no_scale},
-                  max_points=args.max_points, progress=not args.quiet)
+                  max_points=args.max_points, progress=not args.quiet, place=not args.no_place)
     if args.scheduler == "none":
         s = project_model(atlas, model, workers=args.workers, **kwargs)
     else:
@@ -53,15 +56,17 @@ def run(args: argparse.Namespace) -> int:
 
         with dask_client(args.scheduler, workers=args.workers) as client:
             s = project_distributed(client, atlas, model, **kwargs)
+    placed = f" + {s['placed_points']} placed" if s.get("placed_points") else ""
     print(f"{model}: {s['done']} layouts made, {s['skipped']} already done (kept), {len(s['failed'])} failed, "
-          f"{s['points']} points per head{' (sampled)' if s['sampled'] else ''}, {s['seconds']:.1f} s "
+          f"{s['points']} points per head{' (sampled)' if s['sampled'] else ''}{placed}, {s['seconds']:.1f} s "
           f"({s['heads_per_min']:.1f} heads/min)")
     for m, changes in s["adapted"].items():
         for key, value in changes.items():
             print(f"  {m}: {key} lowered to {value:g} (too few points for the default)")
     for m, tw in s["quality"].items():
         if tw is not None:
-            print(f"  {m}: mean trustworthiness {tw:.3f}")
+            placed = (s.get("placed_quality") or {}).get(m)
+            print(f"  {m}: mean trustworthiness {tw:.3f}" + (f" (placed points: {placed:.3f})" if placed is not None else ""))
     if s["failed"]:
         print(f"{len(s['failed'])} head/method(s) failed; the others were kept:", file=sys.stderr)
         for L, h, m, msg in s["failed"]:

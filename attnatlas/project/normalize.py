@@ -37,9 +37,22 @@ def normalise_head(
     c = scale_factor(q, k, scale_rule) if scale else 1.0
     if scale:
         q, k = q / c, k * c
+    shift = np.zeros(q.shape[1], np.float32)
     if translate:
-        k = k - k.mean(0, dtype=np.float64).astype(np.float32) + q.mean(0, dtype=np.float64).astype(np.float32)
-    return q, k, {"scale": c}
+        k_mean = k.mean(0, dtype=np.float64).astype(np.float32)
+        q_mean = q.mean(0, dtype=np.float64).astype(np.float32)
+        k = k - k_mean + q_mean
+        shift = q_mean - k_mean
+    return q, k, {"scale": c, "shift": shift}
+
+
+def apply_normalisation(q: np.ndarray, k: np.ndarray, applied: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The transform `normalise_head` found on one set of tokens, applied to others (tokens placed into
+    that layout later), so they live in the same space as the layout's own points."""
+    c = float(applied["scale"])
+    q = np.asarray(q, dtype=np.float32) / c
+    k = np.asarray(k, dtype=np.float32) * c + np.asarray(applied["shift"], dtype=np.float32)
+    return q, k
 
 
 def joint_points(q: np.ndarray, k: np.ndarray) -> np.ndarray:

@@ -20,8 +20,9 @@ from unittest.mock import patch
 import numpy as np
 
 from attnatlas.errors import InputError
-from attnatlas.project.normalize import DEFAULT_NORMALISE, joint_points, normalise_head
-from attnatlas.project.quality import QUALITY_K, QUALITY_SAMPLE, knn_graph, layout_quality
+from attnatlas.project.normalize import DEFAULT_NORMALISE, apply_normalisation, joint_points, normalise_head
+from attnatlas.project.placement import PLACE_K, knn_query, positions
+from attnatlas.project.quality import QUALITY_K, QUALITY_SAMPLE, knn_graph, layout_quality, quality_sample
 from attnatlas.project.reducers import METRICS, REDUCERS, get_reducer
 from attnatlas.store import Atlas, claims
 
@@ -77,12 +78,45 @@ _WRITERS: dict[tuple, Any] = {}
 _ATLASES: dict[str, Atlas] = {}
 
 
-def _writer(atlas: Atlas, model: str, method: str, rows: np.ndarray, params: dict) -> Any:
+def _writer(atlas: Atlas, model: str, method: str, rows: np.ndarray, params: dict, n_tokens: int,
+            place: bool) -> Any:
+    """The layout writer of the stored rows: the sample itself, or every token when the rest are placed."""
     # Keyed by settings too: new settings (with --force) must reach layout_writer, which starts over.
-    key = (str(atlas.path), model, method, repr(_json(params)), len(rows), hash(rows.tobytes()))
+    key = (str(atlas.path), model, method, repr(_json(params)), len(rows), hash(rows.tobytes()), n_tokens, place)
     if key not in _WRITERS:
-        _WRITERS[key] = atlas.layout_writer(model, method, rows, params)
+        stored, sampled = (np.arange(n_tokens, dtype=np.int64), np.isin(np.arange(n_tokens), rows)) if place else (rows, None)
+        _WRITERS[key] = atlas.layout_writer(model, method, stored, params, sampled)
     return _WRITERS[key]
+
+
+class _Placer:
+    """The tokens a capped layout left out, placed into each of the head's layouts from their neighbours
+    among the laid-out points (one neighbour search per head, shared by every method)."""
+
+    def __init__(self, X: np.ndarray, q_all: np.ndarray, k_all: np.ndarray, rows: np.ndarray, applied: dict,
+                 metric: str):
+        self.n, self.rows = len(q_all), rows
+        self.rest = np.setdiff1d(np.arange(self.n), rows)
+        qr, kr = apply_normalisation(q_all[self.rest], k_all[self.rest], applied)
+        self.X = joint_points(qr, kr)  # (2 * rest, d): queries, then keys
+        self.idx, self.dist = knn_query(X, self.X, PLACE_K, metric)
+        self.metric = metric
+
+    def coords(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(2 * n_tokens, 2) coordinates of every token (queries, then keys, in token order) and the
+        placed points' own (2 * rest, 2)."""
+        Yr = positions(self.idx, self.dist, Y)
+        full = np.empty((2 * self.n, 2), np.float32)
+        S, R = len(self.rows), len(self.rest)
+        full[self.rows], full[self.n + self.rows] = Y[:S], Y[S:]
+        full[self.rest], full[self.n + self.rest] = Yr[:R], Yr[R:]
+        return full, Yr
+
+    def quality(self, Yr: np.ndarray, seed: int) -> dict[str, float]:
+        """Faithfulness of the placed points, by the same measure as the laid-out ones (a seeded subsample)."""
+        sub = quality_sample(len(self.X), seed)
+        q = layout_quality(self.X[sub], Yr[sub], self.metric, seed=seed)
+        return {**q, "points": float(len(self.X))}
 
 
 def _cached_atlas(path: str) -> Atlas:
@@ -102,19 +136,22 @@ def _reducers(jobs: list[tuple[str, dict, dict, dict]], metric: str, seed: int) 
 
 
 def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[tuple[str, dict, dict, dict]],
-                 rows: np.ndarray, metric: str, seed: int, normalise: dict) -> dict[str, Any]:
-    """Project one head with each (method, options, adapted, params) job; never raises."""
+                 rows: np.ndarray, metric: str, seed: int, normalise: dict, place: bool = False) -> dict[str, Any]:
+    """Project one head with each (method, options, adapted, params) job; never raises. With `place`, the
+    tokens outside `rows` (the layout sample) are placed into each layout and stored with it."""
     out: dict[str, Any] = {"layer": layer, "head": head, "results": {}, "errors": []}
     try:
         atlas = _cached_atlas(atlas_path)
-        q = atlas.queries(model, layer, head)[rows]  # (points, d_head)
-        k = atlas.keys(model, layer, head)[rows]  # (points, d_head), GQA key head
+        q_all = atlas.queries(model, layer, head)  # (token, d_head)
+        k_all = atlas.keys(model, layer, head)  # (token, d_head), GQA key head
+        q, k = q_all[rows], k_all[rows]  # (points, d_head)
         bad = int((~np.isfinite(q)).sum() + (~np.isfinite(k)).sum())
         if bad:
             out["errors"].append(("*", f"{bad} NaN/inf values in its query/key vectors; skipped"))
             return out
         qn, kn, applied = normalise_head(q, k, **normalise)
         X = joint_points(qn, kn)  # (2 * points, d_head)
+        placer = _place_all(X, q_all, k_all, rows, applied, metric, place)
         reducers = _reducers(jobs, metric, seed)
         t0 = time.perf_counter()
         need = max([QUALITY_K + 1] + [r.knn_needed for r, _ in reducers])
@@ -137,7 +174,7 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
                 layouts[r.name] = Y
                 qual = layout_quality(X, Y, metric, knn=knn, seed=seed)
                 qual["seconds"] = secs
-                _writer(atlas, model, r.name, rows, params).write_head(layer, head, Y, qual)
+                _write(atlas, model, r.name, rows, params, layer, head, Y, qual, placer, seed)
                 out["results"][r.name] = {**qual, "scale": applied["scale"]}
             except Exception as exc:  # one method failing must not stop the others
                 _raise_if_storage_failed(exc)
@@ -158,6 +195,27 @@ def _raise_if_storage_failed(exc: Exception) -> None:
         raise exc
 
 
+def _place_all(X: np.ndarray, q_all: np.ndarray, k_all: np.ndarray, rows: np.ndarray, applied: dict, metric: str,
+               place: bool) -> _Placer | None:
+    if not place or len(rows) >= len(q_all):
+        return None
+    bad = int((~np.isfinite(q_all)).sum() + (~np.isfinite(k_all)).sum())
+    if bad:
+        raise ValueError(f"{bad} NaN/inf values in the query/key vectors of tokens outside the layout sample")
+    return _Placer(X, q_all, k_all, rows, applied, metric)
+
+
+def _write(atlas: Atlas, model: str, method: str, rows: np.ndarray, params: dict, layer: int, head: int,
+           Y: np.ndarray, qual: dict, placer: _Placer | None, seed: int) -> None:
+    """Store one head's layout: the sample's own points, or every token with the rest placed."""
+    if placer is None:
+        _writer(atlas, model, method, rows, params, len(rows), False).write_head(layer, head, Y, qual)
+        return
+    full, Yr = placer.coords(Y)
+    _writer(atlas, model, method, rows, params, placer.n, True).write_head(layer, head, full, qual,
+                                                                         placer.quality(Yr, seed))
+
+
 def _given_init(r: Any, reducers: list[tuple[Any, dict]], layouts: dict[str, np.ndarray], n_points: int) -> np.ndarray | None:
     """The layout `r` starts from, when the same job already made it with exactly the settings `r`
     would use itself; otherwise None, and `r` computes its own (so results never depend on the job)."""
@@ -169,7 +227,7 @@ def _given_init(r: Any, reducers: list[tuple[Any, dict]], layouts: dict[str, np.
 
 
 def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], jobs: list[tuple[str, dict, dict, dict]],
-                  rows: np.ndarray, metric: str, seed: int, normalise: dict) -> list[dict[str, Any]]:
+                  rows: np.ndarray, metric: str, seed: int, normalise: dict, place: bool = False) -> list[dict[str, Any]]:
     """Project several heads of one layer together (every job's reducer is `batched`): one batched kNN
     graph, one `fit_batch` per method over a (head, point, d) tensor, then quality and writes per head.
     Returns one `project_head`-style result per head; never raises. Seconds are the batch's / heads."""
@@ -178,17 +236,18 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
     outs = {h: {"layer": layer, "head": h, "results": {}, "errors": []} for h in heads}
     try:
         atlas = _cached_atlas(atlas_path)
-        good, Xs, scales = [], [], {}
+        good, Xs, scales, placers = [], [], {}, {}
         for h in heads:
             try:
-                q = atlas.queries(model, layer, h)[rows]
-                k = atlas.keys(model, layer, h)[rows]
+                q_all, k_all = atlas.queries(model, layer, h), atlas.keys(model, layer, h)
+                q, k = q_all[rows], k_all[rows]
                 bad = int((~np.isfinite(q)).sum() + (~np.isfinite(k)).sum())
                 if bad:
                     outs[h]["errors"].append(("*", f"{bad} NaN/inf values in its query/key vectors; skipped"))
                     continue
                 qn, kn, applied = normalise_head(q, k, **normalise)
                 Xs.append(joint_points(qn, kn))
+                placers[h] = _place_all(Xs[-1], q_all, k_all, rows, applied, metric, place)
                 scales[h] = applied["scale"]
                 good.append(h)
             except Exception as exc:
@@ -217,7 +276,7 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
                             raise RuntimeError("the reducer returned non-finite or misshapen coordinates")
                         qual = layout_quality(X[i], Y[i], metric, knn=(idx[i], dist[i]), seed=seed)
                         qual["seconds"] = secs
-                        _writer(atlas, model, r.name, rows, params).write_head(layer, h, Y[i], qual)
+                        _write(atlas, model, r.name, rows, params, layer, h, Y[i], qual, placers[h], seed)
                         outs[h]["results"][r.name] = {**qual, "scale": scales[h]}
                     except Exception as exc:
                         _raise_if_storage_failed(exc)
@@ -352,9 +411,14 @@ def _project_model(
     reducer_params: dict[str, dict[str, Any]] | None = None,
     dispatch: Callable[[Callable[..., dict], list[tuple]], Iterable[dict]] | None = None,
     hold: Callable[[Any], Any] = lambda claim: claim,
+    place: bool = True,
 ) -> dict[str, Any]:
     """`dispatch(project_head, calls)`, if given, runs each argument tuple elsewhere (e.g. a Dask cluster)
-    and yields one result per call; the layout arrays already exist when it is called."""
+    and yields one result per call; the layout arrays already exist when it is called.
+
+    A head with more than `max_points` points is laid out from a seeded sample of tokens; with `place`
+    (the default) every other token is then placed into that layout from its neighbours, so every token
+    of the corpus has coordinates (flagged as placed), and their faithfulness is stored apart."""
     atlas = atlas if isinstance(atlas, Atlas) else Atlas.open(atlas)
     info = atlas.info(model)  # StoreError if the model is missing
     names = parse_methods(methods)
@@ -368,12 +432,16 @@ def _project_model(
         raise InputError(f"Model {model!r} has no tokens to project.")
     rows = sample_rows(n_tokens, max_points, seed)
     n_points = 2 * len(rows)
+    place = bool(place) and len(rows) < n_tokens
+    stored_rows = np.arange(n_tokens, dtype=np.int64) if place else rows
 
     jobs, adapted_all, done = [], {}, {}
     for name in names:
         r = get_reducer(name, metric=metric, random_state=seed, **(reducer_params or {}).get(name, {}))
         adapted_all[name] = r.adapt(n_points)  # InputError if too few points at all
         params = {**r.params, "normalise": norm, "max_points": max_points, "quality_sample": QUALITY_SAMPLE}
+        if place:
+            params["placement"] = {"method": "knn-weighted", "k": PLACE_K}
         jobs.append((name, r.options, dict(r.adapted), params))
     # One run at a time writes a (model, method): claimed in sorted order, so two runs never deadlock.
     for name, _, _, params in sorted(jobs, key=lambda j: j[0]):
@@ -381,12 +449,12 @@ def _project_model(
     for name, _, _, params in jobs:
         if name in atlas.layout_methods(model):
             old = atlas.layout_params(model, name)
-            same_rows = np.array_equal(atlas.layout_rows(model, name), rows)
+            same_rows = np.array_equal(atlas.layout_rows(model, name), stored_rows)
             if (not same_rows or _json(old) != _json(params)) and not force:
                 raise InputError(
                     f"{model!r} already has {name} layouts made with other settings; pass --force to replace "
                     f"them (existing layouts are kept otherwise).")
-        _writer(atlas, model, name, rows, params)  # creates the arrays once, before any worker
+        _writer(atlas, model, name, rows, params, n_tokens, place)  # creates the arrays once, before any worker
         done[name] = atlas.layout_done(model, name)  # read under the claim: heads another run made are kept
 
     targets, skipped = [], 0
@@ -399,11 +467,12 @@ def _project_model(
 
     summary: dict[str, Any] = {"model": model, "methods": names, "heads": len(sel_layers) * len(sel_heads),
                                "points": n_points, "sampled": len(rows) < n_tokens, "adapted": adapted_all,
+                               "placed_points": 2 * (n_tokens - len(rows)) if place else 0,
                                "done": 0, "skipped": skipped, "failed": [], "quality": {m: [] for m in names}}
     t0 = time.perf_counter()
     bar = _bar(len(targets), progress)
     args = (str(atlas.path), model)
-    tail = (rows, metric, seed, norm)
+    tail = (rows, metric, seed, norm, place)
 
     def collect(res: dict) -> None:
         for m, q in res["results"].items():
@@ -459,6 +528,11 @@ def _project_model(
     summary["heads_done"] = len(targets)
     summary["heads_per_min"] = 60 * len(targets) / secs if targets and secs > 0 else 0.0
     summary["quality"] = {m: float(np.mean(v)) if v else None for m, v in summary["quality"].items()}
+    summary["placed_quality"] = {}
+    if place:
+        for m in names:
+            pq = atlas.layout_placed_quality(model, m)
+            summary["placed_quality"][m] = float(pq["trustworthiness"].mean()) if len(pq) else None
     summary["failed"].sort()
     return summary
 

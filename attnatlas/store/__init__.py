@@ -2,6 +2,7 @@
 
 from attnatlas.store.atlas import (
     FORMAT_VERSION,
+    PLACED_FIELDS,
     QUALITY_FIELDS,
     ArraySpec,
     Atlas,
@@ -15,6 +16,7 @@ from attnatlas.store.atlas import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "PLACED_FIELDS",
     "QUALITY_FIELDS",
     "ArraySpec",
     "Atlas",

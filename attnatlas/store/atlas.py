@@ -46,6 +46,8 @@ from attnatlas.store.location import Location
 
 FORMAT_VERSION = 1
 QUALITY_FIELDS = ("trustworthiness", "knn_kept", "seconds", "points")
+# Faithfulness of the tokens placed into a capped layout (not laid out themselves), measured apart.
+PLACED_FIELDS = ("trustworthiness", "knn_kept", "points")
 TOKEN_ROW_GROUP = 65_536  # token rows buffered per Parquet row group: few conversions, bounded memory
 log = logging.getLogger(__name__)
 _INCOMING = ".incoming-"
@@ -305,9 +307,13 @@ class LayoutWriter:
 
     coords: Any
     quality: Any
+    placed_quality: Any = None
 
-    def write_head(self, layer: int, head: int, xy: np.ndarray, quality: dict[str, float]) -> None:
+    def write_head(self, layer: int, head: int, xy: np.ndarray, quality: dict[str, float],
+                   placed: dict[str, float] | None = None) -> None:
         self.coords[layer, head] = xy.astype(np.float32)
+        if self.placed_quality is not None and placed is not None:
+            self.placed_quality[layer, head] = np.array([placed.get(f, np.nan) for f in PLACED_FIELDS], dtype=np.float32)
         # Quality last: a head counts as done only once its coordinates are on disk.
         self.quality[layer, head] = np.array([quality.get(f, np.nan) for f in QUALITY_FIELDS], dtype=np.float32)
         faults.checkpoint("head")
@@ -635,21 +641,31 @@ class Atlas:
             raise StoreError(f"Model {model!r} has no {method!r} layouts (has: {have}); run `attnatlas project`.")
         return zarr.open_group(str(self._model_dir(model) / "layouts" / method), mode="r")
 
-    def layout_writer(self, model: str, method: str, rows: np.ndarray, params: dict[str, Any]) -> LayoutWriter:
+    def layout_writer(self, model: str, method: str, rows: np.ndarray, params: dict[str, Any],
+                      sampled: np.ndarray | None = None) -> LayoutWriter:
         """Open (or create) the layout arrays of one method. Existing heads are kept unless the
-        sampled rows or parameters changed, in which case the method's layouts start over."""
+        sampled rows or parameters changed, in which case the method's layouts start over.
+        `sampled` (rows,) bool marks the rows laid out themselves when the others were placed into
+        that layout afterwards (a capped head with every token placed)."""
         info = self.info(model)
         path = self._model_dir(model) / "layouts" / method
         params = _jsonable(params)
         if (path / "quality" / "zarr.json").is_file():
             grp = zarr.open_group(str(path), mode="r+")
             same_rows = np.array_equal(np.asarray(grp["rows"][:]), rows)
-            if same_rows and dict(grp.attrs).get("params") == params:
-                return LayoutWriter(grp["coords"], grp["quality"])
+            same_sample = (sampled is None) == ("sampled" not in grp) and (
+                sampled is None or np.array_equal(np.asarray(grp["sampled"][:]), sampled))
+            if same_rows and same_sample and dict(grp.attrs).get("params") == params:
+                return LayoutWriter(grp["coords"], grp["quality"], grp["placed_quality"] if sampled is not None else None)
             path.rmtree()
         n = len(rows)
         grp = zarr.open_group(str(path), mode="w", attributes={"params": params, "method": method})
         grp.create_array("rows", data=np.asarray(rows, dtype=np.int64))
+        placed_quality = None
+        if sampled is not None:
+            grp.create_array("sampled", data=np.asarray(sampled, dtype=bool))
+            placed_quality = grp.create_array("placed_quality", shape=(info.n_layers, info.n_heads, len(PLACED_FIELDS)),
+                                              dtype="float32", chunks=(1, 1, len(PLACED_FIELDS)), fill_value=np.nan)
         coords = grp.create_array(
             "coords", shape=(info.n_layers, info.n_heads, 2 * n, 2), dtype="float32", chunks=(1, 1, 2 * n, 2), fill_value=np.nan
         )
@@ -660,7 +676,7 @@ class Atlas:
             chunks=(1, 1, len(QUALITY_FIELDS)),
             fill_value=np.nan,
         )
-        return LayoutWriter(coords, quality)
+        return LayoutWriter(coords, quality, placed_quality)
 
     def layout_params(self, model: str, method: str) -> dict[str, Any]:
         return dict(self.layout_group(model, method).attrs).get("params", {})
@@ -682,6 +698,24 @@ class Atlas:
     def layout_rows(self, model: str, method: str) -> np.ndarray:
         return np.asarray(self.layout_group(model, method)["rows"][:])
 
+    def layout_sampled(self, model: str, method: str) -> np.ndarray:
+        """(rows,) bool, aligned with `layout_rows`: True for tokens laid out themselves, False for tokens
+        placed into that layout from their neighbours (only capped heads have any)."""
+        grp = self.layout_group(model, method)
+        return np.asarray(grp["sampled"][:], dtype=bool) if "sampled" in grp else np.ones(grp["rows"].shape[0], bool)
+
+    def layout_placed_quality(self, model: str, method: str) -> pd.DataFrame:
+        """One row per finished head with placed tokens: layer, head and PLACED_FIELDS of the placed points."""
+        grp = self.layout_group(model, method)
+        if "placed_quality" not in grp:
+            return pd.DataFrame(columns=["layer", "head", *PLACED_FIELDS])
+        q = np.asarray(grp["placed_quality"][:])
+        L, H, _ = q.shape
+        df = pd.DataFrame(q.reshape(L * H, -1), columns=list(PLACED_FIELDS))
+        df.insert(0, "head", np.tile(np.arange(H), L))
+        df.insert(0, "layer", np.repeat(np.arange(L), H))
+        return df[self.layout_done(model, method).reshape(-1)].reset_index(drop=True)
+
     def layout_coords(self, model: str, method: str, layer: int, head: int) -> np.ndarray:
         """(2 * points, 2) float32: queries first, then keys, for `layout_rows` token rows."""
         info = self.info(model)
@@ -690,11 +724,13 @@ class Atlas:
         return np.asarray(grp["coords"][layer, head], dtype=np.float32)
 
     def layout(self, model: str, layer: int, head: int, method: str) -> pd.DataFrame:
-        """2 x points rows: x, y, kind (query/key) and token (row in the token table)."""
+        """2 x points rows: x, y, kind (query/key), token (row in the token table) and placed (True for a
+        token placed into a capped layout from its neighbours rather than laid out itself)."""
         xy = self.layout_coords(model, method, layer, head)
         if np.isnan(xy).all():
             raise StoreError(f"Head L{layer}H{head} of {model!r} has no {method} layout yet; run `attnatlas project`.")
         rows = self.layout_rows(model, method)
+        placed = ~self.layout_sampled(model, method)
         n = len(rows)
         return pd.DataFrame(
             {
@@ -702,6 +738,7 @@ class Atlas:
                 "y": xy[:, 1],
                 "kind": pd.Categorical(["query"] * n + ["key"] * n, categories=["query", "key"]),
                 "token": np.concatenate([rows, rows]),
+                "placed": np.concatenate([placed, placed]),
             }
         )
 
