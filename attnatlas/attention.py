@@ -85,11 +85,11 @@ class AttentionRecipe:
             if n > span:
                 raise AtlasError(f"The recorded attention bias covers sequences of up to {span} tokens, not {n}.")
             off = np.arange(n)[None, :] - np.arange(n)[:, None] + span - 1
-            return table[head, off].astype(np.float64)
+            return table[head if table.shape[0] > 1 else 0, off].astype(np.float64)  # 1 row: shared by all heads
         values, index = t  # (unique, head), (n, n)
         if index.shape[0] != n:
             raise AtlasError(f"The recorded attention bias is for {index.shape[0]} tokens, not {n}.")
-        return values[index, head].astype(np.float64)
+        return values[index, head if values.shape[1] > 1 else 0].astype(np.float64)
 
     def logits(self, qk: np.ndarray, layer: int, head: int, valid: np.ndarray | None = None) -> np.ndarray:
         """What the model's softmax sees, from raw q.k `qk` (..., query, key) of sequences whose slot is the
@@ -119,6 +119,22 @@ class AttentionRecipe:
             p = np.exp(x - top)
             p /= np.maximum(p.sum(-1, keepdims=True), np.finfo(p.dtype).tiny)
         return np.where(allow, p, 0).astype(p.dtype)
+
+
+def layout_note(atlas, model: str) -> str | None:
+    """One plain sentence for views of the joint layout of a model whose attention is not only q.k, else None."""
+    rec = recipe(atlas, model)
+    parts = []
+    if rec.bias is not None:
+        parts.append("a relative position bias" if rec.bias["kind"] == "relative" else "a position-pair bias")
+    if any(rec.softcap):
+        parts.append("a logit softcap")
+    if any(w is not None for w in rec.window):
+        parts.append("a sliding window")
+    if not parts:
+        return None
+    return (f"The joint layout shows the q·k part only: this model's attention also applies {' and '.join(parts)}, "
+            "which attention lines, compare and analyze include.")
 
 
 def recipe(atlas, model: str) -> AttentionRecipe:

@@ -12,6 +12,7 @@ import torch
 import transformers as tf
 
 import attnatlas
+from attnatlas.attention import layout_note
 from attnatlas.extract import ExtractOptions, extract, prepare_model
 from tiny_models import _tokenizer, write_images
 
@@ -69,6 +70,13 @@ TEXT = {
     "clip_text_model": lambda: tf.CLIPTextModel(tf.CLIPTextConfig(**D, eos_token_id=3)),
     "siglip_text_model": lambda: tf.SiglipTextModel(tf.SiglipTextConfig(**D)),
 }
+# Types attnatlas has no line of code for: found by the same discovery (Granite scales by attention_multiplier).
+UNLISTED = {
+    "starcoder2": lambda: tf.Starcoder2Model(tf.Starcoder2Config(**DEC, sliding_window=W)),
+    "granite": lambda: tf.GraniteModel(tf.GraniteConfig(**DEC, attention_multiplier=0.5)),
+    "stablelm": lambda: tf.StableLmModel(tf.StableLmConfig(**DEC, partial_rotary_factor=0.5)),
+}
+TEXT.update(UNLISTED)
 V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=32, patch_size=8)
 IMAGE = {
     "vit": lambda: tf.ViTModel(tf.ViTConfig(**V)),
@@ -82,7 +90,7 @@ IMAGE = {
     "siglip_vision_model": lambda: tf.SiglipVisionModel(tf.SiglipVisionConfig(**V)),
 }
 # What the atlas must record beyond q.k for each type (checked, so a recipe cannot silently go missing).
-WINDOWED = {"gpt_neo", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "modernbert"}
+WINDOWED = {"starcoder2", "gpt_neo", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "modernbert"}
 BIASED = {"bloom", "mpnet", "t5", "beit", "beit-shared"}
 SOFTCAP = {"gemma2"}
 PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 3, "beit": 1, "beit-shared": 1,
@@ -117,6 +125,8 @@ def _check(atlas_path, name, model, ref: list[np.ndarray], lengths: list[int], k
     if kind in {"bloom", "mpnet", "t5", "beit-shared"}:  # one bias for every layer is stored once
         assert rec["bias"]["tables"] and set(rec["bias"]["layer_table"]) == {0}
     assert any(rec["softcap"]) == (kind in SOFTCAP)
+    note = layout_note(atlas, name)
+    assert (note is not None) == (kind in WINDOWED | BIASED | SOFTCAP) and (note is None or "q·k part only" in note)
     return worst
 
 
@@ -335,3 +345,33 @@ def test_attention_sinks_are_refused(tmp_path):
                           layer_types=["sliding_attention", "full_attention"])
     with pytest.raises(ModelError, match="'gpt_oss'.*s_aux"):
         prepare_model(tf.GptOssModel(cfg).eval(), _tokenizer(tmp_path), "gpt-oss")
+
+
+def _cap(mask: torch.Tensor | None, bias: torch.Tensor | None = None, n: int = 8):
+    from attnatlas.extract.capture import LayerCapture
+
+    z = torch.zeros(1, 2, n, 4)
+    return LayerCapture(z, z, z, mask, 0.5, bias=bias)
+
+
+def test_recipe_reads_a_window_off_the_mask_and_refuses_other_patterns():
+    from attnatlas.errors import ModelError
+    from attnatlas.extract.recipe import Recipe
+
+    n = 8
+    i = torch.arange(n)
+    d = i[:, None] - i[None, :]
+    valid = torch.ones(1, n, dtype=torch.bool)
+    rec = Recipe("x", 1, True, [None], "causal")
+    rec.observe({0: _cap(((d >= 0) & (d < 3))[None, None])}, valid, image=False)  # no hint: read off the mask
+    assert rec.window == [3]
+    chunked = (d >= 0) & (i[:, None] // 4 == i[None, :] // 4)  # Llama 4's chunked attention
+    with pytest.raises(ModelError, match="'x'.*layer 0.*not padding, causal and a sliding window"):
+        Recipe("x", 1, True, [None], "causal").observe({0: _cap(chunked[None, None])}, valid, image=False)
+    content = torch.randn(1, 2, n, n)  # a bias that is not a function of the key-query offset
+    with pytest.raises(ModelError, match="depends on more than the key-query offset"):
+        Recipe("x", 1, False, [None], "bidirectional").observe({0: _cap(None, content)}, valid, image=False)
+    offset = (d.float() * 0.25)[None, None].expand(1, 2, n, n)  # ALiBi-like: kept per offset
+    rec = Recipe("x", 1, False, [None], "bidirectional")
+    rec.observe({0: _cap(None, offset)}, valid, image=False)
+    assert rec.to_attrs()["bias"]["kind"] == "relative"

