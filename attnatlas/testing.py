@@ -14,11 +14,14 @@ from attnatlas.store import ArraySpec, Atlas, tokens_per_chunk
 WORDS = ["the", "cat", "sat", "on", "a", "mat", ",", ".", "42", "##ing", "bank", "river", "?", "run", "<b>x</b>"]
 
 
-def synthetic_tokens(n_seq: int, seq_len: int, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A token table and sequence table shaped like a text extraction (with [CLS]/[SEP])."""
+def synthetic_tokens(n_seq: int, seq_len: int, rng: np.random.Generator,
+                     lengths: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A token table and sequence table shaped like a text extraction (with [CLS]/[SEP]); every sequence
+    has `seq_len` tokens, or `lengths[s]`."""
     rows, seqs = [], []
     for s in range(n_seq):
-        words = [WORDS[i] for i in rng.integers(0, len(WORDS), seq_len - 2)]
+        n = lengths[s] if lengths is not None else seq_len
+        words = [WORDS[i] for i in rng.integers(0, len(WORDS), n - 2)]
         pieces = ["[CLS]", *words, "[SEP]"]
         text = " ".join(words)
         offset = 0
@@ -48,17 +51,21 @@ def write_synthetic_model(
     topk: int = 4,
     seed: int = 0,
     nonfinite_head: tuple[int, int] | None = None,
+    lengths: list[int] | None = None,
 ) -> None:
-    """Random clustered q/k for a small text model, with causal top-k attention, stored in `atlas`."""
+    """Random clustered q/k for a small text model, with causal top-k attention, stored in `atlas`.
+    Sequences have `seq_len` tokens each, or `lengths[s]`."""
     rng = np.random.default_rng(seed)
     n_kv = n_kv_heads or n_heads
-    tokens, seqs = synthetic_tokens(n_seq, seq_len, rng)
+    lengths = list(lengths) if lengths is not None else [seq_len] * n_seq
+    tokens, seqs = synthetic_tokens(n_seq, seq_len, rng, lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
     T = len(tokens)
     centres = rng.normal(size=(6, d_head)) * 1.5
     lab = rng.integers(0, 6, T)
     pos = tokens["position"].to_numpy()
     q = (centres[lab][None, None] + rng.normal(size=(n_layers, n_heads, T, d_head))).astype(np.float32)
-    q[..., 0] += pos / seq_len * 4
+    q[..., 0] += pos / np.repeat(lengths, lengths) * 4
     k = (centres[lab][None, None] * 0.7 + 2 + rng.normal(size=(n_layers, n_kv, T, d_head))).astype(np.float32)
     if nonfinite_head is not None:
         q[nonfinite_head[0], nonfinite_head[1], 0, 0] = np.nan
@@ -67,11 +74,11 @@ def write_synthetic_model(
     w = np.zeros((n_layers, n_heads, T, topk), dtype=np.float16)
     group = n_heads // n_kv
     for s in range(n_seq):
-        r = np.arange(s * seq_len, (s + 1) * seq_len)
+        r = np.arange(starts[s], starts[s + 1])
         for L in range(n_layers):
             for h in range(n_heads):
                 logits = q[L, h, r] @ k[L, h // group, r].T / np.sqrt(d_head)
-                logits = np.where(np.tri(seq_len, dtype=bool), logits, -np.inf)
+                logits = np.where(np.tri(len(r), dtype=bool), logits, -np.inf)
                 logits = np.nan_to_num(logits, nan=0.0, neginf=-1e9)
                 p = np.exp(logits - logits.max(1, keepdims=True))
                 p /= p.sum(1, keepdims=True)
@@ -92,11 +99,11 @@ def write_synthetic_model(
         scaling=[1 / np.sqrt(d_head)] * n_layers,
     )
     with atlas.model_writer(name, T, specs, attrs, overwrite=True) as writer:
-        step = seq_len * 5
-        for a in range(0, T, step):
-            b = min(T, a + step)
+        for s0 in range(0, n_seq, 5):  # five sequences per append, like extraction's batches
+            s1 = min(n_seq, s0 + 5)
+            a, b = int(starts[s0]), int(starts[s1])
             block = {"queries": q[:, :, a:b], "keys": k[:, :, a:b], "attn_topk_index": idx[:, :, a:b], "attn_topk_weight": w[:, :, a:b]}
-            writer.append(block, tokens.iloc[a:b], seqs[(seqs.sequence >= a // seq_len) & (seqs.sequence < b // seq_len)])
+            writer.append(block, tokens.iloc[a:b], seqs[(seqs.sequence >= s0) & (seqs.sequence < s1)])
         writer.commit(overwrite=True)
 
 

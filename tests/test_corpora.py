@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -175,3 +176,28 @@ def test_truncation_is_marked_and_bad_strides_refused(tmp_path, capsys):
                     "--chunk", "--stride", stride, "--no-progress"]) == 2
         assert "--stride" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+# ---- compare in linear time ----------------------------------------------------------------------------------
+def test_compare_work_follows_the_tokens_not_the_longest_sequence(tmp_path):
+    from attnatlas import testing
+    from attnatlas.compare import metrics as M
+    from attnatlas.compare.run import compare_models
+
+    lengths = [12] * 198 + [200, 200]  # 1% long sequences
+    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=2, n_seq=200, lengths=lengths)
+    # same seed and corpus sizes: the same sentences; another head count: other q and k
+    testing.write_synthetic_model(atlas, name="other", n_layers=1, n_heads=3, n_seq=200, lengths=lengths)
+    M.WORK["cells"] = 0
+    res = compare_models(atlas, ["synthetic", "other"], store=False)
+    heads = 2 + 3
+    needed = heads * sum(n * n for n in lengths)  # every (query, key) pair of every sequence, once
+    padded = heads * len(lengths) * max(lengths) ** 2  # what one padded batch computed
+    assert M.WORK["cells"] <= 1.3 * needed, (M.WORK["cells"], needed)
+    assert M.WORK["cells"] < padded / 20
+    # the same metrics as one padded batch gives
+    one = M.collect(atlas, "synthetic", batches=[M.make_batch(atlas.tokens("synthetic"))])
+    cols = ["entropy_mean", "entropy_std", "first_share", "prev_share", "keys90_mean", "distance_mean"]
+    np.testing.assert_allclose(res.metrics["synthetic"].heads[cols].to_numpy(float), one.heads[cols].to_numpy(float),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(res.metrics["synthetic"].token_keys90.to_numpy(), one.token_keys90.to_numpy())

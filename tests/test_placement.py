@@ -92,3 +92,19 @@ def test_placed_layouts_resume_and_refuse_other_settings(tmp_path):
     assert again["done"] == 0 and again["skipped"] == 2
     with pytest.raises(InputError, match="other settings"):
         project_model(atlas, "twins", methods="pca", max_points=400, progress=False, place=False)
+
+
+def test_large_references_use_an_approximate_index_that_still_finds_twins():
+    pytest.importorskip("faiss")
+    from attnatlas.project.placement import EXACT_BELOW, knn_query
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(40, 24)) * 3
+    ref = (centres[rng.integers(0, 40, EXACT_BELOW + 2000)] + rng.normal(size=(EXACT_BELOW + 2000, 24))).astype(np.float32)
+    new = ref[:300] + 1e-4 * rng.normal(size=(300, 24)).astype(np.float32)
+    idx, dist = knn_query(ref, new, 10)
+    assert (idx[:, 0] == np.arange(300)).mean() > 0.95  # each point's own twin comes first
+    exact = np.argsort(1 - (new / np.linalg.norm(new, axis=1, keepdims=True)) @
+                       (ref / np.linalg.norm(ref, axis=1, keepdims=True)).T, axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact)])
+    assert recall > 0.8, recall

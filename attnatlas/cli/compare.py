@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="common sequences used by the attention-pattern similarity (default 200; 0 = all)")
     p.add_argument("--top", type=int, default=5, metavar="K", help="nearest heads listed per head (default 5)")
     p.add_argument("--no-store", action="store_true", help="do not write the results into the atlas")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise InputError(f"Cannot create --out {out}: {exc.strerror or exc}.") from None
     res = compare_models(atlas, list(args.models), layout_method=args.layout,
-                         max_sequences=args.max_sequences or None, top_k=args.top, store=not args.no_store)
+                         max_sequences=args.max_sequences or None, top_k=args.top, store=not args.no_store,
+                         progress=not args.quiet)
     files = write_outputs(atlas, res, out)
     a, b = res.models
     print(f"compared {a} ({len(res.metrics[a].heads)} heads) with {b} ({len(res.metrics[b].heads)} heads) "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -104,6 +105,38 @@ def make_batch(tokens: pd.DataFrame, image: bool = False) -> Batch:
     return Batch(ids, rows, special, punct, rc)
 
 
+# Buckets of similar length: padding to the bucket's longest sequence wastes at most this share of cells,
+# and one bucket's (sequence, query, key) attention stays near BUCKET_CELLS float32 cells.
+BUCKET_WASTE = 1.3
+BUCKET_CELLS = 4_000_000
+WORK = {"cells": 0}  # (query, key) cells of attention computed: what compare's cost is counted in
+
+
+def make_batches(tokens: pd.DataFrame, image: bool = False) -> list[Batch]:
+    """The token table as Batches of similar-length sequences, so attention costs the sum of each
+    sequence's length squared instead of (sequences x longest length squared)."""
+    lengths = tokens.groupby("sequence", sort=True).size()
+    order = lengths.sort_values(kind="stable")
+    groups: list[list[int]] = []
+    start_len, cells = 0, 0
+    for seq, n in order.items():
+        n = int(n)
+        if groups and n <= BUCKET_WASTE * start_len and cells + n * n <= BUCKET_CELLS:
+            groups[-1].append(seq)
+            cells += n * n
+        else:
+            groups.append([seq])
+            start_len, cells = n, n * n
+    seq_col = tokens["sequence"].to_numpy()
+    out = []
+    for g in groups:
+        rows = np.flatnonzero(np.isin(seq_col, g))
+        b = make_batch(tokens.iloc[rows], image=image)
+        b.rows = np.where(b.rows >= 0, rows[np.maximum(b.rows, 0)], -1)  # back to rows of the whole table
+        out.append(b)
+    return out
+
+
 def allowed_keys(valid: np.ndarray, causal: bool, recipe: AttentionRecipe | None = None, layer: int = 0) -> np.ndarray:
     """(seq, query, key) bool: which keys each query may attend to (with a recipe: its layer's window too)."""
     allow = valid[:, :, None] & valid[:, None, :]
@@ -125,6 +158,7 @@ def attention(q: np.ndarray, k: np.ndarray, batch: Batch, scaling: float | Atten
     rec = scaling if isinstance(scaling, AttentionRecipe) else AttentionRecipe(1, causal, [float(scaling)], [None], [None])
     if not isinstance(scaling, AttentionRecipe):
         layer = 0
+    WORK["cells"] += int(batch.rows.shape[0]) * int(batch.rows.shape[1]) ** 2
     safe = np.where(batch.valid, batch.rows, 0)
     qs = q[safe].astype(np.float32)  # (seq, slot, d)
     ks = k[safe].astype(np.float32)
@@ -143,6 +177,26 @@ def keys_for_mass(p: np.ndarray, mass: float = MASS) -> np.ndarray:
 class HeadResult:
     metrics: dict[str, float]  # HEAD_FIELDS without the layout ones, plus n_queries
     keys90: np.ndarray  # (seq, slot) per-token keys holding 90%; -1 = padding or undefined
+    sums: dict[str, tuple[float, int]] | None = None  # metric -> (sum, count) over its queries, for merging
+
+
+def merge_results(parts: list[HeadResult]) -> dict[str, float]:
+    """One head's metrics over several buckets: every mean is the sum over all queries / their count."""
+    if len(parts) == 1:
+        return parts[0].metrics
+    tot: dict[str, list[float]] = {}
+    for r in parts:
+        for k, (v, n) in (r.sums or {}).items():
+            acc = tot.setdefault(k, [0.0, 0])
+            acc[0] += v
+            acc[1] += n
+    mean = {k: (v / n if n else float("nan")) for k, (v, n) in tot.items()}
+    out = {k: mean[k] for k in mean if k not in ("entropy_sq",)}
+    n_q = sum(r.metrics["n_queries"] for r in parts)
+    out["n_queries"] = n_q
+    var = mean.get("entropy_sq", float("nan")) - mean.get("entropy_mean", float("nan")) ** 2
+    out["entropy_std"] = float(np.sqrt(max(var, 0.0))) if n_q else float("nan")
+    return out
 
 
 def head_metrics(p: np.ndarray, batch: Batch, causal: bool, recipe: AttentionRecipe | None = None,
@@ -157,8 +211,12 @@ def head_metrics(p: np.ndarray, batch: Batch, causal: bool, recipe: AttentionRec
     choice = valid & finite & (n_keys >= 2)
     k90 = np.where(valid & finite, keys_for_mass(p), -1)
 
-    def mean(x: np.ndarray, where: np.ndarray | None = None) -> float:
+    sums: dict[str, tuple[float, int]] = {}
+
+    def mean(x: np.ndarray, where: np.ndarray | None = None, name: str | None = None) -> float:
         w = choice if where is None else choice & where
+        if name is not None:
+            sums[name] = (float(x[w].sum(dtype=np.float64)), int(w.sum()))
         return float(x[w].mean()) if w.any() else float("nan")
 
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -193,21 +251,22 @@ def head_metrics(p: np.ndarray, batch: Batch, causal: bool, recipe: AttentionRec
     has_next[:, :-1] = valid[:, 1:]
     m = {
         "n_queries": int(choice.sum()),
-        "entropy_mean": mean(ent),
+        "entropy_mean": mean(ent, name="entropy_mean"),
         "entropy_std": float(ent[choice].std()) if choice.any() else float("nan"),
-        "entropy_norm_mean": mean(ent_norm),
-        "distance_mean": mean(dist, dist_where),
-        "distance_rel_mean": mean(dist_rel, None if dist_where is None else dist_where & (reach > 0)),
-        "first_share": mean(p[:, :, 0]),
-        "special_share": mean((p * batch.special[:, None, :]).sum(2)),
-        "punct_share": mean((p * batch.punct[:, None, :]).sum(2)),
-        "prev_share": mean(prev, has_prev),
-        "next_share": mean(nxt, has_next),
-        "self_share": mean(diag),
-        "keys90_mean": mean(k90.astype(float)),
-        "frac90_mean": mean(k90 / np.maximum(n_keys, 1)),
+        "entropy_norm_mean": mean(ent_norm, name="entropy_norm_mean"),
+        "distance_mean": mean(dist, dist_where, name="distance_mean"),
+        "distance_rel_mean": mean(dist_rel, None if dist_where is None else dist_where & (reach > 0), name="distance_rel_mean"),
+        "first_share": mean(p[:, :, 0], name="first_share"),
+        "special_share": mean((p * batch.special[:, None, :]).sum(2), name="special_share"),
+        "punct_share": mean((p * batch.punct[:, None, :]).sum(2), name="punct_share"),
+        "prev_share": mean(prev, has_prev, name="prev_share"),
+        "next_share": mean(nxt, has_next, name="next_share"),
+        "self_share": mean(diag, name="self_share"),
+        "keys90_mean": mean(k90.astype(float), name="keys90_mean"),
+        "frac90_mean": mean(k90 / np.maximum(n_keys, 1), name="frac90_mean"),
     }
-    return HeadResult(m, k90)
+    mean(ent * ent, name="entropy_sq")
+    return HeadResult(m, k90, sums)
 
 
 def layout_metrics(xy: np.ndarray, rel_position: np.ndarray, k: int = KNN, seed: int = 0) -> dict[str, float]:
@@ -251,8 +310,9 @@ def pick_layout(atlas, model: str, method: str | None) -> str | None:
     return have[0] if have else None
 
 
-def iter_attention(atlas, model: str, batch: Batch) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(layer, head, (seq, query, key) attention) for every head, one layer read at a time."""
+def iter_attention(atlas, model: str, batch: Batch | list[Batch]) -> Iterator[tuple[int, int, Any]]:
+    """(layer, head, attention) for every head, one layer read at a time: a (seq, query, key) array for one
+    Batch, a list of them (one per bucket) for a list of Batches."""
     info = atlas.info(model)
     rec = recipe(atlas, model)
     qa, ka = atlas.array(model, "queries"), atlas.array(model, "keys")
@@ -260,7 +320,11 @@ def iter_attention(atlas, model: str, batch: Batch) -> Iterator[tuple[int, int, 
         qs = np.asarray(qa[layer], dtype=np.float32)  # (head, token, d)
         ks = np.asarray(ka[layer], dtype=np.float32)  # (kv_head, token, d)
         for head in range(info.n_heads):
-            yield layer, head, attention(qs[head], ks[info.kv_head(head)], batch, rec, layer=layer, head=head)
+            q, k = qs[head], ks[info.kv_head(head)]
+            if isinstance(batch, Batch):
+                yield layer, head, attention(q, k, batch, rec, layer=layer, head=head)
+            else:
+                yield layer, head, [attention(q, k, b, rec, layer=layer, head=head) for b in batch]
 
 
 @dataclass
@@ -274,14 +338,18 @@ def collect(
     atlas,
     model: str,
     layout_method: str | None = None,
-    on_head: Callable[[int, int, np.ndarray], None] | None = None,
-    batch: Batch | None = None,
+    on_head: Callable[[int, int, list[np.ndarray]], None] | None = None,
+    batches: list[Batch] | None = None,
+    progress: bool = False,
 ) -> ModelMetrics:
-    """Metrics of every head of `model`; `on_head(layer, head, attention)` sees each attention once
-    (the similarity stage reuses it rather than recomputing)."""
+    """Metrics of every head of `model`, over length buckets of its sequences (see make_batches);
+    `on_head(layer, head, attention per bucket)` sees each attention once (the similarity stage reuses
+    it rather than recomputing)."""
+    from tqdm.auto import tqdm
+
     info = atlas.info(model)
     tokens = atlas.tokens(model)
-    batch = batch or make_batch(tokens, image=info.modality == "image")
+    batches = batches or make_batches(tokens, image=info.modality == "image")
     causal = bool(info.attrs.get("causal", False))
     rec = recipe(atlas, model)
     notes: list[str] = []
@@ -290,23 +358,28 @@ def collect(
         notes.append(f"{model}: no layout stored, so layout_positional and qk_separation are skipped "
                      f"(run `attnatlas project {atlas.path} --model {model}`).")
     rows_out, k90 = [], {}
-    for layer, head, p in iter_attention(atlas, model, batch):
-        r = head_metrics(p, batch, causal, rec, layer)
+    bar = tqdm(total=info.n_layers * info.n_heads, desc=f"compare {model}", unit="head", disable=not progress)
+    for layer, head, ps in iter_attention(atlas, model, batches):
+        parts = [head_metrics(p, b, causal, rec, layer) for p, b in zip(ps, batches)]
+        metrics = merge_results(parts)
         if on_head is not None:
-            on_head(layer, head, p)
-        row = {"layer": layer, "head": head, **r.metrics, "layout_positional": np.nan, "qk_separation": np.nan,
+            on_head(layer, head, ps)
+        row = {"layer": layer, "head": head, **metrics, "layout_positional": np.nan, "qk_separation": np.nan,
                "layout_method": method or "", "note": ""}
-        if r.metrics["n_queries"] == 0:
+        if metrics["n_queries"] == 0:
             row["note"] = "undefined: no query has two or more keys (one-token sequences)"
-        k90[f"L{layer}H{head}"] = r.keys90[batch.valid]
+        k90[f"L{layer}H{head}"] = np.concatenate([r.keys90[b.valid] for r, b in zip(parts, batches)])
         rows_out.append(row)
+        bar.update(1)
+    bar.close()
     heads = pd.DataFrame(rows_out)
     if method is not None:
         _add_layout_metrics(atlas, model, method, tokens, heads, notes)
     if (heads["n_queries"] == 0).any():
         notes.append(f"{model}: {(heads['n_queries'] == 0).sum()} head(s) have undefined metrics "
                      "(no query with two or more keys, e.g. one-token sequences).")
-    token_df = pd.DataFrame({"token": batch.rows[batch.valid], **{c: v.astype(np.int32) for c, v in k90.items()}})
+    token_df = pd.DataFrame({"token": np.concatenate([b.rows[b.valid] for b in batches]),
+                             **{c: v.astype(np.int32) for c, v in k90.items()}})
     cols = ["layer", "head", "n_queries", *HEAD_FIELDS, "layout_method", "note"]
     return ModelMetrics(heads[cols], token_df.sort_values("token", ignore_index=True), notes)
 

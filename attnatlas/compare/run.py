@@ -65,23 +65,24 @@ def compare_models(
     max_sequences: int | None = 200,
     top_k: int = 5,
     store: bool = True,
+    progress: bool = False,
 ) -> CompareResult:
     started = time.perf_counter()
     a, b = check_models(atlas, models)
     S.common_inputs(atlas, a, b)  # fail fast, before minutes of work
-    batches = {m: M.make_batch(atlas.tokens(m), image=atlas.info(m).modality == "image") for m in (a, b)}
+    batches = {m: M.make_batches(atlas.tokens(m), image=atlas.info(m).modality == "image") for m in (a, b)}
     pool_a, pool_b = S.poolings(atlas, a, b, batches[a], batches[b], max_sequences)
     pools = {a: pool_a, b: pool_b}
     features: dict[str, list[np.ndarray]] = {a: [], b: []}
     results: dict[str, M.ModelMetrics] = {}
     for m in (a, b):
         t = time.perf_counter()
-        results[m] = M.collect(atlas, m, layout_method, batch=batches[m],
-                               on_head=lambda L, h, p, m=m: features[m].append(S.pooled_pattern(p, pools[m])))
+        results[m] = M.collect(atlas, m, layout_method, batches=batches[m], progress=progress,
+                               on_head=lambda L, h, ps, m=m: features[m].append(S.pooled_pattern(ps, pools[m])))
         log.info("%s: metrics and patterns of %d heads in %.1f s", m, len(results[m].heads), time.perf_counter() - t)
     labels = pd.concat([results[m].heads[["layer", "head"]].assign(model=m) for m in (a, b)], ignore_index=True)
     labels = labels[["model", "layer", "head"]]
-    feats = np.stack(features[a] + features[b]) if pool_a.cells.any() else np.zeros((len(labels), 0))
+    feats = np.stack(features[a] + features[b]) if features[a] and len(features[a][0]) else np.zeros((len(labels), 0))
     pattern = S.correlation(feats) if feats.shape[1] > 1 else np.full((len(labels), len(labels)), np.nan)
     prof = np.concatenate([results[m].heads[S.PROFILE_FIELDS].to_numpy(float) for m in (a, b)])
     profile = S.profile_similarity(prof)

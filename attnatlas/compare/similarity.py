@@ -92,15 +92,17 @@ def _grid(atlas, model: str, seq_row: pd.Series, tok: pd.DataFrame) -> tuple[int
 
 @dataclass
 class Pooling:
-    """How one model's (seq, slot) attention is pooled onto the shared units of the chosen sequences."""
+    """How one model's attention is pooled onto the shared units of the chosen sequences, sequence by
+    sequence (each sits in one length bucket of the model's Batches)."""
 
-    take: np.ndarray  # (n,) which sequences of the model's Batch, in shared order
-    qmat: np.ndarray  # (n, slot, unit) query pooling: columns sum to 1 over a unit's tokens
-    kmat: np.ndarray  # (n, slot, unit) key pooling: a token's weight spread over its units
-    cells: np.ndarray  # (n, unit, unit) bool: cells that enter the correlation
+    bucket: np.ndarray  # (n,) which Batch holds each chosen sequence, in shared order
+    take: np.ndarray  # (n,) its index among that Batch's sequences
+    qmat: list[np.ndarray]  # n x (tokens, unit) query pooling: columns sum to 1 over a unit's tokens
+    kmat: list[np.ndarray]  # n x (tokens, unit) key pooling: a token's weight spread over its units
 
 
-def poolings(atlas, model_a: str, model_b: str, batch_a, batch_b, max_sequences: int | None = 200) -> tuple[Pooling, Pooling]:
+def poolings(atlas, model_a: str, model_b: str, batches_a, batches_b,
+             max_sequences: int | None = 200) -> tuple[Pooling, Pooling]:
     """Shared units of both models for up to `max_sequences` common sequences (evenly spread)."""
     pairs = common_inputs(atlas, model_a, model_b)
     if max_sequences and len(pairs) > max_sequences:
@@ -128,33 +130,30 @@ def poolings(atlas, model_a: str, model_b: str, batch_a, batch_b, max_sequences:
         members[model_b].append(mb)
     # units covered by both models (a truncated sequence covers fewer words)
     shared = [(ma.sum(0) > 0) & (mb.sum(0) > 0) for ma, mb in zip(members[model_a], members[model_b])]
-    U = max([int(u.sum()) for u in shared] + [1])
-    for model, batch, col in ((model_a, batch_a, 0), (model_b, batch_b, 1)):
-        pos = {int(s): i for i, s in enumerate(batch.sequence)}
-        take = np.array([pos[p[col]] for p in pairs], dtype=np.int64)
-        N = batch.rows.shape[1]
-        qmat = np.zeros((len(pairs), N, U), dtype=np.float32)
-        kmat = np.zeros((len(pairs), N, U), dtype=np.float32)
-        cells = np.zeros((len(pairs), U, U), dtype=bool)
-        for i, (m, keep) in enumerate(zip(members[model], shared)):
-            n, u = m.shape[0], int(keep.sum())
+    for model, batches, col in ((model_a, batches_a, 0), (model_b, batches_b, 1)):
+        where = {int(s): (bi, i) for bi, b in enumerate(batches) for i, s in enumerate(b.sequence)}
+        loc = np.array([where[p[col]] for p in pairs], dtype=np.int64).reshape(-1, 2)
+        qmats, kmats = [], []
+        for m, keep in zip(members[model], shared):
             row_sum = m.sum(1, keepdims=True)
-            k = np.divide(m, row_sum, out=np.zeros_like(m), where=row_sum > 0)[:, keep]
+            kmats.append(np.divide(m, row_sum, out=np.zeros_like(m), where=row_sum > 0)[:, keep].astype(np.float32))
             mq = m[:, keep]
-            qmat[i, :n, :u] = mq / mq.sum(0, keepdims=True)
-            kmat[i, :n, :u] = k
-            cells[i, :u, :u] = True
-        out.append(Pooling(take, qmat, kmat, cells))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                qmats.append(np.nan_to_num(mq / mq.sum(0, keepdims=True)).astype(np.float32))
+        out.append(Pooling(loc[:, 0], loc[:, 1], qmats, kmats))
     return out[0], out[1]
 
 
-def pooled_pattern(p: np.ndarray, pool: Pooling) -> np.ndarray:
-    """(cells,) one head's attention pooled onto shared units, unit rows renormalised."""
-    # two batched matmuls: a three-operand einsum would loop naively over all five axes
-    w = np.matmul(np.matmul(pool.qmat.transpose(0, 2, 1), p[pool.take]), pool.kmat)
-    tot = w.sum(2, keepdims=True)
-    w = np.divide(w, tot, out=np.zeros_like(w), where=tot > 1e-9)
-    return w[pool.cells]
+def pooled_pattern(ps: list[np.ndarray], pool: Pooling) -> np.ndarray:
+    """(cells,) one head's attention (one (seq, query, key) array per bucket) pooled onto the shared units of
+    each chosen sequence, unit rows renormalised, sequences in shared order."""
+    parts = []
+    for b, i, qm, km in zip(pool.bucket, pool.take, pool.qmat, pool.kmat):
+        n = qm.shape[0]
+        w = qm.T @ ps[b][i, :n, :n] @ km  # (unit, unit)
+        tot = w.sum(1, keepdims=True)
+        parts.append(np.divide(w, tot, out=np.zeros_like(w), where=tot > 1e-9).ravel())
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def correlation(features: np.ndarray) -> np.ndarray:

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 PLACE_K = 10
-# Above this many reference points an HNSW graph (approximate) answers the neighbour queries: exact search
-# of 180,000 new points against 20,000 references costs more than the layout itself.
+# Above this many reference points an inverted-file index (approximate) answers the neighbour queries: exact
+# search of 180,000 new points against 20,000 references cost more than the layout itself. Measured on real
+# MiniLM heads (20,000 references): 2.5-3x faster than exact search, 90-93% of the 10 exact neighbours found
+# (HNSW was no faster than exact search there).
 EXACT_BELOW = 8192
+IVF_PROBES = 8
 FAR = 3.0  # fit above this: the point is far outside the corpus and is flagged, not silently placed
 
 
@@ -49,8 +52,11 @@ def knn_query(ref: np.ndarray, new: np.ndarray, k: int, metric: str = "cosine") 
 
         ip = metric == "cosine"
         if len(R) >= EXACT_BELOW:
-            index = faiss.IndexHNSWFlat(R.shape[1], 16, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
-            index.hnsw.efSearch = max(32, 2 * k)
+            lists = int(np.clip(2 ** round(np.log2(4 * np.sqrt(len(R)))), 64, 1024))
+            coarse = faiss.IndexFlatIP(R.shape[1]) if ip else faiss.IndexFlatL2(R.shape[1])
+            index = faiss.IndexIVFFlat(coarse, R.shape[1], lists, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+            index.train(R)  # faiss's k-means is seeded: the same references give the same index
+            index.nprobe = IVF_PROBES
         else:
             index = faiss.IndexFlatIP(R.shape[1]) if ip else faiss.IndexFlatL2(R.shape[1])
         index.add(R)
