@@ -51,6 +51,13 @@ def child(args: argparse.Namespace) -> None:
     texts = [corpus[i % len(corpus)] for i in range(args.child)]
     loaded = load_model(args.model)
     out = Path(tempfile.mkdtemp()) / "atlas"
+    source: dict = {"texts": texts}
+    if args.memory_source == "datasets":  # the same corpus as a Hugging Face dataset on disk, read by extract
+        import datasets
+
+        folder = out.parent / "dataset"
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(folder))
+        source = {"dataset": str(folder)}
     before = _rss_mib()
     peak = [before]
     done = threading.Event()
@@ -62,7 +69,7 @@ def child(args: argparse.Namespace) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t = time.perf_counter()
-    extract(out, loaded, texts=texts, options=ExtractOptions(batch_size=args.batch_size, progress=False))
+    extract(out, loaded, **source, options=ExtractOptions(batch_size=args.batch_size, progress=False))
     seconds = time.perf_counter() - t
     done.set()
     sampler.join()
@@ -118,6 +125,8 @@ def main() -> None:
     ap.add_argument("--attention-topk", type=int, default=0, help="0: store q and k only (the 1.15x target)")
     ap.add_argument("--memory", action="store_true", help="also measure memory growth at several corpus sizes")
     ap.add_argument("--memory-sequences", default=None, help="comma-separated sequence counts (default: 1x,10x,20x)")
+    ap.add_argument("--memory-source", default="txt", choices=["txt", "datasets"],
+                    help="feed the --memory runs a list of lines, or the same lines as a saved Hugging Face dataset")
     ap.add_argument("--json", default=None, help="also write the timings here")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -140,9 +149,10 @@ def memory(args: argparse.Namespace, corpus: int) -> None:
     counts = [int(x) for x in args.memory_sequences.split(",")] if args.memory_sequences else [corpus, 10 * corpus, 20 * corpus]
     for n in counts:
         res = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", args.model, "--texts", args.texts,
-                              "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+                              "--batch-size", str(args.batch_size), "--memory-source", args.memory_source],
+                             capture_output=True, text=True, check=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"{r['sequences']:7d} sequences ({n / corpus:5.1f}x corpus), {r['stored_mib']:8.1f} MiB stored: RSS grew by "
+        print(f"{args.memory_source:>8} {r['sequences']:7d} sequences ({n / corpus:5.1f}x corpus), {r['stored_mib']:8.1f} MiB stored: RSS grew by "
               f"{r['growth_mib']:6.1f} MiB during extraction ({r['before_mib']:.0f} -> {r['peak_mib']:.0f} MiB), "
               f"{r['seconds']:.1f} s", flush=True)
 
