@@ -6,6 +6,7 @@ see attnatlas/store/faults.py), in threads where two writers of one process are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -91,16 +92,26 @@ def _wait_for_incoming(path: Path, prefix: str) -> None:
         time.sleep(0.02)
 
 
-def test_writer_of_a_prefix_name_keeps_the_other_writers_folder(tmp_path, restore_commit):
-    path = tmp_path / "atlas"
+@contextlib.contextmanager
+def _writing(path: Path, name: str):
+    """An atlas at `path` whose writer of `name` (in a thread) waits right before its commit until the
+    block ends; it must then land without an error."""
     atlas = Atlas.open(path, create=True)
     release, errors = threading.Event(), []
-    t = _held_writer(atlas, "mini-2", release, errors)
-    _wait_for_incoming(path, ".incoming-mini-2-")
-    testing.write_synthetic_model(Atlas.open(path), name="mini", seed=2)  # once deleted mini-2's temp folder
-    release.set()
-    t.join(60)
+    t = _held_writer(atlas, name, release, errors)
+    _wait_for_incoming(path, f".incoming-{name}-")
+    try:
+        yield
+    finally:
+        release.set()
+        t.join(60)
     assert not errors, errors
+
+
+def test_writer_of_a_prefix_name_keeps_the_other_writers_folder(tmp_path, restore_commit):
+    path = tmp_path / "atlas"
+    with _writing(path, "mini-2"):
+        testing.write_synthetic_model(Atlas.open(path), name="mini", seed=2)  # once deleted mini-2's temp folder
     fresh = open_atlas(path)
     assert fresh.models == ["mini", "mini-2"]
     for m in fresh.models:  # both whole: arrays, metadata and tables
@@ -111,15 +122,8 @@ def test_writer_of_a_prefix_name_keeps_the_other_writers_folder(tmp_path, restor
 
 def test_second_writer_of_the_same_name_is_refused_and_the_first_lands(tmp_path, restore_commit):
     path = tmp_path / "atlas"
-    atlas = Atlas.open(path, create=True)
-    release, errors = threading.Event(), []
-    t = _held_writer(atlas, "mini", release, errors)
-    _wait_for_incoming(path, ".incoming-mini-")
-    with pytest.raises(StoreError, match=r"being written by pid \d+"):
+    with _writing(path, "mini"), pytest.raises(StoreError, match=r"being written by pid \d+"):
         testing.write_synthetic_model(Atlas.open(path), name="mini", seed=2)
-    release.set()
-    t.join(60)
-    assert not errors, errors
     fresh = open_atlas(path)
     assert fresh.models == ["mini"]
     reference = Atlas.open(tmp_path / "ref", create=True)
@@ -468,7 +472,7 @@ def test_object_store_overwrite_killed_between_renames_is_recovered(s3_url):
 def test_sequence_panel_shows_a_character_split_into_byte_tokens_once():
     import pandas as pd
 
-    from attnatlas.app.dashboard import Dashboard
+    from attnatlas.app.head_view import sequence_html
 
     text = "a 東京 b"
     # Byte-level BPE: the three byte tokens of 東 all carry the offsets of the whole character.
@@ -482,10 +486,7 @@ def test_sequence_panel_shows_a_character_split_into_byte_tokens_once():
         def sequence_info(self, model, seq):
             return {"text": text}
 
-    class Stub:
-        data, model = Data(), "m"
-
-    out = Dashboard._sequence_html(Stub(), 0, 0, {})
+    out = sequence_html(Data(), "m", 0, 0, {})
     import re
 
     shown = re.sub(r"<[^>]+>", "", out)
@@ -509,7 +510,7 @@ def test_sequence_panel_marks_the_cut_part_and_the_window():
 
     import pandas as pd
 
-    from attnatlas.app.dashboard import CUT_PREVIEW_CHARS, Dashboard
+    from attnatlas.app.head_view import CUT_PREVIEW_CHARS, sequence_html
 
     text = "seen part " + "x" * 2700
     toks = pd.DataFrame({"row": [0, 1], "token": ["seen", "part"], "is_special": [False, False],
@@ -523,12 +524,9 @@ def test_sequence_panel_marks_the_cut_part_and_the_window():
         def sequence_info(self, model, seq):
             return info
 
-    class Stub:
-        data, model = Data(), "m"
-
-    out = Dashboard._sequence_html(Stub(), 0, 0, {})
+    out = sequence_html(Data(), "m", 0, 0, {})
     assert "cut at the token limit" in out and f"({2701 - CUT_PREVIEW_CHARS:,} more characters cut)" in out
     assert len(re.sub(r"<[^>]+>", "", out)) < 400  # a 2,700-character line no longer stretches the panel
     info.update(truncated=False, n_windows=4, window=1, document=7, doc_char_start=1200, text="seen part")
-    out = Dashboard._sequence_html(Stub(), 0, 0, {})
+    out = sequence_html(Data(), "m", 0, 0, {})
     assert "window 2 of 4 of document 7" in out and "1,200\u20131,209" in out and "cut" not in out
