@@ -58,3 +58,27 @@ def colour(mode: str, cols: dict[str, np.ndarray], norm: np.ndarray) -> tuple[np
     if mode == "patch" and "rgb" in cols:
         return None, (QUERY, KEY), 0.0, 1.0, "mean colour of each patch"
     return kind, (QUERY, KEY), 0.0, 1.0, _swatch(QUERY, "query") + _swatch(KEY, "key")
+
+
+# Patch colours, quantised to 16 levels a channel: a palette index per point instead of a colour string.
+RGB_PALETTE = tuple("#%02x%02x%02x" % (r * 17, g * 17, b * 17) for r in range(16) for g in range(16) for b in range(16))
+
+
+def palette_index(values: np.ndarray, lo: float, hi: float, n: int) -> np.ndarray:
+    """Values -> palette indices, as a LinearColorMapper(low=lo, high=hi) over n colours would pick them."""
+    v = np.nan_to_num(np.asarray(values, np.float64), nan=lo)
+    return np.clip(np.floor((v - lo) / max(hi - lo, 1e-12) * n), 0, n - 1).astype(np.int32)
+
+
+def indexed(mode: str, cols: dict[str, np.ndarray], norm: np.ndarray) -> tuple[np.ndarray, tuple, str]:
+    """(palette index per point, palette, legend html) of a colour mode.
+
+    Every mode is an index into one palette, so the scatter's fill is always the same mapping of one column:
+    BokehJS copies a glyph's fill into its non-selection and decimated (pan/zoom) glyphs once, so a fill
+    switched to another column later would show only until the next click or pan."""
+    values, palette, lo, hi, legend = colour(mode, cols, norm)
+    if values is None:  # patch colour: its mean RGB, quantised
+        rgb = np.stack([np.nan_to_num(cols[c]) for c in ("mean_r", "mean_g", "mean_b")], 1)
+        q = np.clip(np.round(rgb * 15), 0, 15).astype(np.int32)
+        return (q[:, 0] * 256 + q[:, 1] * 16 + q[:, 2]).astype(np.int32), RGB_PALETTE, legend
+    return palette_index(values, lo, hi, len(palette)), tuple(palette), legend

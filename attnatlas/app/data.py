@@ -7,6 +7,7 @@ may run session callbacks from executor threads.
 
 from __future__ import annotations
 
+import functools
 import html
 import threading
 import unicodedata
@@ -114,6 +115,7 @@ class Head:
     trust: float
     knn: float
     placed_trust: float = float("nan")  # faithfulness of the tokens placed into this (capped) layout
+    stack: np.ndarray | None = None  # 2n: how many points of this head sit at exactly this spot (1 = alone)
 
 
 class AppData:
@@ -138,7 +140,14 @@ class AppData:
 
     # ---- validation: nothing from the browser is used unless it is one of these values ----------------
     def model(self, name: Any) -> str:
-        return name if isinstance(name, str) and name in self.models else self.models[0]
+        return name if isinstance(name, str) and name in self.models else self.default_model
+
+    @functools.cached_property
+    def default_model(self) -> str:
+        """The model with the most to show: a text model with a stored comparison, else a text model, else the first."""
+        text = [m for m in self.models if self.infos[m].modality == "text"]
+        compared = [m for m in text if self.compared_models(m)]
+        return (compared or text or list(self.models))[0]
 
     def method(self, model: str, name: Any) -> str:
         have = self.methods[model]
@@ -182,6 +191,8 @@ class AppData:
         cont = _continues_word(tok)[rows]
         cat = np.array([token_category(s, sp, c) for s, sp, c in zip(text, special, cont)], dtype=np.int8)
         display = np.array([s.replace("\u0120", "\u2423").replace("\u2581", "\u2423") for s in text], dtype=object)
+        decoded = _decoded_pieces(t, seqs)
+        display = np.where(decoded != "", decoded, display)
         ctx = self._contexts(model, t, seqs)
         cols: dict[str, np.ndarray] = {
             "token": display,
@@ -205,6 +216,42 @@ class AppData:
         point_of_row = np.full(len(tok), -1, dtype=np.int64)
         point_of_row[rows] = np.arange(n)
         return Tokens(rows, doubled, tok["sequence"].to_numpy(), point_of_row)
+
+    # ---- text search ---------------------------------------------------------------------------------------------
+    def uncased(self, model: str) -> bool:
+        """Does the tokenizer fold case and accents (uncased WordPiece)? From the recorded config when it says,
+        else from the tokens themselves: the folded text under them."""
+        attrs = self.atlas.info(model).attrs
+        for where in (attrs, attrs.get("config") or {}, attrs.get("tokenizer") or {}):
+            if isinstance(where, dict) and isinstance(where.get("do_lower_case"), bool):
+                return where["do_lower_case"]
+        return self._static.get(("uncased", model), lambda: self._looks_uncased(model))
+
+    def _looks_uncased(self, model: str) -> bool:
+        from attnatlas.app.search import looks_uncased
+
+        tok = self.atlas.tokens(model)
+        if self.modality(model) != "text" or "char_start" not in tok:
+            return False
+        texts = self.atlas.sequences(model).set_index("sequence")["text"].astype(str)
+        sample = tok[(~tok["is_special"].astype(bool)) & (tok["char_start"] >= 0)].head(5000)
+        slices = [texts.get(s, "")[a:b] for s, a, b in zip(sample["sequence"], sample["char_start"], sample["char_end"])]
+        return looks_uncased(sample["token"].astype(str).tolist(), slices)
+
+    def text_index(self, model: str) -> Any:
+        """search.TextIndex of a text model's corpus (built on the first search, then shared)."""
+        from attnatlas.app.search import build_index
+
+        def make() -> Any:
+            tok = self.atlas.tokens(model)
+            seqs = self.atlas.sequences(model)
+            texts = dict(zip(seqs["sequence"].astype(int), seqs["text"].astype(str)))
+            has = "char_start" in tok
+            return build_index(texts, tok["sequence"].to_numpy(),
+                               tok["char_start"].to_numpy().astype(np.int64) if has else None,
+                               tok["char_end"].to_numpy().astype(np.int64) if has else None, self.uncased(model))
+
+        return self._static.get(("text_index", model), make)
 
     def _contexts(self, model: str, t: pd.DataFrame, seqs: pd.DataFrame) -> np.ndarray:
         """Escaped HTML: the sequence around each token with the token in bold."""
@@ -333,7 +380,7 @@ class AppData:
         qn = np.linalg.norm(np.asarray(self.atlas.array(model, "queries")[layer, head], dtype=np.float32)[rows], axis=1)
         kn = np.linalg.norm(np.asarray(self.atlas.array(model, "keys")[layer, info.kv_head(head)], dtype=np.float32)[rows], axis=1)
         return Head(xy[:, 0].copy(), xy[:, 1].copy(), np.concatenate([qn, kn]).astype(np.float32), float(q[0]), float(q[1]),
-                    float(pq[0]))
+                    float(pq[0]), _stack_counts(xy))
 
     def has_attention(self, model: str) -> bool:
         return self.atlas.has_array(model, "attn_topk_index") and self.atlas.has_array(model, "attn_topk_weight")
@@ -390,6 +437,30 @@ class AppData:
             return pd.concat(parts, ignore_index=True)
 
         return self._results.get(("near", model, layer, head, k), make)
+
+
+def _decoded_pieces(t: pd.DataFrame, seqs: pd.DataFrame) -> np.ndarray:
+    """The text under each byte-level piece that decodes to U+FFFD alone (part of one character's bytes),
+    from its character offsets; "" where the token is shown as it is."""
+    out = np.full(len(t), "", dtype=object)
+    if "char_start" not in t or "text" not in seqs:
+        return out
+    broken = t["token"].astype(str).str.contains("\ufffd", regex=False).to_numpy() & (t["char_start"].to_numpy() >= 0)
+    texts = seqs["text"].astype(str)
+    for i in np.flatnonzero(broken):
+        text = texts.get(t["sequence"].iat[i], "")
+        out[i] = text[int(t["char_start"].iat[i]):int(t["char_end"].iat[i])]
+    return out
+
+
+def _stack_counts(xy: np.ndarray) -> np.ndarray:
+    """Points at exactly the same spot (e.g. every [CLS] key of a head): their count, for each point."""
+    pts = np.ascontiguousarray(xy, dtype=np.float32)
+    keys = pts.view(np.int64).ravel()  # the two float32 bits as one integer: a 1-D unique
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    out = counts[inverse].astype(np.int32)
+    out[~np.isfinite(pts).all(1)] = 1
+    return out
 
 
 def _continues_word(tok: pd.DataFrame) -> np.ndarray:

@@ -7,13 +7,14 @@ import html
 import numpy as np
 from bokeh.embed import file_html
 from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, Div, HoverTool, LinearColorMapper
+from bokeh.models import ColumnDataSource, Div, LinearColorMapper
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
 from bokeh.transform import transform
 
 from attnatlas.app import colors
 from attnatlas.app.data import AppData
+from attnatlas.app.hover import nearest_hover
 from attnatlas.app.safe import plain, seal
 
 
@@ -27,17 +28,15 @@ def head_layout(data: AppData, model: str, method: str, layer: int, head: int, m
     values, palette, lo, hi, legend = colors.colour(mode, t.columns, h.norm)
     if values is None:
         values, palette, lo, hi = t.columns["kind_code"].astype(np.float32), (colors.QUERY, colors.KEY), 0.0, 1.0
-    cols = {k: t.columns[k] for k in ("token", "ctx", "position", "kind", "sequence")}
-    src = ColumnDataSource(data=dict(x=h.x, y=h.y, norm=h.norm, c=values, **cols))
+    cols = {k: t.columns[k] for k in ("token", "ctx", "position", "kind", "sequence", "placed") if k in t.columns}
+    src = ColumnDataSource(data=dict(x=h.x, y=h.y, norm=h.norm, c=values, stack=h.stack, **cols))
     fig = figure(width=800, height=760, output_backend="webgl", tools="pan,wheel_zoom,box_zoom,reset,save",
                  match_aspect=True)
     fig.title.text = plain(f"{model} L{layer}H{head} ({method})")
     mapper = LinearColorMapper(palette=list(palette), low=lo, high=hi)
     r = fig.scatter("x", "y", source=src, size=4, fill_alpha=0.6, line_color=None, fill_color=transform("c", mapper))
-    from attnatlas.app.dashboard import TOOLTIPS
-
-    fig.add_tools(HoverTool(renderers=[r], tooltips=TOOLTIPS))
-    note = Div(text=f"<b>{html.escape(model)}</b> layer {layer}, head {head}, {html.escape(method)}; "
+    fig.add_tools(nearest_hover(r, hide_when_selected=False))
+    note = Div(disable_math=True, text=f"<b>{html.escape(model)}</b> layer {layer}, head {head}, {html.escape(method)}; "
                     f"trustworthiness {h.trust:.3f}<br>{legend}")
     return column(note, fig)
 

@@ -230,8 +230,12 @@ class GridView:
     reports a failed callback in the session's status line."""
 
     def __init__(self, data: AppData, on_open: Callable[[int, int], None], on_error: Callable[[str], None],
-                 on_open_model: Callable[[str, int, int], None] | None = None):
+                 on_open_model: Callable[[str, int, int], None] | None = None,
+                 make_head_map: Callable[..., Any] | None = None):
         self.data = data
+        # The head map draws its thumbnails with this module's renderer, so it is handed in (dashboard.py),
+        # not imported here: no import cycle between the two.
+        self.make_head_map = make_head_map
         self.on_open = on_open
         self.on_error = on_error
         self.on_open_model = on_open_model or (lambda model, layer, head: on_open(layer, head))
@@ -361,9 +365,11 @@ class GridView:
         """Grid or head map in the same tab; the head map is built the first time it is asked for."""
         if new == 1:
             if self.head_map is None:
-                from attnatlas.app.head_map import HeadMap
-
-                self.head_map = HeadMap(self.data, on_open=self.on_open_model, on_error=self.on_error)
+                if self.make_head_map is None:
+                    self.on_error("the head map is not available in this view")
+                    self.mode.active = 0
+                    return
+                self.head_map = self.make_head_map(self.data, on_open=self.on_open_model, on_error=self.on_error)
             self.head_map.show(self.model, self.method)
             self.panel.children = [self.mode, self.head_map.panel]
         else:
