@@ -29,4 +29,16 @@ def on_server_loaded(server_context) -> None:
         head_map.warm(data, model, data.method(model, None))
     data.tokens(first, data.method(first, None))
     server_context.attnatlas_data = data
+    if "--live" in ARGS[1:]:
+        # The worker process runs the models (torch) for "Your text"; this process never imports torch.
+        from attnatlas.live.worker import LiveWorker
+
+        server_context.attnatlas_live = LiveWorker(ARGS[0])
+        server_context.attnatlas_live.start()
     log.info("attnatlas: serving %s (%s)", ARGS[0], ", ".join(data.models))
+
+
+def on_server_unloaded(server_context) -> None:
+    worker = getattr(server_context, "attnatlas_live", None)
+    if worker is not None:
+        worker.stop()

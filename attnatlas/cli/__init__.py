@@ -16,7 +16,7 @@ from attnatlas import __version__
 from attnatlas.errors import AtlasError
 
 # Each module defines register(subparsers) and sets a `func(args) -> int | None` default.
-COMMANDS = ["extract", "info", "project", "serve", "demo", "compare", "analyze", "build", "export"]
+COMMANDS = ["extract", "info", "project", "serve", "demo", "compare", "analyze", "build", "export", "place"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show", action="store_true", help="open the dashboard in a web browser")
     p.add_argument("--allow-origin", action="append", default=[], metavar="HOST[:PORT]",
                    help="extra host allowed to open the websocket (when served behind a proxy)")
+    p.add_argument("--live", action="store_true",
+                   help="start a worker process that runs the atlas's models, so the dashboard can place your own "
+                        "text or image into every head (off by default; the dashboard itself never loads a model)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +57,8 @@ def check_listen(address: str, port: int) -> None:
             raise AtlasError(f"cannot listen on {address}:{port}: {why}; try another --address or --port.") from None
 
 
-def make_server(atlas: str, port: int = 5006, address: str = "127.0.0.1", allow_origin: list[str] | None = None):
+def make_server(atlas: str, port: int = 5006, address: str = "127.0.0.1", allow_origin: list[str] | None = None,
+                live: bool = False):
     """A started-but-not-running Bokeh server for the directory app. Checks the atlas first, so a bad path
     fails here with one clear message instead of inside the server."""
     from bokeh.application import Application
@@ -68,7 +72,7 @@ def make_server(atlas: str, port: int = 5006, address: str = "127.0.0.1", allow_
     check_listen(address, port)
     if port == 0:
         port = _free_port(address)
-    handler = DirectoryHandler(filename=str(APP_DIR), argv=[str(atlas)])
+    handler = DirectoryHandler(filename=str(APP_DIR), argv=[str(atlas), *(["--live"] if live else [])])
     if handler.failed:
         raise AtlasError(f"the dashboard app failed to load: {handler.error}")
     hosts = {f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}", *(allow_origin or [])}
@@ -81,11 +85,12 @@ def make_server(atlas: str, port: int = 5006, address: str = "127.0.0.1", allow_
 
 
 def run(args: argparse.Namespace) -> int:
-    server, port = make_server(args.atlas, args.port, args.address, args.allow_origin)
+    server, port = make_server(args.atlas, args.port, args.address, args.allow_origin, live=args.live)
     server.start()
     host = "localhost" if args.address in ("127.0.0.1", "0.0.0.0", "::") else args.address
     url = f"http://{host}:{port}/"
-    print(f"attnatlas dashboard: {url}  (Ctrl+C stops it)", flush=True)
+    live = "; live placement on (a worker process loads each model on its first request)" if args.live else ""
+    print(f"attnatlas dashboard: {url}  (Ctrl+C stops it){live}", flush=True)
     if args.show:
         server.io_loop.add_callback(server.show, "/")
     try:

@@ -1,0 +1,96 @@
+"""`attnatlas place ATLAS --model M --text "..."`: your own text (or image) in every head's stored layout.
+
+Writes a table (CSV to stdout, or --out FILE.csv / FILE.parquet): text, token, position, kind, layer,
+head, method, x, y, the new input's top-k attention, and how well each point fits the corpus. The atlas
+is only written with --save NAME, which stores the placement as a named probe set beside the corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from attnatlas.errors import InputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("place", help="place new text or an image into every head's layout",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("atlas", help="atlas folder (or URL) with projected layouts")
+    p.add_argument("--model", help="model in the atlas (default: the only one)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", metavar="TEXT", help="a text to place (repeat for several)")
+    src.add_argument("--image", action="append", metavar="PATH", help="an image file to place (repeat for several)")
+    p.add_argument("--method", help="comma list of stored methods (default: every stored one)")
+    p.add_argument("--chunk", action="store_true",
+                   help="place text over the model's token limit as windows (default: truncate it, and say so)")
+    p.add_argument("--out", help="write FILE.csv or FILE.parquet instead of CSV to stdout")
+    p.add_argument("--save", metavar="NAME", help="also store the placement in the atlas as probe set NAME")
+    p.add_argument("--overwrite", action="store_true", help="with --save: replace a probe set of that name")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.set_defaults(func=run)
+
+
+def _check_out(out: str | None) -> str | None:
+    """'csv' | 'parquet' from --out's extension, checked before any model loads."""
+    if out is None:
+        return None
+    kind = Path(out).suffix.lower().lstrip(".")
+    if kind not in ("csv", "parquet"):
+        raise InputError(f"--out {out!r}: give a .csv or .parquet file name.")
+    parent = Path(out).resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"--out {out!r}: the folder {parent} does not exist.")
+    return kind
+
+
+def _csv_ready(df):
+    """Lists (top-k attention) as space-separated values: one CSV cell each."""
+    out = df.copy()
+    for col in ("top_keys", "top_weights"):
+        if col in out:
+            out[col] = [" ".join(str(v) for v in xs) for xs in out[col]]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from attnatlas.live.place import Placer, place
+    from attnatlas.live.probes import probe_file, save_probe
+    from attnatlas.store import Atlas
+
+    kind = _check_out(args.out)
+    atlas = Atlas.open(args.atlas)
+    model = atlas.resolve_model(args.model)
+    if args.save is not None:
+        f = probe_file(atlas, model, args.save)  # the name is checked before any model loads
+        if f.is_file() and not args.overwrite:
+            raise InputError(f"{model!r} already has a probe set named {args.save!r}; choose another --save NAME "
+                             "or pass --overwrite.")
+    table = place(atlas, model, texts=args.text, images=args.image, methods=args.method, chunk=args.chunk,
+                  placer=Placer(atlas, args.device), warn=False)
+    for note in table.attrs.get("notes", []):
+        print(f"attnatlas place: note: {note}", file=sys.stderr)
+    if kind == "parquet":
+        table.to_parquet(args.out, index=False)
+    elif kind == "csv":
+        _csv_ready(table).to_csv(args.out, index=False)
+    else:
+        _csv_ready(table).to_csv(sys.stdout, index=False)
+    far = int(table["far"].sum())
+    where = f" to {args.out}" if args.out else ""
+    n_tokens = len(table[(table.kind == "query") & (table.layer == table.layer.iloc[0]) & (table["head"] == table["head"].iloc[0])
+                         & (table.method == table.method.iloc[0])])
+    heads = len(table[["layer", "head"]].drop_duplicates())
+    print(f"placed {n_tokens:,} tokens' queries and keys into {heads:,} heads x {table.method.nunique()} method(s){where}; "
+          f"{far:,} of {len(table):,} points flagged far outside the corpus (fit > {_far()})", file=sys.stderr)
+    if args.save is not None:
+        saved = save_probe(atlas, model, args.save, table, overwrite=args.overwrite)
+        print(f"saved probe set {args.save!r} as {saved}", file=sys.stderr)
+    return 0
+
+
+def _far() -> float:
+    from attnatlas.project.placement import FAR
+
+    return FAR

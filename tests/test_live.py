@@ -1,0 +1,327 @@
+"""Your own input in every head: `place`, `attnatlas place`, probe sets, and the live worker."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from attnatlas.cli import main as cli
+from attnatlas.project.placement import FAR
+from attnatlas.store import open_atlas
+from tiny_models import WORDS, save_image_model, save_text_model, write_images
+
+SKIP = {"<img", "src", "onerror", "alert", ">"}
+
+
+def corpus(n: int = 36, seed: int = 0) -> list[str]:
+    """Sentences in which no word appears twice at one position: with a tiny random model two such tokens
+    would have almost the same vectors, and "near its stored position" would mean "near its twin"."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w not in SKIP]  # 37, prime: s -> 5 s + 3 p (mod 37) is one-to-one
+    assert n <= len(words)
+    return [" ".join(words[(5 * s + 3 * p) % len(words)] for p in range(rng.randint(6, 12))) for s in range(n)]
+
+
+def fingerprint(path) -> str:
+    """Every file of the atlas, names and bytes (claim files hold no data)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".claims" not in p.parts):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def build(tmp_path, family: str = "bert", max_points: int = 20_000, name: str = "tiny"):
+    from attnatlas.extract import ExtractOptions, extract
+    from attnatlas.project import project_model
+
+    folder = save_text_model(family, tmp_path / f"{family}-weights")
+    atlas = tmp_path / f"atlas-{family}-{max_points}"
+    texts = corpus()
+    extract(atlas, str(folder), texts=texts, name=name, options=ExtractOptions(progress=False))
+    project_model(atlas, name, methods="pca", max_points=max_points, progress=False)
+    return atlas, folder, texts
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("live"))
+
+
+def nn_spacing(xy: np.ndarray) -> float:
+    """Median distance of a layout point to its nearest other point (the layout's own spacing)."""
+    xy = np.unique(xy, axis=0)  # identical points ([CLS] in layer 0) are one spot
+    d = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    return float(np.median(d.min(1)))
+
+
+def assert_lands_on_stored(atlas_path, model: str, method: str, texts: list[str], seq: int, table: pd.DataFrame) -> int:
+    """Each placed point of corpus sentence `seq` against the stored position of the same token; returns
+    how many points were compared. The median distance must be well under the layout's NN spacing."""
+    atlas = open_atlas(atlas_path)
+    tok = atlas.tokens(model)
+    rows = tok.index[tok.sequence == seq].to_numpy()
+    stored_rows = atlas.layout_rows(model, method)
+    sampled = atlas.layout_sampled(model, method)
+    n = len(stored_rows)
+    pos_of_row = {int(r): i for i, r in enumerate(stored_rows)}
+    info = atlas.info(model)
+    compared, ratios = 0, []
+    for L in range(info.n_layers):
+        for h in range(info.n_heads):
+            xy = atlas.layout_coords(model, method, L, h)
+            laid = np.concatenate([np.flatnonzero(sampled), n + np.flatnonzero(sampled)])
+            spacing = nn_spacing(xy[laid])
+            got = table[(table.layer == L) & (table["head"] == h) & (table.method == method)]
+            dists = []
+            for kind, off in (("query", 0), ("key", n)):
+                g = got[got.kind == kind].sort_values("position")
+                assert len(g) == len(rows)
+                for r, x, y in zip(rows, g.x, g.y):
+                    if int(r) in pos_of_row:  # laid out, or placed by project the same way
+                        p = off + pos_of_row[int(r)]
+                        dists.append(np.hypot(x - xy[p, 0], y - xy[p, 1]))
+            compared += len(dists)
+            ratios.append(np.median(dists) / spacing)
+    assert compared > 0
+    assert np.median(ratios) < 0.1, ratios  # well under the spacing: on their own stored points
+    assert max(ratios) < 0.5, ratios
+    return compared
+
+
+# ---- placing: a corpus sentence lands on its stored positions ---------------------------------------------------
+@pytest.mark.parametrize("family", ["bert", "llama"])  # llama: grouped-query keys, causal mask, rotary
+def test_a_corpus_sentence_lands_on_its_stored_positions(tmp_path, family):
+    from attnatlas.live import place
+
+    atlas, _, texts = build(tmp_path, family)
+    table = place(atlas, "tiny", texts[3], methods="pca")
+    info = open_atlas(atlas).info("tiny")
+    assert list(table.columns[:10]) == ["text", "sequence", "token", "position", "kind", "layer", "head", "method", "x", "y"]
+    assert {"top_keys", "top_weights", "fit", "far"} <= set(table.columns)
+    n_tok = int((open_atlas(atlas).tokens("tiny").sequence == 3).sum())
+    assert len(table) == info.n_layers * info.n_heads * 2 * n_tok
+    assert_lands_on_stored(atlas, "tiny", "pca", texts, 3, table)
+    # A corpus token sits among its neighbours as closely as corpus tokens do (fit about 1); only the
+    # corpus's own outliers are flagged.
+    assert 0.3 < table.fit.median() < 1.5 and table.far.mean() < 0.1
+
+
+def test_capped_layout_places_against_the_laid_out_sample(tmp_path):
+    """With a point cap, the head's normalisation and references are the sample's, not all tokens'."""
+    from attnatlas.live import place
+
+    atlas, _, texts = build(tmp_path, "bert", max_points=300)
+    a = open_atlas(atlas)
+    sampled = a.layout_sampled("tiny", "pca")
+    seq_of_row = a.tokens("tiny").sequence.to_numpy()[a.layout_rows("tiny", "pca")]
+    mixed = [s for s in range(len(texts)) if sampled[seq_of_row == s].any() and (~sampled[seq_of_row == s]).any()]
+    assert mixed  # a sentence with tokens both laid out and placed by project
+    table = place(atlas, "tiny", texts[mixed[0]], methods="pca")
+    assert assert_lands_on_stored(atlas, "tiny", "pca", texts, mixed[0], table) > 0
+
+
+def test_new_text_gets_top_k_attention_and_a_fit(tiny):
+    from attnatlas.live import place
+
+    atlas, _, _ = tiny
+    table = place(atlas, "tiny", ["paris said hello", "the dark river"], methods="pca")
+    assert sorted(table.text.unique()) == ["paris said hello", "the dark river"]
+    q = table[table.kind == "query"]
+    assert all(len(k) == len(w) > 0 for k, w in zip(q.top_keys, q.top_weights))
+    assert all(abs(sum(w) - 1) < 1e-2 for w, k in zip(q.top_weights, q.top_keys) if len(k) < 8)  # short: all keys
+    assert (table[table.kind == "key"].top_keys.map(len) == 0).all()
+    assert np.isfinite(table.fit).all() and (table.far == (table.fit > FAR)).all()
+
+
+# ---- the command line ---------------------------------------------------------------------------------------------
+def test_cli_writes_csv_or_parquet_and_leaves_the_atlas_as_it_was(tiny, tmp_path, capsys):
+    atlas, _, texts = tiny
+    before = fingerprint(atlas)
+    assert cli(["place", str(atlas), "--text", texts[0]]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].startswith("text,sequence,token,position,kind,layer,head,method,x,y,top_keys,top_weights")
+    assert len(lines) > 10 and "flagged far" in out.err
+    pq = tmp_path / "p.parquet"
+    assert cli(["place", str(atlas), "--model", "tiny", "--text", "the cat", "--out", str(pq)]) == 0
+    df = pd.read_parquet(pq)
+    assert set(df.kind) == {"query", "key"} and len(df) == 8 * 2 * 4  # 8 heads, [CLS] the cat [SEP]
+    assert fingerprint(atlas) == before
+
+
+def test_save_stores_a_probe_set_beside_the_corpus(tmp_path, capsys):
+    from attnatlas.live.probes import list_probes, read_probe
+
+    atlas, _, _ = build(tmp_path)
+    tokens_before = open_atlas(atlas).tokens("tiny").copy()
+    assert cli(["place", str(atlas), "--text", "anna said hello", "--save", "greeting", "--out",
+                str(tmp_path / "g.csv")]) == 0
+    a = open_atlas(atlas)
+    assert list_probes(a, "tiny") == ["greeting"]
+    assert (atlas / "models" / "tiny" / "probes" / "greeting.parquet").is_file()
+    table, meta = read_probe(a, "tiny", "greeting")
+    assert meta["texts"] == ["anna said hello"] and meta["stale"] == [] and "pca" in meta["layouts"]
+    pd.testing.assert_frame_equal(a.tokens("tiny"), tokens_before)  # the corpus is not mixed with it
+    assert not list((atlas / "models" / "tiny" / "probes").glob(".*"))  # no temp file left
+    before = fingerprint(atlas)
+    assert cli(["place", str(atlas), "--text", "x", "--save", "greeting"]) == 2
+    assert "already has a probe set" in capsys.readouterr().err
+    assert fingerprint(atlas) == before
+
+
+# ---- bad input: one message, exit code 2, the atlas unchanged ---------------------------------------------------
+def test_bad_input_gives_one_message_and_keeps_the_atlas(tmp_path, capsys):
+    atlas, folder, _ = build(tmp_path)
+    vit = save_image_model("vit", tmp_path / "vit")
+    from attnatlas.extract import ExtractOptions, extract
+    from attnatlas.project import project_model
+
+    imgs = write_images(tmp_path / "imgs", n=3)
+    extract(atlas, str(vit), images=str(imgs), name="vit", options=ExtractOptions(progress=False))
+    project_model(atlas, "vit", methods="pca", progress=False)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(next(imgs.glob("*.png")).read_bytes()[:200])
+    (tmp_path / "text.png").write_text("not an image")
+    cases = {
+        "empty text": (["--model", "tiny", "--text", "   "], "empty"),
+        "model not in the atlas": (["--model", "nope", "--text", "the cat"], "not in the atlas"),
+        "truncated image": (["--model", "vit", "--image", str(broken)], "broken.png"),
+        "text as an image": (["--model", "vit", "--image", str(tmp_path / "text.png")], "text.png"),
+        "missing image": (["--model", "vit", "--image", str(tmp_path / "none.png")], "not found"),
+        "image for a text model": (["--model", "tiny", "--image", str(broken)], "text model"),
+        "text for an image model": (["--model", "vit", "--text", "the cat"], "image model"),
+        "unknown method": (["--model", "tiny", "--text", "the cat", "--method", "umap"], "no 'umap' layouts"),
+        "bad --out": (["--model", "tiny", "--text", "the cat", "--out", str(tmp_path / "x.json")], ".csv or .parquet"),
+        "bad probe name": (["--model", "tiny", "--text", "the cat", "--save", "../x"], "Invalid probe name"),
+    }
+    before = fingerprint(atlas)
+    capsys.readouterr()  # what setting up printed
+    for case, (args, needle) in cases.items():
+        code = cli(["place", str(atlas), *args])
+        err = capsys.readouterr().err
+        assert code == 2, (case, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (case, err)
+        assert needle in err, (case, err)
+        assert fingerprint(atlas) == before, case
+    # Weights that cannot be loaded here (the model folder is gone): one message, nothing written.
+    folder.rename(tmp_path / "moved")
+    capsys.readouterr()
+    code = cli(["place", str(atlas), "--model", "tiny", "--text", "the cat"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be loaded here" in err and len(err.strip().splitlines()) == 1, err
+    assert fingerprint(atlas) == before
+
+
+def test_over_long_text_is_truncated_or_chunked_and_says_so(tiny, capsys):
+    atlas, _, _ = tiny
+    long = " ".join(["the cat sat on a mat"] * 20)  # 120 words, the tiny model takes 64 positions
+    before = fingerprint(atlas)
+    assert cli(["place", str(atlas), "--text", long, "--method", "pca"]) == 0
+    out = capsys.readouterr()
+    assert "truncated to 64" in out.err and "--chunk" in out.err
+    df = pd.read_csv(__import__("io").StringIO(out.out))
+    assert df.position.max() == 63
+    assert cli(["place", str(atlas), "--text", long, "--chunk"]) == 0
+    out = capsys.readouterr()
+    assert "windows" in out.err
+    df = pd.read_csv(__import__("io").StringIO(out.out))
+    assert df.sequence.nunique() >= 2 and df.position.max() <= 63
+    words = df[(df.kind == "query") & (df.layer == 0) & (df["head"] == 0) & ~df.token.isin(["[CLS]", "[SEP]"])]
+    assert len(words) == 120  # every word placed, none lost between windows
+    assert fingerprint(atlas) == before
+
+
+def test_an_image_is_placed_into_an_image_model(tmp_path):
+    from attnatlas.extract import ExtractOptions, extract
+    from attnatlas.live import place
+    from attnatlas.live.encode import read_image_bytes
+    from attnatlas.project import project_model
+
+    vit = save_image_model("vit", tmp_path / "vit")
+    imgs = write_images(tmp_path / "imgs", n=3)
+    atlas = tmp_path / "a"
+    extract(atlas, str(vit), images=str(imgs), name="vit", options=ExtractOptions(progress=False))
+    project_model(atlas, "vit", methods="pca", progress=False)
+    first = sorted(imgs.iterdir())[0]
+    table = place(atlas, "vit", images=read_image_bytes(first.read_bytes(), first.name))
+    assert table.text.unique().tolist() == [first.name]
+    assert set(table.token) >= {"[CLS]", "patch 0,0"}
+    assert_lands_on_stored(atlas, "vit", "pca", [], 0, table)
+
+
+# ---- the live worker ----------------------------------------------------------------------------------------------
+def test_worker_places_and_survives_its_own_death(tiny):
+    from attnatlas.live.worker import LiveError, LiveWorker
+
+    atlas, _, texts = tiny
+    w = LiveWorker(str(atlas))
+    try:
+        w.start()
+        first_pid = w.pid
+        # Killed mid-request (while it loads torch and the model): one message, then a fresh worker.
+        err: list[str] = []
+
+        def ask() -> None:
+            try:
+                w.request({"op": "place", "model": "tiny", "method": "pca", "text": texts[1]})
+            except LiveError as exc:
+                err.append(str(exc))
+
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(1.0)
+        os.kill(first_pid, signal.SIGKILL)
+        t.join(60)
+        assert err and "stopped" in err[0] and "restarted" in err[0], err
+        r = w.request({"op": "place", "model": "tiny", "method": "pca", "text": texts[1]})
+        assert w.pid != first_pid and w.restarts == 1
+        assert r["first_load"] and r["seconds"]["load"] > 0
+        n = len(r["tokens"])
+        assert len(r["cols"]["x"]) == 8 * 2 * n and np.isfinite(r["cols"]["x"]).all()
+        again = w.request({"op": "place", "model": "tiny", "method": "pca", "text": "anna said hello"})
+        assert not again["first_load"]
+        with pytest.raises(LiveError, match="empty"):
+            w.request({"op": "place", "model": "tiny", "method": "pca", "text": " "})
+        with pytest.raises(LiveError, match="not in the atlas"):
+            w.request({"op": "place", "model": "other", "method": "pca", "text": "the cat"})
+        assert w.request({"op": "place", "model": "tiny", "method": "pca", "text": "the cat"})["ok"]  # still usable
+    finally:
+        w.stop()
+    assert not w.alive
+
+
+def test_worker_module_and_live_view_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import attnatlas.live.worker, attnatlas.live.reference, attnatlas.live.probes, "
+            "attnatlas.app.live_view; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+# ---- real weights -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_minilm_corpus_sentence_lands_on_its_stored_positions(tmp_path):
+    from attnatlas.extract import ExtractOptions, extract
+    from attnatlas.live import place
+    from attnatlas.project import project_model
+
+    lines = [s for s in (open(os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "demo.txt"))
+                         .read().splitlines()) if s.strip()][:40]
+    atlas = tmp_path / "real"
+    extract(atlas, "minilm", texts=lines, options=ExtractOptions(progress=False))
+    project_model(atlas, "minilm", methods="pca", progress=False)
+    table = place(atlas, "minilm", lines[7], methods="pca")
+    assert assert_lands_on_stored(atlas, "minilm", "pca", lines, 7, table) > 0
+    assert not table.far.any()
