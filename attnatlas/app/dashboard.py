@@ -256,6 +256,6 @@ def build_document(doc: Document, data: AppData, args: dict[str, Any] | None = N
     """Fill `doc` with a fresh dashboard; used by main.py and by tests."""
     dash = Dashboard(data, args)
     from attnatlas.app.live_view import compose
-    pass  # compose(dash, doc)  # the "Your text" box and its markers in the head view (serve --live)
+    compose(dash, doc)  # the "Your text" box and its markers in the head view (serve --live)
     dash.attach(doc)
     return dash
