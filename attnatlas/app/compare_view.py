@@ -184,11 +184,13 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     table_src = ColumnDataSource(tbl)
     view = CDSView(filter=BooleanFilter([True] * len(tbl["model"])))
     fmt = NumberFormatter(format="0.000")
-    columns = [TableColumn(field="model", title="model"), TableColumn(field="layer", title="layer"),
-               TableColumn(field="head", title="head")]
-    columns += [TableColumn(field=f, title=f, formatter=fmt) for f in HEAD_FIELDS] + [TableColumn(field="note", title="note")]
+    # Each column as wide as its header (7 px a character), the table scrolling sideways: no header is cut.
+    columns = [TableColumn(field="model", title="model", width=110), TableColumn(field="layer", title="layer", width=50),
+               TableColumn(field="head", title="head", width=50)]
+    columns += [TableColumn(field=f, title=f, formatter=fmt, width=max(60, 7 * len(f) + 16)) for f in HEAD_FIELDS]
+    columns += [TableColumn(field="note", title="note", width=200)]
     table = DataTable(source=table_src, columns=columns, view=view, sortable=True, width=1200, height=300,
-                      index_position=None, reorderable=False, name="compare-table")
+                      autosize_mode="none", index_position=None, reorderable=False, name="compare-table")
     slider = RangeSlider(title=f"filter {metric}", start=lo, end=hi, value=(lo, hi), step=(hi - lo) / 100, width=300)
     which = Select(title="model", value="both", options=["both", a, b])
     filt = CustomJS(args=dict(table_src=table_src, metric=metric_sel, slider=slider, which=which, view=view), code=FILTER_JS)

@@ -146,6 +146,12 @@ def sequence_html(data: Any, model: str, seq: int, row_: int, weights: dict[int,
     return where + '<div style="line-height:1.7;white-space:pre-wrap;overflow-wrap:anywhere">' + "".join(out) + "</div>"
 
 
+def image_name_html(path: str) -> str:
+    """An image's file as its name, the full path on hover: the same form wherever an image is named."""
+    name = path.rstrip("/").rsplit("/", 1)[-1] or path  # "/" only: a backslash may be part of a file name
+    return f'<span title="{html.escape(path)}">{html.escape(name)}</span>'
+
+
 def attention_of(data: AppData, model: str, layer: int, head: int, row_: int, is_query: bool) -> dict[int, float]:
     """Token row -> stored top-k weight, of the keys a query attends to or the queries that attend to a key."""
     if not data.has_attention(model):
@@ -512,7 +518,7 @@ class HeadView:
         below = f"; {hidden} weaker than {LINE_MIN_WEIGHT:g} (or outside the layout) are shaded only" if hidden else ""
         head = f"<b>{what}</b> in sequence {seq}; shading: {other} (top-k, L{p.layer}H{p.head}){below}{note}<br>"
         if image:
-            self.sequence.text = head + html.escape(str(self.data.sequence_info(p.model, seq).get("text", "")))
+            self.sequence.text = head + image_name_html(str(self.data.sequence_info(p.model, seq).get("text", "")))
             self._draw_image(seq, row_, weights)
         else:
             self.sequence.text = head + sequence_html(self.data, p.model, seq, row_, weights)
@@ -523,8 +529,8 @@ class HeadView:
         if len(seqs):
             seq = int(seqs["sequence"].iat[0])
             self._draw_image(seq, -1, {})
-            self.sequence.text = (f"Image {seq} ({html.escape(str(seqs['text'].iat[0]))}) is shown until you click a point; "
-                                  "a click shows its image and where it attends.")
+            self.sequence.text = (f"Image {seq} ({image_name_html(str(seqs['text'].iat[0]))}) is shown until you click a "
+                                  "point; a click shows its image and where it attends.")
 
     def _draw_image(self, seq: int, row_: int, weights: dict[int, float]) -> None:
         img = self.data.image(self.place.model, seq)

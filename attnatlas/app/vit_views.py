@@ -70,6 +70,19 @@ def _patch_index(atlas: Atlas, model: str, sequence: int) -> np.ndarray:
     return t.position.to_numpy()[order]
 
 
+def _legend_outside(fig, width: int = 150) -> None:
+    """The legend to the right of the plot, never over its bars and lines; the figure widens to make room."""
+    if not fig.legend:
+        return
+    legend = fig.legend[0]
+    fig.center = [r for r in fig.center if r is not legend]
+    legend.location = "top_left"
+    legend.label_text_font_size = "10px"
+    legend.click_policy = "hide"
+    fig.add_layout(legend, "right")
+    fig.width = fig.width + width
+
+
 def build_patch_similarity(atlas: Atlas, model: str, sequence: int = 0, position: int | None = None):
     """Click a patch: cosine similarity of its hidden state to every patch of the image; slider = layer."""
     require_image(atlas, model, "Patch similarity")
@@ -181,7 +194,7 @@ def build_layer_embeddings(atlas: Atlas, model: str):
     for i, (name, metric) in enumerate((lb, m) for lb in labels for m in ("silhouette", "purity")):
         g = quality[quality.label == name].sort_values("layer")
         q.line(g.layer, g[metric], color=Category10_10[i], legend_label=f"{metric} ({name})", line_dash="solid" if metric == "purity" else "dashed")
-    q.legend.location = "bottom_left"
+    _legend_outside(q)
     slider.on_change("value", redraw)
     colour_by.on_change("value", redraw)
     redraw(None, None, None)
@@ -196,7 +209,7 @@ def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
     bar = figure(width=460, height=280, title="label kinds per layer (share of neurons)", x_axis_label="layer", tools="hover")
     bar.vbar_stack(kinds, x="layer", width=0.8, source=ColumnDataSource(summary.reset_index()),
                    color=[Category10_10[i] for i in range(len(kinds))], legend_label=kinds)
-    bar.legend.location = "top_left"
+    _legend_outside(bar)
     layer_sel = Slider(title="layer", start=0, end=int(labels.layer.max()), value=layer, step=1)
     neuron_sel = Select(title="neuron", options=[], value="")
     detail = Div(text="")
@@ -249,6 +262,7 @@ def build_overview(atlas: Atlas, model: str, layer: int = 0, head: int = 0, seq:
     fig.line("dim", "q", source=vec, color=Category10_10[0], legend_label="q")
     fig.line("dim", "k", source=vec, color=Category10_10[1], legend_label="k")
     fig.vbar(x="dim", top="qk", width=0.8, source=vec, color=Category10_10[2], alpha=ALPHA, legend_label="q x k")
+    _legend_outside(fig)
     n = len(m.softmax)
     raw = [str(t) for t in m.tokens]  # plot titles and plain hover fields are text: Bokeh escapes them
     toks = [html.escape(t) for t in raw]  # for the Div below, which is HTML
