@@ -325,3 +325,130 @@ def test_real_minilm_corpus_sentence_lands_on_its_stored_positions(tmp_path):
     table = place(atlas, "minilm", lines[7], methods="pca")
     assert assert_lands_on_stored(atlas, "minilm", "pca", lines, 7, table) > 0
     assert not table.far.any()
+
+
+# ---- in the browser -----------------------------------------------------------------------------------------------
+SHADOW_FIND = """
+const want = arguments[0], text = arguments[1]
+const walk = (root) => {
+  for (const el of root.querySelectorAll('*')) {
+    if (el.tagName === want && (!text || el.textContent.trim() === text)) return el
+    if (el.shadowRoot) { const hit = walk(el.shadowRoot); if (hit) return hit }
+  }
+  return null
+}
+const el = walk(document)
+if (!el) return false
+if (arguments[2] === 'click') { el.click() }
+else if (arguments[2] === 'blur') { el.dispatchEvent(new Event('change', {bubbles: true})); el.blur() }
+else { el.focus(); if (arguments[2] === 'clear') el.value = '' }
+return true
+"""
+
+
+def serve_live(atlas, timeout: float = 90.0, live: bool = True):
+    """`attnatlas serve ATLAS --live` on loopback (a context manager yielding the base URL)."""
+    import contextlib
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from test_browser import free_port
+
+    @contextlib.contextmanager
+    def run():
+        port = free_port()
+        log = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "attnatlas", "serve", str(atlas), "--port", str(port), *(["--live"] if live else [])]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            end = time.time() + timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"attnatlas serve exited: {log.read().decode(errors='replace')}")
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                if time.time() > end:
+                    raise TimeoutError("attnatlas serve did not start")
+                time.sleep(0.1)
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+    return run()
+
+
+def type_and_place(driver, text: str) -> None:
+    """Type into the "Your text" box and press its button, as a user does."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    assert driver.execute_script(SHADOW_FIND, "TEXTAREA", None, "clear")
+    ActionChains(driver).send_keys(text).perform()
+    assert driver.execute_script(SHADOW_FIND, "TEXTAREA", None, "blur")  # Bokeh sends the value on change
+    assert driver.execute_script(SHADOW_FIND, "BUTTON", "Place into every head", "click")
+
+
+@pytest.mark.browser
+def test_browser_types_a_sentence_and_sees_its_markers(tiny):
+    from test_browser import CHROMEDRIVER, CHROMIUM, IDLE, MODEL, make_driver, wait_js
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs chromium and chromedriver")
+    atlas, _, _ = tiny
+    hostile = "anna said <img src=x onerror=alert(1)> $$x$$"
+    with serve_live(atlas) as url:
+        driver = make_driver()
+        try:
+            driver.get(url + "?model=tiny&method=pca&layer=1&head=2")
+            wait_js(driver, f"{IDLE} && {MODEL.format('live_text')} != null", 60)
+            type_and_place(driver, hostile)
+            try:
+                n = wait_js(driver, f"{MODEL.format('live_points')}.data.x.length", 120)
+            except TimeoutError:
+                raise AssertionError(driver.execute_script(f"return {MODEL.format('live_status')}.text")) from None
+            status = driver.execute_script(f"return {MODEL.format('live_status')}.text")
+            assert "Placed" in status, status
+            tokens = driver.execute_script(f"return {MODEL.format('live_points')}.data.token")
+            assert n == len(tokens) and "anna" in tokens and ">" in tokens
+            # Drawn: the markers' renderer has a view with as many points, on top of the corpus.
+            drawn = wait_js(driver, f"Bokeh.index.find_one({MODEL.format('live_markers')}) && "
+                                    f"Bokeh.index.find_one({MODEL.format('live_markers')}).glyph.sx.length")
+            assert drawn == n
+            fit = driver.execute_script(f"return {MODEL.format('live_fit')}.text")
+            assert "<b>&gt;</b>" in fit and "<img" not in fit  # the user's tokens are escaped in the table
+            # Stepping to the next head keeps them (drawn from what the one request returned).
+            assert driver.execute_script(SHADOW_FIND, "BUTTON", "head \u25b6", "click")
+            wait_js(driver, f"{MODEL.format('head_select')}.value == '3'")
+            xs = wait_js(driver, f"{IDLE} && {MODEL.format('live_points')}.data.x.length == {n} && "
+                                 f"{MODEL.format('live_fit')}.text.includes('L1H3')")
+            assert xs
+            # An empty box: one message, the session stays usable.
+            type_and_place(driver, "   ")
+            wait_js(driver, f"{MODEL.format('live_status')}.text.includes('empty')")
+        finally:
+            driver.quit()
+
+
+@pytest.mark.browser
+def test_without_live_the_box_says_how_to_turn_it_on(tiny):
+    from test_browser import CHROMEDRIVER, CHROMIUM, IDLE, MODEL, make_driver, wait_js
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs chromium and chromedriver")
+    atlas, _, _ = tiny
+    with serve_live(atlas, live=False) as url:
+        driver = make_driver()
+        try:
+            driver.get(url + "?model=tiny&method=pca&layer=0&head=0")
+            status = wait_js(driver, f"{IDLE} && {MODEL.format('live_status')}.text", 60)
+            assert "--live" in status and not driver.execute_script(f"return {MODEL.format('live_text')}.visible")
+        finally:
+            driver.quit()
