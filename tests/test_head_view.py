@@ -420,3 +420,53 @@ def test_importing_the_views_loads_no_module_that_imports_them_back():
     graph = _app_imports()
     back = [m for m in out if "attnatlas.app.views" in graph.get(m, set()) and m != "attnatlas.app.views"]
     assert not back, back
+
+
+# ---- search over text, without a browser ------------------------------------------------------------------------
+def _index(texts: list[str], split, uncased: bool):
+    from attnatlas.app.search import build_index
+
+    seq, start, end, toks = [], [], [], []
+    for s, text in enumerate(texts):
+        for tok, a, b in split(text):
+            seq.append(s), start.append(a), end.append(b), toks.append(tok)
+    return build_index(dict(enumerate(texts)), np.array(seq), np.array(start), np.array(end), uncased), toks
+
+
+def test_folded_search_keeps_offsets_aligned():
+    from attnatlas.app.search import find, looks_uncased
+
+    texts = ["한 \u0301 İstanbul und Müller", "STRASSE Straße", "x"]
+    index, toks = _index(texts, _wordpiece, uncased=True)
+    assert looks_uncased([t for t in toks], [texts[0][a:b] for _, a, b in _wordpiece(texts[0])])
+    # "한" folds to three characters (its jamo) and a lone accent to none: later matches still land on their tokens
+    hit = find(index, "müller", "substring")
+    assert [toks[i] for i in hit.rows] == ["mull", "##er"] and hit.n_matches == 1
+    assert [toks[i] for i in find(index, "ISTANBUL", "whole word").rows] == ["ista", "##nbul"]
+    assert find(index, "und m", "substring").n_matches == 1  # across tokens
+    assert find(index, "x\x00", "regex").n_matches == 0 and find(index, "ul u", "substring").n_matches == 1
+    assert find(index, "l\\W+u", "regex").n_matches == 1  # escapes are not lower-cased away
+
+
+def test_cased_search_is_exact_and_never_spans_two_sequences():
+    from attnatlas.app.search import find
+
+    index, toks = _index(["Bank bank", "bank"], _byte_level, uncased=False)
+    assert find(index, "bank", "substring").n_matches == 2
+    assert find(index, "Bank", "whole word").n_matches == 1
+    assert find(index, "bank.bank", "regex").n_matches == 0  # the sequence boundary is not text
+
+
+def test_bad_and_catastrophic_patterns_give_one_message():
+    from attnatlas.app import search
+
+    index, _ = _index(["a" * 5000 + "b"], _byte_level, uncased=False)
+    bad = search.find(index, "(unclosed", "regex")
+    assert "Not a valid regular expression" in bad.error and not len(bad.rows)
+    long = search.find(index, "a" * (search.MAX_QUERY + 1), "substring")
+    assert "over" in long.error
+    t0 = time.time()
+    slow = search.find(index, "(a|aa)+c", "regex")  # exponential backtracking on 5,000 a's
+    assert time.time() - t0 < search.REGEX_SECONDS + 2 and "stopped" in slow.error
+    many = search.find(index, "a", "regex")
+    assert many.n_matches == 5000 and not many.error
