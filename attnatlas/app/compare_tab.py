@@ -44,7 +44,7 @@ class CompareTab:
         res = self.data.compare_result(a, b)
         if res is None:
             return message(f"No comparison of {a} and {b} is stored in this atlas. Run `attnatlas compare "
-                           f"{self.data.path} --models {a} {b} --out DIR`, then open this tab again.")
+                           f"{self.data.shown_path} --models {a} {b} --out DIR`, then open this tab again.")
         from attnatlas.app.compare_view import build_compare_view  # its figures load on first use
 
         return guarded_build("compare", build_compare_view, self.data.atlas, a, b, result=res)

@@ -125,6 +125,8 @@ class AppData:
         self.path = str(path)
         self.backend = backend if backend in ("webgl", "canvas") else "canvas"  # Bokeh output_backend of the scatters
         self.atlas = Atlas.open(self.path)
+        # The atlas as every message names it (the analyses' messages too): its resolved location.
+        self.shown_path = str(self.atlas.path)
         self.models: tuple[str, ...] = tuple(m for m in self.atlas.models if self.atlas.layout_methods(m))
         if not self.models:
             raise StoreError(f"The atlas {self.path} has no projected model yet; run `attnatlas project {self.path}`.")

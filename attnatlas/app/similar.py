@@ -27,7 +27,7 @@ def similar_heads_html(data: Any, model: str, layer: int, head: int, method: str
             # compare needs common inputs, so a partner must be of the same modality
             return (f"<small><b>Similar heads:</b> none stored; add another {html.escape(kind)} model over the same "
                     f"inputs, then run <code>attnatlas compare</code>.</small>")
-        cmd = f"attnatlas compare {data.path} --models {model} {other} --out DIR"
+        cmd = f"attnatlas compare {data.shown_path} --models {model} {other} --out DIR"
         return f"<small><b>Similar heads:</b> none stored; run <code>{html.escape(cmd)}</code>.</small>"
     parts = []
     for measure, label in (("pattern", "attention-pattern similarity"), ("profile", "metric-profile similarity")):
