@@ -491,6 +491,12 @@ def test_math_panel_follows_head_and_clicked_token(vit_path):
     seq, pos = int(tok.sequence.iat[row_]), int(tok.position.iat[row_])
     assert (dash.math_panel.seq, dash.math_panel.sel_i.value) == (seq, str(pos))
     srow = [s for s in dash.math_panel.body.children[0].select({"type": ColumnDataSource}) if "p" in s.data][0]
+    from bokeh.models import Legend
+    from bokeh.plotting import figure as Figure
+
+    figs = [f for f in dash.math_panel.body.children[0].select({"type": Figure}) if f.select({"type": Legend})]
+    assert figs and all(isinstance(r, Legend) for f in figs for r in f.right if r in f.select({"type": Legend}))
+    assert not [r for f in figs for r in f.center if isinstance(r, Legend)]  # no legend over the bars and lines
     np.testing.assert_allclose(srow.data["p"], overview.head_math(data.atlas, dash.model, 1, 2, seq, pos, 0).softmax)
     j = int(dash.math_panel.sel_j.value)
     assert srow.data["p"][j] == pytest.approx(max(srow.data["p"]), rel=1e-3)  # the key of the top-k line
