@@ -25,15 +25,14 @@ def head_layout(data: AppData, model: str, method: str, layer: int, head: int, m
     layer, head = data.clamp(model, layer, head)
     t = data.tokens(model, method)
     h = data.head(model, method, layer, head)
-    values, palette, lo, hi, legend = colors.colour(mode, t.columns, h.norm)
-    if values is None:
-        values, palette, lo, hi = t.columns["kind_code"].astype(np.float32), (colors.QUERY, colors.KEY), 0.0, 1.0
+    index, palette, legend = colors.indexed(mode, t.columns, h.norm)  # patch colours too, as the dashboard shows them
+    values = index.astype(np.float32) + 0.5
     cols = {k: t.columns[k] for k in ("token", "ctx", "position", "kind", "sequence", "placed") if k in t.columns}
     src = ColumnDataSource(data=dict(x=h.x, y=h.y, norm=h.norm, c=values, stack=h.stack, **cols))
     fig = figure(width=800, height=760, output_backend="webgl", tools="pan,wheel_zoom,box_zoom,reset,save",
                  match_aspect=True)
     fig.title.text = plain(f"{model} L{layer}H{head} ({method})")
-    mapper = LinearColorMapper(palette=list(palette), low=lo, high=hi)
+    mapper = LinearColorMapper(palette=list(palette), low=0, high=len(palette))
     r = fig.scatter("x", "y", source=src, size=4, fill_alpha=0.6, line_color=None, fill_color=transform("c", mapper))
     fig.add_tools(nearest_hover(r, hide_when_selected=False))
     note = Div(disable_math=True, text=f"<b>{html.escape(model)}</b> layer {layer}, head {head}, {html.escape(method)}; "
