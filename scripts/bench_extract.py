@@ -80,6 +80,19 @@ def child(args: argparse.Namespace) -> None:
                       "seconds": round(seconds, 2)}))
 
 
+def wait_quiet(limit_s: float) -> float:
+    """Wait (up to limit_s) until no other process is running for 1 s, so that a timing pair is not
+    shared with another job's burst on a shared machine; returns the seconds waited."""
+    start = time.perf_counter()
+    calm = 0
+    while time.perf_counter() - start < limit_s and calm < 10:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])  # runnable right now, this reader included
+        calm = calm + 1 if running <= 1 else 0
+        time.sleep(0.1)
+    return time.perf_counter() - start
+
+
 def bench_model(model: str, texts: list[str], args: argparse.Namespace) -> dict:
     """Plain forward vs extraction (q and k stored) of one model, alternating, `args.repeats` times each."""
     loaded = load_model(model)
@@ -89,7 +102,10 @@ def bench_model(model: str, texts: list[str], args: argparse.Namespace) -> dict:
     # Wall time, and this process's CPU time: on a machine shared with other jobs the wall clock also
     # counts their load, CPU time mostly does not.
     plain, ours, plain_cpu, ours_cpu = [], [], [], []
+    waited = 0.0
     for _ in range(args.repeats):
+        if args.wait_quiet:
+            waited += wait_quiet(args.wait_quiet)
         t, c = time.perf_counter(), time.process_time()
         plain_forward(loaded, texts, args.batch_size, max_len)
         plain.append(time.perf_counter() - t)
@@ -100,6 +116,8 @@ def bench_model(model: str, texts: list[str], args: argparse.Namespace) -> dict:
         ours.append(time.perf_counter() - t)
         ours_cpu.append(time.process_time() - c)
         shutil.rmtree(out.parent)
+        if args.wait_quiet:
+            waited += wait_quiet(args.wait_quiet)
     p, o = statistics.median(plain), statistics.median(ours)
     pc, oc = statistics.median(plain_cpu), statistics.median(ours_cpu)
     print(f"model {model}, {len(texts)} sequences, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
@@ -108,7 +126,8 @@ def bench_model(model: str, texts: list[str], args: argparse.Namespace) -> dict:
     print(f"                   cpu  {pc:7.2f} s  runs {[round(x, 2) for x in plain_cpu]}")
     print(f"  extract + store  wall {o:7.2f} s  runs {[round(x, 2) for x in ours]}")
     print(f"                   cpu  {oc:7.2f} s  runs {[round(x, 2) for x in ours_cpu]}")
-    print(f"  ratio extract/forward  wall {o / p:.3f}x, cpu {oc / pc:.3f}x  (target <= 1.15x)", flush=True)
+    print(f"  ratio extract/forward  wall {o / p:.3f}x, cpu {oc / pc:.3f}x  (target <= 1.15x)"
+          + (f"; waited {waited:.0f} s for a quiet machine" if args.wait_quiet else ""), flush=True)
     del loaded
     return {"model": model, "plain_s": plain, "extract_s": ours, "plain_cpu_s": plain_cpu, "extract_cpu_s": ours_cpu,
             "ratio": o / p, "ratio_cpu": oc / pc}
@@ -128,6 +147,8 @@ def main() -> None:
     ap.add_argument("--memory-source", default="txt", choices=["txt", "datasets"],
                     help="feed the --memory runs a list of lines, or the same lines as a saved Hugging Face dataset")
     ap.add_argument("--json", default=None, help="also write the timings here")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                    help="before each timed run wait up to S seconds until no other process runs (shared machines)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     models = [args.model] if args.model else args.models.split(",")
