@@ -452,3 +452,69 @@ def test_without_live_the_box_says_how_to_turn_it_on(tiny):
             assert "--live" in status and not driver.execute_script(f"return {MODEL.format('live_text')}.visible")
         finally:
             driver.quit()
+
+
+# ---- the dashboard's view, without a browser -------------------------------------------------------------------
+class FakeWorker:
+    """Answers like the live worker; `fail` makes the next request fail as a worker that died would."""
+
+    def __init__(self, atlas):
+        from attnatlas.live import Placer
+
+        self.placer, self.fail, self.calls = Placer(atlas), None, 0
+
+    def request(self, payload):
+        from attnatlas.errors import AtlasError
+        from attnatlas.live.worker import LiveError, handle
+
+        self.calls += 1
+        if self.fail:
+            msg, self.fail = self.fail, None
+            raise LiveError(msg)
+        try:
+            return {"ok": True, **handle(self.placer, payload)}
+        except AtlasError as exc:
+            raise LiveError(str(exc)) from None
+
+
+def test_live_view_draws_keeps_and_recovers(tiny):
+    from bokeh.document import Document
+    from bokeh.models import Div
+
+    from attnatlas.app.data import AppData
+    from attnatlas.app.dashboard import build_document
+    from attnatlas.app.live_view import OFF_TEXT
+
+    atlas, _, texts = tiny
+    dash = build_document(Document(), AppData(str(atlas)), {"model": [b"tiny"], "layer": [b"1"], "head": [b"2"]})
+    view = dash.live_view
+    assert view.status.text == OFF_TEXT and not view.text.visible  # no worker: the box says how to turn it on
+    assert all(m.disable_math for m in view.panel.references() if isinstance(m, Div))
+    view.worker = FakeWorker(atlas)
+    view._set_mode()
+    view.text.value = "anna said <b>hello</b>"
+    view._on_place()
+    n = len(view.src.data["x"])
+    assert n > 0 and set(view.src.data["kind"]) == {"query", "key"} and "Placed" in view.status.text
+    assert "<b>&gt;</b>" in view.fit_table.text and "hello" not in view.status.text  # tokens escaped in the table
+    q = np.array(view.src.data["kind"]) == "query"
+    assert len(view.line_src.data["x0"]) > 0  # the new input's own attention lines
+    xy_before = np.array(view.src.data["x"]).copy()
+    dash.head_view.step("next_head")  # L1H3: drawn from the same answer, no new request
+    assert view.worker.calls == 1 and len(view.src.data["x"]) == n and not np.allclose(view.src.data["x"], xy_before)
+    assert "L1H3" in view.fit_table.text and q.sum() == n // 2
+    # The worker dies mid-request: one message, the box works again, the last markers stay.
+    view.worker.fail = "The live worker stopped (exit code -9) while placing your input; it is restarted on the next request."
+    view._on_place()
+    assert "stopped" in view.status.text and "color:#b00" in view.status.text and not view.button.disabled
+    assert len(view.src.data["x"]) == n
+    view.text.value = texts[2]
+    view._on_place()
+    assert "Placed" in view.status.text and view.worker.calls == 3
+    view.text.value = "  "
+    view._on_place()
+    assert "empty" in view.status.text and view.worker.calls == 3  # caught before any request
+    # Markers of another projection are never drawn over this one (the dashboard calls follow on a switch).
+    view.result["method"] = "tsne"
+    view.follow()
+    assert view.result is None and len(view.src.data["x"]) == 0 and "again" in view.status.text
