@@ -1,7 +1,7 @@
 """One browser session of the dashboard: the header, the tabs and the URL, composing the views.
 
 `Dashboard(data, args)` builds fresh Bokeh models for one document; nothing here is shared between
-sessions except the read-only `AppData`. Each view lives in its own module (grid_view, head_view,
+sessions except the read-only `AppData`. Each view lives in its own module (grid_tab, head_view,
 compare_tab, vit_tab, math_view) behind `view.View`; they share the session's `view.Place` and call back
 here, and no view imports this module. Every value that arrives from the browser (URL arguments, widget
 values) is checked against the atlas's own lists before use.
@@ -20,8 +20,7 @@ from bokeh.models import CustomJS, Div, Select, TabPanel, Tabs
 
 from attnatlas.app import views
 from attnatlas.app.data import AppData
-from attnatlas.app.grid_view import GridView
-from attnatlas.app.head_map import HeadMap
+from attnatlas.app.grid_tab import GridTab
 from attnatlas.app.head_view import CUT_PREVIEW_CHARS, HeadView, sequence_html  # noqa: F401 - importable from here
 from attnatlas.app.hover import TOOLTIPS  # noqa: F401 - importable from here
 from attnatlas.app.view import Place, View, guarded
@@ -108,10 +107,9 @@ class Dashboard:
         self.url = Div(text="", visible=False, render_as_text=True, name="url_state", disable_math=True)
         self.url.js_on_change("text", CustomJS(code=URL_JS))
 
-        self.grid = GridView(d, on_open=self.open_head, on_error=self.report_error, on_open_model=self.open_model_head,
-                             make_head_map=HeadMap)
-        self.grid_panel = self.grid.panel
-        self.grid.show(self.model, self.method)
+        self.grid_tab = GridTab(d, self.place, on_open=self.open_head, on_open_model=self.open_model_head,
+                                on_error=self.report_error)
+        self.grid, self.grid_panel = self.grid_tab.grid, self.grid_tab.root
         self.head_view = HeadView(d, self.place, on_change=self._on_head_change, on_error=self.report_error)
         self.head_panel = self.head_view.root
         # The head view joins the document when first opened: a smaller first page that draws sooner.
@@ -215,7 +213,7 @@ class Dashboard:
         finally:
             self._busy = False
         self.head_view.set_model()
-        self.grid.show(p.model, p.method)
+        self.grid_tab.update()
         p.layer, p.head = 0, 0
         if self.tabs.active == 1:
             self.show_head(0, 0)
@@ -230,7 +228,7 @@ class Dashboard:
         p.method = self.data.method(p.model, new)
         p.selected = None
         self.head_view.src.selected.indices = []
-        self.grid.show(p.model, p.method)
+        self.grid_tab.update()
         if self.tabs.active == 1 or self.head_view.loaded:
             self.show_head(p.layer, p.head)
         self._sync_url()
