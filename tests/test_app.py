@@ -177,7 +177,7 @@ def test_search_counts_highlights_and_dims(data):
     hits = np.array(["cat" in s.lower() for s in tok[:n]])
     assert f"{hits.sum()} matching tokens" in dash.search_count.text
     assert (alpha[:n][hits] == 1.0).all() and (alpha[:n][~hits] < 0.1).all()
-    dash.search_mode.active = 1  # exact
+    dash.search_mode.active = 1  # whole word
     dash.search.value = "a"
     assert f"{int((tok[:n] == 'a').sum())} matching tokens" in dash.search_count.text
     dash.search.value = ""

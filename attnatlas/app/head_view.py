@@ -516,7 +516,8 @@ class HeadView:
         other = "keys it attends to" if is_query else "queries that attend to it"
         hidden = len(weights) - len(strong)
         below = f"; {hidden} weaker than {LINE_MIN_WEIGHT:g} (or outside the layout) are shaded only" if hidden else ""
-        head = f"<b>{what}</b> in sequence {seq}; shading: {other} (top-k, L{p.layer}H{p.head}){below}{note}<br>"
+        head = (f"<b>{what}</b> in sequence {seq}; shading: {other} (top-k, L{p.layer}H{p.head}){below}{note}. "
+                f"<small>Click an empty spot to clear; the tooltip is off until then.</small><br>")
         if image:
             self.sequence.text = head + image_name_html(str(self.data.sequence_info(p.model, seq).get("text", "")))
             self._draw_image(seq, row_, weights)
