@@ -499,6 +499,15 @@ def test_live_view_draws_keeps_and_recovers(tiny):
     assert "<b>&gt;</b>" in view.fit_table.text and "hello" not in view.status.text  # tokens escaped in the table
     q = np.array(view.src.data["kind"]) == "query"
     assert len(view.line_src.data["x0"]) > 0  # the new input's own attention lines
+    # The grid: every head's placed points inside that head's cell.
+    g = dash.grid.g
+    L, H = g.done.shape
+    gx, gy = np.array(view.grid_src.data["x"]), np.array(view.grid_src.data["y"])
+    assert len(gx) == L * H * n
+    where = [tuple(int(v) for v in w[1:].split("H")) for w in view.grid_src.data["where"]]
+    col = np.array([dash.grid.columns[a, b] for a, b in where])
+    row_ = np.array([L - 1 - a for a, _ in where])
+    assert ((gx > col) & (gx < col + 1) & (gy > row_) & (gy < row_ + 1)).all()
     xy_before = np.array(view.src.data["x"]).copy()
     dash.head_view.step("next_head")  # L1H3: drawn from the same answer, no new request
     assert view.worker.calls == 1 and len(view.src.data["x"]) == n and not np.allclose(view.src.data["x"], xy_before)

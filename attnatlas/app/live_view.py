@@ -3,7 +3,7 @@
 The dashboard composes this with one call (`compose(dash, doc)`). A request goes to the live worker
 (`attnatlas.live.worker`, a separate process started by `serve --live`; this module never imports torch)
 and asks for every head of the current model and method at once, so stepping through heads redraws from
-what came back, without a new request. Placed tokens are distinct markers (triangles for queries,
+what came back, without a new request; the grid shows every head's placed points in its cell. Placed tokens are distinct markers (triangles for queries,
 squares for keys, a red outline and cross when they lie far outside the corpus) with their token as a
 label and the new input's own top-k attention as lines; a table lists each token's fit.
 
@@ -81,6 +81,14 @@ class LiveView:
         self.labels = fig.text("x", "y", text="token", source=self.src, x_offset=8, y_offset=-6, text_font_size="11px",
                                text_color="#111", text_font_style="bold", name="live_labels")
         fig.add_tools(HoverTool(renderers=[self.markers], tooltips=TOOLTIPS))
+        # The grid: every placed point of every head as a small marker in its head's cell.
+        self.grid_src = ColumnDataSource(data=_empty_grid(), name="live_grid_points")
+        grid = getattr(self.dash, "grid", None)
+        if grid is not None and hasattr(grid, "fig"):
+            dots = grid.fig.scatter("x", "y", source=self.grid_src, marker="marker", size=6, fill_color="colour",
+                                    line_color="outline", line_width=1, name="live_grid_markers")
+            grid.fig.add_tools(HoverTool(renderers=[dots], tooltips=[("your token", "@token"), ("type", "@kind"),
+                                                                     ("head", "@where"), ("fit", "@fit{0.00}")]))
         self._set_mode()
         self.panel = column(self.title, self.text, row(self.button, self.upload), self.status, self.fit_table,
                             self.timing, name="live_panel", width=430)
@@ -169,6 +177,7 @@ class LiveView:
                          for g, idx in ((keys[i], i) for i in np.split(order, bounds)) if len(idx)}
         t_draw = time.perf_counter()
         self.show()
+        self.show_grid()
         secs = reply.get("seconds", {})
         n = len(reply["tokens"])
         heads = len(self._by_head)
@@ -197,6 +206,35 @@ class LiveView:
                 self._say("Place your text again to see it in this model or projection.")
         self._set_mode()
         self.show()
+        self.show_grid()
+
+    def show_grid(self) -> None:
+        """Every head's placed points in the grid, each mapped into its cell as the grid maps the corpus
+        (the cell's robust range, points outside it on the edge)."""
+        from attnatlas.app.grid_view import MARGIN
+
+        r, grid = self.result, getattr(self.dash, "grid", None)
+        g = getattr(grid, "g", None)
+        if r is None or g is None or (getattr(grid, "model", None), getattr(grid, "method", None)) != (r["model"], r["method"]):
+            self.grid_src.data = _empty_grid()
+            return
+        c = r["cols"]
+        layer, head = c["layer"].astype(np.int64), c["head"].astype(np.int64)
+        lo, hi = g.lo[layer, head].astype(np.float64), g.hi[layer, head].astype(np.float64)
+        u = np.clip((c["x"] - lo[:, 0]) / (hi[:, 0] - lo[:, 0]), 0, 1)
+        v = np.clip((c["y"] - lo[:, 1]) / (hi[:, 1] - lo[:, 1]), 0, 1)
+        n_layers = g.done.shape[0]
+        inner = 1 - 2 * MARGIN
+        is_query = c["kind"] == 0
+        far = np.asarray(c["far"], bool)
+        self.grid_src.data = dict(
+            x=grid.columns[layer, head] + MARGIN + u * inner, y=(n_layers - 1 - layer) + MARGIN + v * inner,
+            marker=np.where(is_query, "triangle", "square").tolist(),
+            colour=np.where(is_query, colors.QUERY, colors.KEY).tolist(),
+            outline=np.where(far, "#d00000", "#000000").tolist(),
+            token=np.asarray(r["tokens"], dtype=object)[c["token"]].tolist(),
+            kind=np.where(is_query, "query", "key").tolist(), where=[f"L{a}H{b}" for a, b in zip(layer, head)],
+            fit=c["fit"].astype(np.float64))
 
     def show(self) -> None:
         """Draw the placed tokens in the dashboard's current head (nothing when there are none)."""
@@ -275,6 +313,10 @@ def _empty_points() -> dict[str, list]:
                             "outline", "far_size")}
 
 
+def _empty_grid() -> dict[str, list]:
+    return {k: [] for k in ("x", "y", "marker", "colour", "outline", "token", "kind", "where", "fit")}
+
+
 def compose(dash: Any, doc: Any = None) -> LiveView:
     """Add the "Your text" box to a dashboard's head view and keep its markers with the shown head. The
     worker comes from the server context (app_hooks, `serve --live`); without one the box says how to
@@ -297,6 +339,15 @@ def compose(dash: Any, doc: Any = None) -> LiveView:
         except Exception:  # noqa: BLE001
             log.exception("live markers could not follow the model")
 
+    def regrid(attr: str, old: Any, new: Any) -> None:
+        try:
+            view.show_grid()
+        except Exception:  # noqa: BLE001
+            log.exception("live markers could not be drawn in the grid")
+
+    cells = getattr(getattr(dash, "grid", None), "cell_src", None)
+    if cells is not None:
+        cells.on_change("data", regrid)  # the grid was redrawn: another model, projection or head order
     dash.layer_select.on_change("value", redraw)
     dash.head_select.on_change("value", redraw)
     dash.model_select.on_change("value", follow)
