@@ -527,3 +527,40 @@ def test_live_view_draws_keeps_and_recovers(tiny):
     view.result["method"] = "tsne"
     view.follow()
     assert view.result is None and len(view.src.data["x"]) == 0 and "again" in view.status.text
+
+
+def upload(view, name: str, data: bytes) -> None:
+    """What the browser sends when a file is chosen (FileInput's read-only properties, set as from JSON)."""
+    import base64
+
+    view.upload.set_from_json("filename", name)
+    view.upload.set_from_json("value", base64.b64encode(data).decode())
+
+
+def test_live_view_places_an_uploaded_image_and_refuses_a_broken_one(tmp_path):
+    import base64
+
+    from bokeh.document import Document
+
+    from attnatlas.app.data import AppData
+    from attnatlas.app.dashboard import build_document
+    from attnatlas.extract import ExtractOptions, extract
+    from attnatlas.project import project_model
+
+    vit = save_image_model("vit", tmp_path / "vit")
+    imgs = write_images(tmp_path / "imgs", n=3)
+    atlas = tmp_path / "a"
+    extract(atlas, str(vit), images=str(imgs), name="vit", options=ExtractOptions(progress=False))
+    project_model(atlas, "vit", methods="pca", progress=False)
+    dash = build_document(Document(), AppData(str(atlas)), {"model": [b"vit"], "layer": [b"0"], "head": [b"1"]})
+    view = dash.live_view
+    view.worker = FakeWorker(atlas)
+    view._set_mode()
+    assert view.upload.visible and not view.text.visible and "image" in view.title.text.lower()
+    png = sorted(imgs.glob("*.png"))[0]
+    upload(view, "my <photo>.png", png.read_bytes())
+    assert "Placed" in view.status.text, view.status.text
+    assert "patch 0,0" in view.src.data["token"] and "[CLS]" in view.src.data["token"]
+    upload(view, "broken <b>.png", png.read_bytes()[:100])
+    assert "not a readable image" in view.status.text and "broken &lt;b&gt;.png" in view.status.text
+    assert "patch 0,0" in view.src.data["token"]  # the last placement stays drawn
