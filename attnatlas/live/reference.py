@@ -8,7 +8,9 @@ points to their own nearest neighbours, against which a placed point's fit is me
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from attnatlas.project.placement import PLACE_K, place, typical_distance
 from attnatlas.store import Atlas
 
 # Placements of new input: the columns every table has, in this order (top-k attention and fit follow).
+WARM_THREADS = max(1, min(4, os.cpu_count() or 1))
 COLUMNS = ("text", "sequence", "token", "position", "kind", "layer", "head", "method", "x", "y")
 
 
@@ -56,10 +59,23 @@ class References:
     def head(self, model: str, method: str, layer: int, head: int) -> HeadReference | None:
         """One head's reference, or None when that head has no layout yet."""
         key = (model, method, layer, head)
+        if key not in self._heads:
+            with self._lock:
+                self.layout(model, method)  # read once, before threads read heads
+            # Read outside the lock, so heads can be read in parallel; a head read twice gives the same.
+            self._heads[key] = self._read(model, method, layer, head)
+        return self._heads[key]
+
+    def warm(self, model: str, method: str, heads: list[tuple[int, int]], threads: int = WARM_THREADS) -> None:
+        """Read the references of `heads` not read yet, `threads` at a time (zarr, numpy and faiss release
+        the GIL: the first request of a model reads every head)."""
+        todo = [(L, h) for L, h in heads if (model, method, L, h) not in self._heads]
+        if len(todo) < 2 * threads:
+            return
         with self._lock:
-            if key not in self._heads:
-                self._heads[key] = self._read(model, method, layer, head)
-            return self._heads[key]
+            self.layout(model, method)
+        with ThreadPoolExecutor(threads, thread_name_prefix="attnatlas-reference") as pool:
+            list(pool.map(lambda lh: self.head(model, method, *lh), todo))
 
     def _read(self, model: str, method: str, layer: int, head: int) -> HeadReference | None:
         rows, sampled, norm, metric = self.layout(model, method)
@@ -85,6 +101,7 @@ def place_heads(refs: References, model: str, method: str, queries: np.ndarray, 
     nearest (the corpus point nearest to it: index into the reference, -1 none) with nearest_row."""
     info = refs.atlas.info(model)
     todo = heads if heads is not None else [(L, h) for L in range(info.n_layers) for h in range(info.n_heads)]
+    refs.warm(model, method, todo)
     T = queries.shape[2]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("layer", "head", "kind", "token", "x", "y", "distance",
                                                            "fit", "far", "nearest_row", "nearest_kind")}
