@@ -160,7 +160,10 @@ class LiveView:
 
     def _ask_then_answer(self, payload: dict[str, Any], started: float) -> None:
         reply, error = self._ask(payload)
-        self.doc.add_next_tick_callback(partial(self._answer, payload, started, reply, error))
+        try:
+            self.doc.add_next_tick_callback(partial(self._answer, payload, started, reply, error))
+        except Exception:  # noqa: BLE001 - the session closed while the worker was busy: nobody to tell
+            log.debug("live answer for a closed session dropped")
 
     def _answer(self, payload: dict[str, Any], started: float, reply: dict[str, Any] | None, error: str | None) -> None:
         self._pending = False
