@@ -222,9 +222,13 @@ def local_s3(bucket: str = "atlases") -> Iterator[str]:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("the local S3 server (moto) did not start") from None
                 time.sleep(0.1)
+        # fsspec caches filesystem instances by their options, not by the endpoint in the environment: one made
+        # for an earlier local server would still point at that server's (closed) port.
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
         with patch.dict(os.environ, env):
             fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
             yield f"s3://{bucket}"
     finally:
         server.kill()
         server.wait()
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
