@@ -232,3 +232,13 @@ def local_s3(bucket: str = "atlases") -> Iterator[str]:
         server.kill()
         server.wait()
         fsspec.get_filesystem_class("s3").clear_instance_cache()
+
+
+def dashboard_for(data, **args):
+    """(dashboard, document) of a fresh session on `data` (an AppData), with URL arguments `args`, no browser."""
+    from bokeh.document import Document
+
+    from attnatlas.app.dashboard import build_document
+
+    doc = Document()
+    return build_document(doc, data, {k: [str(v).encode()] for k, v in args.items()}), doc

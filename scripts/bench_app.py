@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_browser import GRID_DRAWN, IDLE, MODEL, free_port, make_driver, serve, wait_js  # noqa: E402
+from test_browser import GRID_DRAWN, IDLE, MODEL, make_driver, serve, wait_js  # noqa: E402
 
 OLD_REV = "192af1f^"  # the last revision with the 100-token scatter grid
 OLD_GRID_DRAWN = f"{IDLE} && Bokeh.index.find_one({MODEL.format('grid_scatter')}) != null"
@@ -96,31 +96,9 @@ def serve_rev(atlas: Path, rev: str, timeout: float = 180.0):
     with tempfile.TemporaryDirectory(prefix="attnatlas-old-") as tree:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "attnatlas"], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
-        port = free_port()
-        env = {**os.environ, "PYTHONPATH": tree}
         # cwd = the old tree: `python -m` puts the working folder first on sys.path
-        proc = subprocess.Popen([sys.executable, "-m", "attnatlas", "serve", str(atlas.resolve()), "--port", str(port)],
-                                cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            end = time.time() + timeout
-            import socket
-
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"attnatlas serve at {rev} exited with {proc.returncode}")
-                with socket.socket() as sock:
-                    if sock.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                if time.time() > end:
-                    raise TimeoutError("attnatlas serve did not start")
-                time.sleep(0.1)
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        with serve(atlas.resolve(), timeout, cwd=tree, env={**os.environ, "PYTHONPATH": tree}) as url:
+            yield url
 
 
 def bench_grid(url: str, drawn: str, loads: int, width: int = 1600) -> dict[str, list[float]]:

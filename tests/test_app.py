@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from bokeh.application import Application
 from bokeh.application.handlers import DirectoryHandler
-from bokeh.document import Document
 from bokeh.document.events import ColumnDataChangedEvent
 from bokeh.events import RangesUpdate
 from bokeh.models import Div
 
 from attnatlas import testing
 from attnatlas.app import APP_DIR
-from attnatlas.app.dashboard import TOOLTIPS, build_document
+from attnatlas.app.dashboard import TOOLTIPS
 from attnatlas.app.data import AppData, token_category
 from attnatlas.app.head_view import LINE_MIN_WEIGHT
 from attnatlas.errors import AtlasError
@@ -47,9 +46,7 @@ def data(atlas_path):
     return AppData(atlas_path)
 
 
-def dash_for(data, **args):
-    doc = Document()
-    return build_document(doc, data, {k: [str(v).encode()] for k, v in args.items()}), doc
+dash_for = testing.dashboard_for
 
 
 def all_divs(doc):

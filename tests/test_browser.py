@@ -36,12 +36,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(atlas: Path, timeout: float = 60.0):
-    """`attnatlas serve` in a subprocess; yields the base URL once the port answers."""
+def serve(atlas: Path, timeout: float = 60.0, args: tuple[str, ...] = (), cwd: str | None = None,
+          env: dict[str, str] | None = None):
+    """`attnatlas serve ATLAS [args]` in a subprocess (from `cwd` with `env` when given: another revision's
+    code); yields the base URL once the port answers."""
     port = free_port()
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "attnatlas", "serve", str(atlas), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "attnatlas", "serve", str(atlas), "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
     try:
         end = time.time() + timeout
         while True:

@@ -10,13 +10,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from bokeh.document import Document
 from bokeh.events import ButtonClick, RangesUpdate
 from PIL import Image
 
 from attnatlas import testing
 from attnatlas.app import grid_view as gv
-from attnatlas.app.dashboard import build_document
 from attnatlas.app.data import AppData, robust_range
 from attnatlas.cli import main as cli
 
@@ -64,9 +62,7 @@ def data(atlas_path):
     return AppData(atlas_path)
 
 
-def dash_for(data, **args):
-    doc = Document()
-    return build_document(doc, data, {k: [str(v).encode()] for k, v in args.items()}), doc
+dash_for = testing.dashboard_for
 
 
 def decode(url: str) -> np.ndarray:

@@ -348,42 +348,9 @@ return true
 
 def serve_live(atlas, timeout: float = 90.0, live: bool = True):
     """`attnatlas serve ATLAS --live` on loopback (a context manager yielding the base URL)."""
-    import contextlib
-    import socket
-    import subprocess
-    import sys
-    import tempfile
+    from test_browser import serve
 
-    from test_browser import free_port
-
-    @contextlib.contextmanager
-    def run():
-        port = free_port()
-        log = tempfile.TemporaryFile()
-        cmd = [sys.executable, "-m", "attnatlas", "serve", str(atlas), "--port", str(port), *(["--live"] if live else [])]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            end = time.time() + timeout
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"attnatlas serve exited: {log.read().decode(errors='replace')}")
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                if time.time() > end:
-                    raise TimeoutError("attnatlas serve did not start")
-                time.sleep(0.1)
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
-
-    return run()
+    return serve(atlas, timeout, args=("--live",) if live else ())
 
 
 def type_and_place(driver, text: str) -> None:
@@ -538,8 +505,6 @@ def upload(view, name: str, data: bytes) -> None:
 
 
 def test_live_view_places_an_uploaded_image_and_refuses_a_broken_one(tmp_path):
-    import base64
-
     from bokeh.document import Document
 
     from attnatlas.app.data import AppData
