@@ -202,3 +202,26 @@ def test_compare_work_follows_the_tokens_not_the_longest_sequence(tmp_path):
     np.testing.assert_allclose(res.metrics["synthetic"].heads[cols].to_numpy(float), one.heads[cols].to_numpy(float),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(res.metrics["synthetic"].token_keys90.to_numpy(), one.token_keys90.to_numpy())
+
+
+@pytest.mark.slow  # the real MiniLM tokenizer (an offline package)
+def test_every_chunk_window_fits_when_tokenized_alone(repo_root):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from attnatlas.extract.offline import prepare_offline_model
+    from attnatlas.extract.windows import window_documents
+
+    tok = AutoTokenizer.from_pretrained(str(prepare_offline_model("minilm")))
+    base = [s for s in (repo_root / "data" / "corpus" / "demo.txt").read_text().splitlines() if s.strip()]
+    extra = ["東京で会いましょう。", "Москва — столица России.", "Ich möchte ein Stück Kuchen, über alles 🍕."]
+    rng = random.Random(1)
+    # Long documents of demo sentences and non-ASCII ones: some window starts inside a word, and alone that
+    # piece tokenizes into more tokens than it was in the document (a user trial hit it: "ame" of "rename").
+    docs = [TextRecord(" ".join(rng.choice(base + extra) for _ in range(30)), f"doc:{i}") for i in range(60)]
+    windows = window_documents(docs, tok, 128, 16)
+    sizes = [len(tok(w.text)["input_ids"]) for w in windows]
+    assert max(sizes) <= 128, max(sizes)  # none is truncated by the model's own limit afterwards
+    for w in windows:  # and each is a slice of its document
+        assert docs[w.document].text[w.doc_start: w.doc_start + len(w.text)] == w.text
