@@ -214,7 +214,7 @@ class HeadView:
         self.src.selected.on_change("indices", self._on_tap)
         self.fig.on_event(RangesUpdate, self._on_ranges)
 
-        self.head_title = Div(text="", name="head_title", disable_math=True)
+        self.head_title = Div(text="", width=460, name="head_title", disable_math=True)  # long notes wrap
         self.similar = Div(text="", width=420, name="similar_heads", disable_math=True)
         self.layer_select = Select(title="Layer", width=80, name="layer_select")
         self.head_select = Select(title="Head", width=80, name="head_select")
