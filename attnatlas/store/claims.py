@@ -79,7 +79,7 @@ class Claim:
             self._beat.join()
             self._beat = None
             try:
-                if _read_object(self.location).get("token") == self._token:
+                if read_holder(self.location).get("token") == self._token:
                     self.location.fs.rm_file(self.location.path)
             except (OSError, FileNotFoundError):
                 pass
@@ -87,10 +87,6 @@ class Claim:
 
 def read_holder(location: Location) -> dict[str, Any]:
     """What the current holder wrote about itself ({} when idle or unreadable)."""
-    return _read_object(location)
-
-
-def _read_object(location: Location) -> dict[str, Any]:
     try:
         with location.open("rb") as f:
             raw = f.read()
@@ -147,13 +143,13 @@ def _alive(held: dict[str, Any]) -> bool:
 def _acquire_object(loc: Location, key: str, info: dict[str, Any], wait: bool) -> Claim:
     token = uuid.uuid4().hex
     while True:
-        held = _read_object(loc)
+        held = read_holder(loc)
         if not _alive(held):
             loc.fs.pipe_file(loc.path, json.dumps({**info, "token": token, "heartbeat": time.time()}).encode())
             time.sleep(0.5)  # a rival that wrote at the same moment wins or loses by the read-back
-            if _read_object(loc).get("token") == token:
+            if read_holder(loc).get("token") == token:
                 break
-            held = _read_object(loc)
+            held = read_holder(loc)
         if not wait:
             raise ClaimBusy(key, held)
         time.sleep(HEARTBEAT_S)
