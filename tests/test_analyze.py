@@ -14,7 +14,7 @@ from attnatlas.cli import main as cli
 from attnatlas.errors import AtlasError, StoreError
 from attnatlas.extract import ExtractOptions, extract
 from attnatlas.store import open_atlas
-from tiny_models import eager_attentions, save_image_model, save_text_model, write_images
+from tiny_models import _tokenizer, eager_attentions, save_image_model, save_text_model, write_images
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +259,38 @@ def test_views_import_no_torch():
 
     code = "import sys, attnatlas.app.vit_views; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_neurons_of_a_clip_tower_rerun_that_tower(tmp_path):
+    """`#vision` of a CLIP folder: the rerun loads the vision tower, not the composite model."""
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    folder = tmp_path / "clip"
+    tf.CLIPModel(tf.CLIPConfig(text_config=dict(cfg, vocab_size=64, max_position_embeddings=64, eos_token_id=3),
+                               vision_config=dict(cfg, image_size=32, patch_size=8))).save_pretrained(folder)
+    _tokenizer(tmp_path).save_pretrained(folder)
+    tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    images = write_images(tmp_path / "imgs", n=3)
+    name = extract(tmp_path / "a", f"{folder}#vision", images=str(images),
+                   options=ExtractOptions(dtype="float32", progress=False))
+    atlas = open_atlas(tmp_path / "a")
+    labels = neurons.compute_neurons(atlas, name, top=4, batch_size=2, progress=False)
+    assert len(labels) == 2 * 48 and set(labels.kind) <= set(neurons.KINDS_IMAGE)
+    top, _ = neurons.read_neurons(atlas, name)
+    # Reference: the vision tower's own MLP activations over the stored processed images.
+    model = tf.CLIPVisionModel.from_pretrained(folder).eval()
+    pre = tf.ViTImageProcessor.from_pretrained(folder)
+    px = (np.asarray(atlas.array(name, "images")[:], np.float32) / 255 - np.array(pre.image_mean, np.float32)) / np.array(pre.image_std, np.float32)
+    acts = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[f"encoder.layers.{L}.mlp.activation_fn"].register_forward_hook(
+        lambda mod, a, out, L=L: acts.__setitem__(L, out.detach())) for L in range(2)]
+    with torch.no_grad():
+        model(pixel_values=torch.from_numpy(px).permute(0, 3, 1, 2).contiguous())
+    for h in hooks:
+        h.remove()
+    patch = (atlas.tokens(name).token_kind == "patch").to_numpy()
+    for L in range(2):
+        flat = acts[L].reshape(-1, acts[L].shape[-1]).numpy()[patch]
+        got = top[top.layer == L].sort_values(["rank", "neuron"]).activation.to_numpy().reshape(4, -1)
+        np.testing.assert_allclose(got, -np.sort(-flat, axis=0)[:4], atol=2e-3)

@@ -113,6 +113,7 @@ def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, de
     import torch
 
     from attnatlas.extract import load_model
+    from attnatlas.extract.extractor import split_stack
 
     info = atlas.info(model)
     source = info.attrs.get("source")
@@ -120,7 +121,10 @@ def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, de
         raise StoreError(f"{model!r} records no model source, so its MLP activations cannot be recomputed.")
     if info.modality == "image" and not atlas.has_array(model, "images"):
         raise StoreError(f"{model!r} has no stored processed images; re-extract it with this attnatlas version.")
-    loaded = load_model(str(source), device)
+    # The source is the folder or hub id without the stack: a CLIP/SigLIP tower or T5's encoder keeps its
+    # "#vision"/"#text"/"#encoder" only in model_id.
+    stack = split_stack(str(info.attrs.get("model_id") or ""))[1]
+    loaded = load_model(f"{source}#{stack}" if stack else str(source), device)
     mods = mlp_modules(loaded.model)
     if sorted(mods) != list(range(info.n_layers)):
         raise AtlasError(f"Found MLPs for layers {sorted(mods)} in {source}, expected 0..{info.n_layers - 1}; "
