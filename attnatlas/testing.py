@@ -52,9 +52,11 @@ def write_synthetic_model(
     seed: int = 0,
     nonfinite_head: tuple[int, int] | None = None,
     lengths: list[int] | None = None,
+    attrs: dict | None = None,
 ) -> None:
     """Random clustered q/k for a small text model, with causal top-k attention, stored in `atlas`.
-    Sequences have `seq_len` tokens each, or `lengths[s]`."""
+    Sequences have `seq_len` tokens each, or `lengths[s]`; `attrs` go into the model's attrs as given (e.g. an
+    `attention` recipe with a window or bias: only what is recorded changes, not the stored top-k)."""
     rng = np.random.default_rng(seed)
     n_kv = n_kv_heads or n_heads
     lengths = list(lengths) if lengths is not None else [seq_len] * n_seq
@@ -97,7 +99,7 @@ def write_synthetic_model(
         model_id="synthetic", family="synthetic", modality="text", n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=n_kv, d_head=d_head, causal=True, attention_topk=topk, dtype="float16",
         scaling=[1 / np.sqrt(d_head)] * n_layers,
-    )
+    ) | (attrs or {})
     with atlas.model_writer(name, T, specs, attrs, overwrite=True) as writer:
         for s0 in range(0, n_seq, 5):  # five sequences per append, like extraction's batches
             s1 = min(n_seq, s0 + 5)

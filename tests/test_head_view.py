@@ -4,6 +4,7 @@ lines and shading, search over text, and the defaults (issue 16, items 1-6); the
 from __future__ import annotations
 
 import ast
+import html
 import json
 import re
 import subprocess
@@ -470,3 +471,72 @@ def test_bad_and_catastrophic_patterns_give_one_message():
     assert time.time() - t0 < search.REGEX_SECONDS + 2 and "stopped" in slow.error
     many = search.find(index, "a", "regex")
     assert many.n_matches == 5000 and not many.error
+
+
+# ---- the note that the layout is of q·k only ---------------------------------------------------------------------
+# What a Mistral-style model records: a sliding window on its first layer.
+WINDOWED = dict(attention=dict(causal=True, scaling=[8 ** -0.5] * 2, softcap=[None, None], window=[4, None],
+                               window_rule="causal", bias=None))
+
+
+@pytest.fixture(scope="module")
+def windowed_atlas(tmp_path_factory):
+    from attnatlas import testing
+
+    path = tmp_path_factory.mktemp("windowed") / "atlas"
+    atlas = testing.synthetic_atlas(path, name="windowed", n_layers=2, n_heads=2, n_seq=8, seq_len=10, attrs=WINDOWED)
+    testing.write_synthetic_model(atlas, name="plain", n_layers=2, n_heads=2, n_seq=8, seq_len=10)
+    for m in ("windowed", "plain"):
+        testing.random_layouts(atlas, m, "pca")
+    return path
+
+
+def test_head_and_math_views_say_when_the_layout_is_qk_only(windowed_atlas):
+    from attnatlas.app.data import AppData
+    from attnatlas.attention import layout_note
+    from attnatlas.testing import dashboard_for
+
+    data = AppData(windowed_atlas)
+    want = layout_note(data.atlas, "windowed")
+    assert want and "sliding window" in want and layout_note(data.atlas, "plain") is None
+    dash, doc = dashboard_for(data, model="windowed", layer=0, head=1)
+    note = dash.layout_note
+    assert doc.get_model_by_name("layout_note") is note and note in dash.head_panel.references()
+    assert note.visible and note.text == want
+    assert note.render_as_text and note.disable_math  # shown as written: no HTML, no TeX
+    dash.tabs.active = dash.view_keys.index("math")
+    math_note = dash.math_panel.layout_note
+    assert math_note.visible and math_note.text == want and math_note.render_as_text and math_note.disable_math
+    # A model whose attention is q·k alone: no note, in either view, after a switch of models.
+    dash.model_select.value = "plain"
+    assert not dash.layout_note.visible and dash.layout_note.text == ""
+    assert not dash.math_panel.layout_note.visible
+    plain, _ = dashboard_for(data, model="plain", layer=0, head=0)
+    assert not plain.layout_note.visible
+    # The standalone page of a head says it too.
+    from attnatlas.app.export import head_layout
+
+    assert html.escape(want) in head_layout(data, "windowed", "pca", 0, 0).children[0].text
+    assert "q·k part only" not in head_layout(data, "plain", "pca", 0, 0).children[0].text
+
+
+def _rect(driver, name: str) -> dict:
+    return driver.execute_script(
+        f"const v = Bokeh.index.find_one({MODEL.format(name)}); const r = v.el.getBoundingClientRect();"
+        "return {left: r.left, top: r.top, right: r.right, bottom: r.bottom}")
+
+
+@browser
+def test_layout_note_is_on_screen_and_overlaps_nothing(windowed_atlas, driver):
+    with serve(windowed_atlas) as url:
+        open_head(driver, url, "windowed", "pca", 0, 0)
+        wait_js(driver, f"{MODEL.format('layout_note')}.visible")
+        text = driver.execute_script(f"return Bokeh.index.find_one({MODEL.format('layout_note')}).el.shadowRoot.textContent")
+        assert "The joint layout shows the q·k part only" in text and "sliding window" in text
+        note = _rect(driver, "layout_note")
+        assert note["bottom"] - note["top"] > 20 and note["right"] <= driver.execute_script("return window.innerWidth")
+        for other in ("head_title", "similar_heads", "layer_select", "head_figure"):
+            r = _rect(driver, other)
+            apart = (r["right"] <= note["left"] or note["right"] <= r["left"] or r["bottom"] <= note["top"]
+                     or note["bottom"] <= r["top"])
+            assert apart, (other, r, note)

@@ -31,7 +31,7 @@ URL_JS = "if (cb_obj.text) { window.history.replaceState(null, '', cb_obj.text) 
 # Widgets of the head view that tests and scripts reach through the dashboard.
 HEAD_PARTS = ("src", "line_src", "match_src", "thumb_src", "img_src", "heat_src", "export_src", "points", "match_points",
               "mapper", "fig", "img_fig", "search", "search_mode", "search_count", "search_results", "sequence",
-              "colour_select", "size_norm", "legend", "head_title", "similar", "layer_select", "head_select", "top",
+              "colour_select", "size_norm", "legend", "head_title", "layout_note", "similar", "layer_select", "head_select", "top",
               "attention_legend", "export_btn")
 
 

@@ -16,6 +16,7 @@ from attnatlas.app import colors
 from attnatlas.app.data import AppData
 from attnatlas.app.hover import nearest_hover
 from attnatlas.app.safe import plain, seal
+from attnatlas.attention import layout_note
 
 
 def head_layout(data: AppData, model: str, method: str, layer: int, head: int, mode: str = "kind"):
@@ -35,8 +36,9 @@ def head_layout(data: AppData, model: str, method: str, layer: int, head: int, m
     mapper = LinearColorMapper(palette=list(palette), low=0, high=len(palette))
     r = fig.scatter("x", "y", source=src, size=4, fill_alpha=0.6, line_color=None, fill_color=transform("c", mapper))
     fig.add_tools(nearest_hover(r, hide_when_selected=False))
+    qk_only = layout_note(data.atlas, model)
     note = Div(disable_math=True, text=f"<b>{html.escape(model)}</b> layer {layer}, head {head}, {html.escape(method)}; "
-                    f"trustworthiness {h.trust:.3f}<br>{legend}")
+                    f"trustworthiness {h.trust:.3f}<br>{legend}" + (f"<br><i>{html.escape(qk_only)}</i>" if qk_only else ""))
     return column(note, fig)
 
 

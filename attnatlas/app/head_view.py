@@ -45,7 +45,7 @@ from attnatlas.app.data import AppData
 from attnatlas.app.hover import nearest_hover
 from attnatlas.app.similar import similar_heads_html
 from attnatlas.app.top_sequences import TopSequences
-from attnatlas.app.view import Place, guarded
+from attnatlas.app.view import Place, guarded, layout_note_div, show_layout_note
 
 BASE_ALPHA = 0.6
 DIM_ALPHA = 0.06  # non-matches while searching: grey, so even a stack of 120 reads as grey, not as a match
@@ -215,6 +215,7 @@ class HeadView:
         self.fig.on_event(RangesUpdate, self._on_ranges)
 
         self.head_title = Div(text="", width=460, name="head_title", disable_math=True)  # long notes wrap
+        self.layout_note = layout_note_div("layout_note", 460)  # the layout is of q.k: said where attention is more
         self.similar = Div(text="", width=420, name="similar_heads", disable_math=True)
         self.layer_select = Select(title="Layer", width=80, name="layer_select")
         self.head_select = Select(title="Head", width=80, name="head_select")
@@ -257,6 +258,7 @@ class HeadView:
         self.top = TopSequences(self.data)  # listed on demand: a head switch only clears it
         controls = column(
             self.head_title,
+            self.layout_note,
             self.similar,
             row(self.layer_select, self.head_select),
             row(nav["prev_layer"], nav["next_layer"], nav["prev_head"], nav["next_head"]),
@@ -287,6 +289,7 @@ class HeadView:
         if self.colour_select.value not in [k for k, _ in modes]:
             self.colour_select.value = "kind"
         self.img_fig.visible = self.data.modality(self.place.model) == "image"
+        show_layout_note(self.layout_note, self.data.atlas, self.place.model)
 
     def update(self) -> None:
         """Follow the place (model, method, head): a fresh draw of the head."""

@@ -10,7 +10,7 @@ from bokeh.layouts import column, row
 from bokeh.models import Div, Select
 
 from attnatlas.app.data import AppData
-from attnatlas.app.view import Place, guarded_build
+from attnatlas.app.view import Place, guarded_build, layout_note_div, show_layout_note
 
 
 def math_target(data: AppData, place: Place) -> tuple[int, int, int, str]:
@@ -50,12 +50,13 @@ class MathView:
         self.data = data
         self.place = place
         self.note = Div(text="", name="math_note", disable_math=True)
+        self.layout_note = layout_note_div("math_layout_note", 700)  # the formula below has what the layout lacks
         self.sel_i = Select(title="query token", width=200, name="math_query")
         self.sel_j = Select(title="key token", width=200, name="math_key")
         self.sel_i.on_change("value", self._on_pair)
         self.sel_j.on_change("value", self._on_pair)
         self.body = column(Div(text="", disable_math=True), name="math_body")
-        self.root = column(self.note, row(self.sel_i, self.sel_j), self.body, name="view_math")
+        self.root = column(self.note, self.layout_note, row(self.sel_i, self.sel_j), self.body, name="view_math")
         self._busy = False
         self.seq = 0
         self.update()
@@ -75,6 +76,7 @@ class MathView:
             self._busy = False
         self.note.text = (f"<b>{html.escape(p.model)} L{p.layer}H{p.head}</b>, following the single-head view: "
                           f"{html.escape(where)}.")
+        show_layout_note(self.layout_note, self.data.atlas, p.model)
         self._draw(i, j)
 
     refresh = update

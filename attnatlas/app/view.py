@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 
 from bokeh.models import Div
 
+from attnatlas.attention import layout_note
 from attnatlas.errors import AtlasError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,19 @@ def message(text: str, colour: str = "#555") -> Div:
     """A note in place of a view; `text` is escaped here."""
     return Div(text=f'<div style="color:{colour};max-width:760px">{html.escape(text)}</div>', name="view_message",
                disable_math=True)
+
+
+def layout_note_div(name: str, width: int) -> Div:
+    """The note that a model's joint layout is of q.k only; plain text, hidden until `show_layout_note`."""
+    return Div(text="", width=width, name=name, disable_math=True, render_as_text=True, visible=False,
+               styles={"color": "#6b4a00", "background": "#fff6dd", "border-left": "3px solid #e0a800",
+                       "padding": "4px 8px", "font-size": "13px"})
+
+
+def show_layout_note(div: Div, atlas: Any, model: str) -> None:
+    """Shown only for models whose attention also has a bias, softcap or window (attention.layout_note)."""
+    note = layout_note(atlas, model)
+    div.text, div.visible = note or "", note is not None
 
 
 def placeholder(title: str) -> Div:
