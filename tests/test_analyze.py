@@ -294,3 +294,62 @@ def test_neurons_of_a_clip_tower_rerun_that_tower(tmp_path):
         flat = acts[L].reshape(-1, acts[L].shape[-1]).numpy()[patch]
         got = top[top.layer == L].sort_values(["rank", "neuron"]).activation.to_numpy().reshape(4, -1)
         np.testing.assert_allclose(got, -np.sort(-flat, axis=0)[:4], atol=2e-3)
+
+
+def test_head_math_shows_the_recorded_scaling_softcap_and_window(tmp_path):
+    """A model whose scaling is not 1/sqrt(d_head) (OPT and T5: 1; Gemma: 1/sqrt(query_pre_attn_scalar)):
+    the overview and the math panel say the recorded numbers, never 1/sqrt(d_head)."""
+    from bokeh.models import Div
+
+    from attnatlas import testing
+    from attnatlas.app.vit_views import build_overview
+
+    rec = dict(causal=True, scaling=[1.0, 0.25], softcap=[None, 2.0], window=[None, 3], window_rule="causal", bias=None)
+    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=2, n_heads=2, n_seq=3, seq_len=8, d_head=8,
+                                    attrs=dict(attention=rec, scaling=rec["scaling"]))
+    what = dict(zip(*overview.architecture(atlas, "synthetic")[["stage", "what"]].T.values))["attention"]
+    assert "scaling layer 0: 1, layer 1: 0.25" in what and "sqrt" not in what
+    assert "cap * tanh(q k^T * scaling / cap)" in what and "layer 1: cap = 2" in what
+    assert "causal mask" in what and "sliding window (0 <= i - j < W): layer 1: W = 3" in what
+    m0 = overview.head_math(atlas, "synthetic", 0, 1, 2, 5, 2)
+    assert m0.scaling == 1.0 and m0.softcap is None and m0.window is None and not m0.masked
+    assert m0.logit == pytest.approx(m0.dot) and m0.scaled == pytest.approx(m0.dot)
+    m1 = overview.head_math(atlas, "synthetic", 1, 1, 2, 5, 4)
+    assert m1.scaling == 0.25 and m1.softcap == 2.0 and m1.window == 3 and not m1.masked
+    assert m1.logit == pytest.approx(2.0 * np.tanh(m1.dot * 0.25 / 2.0)) == pytest.approx(m1.capped)
+    assert overview.head_math(atlas, "synthetic", 1, 1, 2, 5, 2).masked  # 5 - 2 >= W
+    for layer, j, says in ((0, 2, f"× scaling 1 = <b>{m0.scaled:.4f}</b>"), (1, 4, "softcap 2·tanh(x/2)")):
+        layout = build_overview(atlas, "synthetic", layer, 1, 2, 5, j)
+        text = " ".join(d.text for d in layout.select({"type": Div}))
+        assert says in text and "√" not in text and "sqrt" not in text, text
+    # 1/sqrt(d_head) is named only when it is the recorded scaling.
+    plain = testing.synthetic_atlas(tmp_path / "b", n_layers=1, n_heads=1, n_seq=2, seq_len=5, d_head=8)
+    assert "scaling 0.3536 = 1/sqrt(d_head) in every layer" in " ".join(overview.architecture(plain, "synthetic").what)
+
+
+def test_head_math_of_gemma2_says_its_recorded_scaling_and_softcap(tmp_path):
+    """Gemma 2 scales by 1/sqrt(query_pre_attn_scalar) (16 here: 0.25, not 1/sqrt(8)) and softcaps at 2."""
+    from attnatlas.extract import prepare_model
+
+    torch.manual_seed(0)
+    model = tf.Gemma2Model(tf.Gemma2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        vocab_size=64, max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0, head_dim=8,
+        sliding_window=3, query_pre_attn_scalar=16, attn_logit_softcapping=2.0)).eval()
+    tok = _tokenizer(tmp_path)
+    texts = ["the cat sat on a mat .", "the river bank ran dark and the money ran fast , said anna in london ?"]
+    extract(tmp_path / "a", prepare_model(model, tok, "g"), texts=texts,
+            options=ExtractOptions(dtype="float32", batch_size=2, progress=False))
+    atlas = open_atlas(tmp_path / "a")
+    what = " ".join(overview.architecture(atlas, "g").what)
+    assert "scaling 0.25 in every layer" in what and "sqrt" not in what and "cap = 2 in every layer" in what
+    assert "causal mask" in what and "W = 3" in what
+    ids = tok(texts[1], return_tensors="pt")["input_ids"]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_attentions=True).attentions[1][0, 2].numpy()
+    n = ids.shape[1]
+    m = overview.head_math(atlas, "g", 1, 2, 1, n - 1, n - 2)
+    assert m.scaling == pytest.approx(0.25) and m.softcap == pytest.approx(2.0) and not m.masked
+    assert m.logit == pytest.approx(2.0 * np.tanh(m.dot * 0.25 / 2.0), abs=1e-9)
+    np.testing.assert_allclose(m.softmax, ref[n - 1], atol=1e-4)

@@ -268,9 +268,20 @@ def build_overview(atlas: Atlas, model: str, layer: int = 0, head: int = 0, seq:
     toks = [html.escape(t) for t in raw]  # for the Div below, which is HTML
     srow = ColumnDataSource(dict(m=np.arange(n), p=m.softmax, logit=np.where(np.isfinite(m.logits), m.logits, np.nan), token=raw))
     sfig = figure(width=460, height=200, tools="hover,tap",
-                  tooltips=[("key", "@token"), ("q.k/sqrt(d)", "@logit{0.000}"), ("weight", "@p{0.0000}")])
+                  tooltips=[("key", "@token"), ("logit", "@logit{0.000}"), ("weight", "@p{0.0000}")])
     sfig.title.text = plain(f"softmax row of query {i} ({raw[i]})")  # a token: shown as written, never as TeX
     sfig.vbar(x="m", top="p", width=0.8, source=srow)
-    text = Div(text=(f"q·k = Σ q×k = <b>{m.dot:.4f}</b>; × {m.scaling:.4g} (1/√{d}) = <b>{m.scaled:.4f}</b>; "
-                     f"softmax over the {n} keys of sequence {seq}: weight of key {j} ({toks[j]}) = <b>{m.weight:.4f}</b>"))
+    # Each step the model takes from q·k to the weight, with this layer's recorded numbers.
+    steps = [f"q·k = Σ q×k = <b>{m.dot:.4f}</b>"]
+    if m.position is not None:
+        steps.append(f"+ content-position terms {m.position:.4f} = <b>{m.dot + m.position:.4f}</b>")
+    steps.append(f"× scaling {html.escape(overview.scaling_text(m.scaling, d))} = <b>{m.scaled:.4f}</b>")
+    if m.softcap:
+        steps.append(f"softcap {m.softcap:g}·tanh(x/{m.softcap:g}) = <b>{m.capped:.4f}</b>")
+    if m.bias is not None and np.isfinite(m.bias):
+        steps.append(f"+ bias {m.bias:.4f}")
+    steps.append(f"masked (key {j} is outside what query {i} may attend to): logit −∞" if m.masked else
+                 f"logit <b>{m.logit:.4f}</b>")
+    text = Div(text="; ".join(steps) + f"; softmax over the {n} keys of sequence {seq}: weight of key {j} ({toks[j]}) = "
+                                       f"<b>{m.weight:.4f}</b>")
     return column(arch_div, row(fig, sfig), text, name="overview")
