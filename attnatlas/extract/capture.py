@@ -53,6 +53,10 @@ class _Recorder:
         self.calls: list[tuple[torch.nn.Module, LayerCapture]] = []
         self._seen: dict[int, int] = {}
 
+    def next_batch(self) -> None:
+        """Start recording the next forward pass (one capture context serves a whole extraction)."""
+        self.layers, self.calls, self._seen = {}, [], {}
+
     def layer(self, module: torch.nn.Module) -> int | None:
         if self.layer_of_module is None:
             return -1

@@ -7,6 +7,7 @@ warning that counts the truncated sequences.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -214,28 +215,53 @@ def hash_images(records: Sequence[ImageRecord]) -> str:
 class _Batch:
     """What one forward pass yields, already compacted to real (non-padding) tokens."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], tokens: pd.DataFrame, sequences: pd.DataFrame):
+    def __init__(self, arrays: dict[str, Any], tokens: pd.DataFrame, sequences: pd.DataFrame):
         self.arrays, self.tokens, self.sequences = arrays, tokens, sequences
 
 
+class _HeadRows:
+    """(layer, head, real_token, d) rows of every head, held as per-layer (real_token, head * d) tensors and
+    laid out by the store straight into its chunk buffer (`fill`), so q and k are copied once, not twice."""
+
+    def __init__(self, rows: list[torch.Tensor], heads: int):
+        self.rows, self.heads = rows, heads
+        n, hd = rows[0].shape
+        self.shape = (len(rows), heads, n, hd // heads)
+        self.dtype = np.dtype(str(rows[0].dtype).removeprefix("torch."))
+
+    def fill(self, out: np.ndarray, start: int, stop: int) -> None:
+        """Write token rows start:stop into `out` (layer, head, stop - start, d), a view of a buffer."""
+        dst = torch.from_numpy(out)
+        for layer, rows in enumerate(self.rows):
+            dst[layer].copy_(rows[start:stop].view(stop - start, self.heads, -1).transpose(0, 1))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        self.fill(out, 0, self.shape[2])
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 def _compact(caps: dict[int, LayerCapture], valid: torch.Tensor, first_row: int, opts: ExtractOptions,
-             hidden: tuple[torch.Tensor, ...] | None, np_dtype: np.dtype) -> dict[str, np.ndarray]:
-    """Turn padded (batch, head, token, ...) captures of every layer into (layer, head, real_token, ...) arrays."""
+             hidden: tuple[torch.Tensor, ...] | None, np_dtype: np.dtype) -> dict[str, Any]:
+    """Turn padded (batch, head, token, ...) captures of every layer into (layer, head, real_token, ...) arrays
+    (q and k on the CPU as `_HeadRows`, laid out as the store copies them in)."""
     layers = [caps[i] for i in range(len(caps))]
     real = valid.reshape(-1).nonzero().squeeze(1)  # flat (batch * token) indices of real tokens
     dtype = getattr(torch, np_dtype.name)
 
-    def take(per_layer: list[torch.Tensor], to: torch.dtype) -> np.ndarray:
+    def take(per_layer: list[torch.Tensor], to: torch.dtype) -> Any:
         # Models make q, k as (batch, token, head, d) and view them as (batch, head, token, d): viewed back,
         # real tokens are picked without a copy of the padded batch, then cast and laid out in one copy each.
         # (Measured: a contiguous cast, then rows of a 2-D view, then the transposing copy in the storage
         # dtype is 4x faster than casting or picking through transposed views.)
         B, H, T, D = per_layer[0].shape
+        rows = [t.transpose(1, 2).reshape(B * T, H * D).to(to).index_select(0, real) for t in per_layer]
+        if rows[0].device.type == "cpu":
+            return _HeadRows(rows, H)  # (real_token, head * d) per layer
         out = torch.empty((len(per_layer), H, len(real), D), dtype=to, device=per_layer[0].device)
-        for layer, t in enumerate(per_layer):
-            rows = t.transpose(1, 2).reshape(B * T, H * D).to(to).index_select(0, real)  # (real_token, head * d)
-            out[layer].copy_(rows.view(-1, H, D).transpose(0, 1))
-        return out.cpu().numpy()
+        for layer, r in enumerate(rows):
+            out[layer].copy_(r.view(-1, H, D).transpose(0, 1))
+        return out.cpu().numpy()  # one transfer per batch from an accelerator
 
     arrays = {"queries": take([c.query for c in layers], dtype), "keys": take([c.key for c in layers], dtype)}
     if opts.values:
@@ -265,56 +291,71 @@ def _compact(caps: dict[int, LayerCapture], valid: torch.Tensor, first_row: int,
     return arrays
 
 
+def _decode_tokens(tok: Any, token_ids: torch.Tensor, cache: dict[int, str]) -> list[str]:
+    """One decode per distinct token id (kept across batches), so byte-level BPE pieces read as text
+    (" Paris", not "ĠParis")."""
+    ids = token_ids.tolist()
+    new = sorted(set(ids).difference(cache))
+    if new:
+        cache.update(zip(new, tok.batch_decode([[i] for i in new], clean_up_tokenization_spaces=False)))
+    return [cache[i] for i in ids]
+
+
 def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractOptions, max_len: int,
                   device: torch.device, np_dtype: np.dtype, recipe: Recipe):
     tok = loaded.preprocessor
+    adapter = loaded.adapter
     first_row = 0
-    for start in range(0, len(records), opts.batch_size):
-        batch = records[start : start + opts.batch_size]
-        encoding = tok([r.text for r in batch], padding=True, truncation=True, max_length=max_len,
-                       return_tensors="pt", return_offsets_mapping=tok.is_fast, return_special_tokens_mask=True)
-        offsets = encoding.get("offset_mapping")
-        special = encoding["special_tokens_mask"]
-        enc = {k: encoding[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding}
-        valid = enc["attention_mask"].bool()
-        adapter = loaded.adapter
-        with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, adapter.causal, adapter.wrapped,
-                       adapter.family) as rec, torch.inference_mode(), _autocast(device, opts.precision):
-            out = loaded.model(**enc, output_hidden_states=opts.hidden_states)
-        recipe.observe(rec.layers, valid, image=False)
-        arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None, np_dtype)
-        real = valid.cpu()
-        lengths = real.sum(1).tolist()
-        token_ids = enc["input_ids"].cpu()[real]  # (real_token,) in sequence order
-        is_special = special[real].bool().numpy()
-        if offsets is not None:
-            starts = np.where(is_special, -1, offsets[..., 0][real].numpy())
-            ends = np.where(is_special, -1, offsets[..., 1][real].numpy())
-        else:
-            starts = ends = np.full(len(token_ids), -1)
-        words = [-1 if w is None else int(w) for b, n in enumerate(lengths) for w in encoding.word_ids(b)[:n]] \
-            if tok.is_fast else [-1] * len(token_ids)
-        tokens = pd.DataFrame({
-            "sequence": np.repeat(np.arange(start, start + len(batch)), lengths),
-            "position": np.concatenate([np.arange(n) for n in lengths]),
-            # One decode per token, so byte-level BPE pieces read as text (" Paris", not "ĠParis").
-            "token": tok.batch_decode(token_ids.view(-1, 1), clean_up_tokenization_spaces=False),
-            "token_id": token_ids.numpy(),
-            "is_special": is_special,
-            "char_start": starts,
-            "char_end": ends,
-            "word": words,
-            "source": np.repeat([r.source for r in batch], lengths),
-        })
-        # A window knows its document and where in it it starts; a truncated sequence knows it was cut.
-        cut = [bool(e.overflowing) for e in encoding.encodings] if tok.is_fast else [False] * len(batch)
-        sequences = pd.DataFrame({"sequence": np.arange(start, start + len(batch)), "source": [r.source for r in batch],
-                                  "text": [r.text for r in batch], "n_tokens": lengths,
-                                  "document": [r.document if r.document >= 0 else start + i for i, r in enumerate(batch)],
-                                  "doc_char_start": [r.doc_start for r in batch], "window": [r.window for r in batch],
-                                  "n_windows": [r.n_windows for r in batch], "truncated": cut})
-        first_row += int(sum(lengths))
-        yield _Batch(arrays, tokens, sequences), len(batch)
+    decoded: dict[int, str] = {}  # token id -> its text
+    # One capture context for the whole corpus: switching the attention implementation walks every module.
+    with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, adapter.causal, adapter.wrapped,
+                   adapter.family) as rec:
+        for start in range(0, len(records), opts.batch_size):
+            batch = records[start : start + opts.batch_size]
+            encoding = tok([r.text for r in batch], padding=True, truncation=True, max_length=max_len,
+                           return_tensors="pt", return_offsets_mapping=tok.is_fast, return_special_tokens_mask=True)
+            offsets = encoding.get("offset_mapping")
+            special = encoding["special_tokens_mask"]
+            enc = {k: encoding[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding}
+            valid = enc["attention_mask"].bool()
+            rec.next_batch()
+            with torch.inference_mode(), _autocast(device, opts.precision):
+                out = loaded.model(**enc, output_hidden_states=opts.hidden_states)
+            recipe.observe(rec.layers, valid, image=False)
+            arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None,
+                              np_dtype)
+            real = valid.cpu()
+            lengths = real.sum(1).tolist()
+            token_ids = enc["input_ids"].cpu()[real]  # (real_token,) in sequence order
+            is_special = special[real].bool().numpy()
+            if offsets is not None:
+                starts = np.where(is_special, -1, offsets[..., 0][real].numpy())
+                ends = np.where(is_special, -1, offsets[..., 1][real].numpy())
+            else:
+                starts = ends = np.full(len(token_ids), -1)
+            words = [-1 if w is None else int(w) for b, n in enumerate(lengths) for w in encoding.word_ids(b)[:n]] \
+                if tok.is_fast else [-1] * len(token_ids)
+            tokens = pd.DataFrame({
+                "sequence": np.repeat(np.arange(start, start + len(batch)), lengths),
+                "position": np.concatenate([np.arange(n) for n in lengths]),
+                "token": _decode_tokens(tok, token_ids, decoded),
+                "token_id": token_ids.numpy(),
+                "is_special": is_special,
+                "char_start": starts,
+                "char_end": ends,
+                "word": words,
+                "source": np.repeat([r.source for r in batch], lengths),
+            })
+            # A window knows its document and where in it it starts; a truncated sequence knows it was cut.
+            cut = [bool(e.overflowing) for e in encoding.encodings] if tok.is_fast else [False] * len(batch)
+            sequences = pd.DataFrame({
+                "sequence": np.arange(start, start + len(batch)), "source": [r.source for r in batch],
+                "text": [r.text for r in batch], "n_tokens": lengths,
+                "document": [r.document if r.document >= 0 else start + i for i, r in enumerate(batch)],
+                "doc_char_start": [r.doc_start for r in batch], "window": [r.window for r in batch],
+                "n_windows": [r.n_windows for r in batch], "truncated": cut})
+            first_row += int(sum(lengths))
+            yield _Batch(arrays, tokens, sequences), len(batch)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -501,7 +542,7 @@ def extract(
         n_items = len(image_records)
         batches = _image_batches(loaded, image_records, opts, device, np_dtype, recipe)
 
-    tc = min(tokens_per_chunk(d_head), n_tokens)  # a small corpus gets one exact chunk per head
+    tc = min(tokens_per_chunk(d_head, n_layers * n_heads), n_tokens)  # a small corpus: one exact chunk per head
     specs = {
         "queries": ArraySpec((n_layers, n_heads, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head)),
         "keys": ArraySpec((n_layers, n_kv, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head)),
@@ -522,8 +563,9 @@ def extract(
     started = time.perf_counter()
     atlas = atlas or Atlas.open(atlas_path, create=True)
     with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite) as writer:
+        # closing(): a failed write ends the batch generator, and so its capture context, at once.
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
-                  disable=not opts.progress) as bar:
+                  disable=not opts.progress) as bar, contextlib.closing(batches):
             for i, (batch, count) in enumerate(batches, 1):
                 writer.append(batch.arrays, batch.tokens, batch.sequences)
                 bar.update(count)

@@ -55,10 +55,14 @@ _TRASH = ".trash-"  # the old copy during an overwrite: the marker that a swap i
 _DELETED = ".deleted-"  # a deleted model on its way out: never restored
 
 
-def tokens_per_chunk(d_head: int, target_bytes: int = 1 << 18) -> int:
-    """Tokens per chunk so one chunk of float16 is about 256 KiB: small enough that the write buffers
-    (one chunk column of every head) stay modest, large enough that a head reads in a few files."""
-    return int(max(1024, 2 ** round(np.log2(target_bytes / (2 * d_head)))))
+def tokens_per_chunk(d_head: int, heads: int | None = None, column_bytes: int = 64 << 20) -> int:
+    """Tokens per chunk of one head's float16 rows: at least 256 KiB (and 1024 tokens), so a head reads in a few
+    files; up to 1 MiB while one chunk column of all `heads` (what a writer buffers) stays within
+    `column_bytes`, because Zarr spends about 0.5 ms on every chunk it writes, whatever its size."""
+    row = 2 * d_head
+    floor = max(1024, 2 ** round(np.log2((1 << 18) / row)))
+    fit = min(1 << 20, column_bytes // heads) // row if heads else 0
+    return int(max(floor, 2 ** int(np.log2(fit)) if fit >= 1 else 0))
 
 
 # A model name is an identifier: it reaches file names, URLs, HTML and JS, so no markup or path characters.
@@ -98,17 +102,20 @@ class ArraySpec:
     per_token: bool = True  # False: one row per sequence (e.g. processed images), not per token
 
 
-MAX_PENDING_WRITES = 2  # chunk columns queued for the write thread (each copied: bounded memory)
+MAX_PENDING_WRITES = 2  # chunk columns queued for the write thread (each in its own buffer: bounded memory)
 
 
 @dataclass
 class _Buffer:
-    """Holds one chunk-column of token rows so Zarr only ever sees whole, aligned chunks."""
+    """Holds one chunk-column of token rows so Zarr only ever sees whole, aligned chunks. Two arrays take
+    turns: one fills while the other is being written, so a flush hands its array over without a copy."""
 
     spec: ArraySpec
     data: np.ndarray
+    spare: np.ndarray
     start: int = 0  # global token row of data[..., 0, ...]
     fill: int = 0
+    spare_write: Future | None = None  # the write still reading `spare`
 
 
 class ModelWriter:
@@ -140,10 +147,13 @@ class ModelWriter:
                 chunks=spec.chunks,
                 compressors="auto" if spec.compress else None,
                 fill_value=-1 if spec.dtype.startswith("int") else 0,
+                # Every chunk is written once, whole: comparing each with the fill value first would only
+                # cost time (a quarter of Zarr's write time for uncompressed q and k).
+                config={"write_empty_chunks": True},
             )
             buf_shape = list(spec.shape)
             buf_shape[spec.token_axis] = spec.chunks[spec.token_axis]
-            self.buffers[key] = _Buffer(spec, np.zeros(buf_shape, dtype=spec.dtype))
+            self.buffers[key] = _Buffer(spec, np.empty(buf_shape, dtype=spec.dtype), np.empty(buf_shape, dtype=spec.dtype))
         # Token and sequence rows go out as Parquet row groups every TOKEN_ROW_GROUP tokens.
         self._tables = {"tokens": _TableStream(self.temp / "tokens.parquet"),
                         "sequences": _TableStream(self.temp / "sequences.parquet")}
@@ -152,8 +162,9 @@ class ModelWriter:
         # Zarr writes run on one background thread (self._io) while the next batch computes; at most
         # MAX_PENDING_WRITES chunk columns wait, so memory stays bounded.
 
-    def append(self, arrays: dict[str, np.ndarray], tokens: pd.DataFrame, sequences: pd.DataFrame) -> None:
-        """Add the next `len(tokens)` token rows of every array (token axis as in the spec)."""
+    def append(self, arrays: dict[str, Any], tokens: pd.DataFrame, sequences: pd.DataFrame) -> None:
+        """Add the next `len(tokens)` token rows of every array (token axis as in the spec). An array is an
+        ndarray, or has `shape` and `fill(out, start, stop)`, which writes its token rows start:stop into `out`."""
         n = len(tokens)
         for key, block in arrays.items():
             self._append_array(key, block, n)
@@ -182,9 +193,12 @@ class ModelWriter:
             take = min(n - done, size - buf.fill)
             dst = [slice(None)] * buf.data.ndim
             dst[ax] = slice(buf.fill, buf.fill + take)
-            src = [slice(None)] * block.ndim
-            src[ax] = slice(done, done + take)
-            buf.data[tuple(dst)] = block[tuple(src)]
+            if isinstance(block, np.ndarray):
+                src = [slice(None)] * block.ndim
+                src[ax] = slice(done, done + take)
+                buf.data[tuple(dst)] = block[tuple(src)]
+            else:  # rows that lay themselves out into the buffer (extract's q and k): no copy in between
+                block.fill(buf.data[tuple(dst)], done, done + take)
             buf.fill += take
             done += take
             if buf.fill == size:
@@ -199,10 +213,13 @@ class ModelWriter:
         dst[ax] = slice(buf.start, buf.start + buf.fill)
         src = [slice(None)] * buf.data.ndim
         src[ax] = slice(0, buf.fill)
-        block = buf.data[tuple(src)].copy()  # the buffer refills while the copy is written
         while len(self._writes) >= MAX_PENDING_WRITES:
             self._writes.popleft().result()  # re-raises a failed write here
-        self._writes.append(self._io.submit(_write_chunk, self.arrays[key], tuple(dst), block))
+        if buf.spare_write is not None:
+            buf.spare_write.result()  # the spare array is free again once its write has landed
+        write = self._io.submit(_write_chunk, self.arrays[key], tuple(dst), buf.data[tuple(src)])
+        self._writes.append(write)
+        buf.data, buf.spare, buf.spare_write = buf.spare, buf.data, write
         buf.start += buf.fill
         buf.fill = 0
 
