@@ -4,6 +4,7 @@ layer-wise embeddings, the CLI, and clear errors for text models and missing inp
 from __future__ import annotations
 
 import numpy as np
+import zarr
 import pytest
 import torch
 import transformers as tf
@@ -294,6 +295,12 @@ def test_neurons_of_a_clip_tower_rerun_that_tower(tmp_path):
         flat = acts[L].reshape(-1, acts[L].shape[-1]).numpy()[patch]
         got = top[top.layer == L].sort_values(["rank", "neuron"]).activation.to_numpy().reshape(4, -1)
         np.testing.assert_allclose(got, -np.sort(-flat, axis=0)[:4], atol=2e-3)
+    # Live placement falls back to the recorded folder when the hub id cannot load here: the same tower again.
+    from attnatlas.live.encode import load_atlas_model
+
+    zarr.open_group(str(tmp_path / "a" / "models" / name), mode="r+").attrs["model_id"] = "no-such-org/tiny-clip#vision"
+    loaded = load_atlas_model(open_atlas(tmp_path / "a"), name)
+    assert loaded.adapter.modality == "image" and loaded.adapter.n_layers == 2
 
 
 def test_head_math_shows_the_recorded_scaling_softcap_and_window(tmp_path):

@@ -39,7 +39,7 @@ class Encoded:
 
 def load_atlas_model(atlas: Atlas, model: str, device: str = "cpu") -> Any:
     """The stored model's weights loaded here (extract's loader), checked to be the model of the atlas."""
-    from attnatlas.extract.extractor import load_model
+    from attnatlas.extract.extractor import load_model, split_stack
 
     info = atlas.info(model)  # StoreError names the models it holds
     attrs = info.attrs
@@ -52,7 +52,8 @@ def load_atlas_model(atlas: Atlas, model: str, device: str = "cpu") -> Any:
         if not (isinstance(source, str) and source != model_id and os.path.isdir(source)):
             raise ModelError(f"The weights of {model!r} cannot be loaded here, so nothing can be placed: {first}") from None
         try:
-            loaded = load_model(source, device)
+            stack = split_stack(model_id)[1]  # a CLIP/SigLIP tower or T5's encoder: the same stack again
+            loaded = load_model(f"{source}#{stack}" if stack else source, device)
         except ModelError as exc:
             raise ModelError(f"The weights of {model!r} cannot be loaded here, so nothing can be placed: {exc}") from None
     a = loaded.adapter
