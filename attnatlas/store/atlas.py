@@ -11,6 +11,8 @@ Layout of an atlas folder:
         attn_topk_index  (layer, head, token, k) int32     optional, global token rows, -1 = none
         attn_topk_weight (layer, head, token, k) float16   optional
         hidden    (layer + 1, token, d_model)              optional, embeddings first
+        attention_c2p_keys, attention_p2c_queries (layer, head, 2 * span, d_head) float32
+                                                   DeBERTa: position tables of its attention recipe
         tokens.parquet, sequences.parquet
         layouts/<method>/coords  (layer, head, 2 * points, 2) float32, queries first then keys
         layouts/<method>/quality (layer, head, len(QUALITY_FIELDS)) float32, NaN = not done
@@ -226,6 +228,16 @@ class ModelWriter:
     def _drain(self) -> None:
         while self._writes:
             self._writes.popleft().result()
+
+    def write_array(self, key: str, data: np.ndarray) -> None:
+        """Write a whole small array that is not per token (e.g. tables the attention recipe points to) as one
+        uncompressed chunk; read back with `Atlas.array`. Call before `commit`."""
+        if key in self.arrays:
+            raise ValueError(f"{key}: the model already has an array of that name")
+        data = np.ascontiguousarray(data)
+        self.arrays[key] = self.group.create_array(key, shape=data.shape, dtype=data.dtype,
+                                                   chunks=tuple(max(1, s) for s in data.shape), compressors=None)
+        self.arrays[key][...] = data
 
     def commit(self, overwrite: bool = False) -> None:
         if self.rows_written != self.n_tokens:
