@@ -51,12 +51,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def attention_logits(atlas: Atlas, model: str, layer: int, head: int, rows: np.ndarray,
                      q: np.ndarray | None = None, k: np.ndarray | None = None) -> np.ndarray:
-    """(n, n) float64 logits of one sequence's rows as the model's softmax sees them: q.k * scaling,
-    softcapped, plus any recorded bias, -inf where the causal mask or the layer's window hides a key."""
+    """(n, n) float64 logits of one sequence's rows as the model's softmax sees them: q.k (plus any
+    content-position terms) * scaling, softcapped, plus any recorded bias, -inf where the causal mask or the
+    layer's window hides a key."""
     rec = recipe(atlas, model)
     q = atlas.queries(model, layer, head)[rows] if q is None else q
     k = atlas.keys(model, layer, head)[rows] if k is None else k
-    return rec.logits(q.astype(np.float64) @ k.astype(np.float64).T, layer, head)
+    q, k = q.astype(np.float64), k.astype(np.float64)
+    return rec.logits(q @ k.T, layer, head, q=q, k=k)
 
 
 def layer_attention(atlas: Atlas, model: str, layer: int, sequences: list[np.ndarray]) -> list[np.ndarray]:
@@ -70,5 +72,5 @@ def layer_attention(atlas: Atlas, model: str, layer: int, sequences: list[np.nda
         k_all = atlas.keys(model, layer, head)
         for i, rows in enumerate(sequences):
             q, k = q_all[rows].astype(np.float64), k_all[rows].astype(np.float64)
-            out[i][head] = rec.probabilities(q @ k.T, layer, head)
+            out[i][head] = rec.probabilities(q @ k.T, layer, head, q=q, k=k)
     return out

@@ -162,7 +162,7 @@ def attention(q: np.ndarray, k: np.ndarray, batch: Batch, scaling: float | Atten
     safe = np.where(batch.valid, batch.rows, 0)
     qs = q[safe].astype(np.float32)  # (seq, slot, d)
     ks = k[safe].astype(np.float32)
-    return rec.probabilities(np.einsum("sqd,skd->sqk", qs, ks), layer, head, batch.valid).astype(np.float32)
+    return rec.probabilities(np.einsum("sqd,skd->sqk", qs, ks), layer, head, batch.valid, qs, ks).astype(np.float32)
 
 
 def keys_for_mass(p: np.ndarray, mass: float = MASS) -> np.ndarray:
