@@ -36,6 +36,7 @@ class Wrapped:
     causal: bool
     how: str  # for the atlas and the README
     window: Callable[[Any, int], int | None] = lambda config, layer: None
+    refuse: Callable[[Any], str | None] = lambda config: None  # a variant it cannot record, why
 
 
 WRAPPED: dict[str, Wrapped] = {
@@ -43,18 +44,20 @@ WRAPPED: dict[str, Wrapped] = {
                        lambda c, i: c.window_size if c.attention_layers[i] == "local" else None),
     "bloom": Wrapped("BloomAttention", True, "wrapped BloomAttention._reshape + its alibi argument"),
     "mpnet": Wrapped("MPNetSelfAttention", False, "hooks on MPNetSelfAttention.q/k/v + its position_bias argument"),
+    "falcon": Wrapped("FalconAttention", True, "wrapped FalconAttention._split_heads + its rotary, alibi and mask "
+                      "arguments"),
+    "deberta-v2": Wrapped("DisentangledSelfAttention", False, "hooks on DisentangledSelfAttention.query/key/value_proj "
+                          "+ its relative positions and relative embeddings (content-position terms)"),
+    "deberta": Wrapped("DisentangledSelfAttention", False, "hooks on DisentangledSelfAttention.in_proj + its relative "
+                       "positions and relative embeddings (content-position terms)",
+                       refuse=lambda c: "its talking heads mix the heads' attention logits, so no head's attention is "
+                                        "a function of its own q and k" if getattr(c, "talking_head", False) else None),
 }
 
 REFUSED: dict[str, str] = {
-    "deberta-v2": "its disentangled attention adds content-to-position and position-to-content terms computed from "
-                  "relative position embeddings inside the module, which the atlas does not record yet",
-    "deberta": "its disentangled attention adds content-to-position and position-to-content terms computed from "
-               "relative position embeddings inside the module, which the atlas does not record yet",
     "swin": "it attends within shifted local windows whose tokens are merged between stages, so heads neither see "
             "one token sequence nor keep one head count; this does not map onto per-token query and key clouds",
     "swinv2": "it attends within shifted local windows with cosine attention and merges tokens between stages",
-    "falcon": "it calls torch's attention kernel directly (rotary or ALiBi applied inside the module, no attention "
-              "interface to capture); not yet supported",
 }
 
 # Head-count attributes as configs spell them (after each config's attribute_map).
@@ -92,8 +95,9 @@ class Adapter:
 # (tests/test_families.py); others that call the attention interface are found the same way.
 TESTED = (
     "gpt2", "gpt_neox", "opt", "gptj", "gpt_neo", "bloom", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-    "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2",
+    "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2", "falcon",
     "bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert", "mpnet", "modernbert", "t5 (encoder)",
+    "deberta", "deberta-v2",
     "vit", "deit", "dinov2", "dinov2_with_registers", "beit", "clip (vision, text)", "siglip (vision, text)",
 )
 
@@ -143,6 +147,9 @@ def check_config(config: Any, model_id: str, stack: str | None, raw: dict[str, A
             model_type = config.model_type
     if model_type in REFUSED:
         raise ModelError(f"Model type {model_type!r} is not supported: {REFUSED[model_type]}.")
+    why = WRAPPED[model_type].refuse(config) if model_type in WRAPPED else None
+    if why:
+        raise ModelError(f"This {model_type!r} variant is not supported: {why}.")
     heads = _head_count(config)
     aliases = {k for k in _HEAD_KEYS} | {k for k, v in getattr(config, "attribute_map", {}).items() if v in _HEAD_KEYS} \
         | {v for k, v in getattr(config, "attribute_map", {}).items() if k in _HEAD_KEYS}
@@ -193,6 +200,9 @@ def discover(model: Any, config: Any) -> Adapter:
     wrapped_spec = WRAPPED.get(model_type)
     wrapped = []
     if wrapped_spec is not None:
+        why = wrapped_spec.refuse(config)
+        if why:
+            raise ModelError(f"This {model_type!r} variant is not supported: {why}.")
         wrapped = [m for m in model.modules() if type(m).__name__ == wrapped_spec.module_class]
     elif not _calls_interface(model):
         raise ModelError(f"Model type {model_type!r} is not supported: its attention is eager-only code that calls no "

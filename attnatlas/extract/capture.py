@@ -4,11 +4,14 @@ Models that call transformers' attention interface are switched to the "attnatla
 which records what the model passes to attention (q and k after any rotary embedding, the mask,
 scaling, softcap, an additive `position_bias`) and then attends as the model would. Models that call
 no interface (eager-only code) get their own attention method wrapped on the instance (see
-adapters.WRAPPED): the wrapper records its arguments and calls the original.
+adapters.WRAPPED): the wrapper records its arguments and calls the original. DeBERTa's disentangled
+attention adds content-position terms, recorded as the layer's position tables and relative positions.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,11 +22,25 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from attnatlas.errors import ModelError
+
 IMPLEMENTATION = "attnatlas"
 # Additive float masks block with finfo.min or -inf; anything above this is a bias, not a block.
 BLOCKED = -1e4
 # Keyword arguments some families pass that change attention in a way the atlas cannot record yet.
 UNRECORDABLE = ("s_aux", "sinks")
+
+
+@dataclass
+class Disentangled:
+    """DeBERTa's content-position terms, added to q.k before scaling:
+    c2p[i, j] = q_i . pos_key[clamp(rel[i, j] + span)], p2c[i, j] = k_j . pos_query[clamp(-rel[j, i] + span)],
+    clamp to 0 .. 2 * span - 1 (disentangled_attention_bias, written out)."""
+
+    relative: torch.Tensor  # (query, key) long: the model's (bucketed) relative position of query i to key j
+    span: int
+    pos_key: torch.Tensor | None  # (head, 2 * span, d_head) relative embeddings projected as keys, for c2p
+    pos_query: torch.Tensor | None  # (head, 2 * span, d_head) projected as queries, for p2c
 
 
 @dataclass
@@ -40,6 +57,8 @@ class LayerCapture:
     unrecordable: str | None = None  # a keyword the atlas cannot record (the extractor refuses)
     topk_weight: torch.Tensor | None = None  # (batch, head, query, k) strongest attention weights
     topk_key: torch.Tensor | None = None  # (batch, head, query, k) their key positions
+    disentangled: Disentangled | None = None  # DeBERTa: content-position terms
+    key_bias: bool = False  # bias is (batch, head, 1, key): a function of the key's position, stored by key
 
 
 class _Recorder:
@@ -166,6 +185,129 @@ def _bloom_pre_hook(module, args, kwargs):
     module._attnatlas_pending = (alibi, mask)
 
 
+_FALCON_ARGS = ("alibi", "attention_mask", "position_ids", "layer_past", "use_cache", "output_attentions",
+                "position_embeddings")
+
+
+def _falcon_pre_hook(module, args, kwargs):
+    got = dict(zip(_FALCON_ARGS, args[1:]))
+    got.update({k: kwargs[k] for k in _FALCON_ARGS if k in kwargs})
+    module._attnatlas_pending = got
+
+
+def _record_falcon(module, out, fused_qkv) -> LayerCapture:
+    # FalconAttention.forward after _split_heads: its head layout, rotary unless ALiBi (with the model's own
+    # apply_rotary_pos_emb), then SDPA or its eager math, whichever branch it takes.
+    got = module._attnatlas_pending
+    module._attnatlas_pending = None
+    q, k, v = out  # (batch, token, head, d_head)
+    B, T = q.shape[:2]
+    H, D = module.num_heads, module.head_dim
+    kv = H if module.new_decoder_architecture else module.num_kv_heads
+    q = q.transpose(1, 2).reshape(B, H, T, D)
+    k = k.transpose(1, 2).reshape(B, kv, T, D)
+    v = v.transpose(1, 2).reshape(B, kv, T, D)
+    alibi, mask = got.get("alibi"), got.get("attention_mask")
+    if alibi is None:
+        cos, sin = got["position_embeddings"]
+        q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+    if module.new_decoder_architecture:  # each key/value head is broadcast over its group of query heads: keep one
+        group = H // module.num_kv_heads
+        k, v = k[:, ::group], v[:, ::group]
+    sdpa = module.config._attn_implementation == "sdpa" and not got.get("output_attentions")
+    allowed, bias, by_key = _falcon_mask(mask, alibi, B, H, D)
+    if alibi is not None and not sdpa:  # eager: (q.k + alibi) * inv_norm_factor + mask, so ALiBi counts twice
+        extra = alibi.view(B, H, 1, -1).float() * module.inv_norm_factor
+        bias = extra if bias is None else bias + extra
+    is_causal = (module.is_causal and T > 1) if sdpa and mask is None else None
+    return LayerCapture(q.detach(), k.detach(), v.detach(), allowed, 1.0 / math.sqrt(D),
+                        bias=None if bias is None else bias.detach(), is_causal=is_causal, key_bias=by_key)
+
+
+def _falcon_mask(mask, alibi, B: int, H: int, D: int) -> tuple[Any, Any, bool]:
+    """(allowed, bias, by key): FalconModel folds alibi / sqrt(d_head), a function of the key's position, into its
+    mask. It is rounded to bfloat16, so it is in general no exact function of the key-query offset (more than
+    8 heads, or beyond 256 tokens): it is kept as the (batch, head, 1, key) term it is, checked against the mask,
+    and the recipe stores it by key position."""
+    if alibi is None or mask is None or mask.dtype == torch.bool:
+        allowed, bias = _split_mask(mask)
+        return allowed, bias, False
+    blocked = mask <= BLOCKED
+    key = alibi.reshape(B, H, 1, -1) / math.sqrt(D)  # FalconModel's own expression
+    if float(torch.where(blocked, 0.0, mask - key).abs().max()) > 1e-6 * max(1.0, float(key.abs().max())):
+        allowed, bias = _split_mask(mask)
+        return allowed, bias, False
+    return ~blocked, key, True
+
+
+_DEBERTA_ARGS = ("attention_mask", "output_attentions", "query_states", "relative_pos", "rel_embeddings")
+
+
+def _install_deberta(module: torch.nn.Module) -> list[Callable[[], None]]:
+    """DisentangledSelfAttention of DeBERTa (fused in_proj + q_bias/v_bias) and DeBERTa-v2 (query/key/value_proj):
+    hook the content projections, read the mask, relative positions and relative embeddings it is passed, and
+    project those embeddings with the layer's own position projections (weights only, as the model does)."""
+    v1 = hasattr(module, "in_proj")
+    projections = ("in_proj",) if v1 else ("query_proj", "key_proj", "value_proj")
+    state: dict[str, Any] = {}
+
+    def pre(mod, args, kwargs):
+        state.clear()
+        state.update(zip(_DEBERTA_ARGS, args[1:]))
+        state.update({k: kwargs[k] for k in _DEBERTA_ARGS if k in kwargs})
+
+    def projection(name):
+        def hook(mod, inputs, out):
+            # the first call is the content one (shared keys project the relative embeddings too)
+            state.setdefault(name, out.detach())
+        return hook
+
+    def heads(x: torch.Tensor, H: int) -> torch.Tensor:
+        return x.view(*x.shape[:-1], H, -1).transpose(-2, -3)  # (..., token, H * d) -> (..., H, token, d)
+
+    def post(mod, args, kwargs, out):
+        H = mod.num_attention_heads
+        if v1:
+            q, k, v = heads(state["in_proj"], H).chunk(3, dim=-1)
+            q, v = q + heads(mod.q_bias[None, None, :], H), v + heads(mod.v_bias[None, None, :], H)
+            factor = 1 + len(mod.pos_att_type)
+        else:
+            q, k, v = (heads(state[n], H) for n in projections)
+            factor = 1 + sum(t in mod.pos_att_type for t in ("c2p", "p2c"))
+        D, T = q.shape[-1], q.shape[-2]
+        scaling = 1.0 / float(torch.sqrt(torch.tensor(D, dtype=torch.float) * factor))  # scaled_size_sqrt
+        emb, rel = state.get("rel_embeddings"), state.get("relative_pos")
+        dis = None
+        if mod.relative_attention and emb is not None and (rel is not None or not v1):
+            if rel is None:  # v2 builds it itself then
+                rel = sys.modules[type(mod).__module__].build_relative_position(
+                    q, k, bucket_size=mod.position_buckets, max_position=mod.max_relative_positions)
+            rel = rel.reshape(-1, T, T)
+            if rel.shape[0] > 1 and not bool((rel == rel[:1]).all()):
+                raise ModelError(f"Model type {mod.config.model_type!r} passes relative positions that differ "
+                                 "between sequences, which the atlas does not record.")
+            # v1 slices its table to the sequence; indexing the whole one with span max_relative_positions is the same
+            span = mod.max_relative_positions if v1 else mod.pos_ebd_size
+            table = emb[: 2 * span]
+            c2p, p2c = "c2p" in mod.pos_att_type, "p2c" in mod.pos_att_type
+            if v1:
+                pos_key = mod.pos_proj(table) if c2p else None
+                pos_query = mod.pos_q_proj(table) if p2c else None
+            else:
+                pos_key = (mod.key_proj if mod.share_att_key else mod.pos_key_proj)(table) if c2p else None
+                pos_query = (mod.query_proj if mod.share_att_key else mod.pos_query_proj)(table) if p2c else None
+            dis = Disentangled(rel[0].long(), int(span), None if pos_key is None else heads(pos_key, H).detach(),
+                               None if pos_query is None else heads(pos_query, H).detach())
+        mask = state["attention_mask"]
+        _emit(mod, LayerCapture(q.detach(), k.detach(), v.detach(), None if mask is None else mask.bool(), scaling,
+                                disentangled=dis))
+
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
+               *(getattr(module, n).register_forward_hook(projection(n)) for n in projections),
+               module.register_forward_hook(post, with_kwargs=True)]
+    return [h.remove for h in handles]
+
+
 def _emit(module: torch.nn.Module, cap: LayerCapture) -> None:
     """Hand a capture from a wrapper or hook to the active recorder (with top-k if it wants it)."""
     if not _active:
@@ -223,6 +365,9 @@ WRAPPERS: dict[str, Callable[[torch.nn.Module], list[Callable[[], None]]]] = {
     "gpt_neo": _wrapping("_attn", _record_gpt_neo),
     "bloom": _wrapping("_reshape", _record_bloom_split, _bloom_pre_hook),
     "mpnet": _install_mpnet,
+    "falcon": _wrapping("_split_heads", _record_falcon, _falcon_pre_hook),
+    "deberta-v2": _install_deberta,
+    "deberta": _install_deberta,
 }
 
 
@@ -249,17 +394,37 @@ def capturing(model: torch.nn.Module, layer_of_module: dict[int, list[int]] | No
 
 
 def attention_probs(cap: LayerCapture, causal: bool) -> torch.Tensor:
-    """(batch, head, query, key) softmax(cap(q.k * scaling) + bias + mask), recomputed from captured q and k."""
+    """(batch, head, query, key) softmax(cap((q.k + c2p + p2c) * scaling) + bias + mask), recomputed from
+    captured q and k (c2p, p2c: DeBERTa's content-position terms)."""
     q, k = cap.query.float(), cap.key.float()
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
-    logits = (q @ k.transpose(-1, -2)) * cap.scaling
+    logits = q @ k.transpose(-1, -2)
+    if cap.disentangled is not None:
+        logits = logits + disentangled_terms(q, k, cap.disentangled)
+    logits = logits * cap.scaling
     if cap.softcap:
         logits = torch.tanh(logits / cap.softcap) * cap.softcap
     if cap.bias is not None:
         logits = logits + cap.bias.float()
     return torch.softmax(apply_mask(logits, cap.mask, causal), dim=-1)
+
+
+def disentangled_terms(q: torch.Tensor, k: torch.Tensor, d: Disentangled) -> torch.Tensor:
+    """(batch, head, query, key) c2p + p2c before scaling, gathered as DeBERTa's disentangled_attention_bias does.
+    q, k: (batch, head, token, d_head)."""
+    T, S = q.shape[-2], d.span
+    rel = d.relative[:T, :T].to(q.device)
+    shape = (*q.shape[:-1], T)
+    out = torch.zeros(shape, dtype=q.dtype, device=q.device)
+    if d.pos_key is not None:
+        c2p = q @ d.pos_key.float().transpose(-1, -2)  # (batch, head, query, 2 * span)
+        out = out + c2p.gather(-1, torch.clamp(rel + S, 0, 2 * S - 1).expand(shape))
+    if d.pos_query is not None:
+        p2c = k @ d.pos_query.float().transpose(-1, -2)  # (batch, head, key, 2 * span)
+        out = out + p2c.gather(-1, torch.clamp(-rel + S, 0, 2 * S - 1).expand(shape)).transpose(-1, -2)
+    return out
 
 
 def apply_mask(logits: torch.Tensor, mask: Any, causal: bool) -> torch.Tensor:

@@ -573,6 +573,8 @@ def extract(
                     _release_free_heap()
         # What besides q.k shapes attention (attnatlas.attention recomputes it from this alone).
         writer.attrs["attention"] = recipe.to_attrs()
+        for key, data in recipe.arrays().items():  # tables the recipe points to (DeBERTa's position tables)
+            writer.write_array(key, data)
         writer.attrs["scaling"] = recipe.scaling
         writer.attrs["extract_seconds"] = round(time.perf_counter() - started, 3)
         writer.commit(overwrite=overwrite)

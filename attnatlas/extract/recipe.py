@@ -2,8 +2,10 @@
 
 For every layer this records the scaling, the softcap, the window (from the model's own mask, checked
 on every batch) and any additive bias (relative position bias, ALiBi), which is stored as a function of
-the key-query offset for text (checked to depend on nothing else) or as a fixed position-pair table for
-images. `to_attrs()` gives what attnatlas.attention needs to recompute the model's attention exactly.
+the key-query offset for text (checked to depend on nothing else; Falcon's bfloat16 ALiBi as a function
+of the key's position) or as a fixed position-pair table for images. DeBERTa's content-position terms
+are recorded as the relative position of each key-query offset and the layer's position tables.
+`to_attrs()` and `arrays()` give what attnatlas.attention needs to recompute the model's attention exactly.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import numpy as np
 import torch
 
 from attnatlas.errors import ModelError
-from attnatlas.extract.capture import LayerCapture
+from attnatlas.extract.capture import Disentangled, LayerCapture
 
 RECIPE_VERSION = 1
 BIAS_TOL = 1e-4  # relative: a bias that varies more than this for one offset is not positional
+TABLE_TOL = 1e-5  # relative: DeBERTa's position tables are weights only, the same every batch
+# Zarr arrays of the model folder that hold DeBERTa's position tables, (layer, head, 2 * span, d_head) float32.
+POSITION_ARRAYS = {"c2p": "attention_c2p_keys", "p2c": "attention_p2c_queries"}
 
 
 def pack(a: np.ndarray) -> dict[str, Any]:
@@ -40,6 +45,10 @@ class Recipe:
         self.softcap: list[float | None] = [None] * n_layers
         self.rel: dict[int, torch.Tensor] = {}  # layer -> (head, 2 * span - 1) bias by offset j - i, NaN = unseen
         self.pairs: dict[int, torch.Tensor] = {}  # layer -> (head, n, n) fixed bias (images)
+        self.keyed: dict[int, torch.Tensor] = {}  # layer -> (head, n) bias by key position, NaN = unseen
+        self.relative: torch.Tensor | None = None  # DeBERTa: (2 * n - 1,) relative position by offset i - j
+        self.span: int | None = None
+        self.positions: dict[int, dict[str, torch.Tensor]] = {}  # layer -> "c2p"/"p2c" -> (head, 2 * span, d_head)
 
     def _refuse(self, layer: int, what: str) -> ModelError:
         return ModelError(f"Model type {self.model_type!r}: layer {layer} {what}; attnatlas cannot record it "
@@ -62,14 +71,18 @@ class Recipe:
                     seen[key] = self._check_mask(layer, cap.mask, valid)
                 else:
                     self.window[layer] = seen[key]
+            if cap.disentangled is not None:
+                self._observe_disentangled(layer, cap.disentangled, seen)
             if cap.bias is not None:
-                key = ("bias", cap.bias.data_ptr(), tuple(cap.bias.shape))
-                store = self.pairs if image else self.rel
+                key = ("bias", cap.bias.data_ptr(), tuple(cap.bias.shape), cap.key_bias)
+                store = self.pairs if image else self.keyed if cap.key_bias else self.rel
                 if key in seen:  # the same tensor as an earlier layer's (T5, Bloom): one table
                     store[layer] = store[seen[key]]
                     continue
                 seen[key] = layer
-                (self._observe_pairs if image else self._observe_relative)(layer, cap.bias, valid)
+                observe = self._observe_pairs if image else self._observe_keys if cap.key_bias else \
+                    self._observe_relative
+                observe(layer, cap.bias, valid)
 
     # ---- masks and windows ---------------------------------------------------------------------------
 
@@ -153,6 +166,68 @@ class Recipe:
             table = torch.where(torch.isnan(old), table, old)
         self.rel[layer] = table
 
+    def _observe_keys(self, layer: int, bias: torch.Tensor, valid: torch.Tensor) -> None:
+        """A bias of (batch|1, head, query|1, key) that must be a function of the key's position alone (per row
+        up to a constant, which softmax ignores): stored as (head, key) relative to key 0."""
+        T = valid.shape[1]
+        b = bias.float()[..., -T:, -T:]
+        for s in range(valid.shape[0]):
+            n = int(valid[s].sum())  # right padding: the real tokens are 0 .. n - 1
+            if n == 0:
+                continue
+            x = b[s if b.shape[0] > 1 else 0][:, :n, :n]
+            x = x.expand(x.shape[0], n, n) - x[:, :, :1]
+            allow = torch.ones(n, n, dtype=torch.bool, device=x.device)
+            if self.causal:
+                allow = allow.tril()
+            hi = torch.where(allow, x, -torch.inf).amax(1)  # (head, key)
+            lo = torch.where(allow, x, torch.inf).amin(1)
+            if ((hi - lo) > BIAS_TOL * torch.clamp(hi.abs(), min=1.0)).any():
+                raise self._refuse(layer, "adds an attention bias that depends on more than the key's position")
+            self.keyed[layer] = self._merge(layer, self.keyed.get(layer), hi.cpu())
+
+    def _merge(self, layer: int, old: torch.Tensor | None, table: torch.Tensor) -> torch.Tensor:
+        """Two (head, key) tables by key position, NaN = unseen: they must agree where both were seen."""
+        if old is None:
+            return table
+        n = max(old.shape[1], table.shape[1])
+        old, table = (torch.nn.functional.pad(t, (0, n - t.shape[1]), value=float("nan")) for t in (old, table))
+        both = ~torch.isnan(old) & ~torch.isnan(table)
+        if (old[both] - table[both]).abs().gt(BIAS_TOL * torch.clamp(old[both].abs(), min=1.0)).any():
+            raise self._refuse(layer, "adds an attention bias that changes between batches")
+        return torch.where(torch.isnan(old), table, old)
+
+    # ---- DeBERTa's content-position terms -----------------------------------------------------------------
+
+    def _observe_disentangled(self, layer: int, d: Disentangled, seen: dict[tuple, Any]) -> None:
+        key = ("relative", d.relative.data_ptr(), tuple(d.relative.shape))
+        if key not in seen:  # one tensor for every layer: check it once
+            seen[key] = layer
+            rel = d.relative.cpu()
+            T = rel.shape[-1]
+            table = torch.cat([rel[0].flip(0), rel[1:, 0]])  # offset i - j at index i - j + T - 1
+            i = torch.arange(T)
+            if not torch.equal(rel, table[i[:, None] - i[None, :] + T - 1]):
+                raise self._refuse(layer, "uses relative positions that are not a function of the key-query offset")
+            if self.relative is not None:
+                short, long_ = sorted((self.relative, table), key=len)
+                pad = (len(long_) - len(short)) // 2
+                if not torch.equal(long_[pad : pad + len(short)], short):
+                    raise self._refuse(layer, "changes its relative positions between batches")
+                table = long_
+            self.relative = table
+        if self.span is not None and self.span != d.span:
+            raise self._refuse(layer, f"changes its attention span between batches ({self.span} then {d.span})")
+        self.span = d.span
+        now = {t: x.float().cpu() for t, x in (("c2p", d.pos_key), ("p2c", d.pos_query)) if x is not None}
+        old = self.positions.get(layer)
+        if old is None:
+            self.positions[layer] = now
+            return
+        if old.keys() != now.keys() or any(not torch.allclose(old[t], now[t], rtol=TABLE_TOL,
+                                                              atol=TABLE_TOL * float(old[t].abs().max())) for t in now):
+            raise self._refuse(layer, "changes its relative position tables between batches")
+
     def _observe_pairs(self, layer: int, bias: torch.Tensor, valid: torch.Tensor) -> None:
         b = bias.float()
         if b.shape[0] > 1 and not torch.allclose(b, b[:1].expand_as(b), atol=1e-6):
@@ -167,22 +242,34 @@ class Recipe:
 
     def to_attrs(self) -> dict[str, Any]:
         bias = None
-        if self.rel or self.pairs:
-            store, kind = (self.rel, "relative") if self.rel else (self.pairs, "pairs")
+        if self.rel or self.keyed or self.pairs:
+            kind = "pairs" if self.pairs else "relative"
+            store = {l: ("pairs", t) for l, t in self.pairs.items()} if self.pairs else \
+                {**{l: ("offsets", t) for l, t in self.rel.items()}, **{l: ("keys", t) for l, t in self.keyed.items()}}
             tables, layer_table, distinct = [], [], []
             for layer in range(self.n_layers):
-                t = store.get(layer)
-                if t is None:
+                if layer not in store:
                     layer_table.append(None)
                     continue
+                by, t = store[layer]
                 # Layers with the same bias (T5, Bloom's ALiBi, BEiT's shared table) store it once.
-                same = next((i for i, d in enumerate(distinct) if d.shape == t.shape and torch.equal(d.nan_to_num(), t.nan_to_num())), None)
+                same = next((i for i, (b, d) in enumerate(distinct) if b == by and d.shape == t.shape
+                             and torch.equal(d.nan_to_num(), t.nan_to_num())), None)
                 if same is None:
                     same = len(distinct)
-                    distinct.append(t)
-                    tables.append(_pack_bias(t, kind))
+                    distinct.append((by, t))
+                    tables.append(_pack_bias(t, by))
                 layer_table.append(same)
             bias = {"kind": kind, "tables": tables, "layer_table": layer_table}
+        disentangled = None
+        if self.positions:
+            if len(self.positions) != self.n_layers:
+                raise ModelError(f"Model type {self.model_type!r}: only {len(self.positions)} of {self.n_layers} "
+                                 "layers have content-position terms; attnatlas cannot record that exactly.")
+            terms = [t for t in POSITION_ARRAYS if t in self.positions[0]]
+            disentangled = {"terms": terms, "span": self.span, "arrays": {t: POSITION_ARRAYS[t] for t in terms},
+                            # relative position of query i to key j at index i - j + len // 2
+                            "relative": pack(self.relative.numpy().astype(np.int32))}
         return {
             "version": RECIPE_VERSION,
             "causal": self.causal,
@@ -191,8 +278,17 @@ class Recipe:
             "window": self.window,
             "window_rule": self.window_rule,
             "bias": bias,
-            "additive": bias is not None,
+            "disentangled": disentangled,
+            "additive": bias is not None or disentangled is not None,
         }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Arrays the recipe points to, for the model folder: DeBERTa's (layer, head, 2 * span, d_head) position
+        tables."""
+        if not self.positions:
+            return {}
+        return {POSITION_ARRAYS[t]: np.stack([self.positions[i][t].numpy() for i in range(self.n_layers)]).astype(np.float32)
+                for t in POSITION_ARRAYS if t in self.positions[0]}
 
 
 def _widen(table: torch.Tensor, span: int) -> torch.Tensor:
@@ -204,10 +300,12 @@ def _widen(table: torch.Tensor, span: int) -> torch.Tensor:
     return torch.nn.functional.pad(table, (pad, pad), value=float("nan"))
 
 
-def _pack_bias(t: torch.Tensor, kind: str) -> dict[str, Any]:
+def _pack_bias(t: torch.Tensor, by: str) -> dict[str, Any]:
     a = t.numpy().astype(np.float32)
-    if kind == "relative":
+    if by == "offsets":
         return {"offsets": pack(a)}  # (head, 2 * span - 1), offset j - i at column j - i + span - 1
+    if by == "keys":
+        return {"keys": pack(a)}  # (head, n), key position j at column j
     H, n, _ = a.shape
     # Position-pair biases come from small tables (BEiT: (2w - 1)^2 + 3 rows): store those and an index.
     values, index = np.unique(a.reshape(H, n * n).T, axis=0, return_inverse=True)
