@@ -27,6 +27,12 @@ W = 3  # sliding window, shorter than most sequences above
 D = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=64,
          max_position_embeddings=64)
 DEC = dict(D, num_key_value_heads=2, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+# Falcon loads eager (as load_model loads it), so output_attentions shows the branch the atlas recorded.
+FALCON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, max_position_embeddings=64,
+              attn_implementation="eager")
+# DeBERTa: span 4 < the longest sequence (18), so relative positions are log-bucketed and clamped; weights
+# large enough that the content-position terms move attention by ~0.15.
+DEB = dict(D, initializer_range=0.2, relative_attention=True, position_buckets=4, max_relative_positions=16)
 
 # model_type -> (model class, config); what each adds beyond q.k is checked in EXPECT below.
 TEXT = {
@@ -39,6 +45,12 @@ TEXT = {
                                                       attention_types=[[["global", "local"], 1]], window_size=W,
                                                       max_position_embeddings=64)),
     "bloom": lambda: tf.BloomModel(tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64)),
+    "falcon": lambda: tf.FalconModel(tf.FalconConfig(**FALCON)),  # multi-query: one key head
+    "falcon-mha": lambda: tf.FalconModel(tf.FalconConfig(**FALCON, multi_query=False)),
+    "falcon-new": lambda: tf.FalconModel(tf.FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=2)),
+    # 12 heads: slopes that are no powers of 2, so the bfloat16 ALiBi is no exact function of the offset
+    "falcon-alibi": lambda: tf.FalconModel(tf.FalconConfig(**dict(FALCON, hidden_size=96, num_attention_heads=12),
+                                                           alibi=True, multi_query=False)),
     "llama": lambda: tf.LlamaModel(tf.LlamaConfig(**DEC)),
     "mistral": lambda: tf.MistralModel(tf.MistralConfig(**DEC, sliding_window=W)),
     "mixtral": lambda: tf.MixtralModel(tf.MixtralConfig(**DEC, sliding_window=W, num_local_experts=2, num_experts_per_tok=1)),
@@ -63,6 +75,10 @@ TEXT = {
     "electra": lambda: tf.ElectraModel(tf.ElectraConfig(**D, embedding_size=16)),
     "albert": lambda: tf.AlbertModel(tf.AlbertConfig(**D, embedding_size=16)),
     "mpnet": lambda: tf.MPNetModel(tf.MPNetConfig(**dict(D, max_position_embeddings=70), pad_token_id=0)),
+    "deberta-v2": lambda: tf.DebertaV2Model(tf.DebertaV2Config(**DEB, pos_att_type=["p2c", "c2p"], share_att_key=True)),
+    "deberta-v2-own-keys": lambda: tf.DebertaV2Model(tf.DebertaV2Config(**DEB, pos_att_type=["c2p", "p2c"],
+                                                                        share_att_key=False, norm_rel_ebd="layer_norm")),
+    "deberta": lambda: tf.DebertaModel(tf.DebertaConfig(**dict(DEB, max_relative_positions=6), pos_att_type=["c2p", "p2c"])),
     "modernbert": lambda: tf.ModernBertModel(tf.ModernBertConfig(**D, local_attention=2 * W, global_attn_every_n_layers=2,
                                                                  pad_token_id=0)),
     "t5": lambda: tf.T5EncoderModel(tf.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=48, vocab_size=64,
@@ -91,7 +107,8 @@ IMAGE = {
 }
 # What the atlas must record beyond q.k for each type (checked, so a recipe cannot silently go missing).
 WINDOWED = {"starcoder2", "gpt_neo", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "modernbert"}
-BIASED = {"bloom", "mpnet", "t5", "beit", "beit-shared"}
+BIASED = {"bloom", "falcon-alibi", "mpnet", "t5", "beit", "beit-shared"}
+DISENTANGLED = {"deberta", "deberta-v2", "deberta-v2-own-keys"}
 SOFTCAP = {"gemma2"}
 PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 3, "beit": 1, "beit-shared": 1,
           "clip_vision_model": 1, "siglip_vision_model": 0}
@@ -122,11 +139,21 @@ def _check(atlas_path, name, model, ref: list[np.ndarray], lengths: list[int], k
     if windows:
         assert max(lengths) > min(windows) + 1  # the window really cut attention
     assert (rec["bias"] is not None) == (kind in BIASED)
-    if kind in {"bloom", "mpnet", "t5", "beit-shared"}:  # one bias for every layer is stored once
+    if kind in {"bloom", "falcon-alibi", "mpnet", "t5", "beit-shared"}:  # one bias for every layer is stored once
         assert rec["bias"]["tables"] and set(rec["bias"]["layer_table"]) == {0}
+    if kind in {"bloom", "falcon-alibi"}:  # Bloom's float32 ALiBi by offset; Falcon's bfloat16 one by key position
+        assert list(rec["bias"]["tables"][0]) == (["keys"] if kind == "falcon-alibi" else ["offsets"])
     assert any(rec["softcap"]) == (kind in SOFTCAP)
+    assert (rec.get("disentangled") is not None) == (kind in DISENTANGLED)
+    if kind in DISENTANGLED:
+        d = rec["disentangled"]
+        assert d["terms"] == ["c2p", "p2c"] and max(lengths) > d["span"]  # clamped to the span
+        for term in d["terms"]:
+            assert atlas.array(name, d["arrays"][term]).shape == (info.n_layers, info.n_heads, 2 * d["span"], info.d_head)
     note = layout_note(atlas, name)
-    assert (note is not None) == (kind in WINDOWED | BIASED | SOFTCAP) and (note is None or "q·k part only" in note)
+    assert (note is not None) == (kind in WINDOWED | BIASED | SOFTCAP | DISENTANGLED)
+    assert note is None or "q·k part only" in note
+    assert (note is not None and "content-position" in note) == (kind in DISENTANGLED)
     return worst
 
 
@@ -137,7 +164,7 @@ def test_text_family_attention_equals_eager(tmp_path, kind):
     tok = _tokenizer(tmp_path)
     loaded = prepare_model(model, tok, kind)
     assert loaded.adapter.causal == (kind not in {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra",
-                                                  "albert", "mpnet", "modernbert", "t5", "siglip_text_model"})
+                                                  "albert", "mpnet", "modernbert", "t5", "siglip_text_model"} | DISENTANGLED)
     # Batches of 3 and 1: padding inside the first batch.
     extract(tmp_path / "a", loaded, texts=TEXTS, options=ExtractOptions(dtype="float32", batch_size=3, progress=False,
                                                                         attention_topk=4))
@@ -223,6 +250,40 @@ def test_analyze_compare_and_head_math_share_the_recipe(windowed_atlas):
     assert m.weight == 0.0
 
 
+def test_analyze_compare_and_head_math_add_deberta_content_position_terms(tmp_path):
+    from attnatlas.analyze.common import layer_attention, sequence_rows
+    from attnatlas.analyze.overview import head_math
+    from attnatlas.attention import recipe
+    from attnatlas.compare.metrics import iter_attention, make_batch
+
+    torch.manual_seed(0)
+    model = TEXT["deberta-v2"]().eval()
+    tok = _tokenizer(tmp_path)
+    extract(tmp_path / "a", prepare_model(model, tok, "d"), texts=TEXTS,
+            options=ExtractOptions(dtype="float32", batch_size=2, progress=False))
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    ref = _eager(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    lengths = enc["attention_mask"].sum(1).tolist()
+    atlas = attnatlas.open_atlas(tmp_path / "a")
+    rows = [sequence_rows(atlas, "d", s) for s in range(len(TEXTS))]
+    compared = {(layer, head): p for layer, head, p in iter_attention(atlas, "d", make_batch(atlas.tokens("d")))}
+    for layer in range(2):
+        per_seq = layer_attention(atlas, "d", layer, rows)
+        for s, n in enumerate(lengths):
+            for head in range(4):
+                want = ref[layer][s, head, :n, :n]
+                assert np.abs(per_seq[s][head] - want).max() <= TOL
+                assert np.abs(compared[layer, head][s, :n, :n] - want).max() <= TOL
+    longest = int(np.argmax(lengths))
+    n = lengths[longest]
+    m = head_math(atlas, "d", 1, 2, longest, n - 1, 0)  # 17 tokens apart: a clamped, bucketed relative position
+    np.testing.assert_allclose(m.softmax, ref[1][longest, 2, n - 1, :n], atol=TOL)
+    assert m.position is not None and m.logit == pytest.approx((m.dot + m.position) * m.scaling, abs=1e-9)
+    q, k = (atlas.queries("d", 1, 2)[rows[longest]], atlas.keys("d", 1, 2)[rows[longest]])
+    with pytest.raises(attnatlas.errors.AtlasError, match="pass q and k"):
+        recipe(atlas, "d").logits(q @ k.T, 1, 2)  # q.k alone cannot give this model's attention
+
+
 def test_attention_from_atlas_needs_no_torch(windowed_atlas):
     import subprocess
     import sys
@@ -293,7 +354,6 @@ def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
     assert cli(["extract", "--model", bert, "--texts", str(texts), "--out", str(atlas), "--no-progress"]) == 0
     before = _fingerprint(atlas)
 
-    deberta = _save(tmp_path / "deb", tf.DebertaV2Model(tf.DebertaV2Config(**D)), tok)
     swin = tmp_path / "swin"
     tf.SwinModel(tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
                                window_size=4)).save_pretrained(swin)
@@ -310,13 +370,10 @@ def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
     clash.mkdir(parents=True)
     (clash / "config.json").write_text((tmp_path / "bert" / "config.json").read_text())
     (clash / "model.safetensors").write_bytes(b"not weights")
-    config_only = {}
-    for kind, cfg in (("falcon", tf.FalconConfig(**D)),):
-        cfg.save_pretrained(tmp_path / kind)  # refused from the config alone: no weights needed
-        config_only[kind] = ([str(tmp_path / kind)], [f"'{kind}'", "not yet supported"])
+    # Refused from the config alone, no weights needed: talking heads mix the heads' logits.
+    tf.DebertaConfig(**D, talking_head=True).save_pretrained(tmp_path / "talking")
     cases = {
-        **config_only,
-        "deberta-v2": ([deberta], ["'deberta-v2'", "disentangled"]),
+        "deberta talking heads": ([str(tmp_path / "talking")], ["'deberta'", "talking heads"]),
         "swin": ([str(swin), "--images", str(write_images(tmp_path / "imgs", n=1))], ["'swin'", "windows"]),
         "t5 without a stack": ([t5], ["'t5'", f"{t5}#encoder"]),
         "t5 decoder": ([t5 + "#decoder"], ["cross-attention"]),
