@@ -13,6 +13,7 @@ import ctypes.util
 import dataclasses
 import functools
 import hashlib
+import os
 import re
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -243,29 +245,28 @@ class _HeadRows:
 
 def _compact(caps: dict[int, LayerCapture], valid: torch.Tensor, first_row: int, opts: ExtractOptions,
              hidden: tuple[torch.Tensor, ...] | None, np_dtype: np.dtype) -> dict[str, Any]:
-    """Turn padded (batch, head, token, ...) captures of every layer into (layer, head, real_token, ...) arrays
-    (q and k on the CPU as `_HeadRows`, laid out as the store copies them in)."""
+    """Turn every layer's captures into (layer, head, real_token, ...) arrays. q and k (and v) arrive as the
+    recorder's real-token rows; on the CPU they go to the store as `_HeadRows`, laid out as it copies them in."""
     layers = [caps[i] for i in range(len(caps))]
     real = valid.reshape(-1).nonzero().squeeze(1)  # flat (batch * token) indices of real tokens
     dtype = getattr(torch, np_dtype.name)
 
-    def take(per_layer: list[torch.Tensor], to: torch.dtype) -> Any:
-        # Models make q, k as (batch, token, head, d) and view them as (batch, head, token, d): viewed back,
-        # real tokens are picked without a copy of the padded batch, then cast and laid out in one copy each.
-        # (Measured: a contiguous cast, then rows of a 2-D view, then the transposing copy in the storage
-        # dtype is 4x faster than casting or picking through transposed views.)
-        B, H, T, D = per_layer[0].shape
-        rows = [t.transpose(1, 2).reshape(B * T, H * D).to(to).index_select(0, real) for t in per_layer]
+    def layout(rows: list[torch.Tensor], heads: int) -> Any:
         if rows[0].device.type == "cpu":
-            return _HeadRows(rows, H)  # (real_token, head * d) per layer
-        out = torch.empty((len(per_layer), H, len(real), D), dtype=to, device=per_layer[0].device)
+            return _HeadRows(rows, heads)  # (real_token, head * d) per layer
+        out = torch.empty((len(rows), heads, len(real), rows[0].shape[1] // heads), dtype=rows[0].dtype,
+                          device=rows[0].device)
         for layer, r in enumerate(rows):
-            out[layer].copy_(r.view(-1, H, D).transpose(0, 1))
+            out[layer].copy_(r.view(len(real), heads, -1).transpose(0, 1))
         return out.cpu().numpy()  # one transfer per batch from an accelerator
 
-    arrays = {"queries": take([c.query for c in layers], dtype), "keys": take([c.key for c in layers], dtype)}
-    if opts.values:
-        arrays["values"] = take([c.value for c in layers], dtype)
+    def take(per_layer: list[torch.Tensor], to: torch.dtype) -> Any:
+        B, H, T, D = per_layer[0].shape
+        return layout([t.transpose(1, 2).reshape(B * T, H * D).to(to).index_select(0, real) for t in per_layer], H)
+
+    d_head = layers[0].shape[3]
+    arrays = {name: layout([c.rows[name] for c in layers], layers[0].rows[name].shape[1] // d_head)
+              for name in ("queries", "keys", "values")[: 3 if opts.values else 2]}
     if opts.attention_topk:
         K = opts.attention_topk
         # Global token row of every (sequence, position), -1 for padding.
@@ -308,8 +309,9 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
     first_row = 0
     decoded: dict[int, str] = {}  # token id -> its text
     # One capture context for the whole corpus: switching the attention implementation walks every module.
+    dtype = getattr(torch, np_dtype.name)
     with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, adapter.causal, adapter.wrapped,
-                   adapter.family) as rec:
+                   adapter.family, values=opts.values) as rec:
         for start in range(0, len(records), opts.batch_size):
             batch = records[start : start + opts.batch_size]
             encoding = tok([r.text for r in batch], padding=True, truncation=True, max_length=max_len,
@@ -318,7 +320,7 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
             special = encoding["special_tokens_mask"]
             enc = {k: encoding[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding}
             valid = enc["attention_mask"].bool()
-            rec.next_batch()
+            rec.next_batch(valid.reshape(-1).nonzero().squeeze(1), dtype)
             with torch.inference_mode(), _autocast(device, opts.precision):
                 out = loaded.model(**enc, output_hidden_states=opts.hidden_states)
             recipe.observe(rec.layers, valid, image=False)
@@ -335,27 +337,43 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
                 starts = ends = np.full(len(token_ids), -1)
             words = [-1 if w is None else int(w) for b, n in enumerate(lengths) for w in encoding.word_ids(b)[:n]] \
                 if tok.is_fast else [-1] * len(token_ids)
-            tokens = pd.DataFrame({
+            # Arrow tables straight from numpy and lists: the store writes them as Parquet row groups.
+            tokens = pa.table({
                 "sequence": np.repeat(np.arange(start, start + len(batch)), lengths),
                 "position": np.concatenate([np.arange(n) for n in lengths]),
-                "token": _decode_tokens(tok, token_ids, decoded),
+                "token": pa.array(_decode_tokens(tok, token_ids, decoded), pa.string()),
                 "token_id": token_ids.numpy(),
                 "is_special": is_special,
                 "char_start": starts,
                 "char_end": ends,
-                "word": words,
-                "source": np.repeat([r.source for r in batch], lengths),
+                "word": np.asarray(words, dtype=np.int64),
+                "source": pa.array(np.repeat(np.array([r.source for r in batch], dtype=object), lengths), pa.string()),
             })
             # A window knows its document and where in it it starts; a truncated sequence knows it was cut.
             cut = [bool(e.overflowing) for e in encoding.encodings] if tok.is_fast else [False] * len(batch)
-            sequences = pd.DataFrame({
-                "sequence": np.arange(start, start + len(batch)), "source": [r.source for r in batch],
-                "text": [r.text for r in batch], "n_tokens": lengths,
-                "document": [r.document if r.document >= 0 else start + i for i, r in enumerate(batch)],
-                "doc_char_start": [r.doc_start for r in batch], "window": [r.window for r in batch],
-                "n_windows": [r.n_windows for r in batch], "truncated": cut})
+            sequences = pa.table({
+                "sequence": np.arange(start, start + len(batch)),
+                "source": pa.array([r.source for r in batch], pa.string()),
+                "text": pa.array([r.text for r in batch], pa.string()), "n_tokens": np.asarray(lengths, dtype=np.int64),
+                "document": np.asarray([r.document if r.document >= 0 else start + i for i, r in enumerate(batch)], np.int64),
+                "doc_char_start": np.asarray([r.doc_start for r in batch], np.int64),
+                "window": np.asarray([r.window for r in batch], np.int64),
+                "n_windows": np.asarray([r.n_windows for r in batch], np.int64), "truncated": np.asarray(cut, dtype=bool)})
             first_row += int(sum(lengths))
             yield _Batch(arrays, tokens, sequences), len(batch)
+
+
+def _spare_core(device: torch.device) -> bool:
+    """Whether chunk writes can run beside the forward pass without taking a core from it: on an accelerator,
+    or with more CPUs than torch's threads. Where torch uses every core, a write thread slows each batch by more
+    than the write takes, so the writes run between batches instead."""
+    if device.type != "cpu":
+        return True
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return cpus > torch.get_num_threads()
 
 
 def _autocast(device: torch.device, precision: str):
@@ -382,8 +400,18 @@ def _image_pixels(pre: Any, pixel_values: torch.Tensor) -> np.ndarray:
 
 def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: ExtractOptions,
                    device: torch.device, np_dtype: np.dtype, recipe: Recipe):
-    pre = loaded.preprocessor
     patch, prefix = _image_geometry(loaded)
+    adapter = loaded.adapter
+    # One capture context for the whole corpus, as for text.
+    with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, adapter.causal, adapter.wrapped,
+                   adapter.family, values=opts.values) as rec:
+        yield from _image_batches_captured(loaded, records, opts, device, np_dtype, recipe, rec, patch, prefix)
+
+
+def _image_batches_captured(loaded: LoadedModel, records: list[ImageRecord], opts: ExtractOptions,
+                            device: torch.device, np_dtype: np.dtype, recipe: Recipe, rec: Any, patch: int,
+                            prefix: list[str]):
+    pre = loaded.preprocessor
     first_row = 0
     for start in range(0, len(records), opts.batch_size):
         batch = records[start : start + opts.batch_size]
@@ -393,11 +421,10 @@ def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: Extrac
         rows_, cols_ = H // patch, W // patch
         n = len(prefix) + rows_ * cols_
         valid = torch.ones(B, n, dtype=torch.bool, device=device)
-        adapter = loaded.adapter
-        with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, adapter.causal, adapter.wrapped,
-                       adapter.family) as rec, torch.inference_mode(), _autocast(device, opts.precision):
+        rec.next_batch(None, getattr(torch, np_dtype.name))  # no padding: every row is kept
+        with torch.inference_mode(), _autocast(device, opts.precision):
             out = loaded.model(pixel_values=pixel_values.to(device), output_hidden_states=opts.hidden_states)
-        got = rec.layers[0].query.shape[2]
+        got = rec.layers[0].shape[2]
         if got != n:
             raise ModelError(f"The model saw {got} tokens per image, expected {n} ({len(prefix)} + {rows_}x{cols_} patches).")
         recipe.observe(rec.layers, valid, image=True)
@@ -543,16 +570,18 @@ def extract(
         batches = _image_batches(loaded, image_records, opts, device, np_dtype, recipe)
 
     tc = min(tokens_per_chunk(d_head, n_layers * n_heads), n_tokens)  # a small corpus: one exact chunk per head
-    specs = {
-        "queries": ArraySpec((n_layers, n_heads, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head)),
-        "keys": ArraySpec((n_layers, n_kv, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head)),
-    }
+    # One file per layer and chunk column, holding every head's chunk: a fresh file costs far more than its bytes.
+    def per_head(heads: int, width: int, dtype: str, compress: bool = False) -> ArraySpec:
+        return ArraySpec((n_layers, heads, n_tokens, width), dtype, 2, (1, 1, tc, width), compress=compress,
+                         shards=(1, heads, tc, width))
+
+    specs = {"queries": per_head(n_heads, d_head, opts.dtype), "keys": per_head(n_kv, d_head, opts.dtype)}
     if opts.values:
-        specs["values"] = ArraySpec((n_layers, n_kv, n_tokens, d_head), opts.dtype, 2, (1, 1, tc, d_head))
+        specs["values"] = per_head(n_kv, d_head, opts.dtype)
     if opts.attention_topk:
         K = opts.attention_topk
-        specs["attn_topk_index"] = ArraySpec((n_layers, n_heads, n_tokens, K), "int32", 2, (1, 1, tc, K), compress=True)
-        specs["attn_topk_weight"] = ArraySpec((n_layers, n_heads, n_tokens, K), "float16", 2, (1, 1, tc, K), compress=True)
+        specs["attn_topk_index"] = per_head(n_heads, K, "int32", compress=True)
+        specs["attn_topk_weight"] = per_head(n_heads, K, "float16", compress=True)
     if opts.hidden_states:
         d_model = attrs["d_model"]
         specs["hidden"] = ArraySpec((n_layers + 1, n_tokens, d_model), opts.dtype, 1, (1, min(tokens_per_chunk(d_model), n_tokens), d_model))
@@ -562,7 +591,7 @@ def extract(
 
     started = time.perf_counter()
     atlas = atlas or Atlas.open(atlas_path, create=True)
-    with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite) as writer:
+    with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite, background=_spare_core(device)) as writer:
         # closing(): a failed write ends the batch generator, and so its capture context, at once.
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
                   disable=not opts.progress) as bar, contextlib.closing(batches):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from attnatlas.errors import InputError, ModelError
 from attnatlas.store import Atlas
@@ -172,6 +173,7 @@ def _collect(batches: list[Any], texts: list[str], notes: list[str]) -> Encoded:
             return None
         return np.concatenate([a[key] for a in arrays], axis=2).astype(dtype, copy=False)
 
-    tokens = pd.concat([b.tokens for b in batches], ignore_index=True)
+    tables = [b.tokens for b in batches]  # Arrow tables for text, DataFrames for images
+    tokens = pa.concat_tables(tables).to_pandas() if isinstance(tables[0], pa.Table) else pd.concat(tables, ignore_index=True)
     return Encoded(tokens, cat("queries", np.float32), cat("keys", np.float32), cat("attn_topk_index", np.int32),
                    cat("attn_topk_weight", np.float32), texts, notes)
