@@ -13,7 +13,6 @@ import ctypes.util
 import dataclasses
 import functools
 import hashlib
-import os
 import re
 import sys
 import time
@@ -363,19 +362,6 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
             yield _Batch(arrays, tokens, sequences), len(batch)
 
 
-def _spare_core(device: torch.device) -> bool:
-    """Whether chunk writes can run beside the forward pass without taking a core from it: on an accelerator,
-    or with more CPUs than torch's threads. Where torch uses every core, a write thread slows each batch by more
-    than the write takes, so the writes run between batches instead."""
-    if device.type != "cpu":
-        return True
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return cpus > torch.get_num_threads()
-
-
 def _autocast(device: torch.device, precision: str):
     if precision == "float32":
         return torch.autocast(device.type, enabled=False)
@@ -591,7 +577,7 @@ def extract(
 
     started = time.perf_counter()
     atlas = atlas or Atlas.open(atlas_path, create=True)
-    with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite, background=_spare_core(device)) as writer:
+    with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite) as writer:
         # closing(): a failed write ends the batch generator, and so its capture context, at once.
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
                   disable=not opts.progress) as bar, contextlib.closing(batches):

@@ -126,9 +126,8 @@ class ModelWriter:
     """Streams one model's arrays into a temp folder; `commit` makes it visible in one rename."""
 
     def __init__(self, atlas: Atlas, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any],
-                 claim: claims.Claim | None = None, background: bool = True):
+                 claim: claims.Claim | None = None):
         self.atlas, self.name, self.n_tokens, self.claim = atlas, name, n_tokens, claim
-        self.background = background  # False: chunk columns are written in the caller's thread
         self.temp = atlas.path / "models" / f"{_INCOMING}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.attrs = dict(attrs)
         self.arrays: dict[str, Any] = {}
@@ -225,8 +224,7 @@ class ModelWriter:
             self._writes.popleft().result()  # re-raises a failed write here
         if buf.spare_write is not None:
             buf.spare_write.result()  # the spare array is free again once its write has landed
-        write = self._io.submit(_write_chunk, self.arrays[key], tuple(dst), buf.data[tuple(src)]) if self.background \
-            else _done(_write_chunk, self.arrays[key], tuple(dst), buf.data[tuple(src)])
+        write = self._io.submit(_write_chunk, self.arrays[key], tuple(dst), buf.data[tuple(src)])
         self._writes.append(write)
         buf.data, buf.spare, buf.spare_write = buf.spare, buf.data, write
         buf.start += buf.fill
@@ -278,16 +276,6 @@ class ModelWriter:
         if self.claim is not None:
             self.claim.release()
             self.claim = None
-
-
-def _done(fn: Any, *args: Any) -> Future:
-    """fn(*args) run now, as a finished Future (what the write thread would have handed back)."""
-    future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except BaseException as exc:
-        future.set_exception(exc)
-    return future
 
 
 def _buffer(shape: list[int], dtype: str) -> np.ndarray:
@@ -515,18 +503,15 @@ class Atlas:
     # ---- writing a model ---------------------------------------------------------------------
     @contextmanager
     def model_writer(
-        self, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any], overwrite: bool = False,
-        background: bool = True,
+        self, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any], overwrite: bool = False
     ) -> Iterator[ModelWriter]:
-        """A writer of model `name` (see ModelWriter); `background`: chunk columns are written on a thread of
-        their own while the caller computes the next batch."""
         check_name(name)
         claim = self.claim_model(name, "extract")
         try:
             self.recover(name)
             if name in self.models and not overwrite:
                 raise StoreError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
-            writer = ModelWriter(self, name, n_tokens, specs, attrs, claim, background)
+            writer = ModelWriter(self, name, n_tokens, specs, attrs, claim)
         except BaseException:
             claim.release()
             raise
