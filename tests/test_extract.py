@@ -121,6 +121,26 @@ def test_padding_never_reaches_the_table(tmp_path):
         assert piece.lower() == row.token.replace("##", "").strip().lower()
 
 
+@pytest.mark.parametrize("background", [True, False])
+def test_chunk_columns_written_in_the_background_or_between_batches_hold_the_same(tmp_path, monkeypatch, background):
+    """Many chunk columns (8 tokens each), written on the write thread with two buffers taking turns, or
+    between batches from one: either way every token row lands where it belongs."""
+    import attnatlas.extract.extractor as extractor
+
+    folder = save_text_model("gpt2", tmp_path / "m")
+    texts = [f"sentence {i} of the corpus, about cats and dogs" for i in range(12)]
+    extract(tmp_path / "ref", str(folder), texts=texts, options=ExtractOptions(batch_size=12, dtype="float32",
+                                                                               progress=False))
+    monkeypatch.setattr(extractor, "tokens_per_chunk", lambda d_head, heads=None: 8)
+    monkeypatch.setattr(extractor, "_spare_core", lambda device: background)
+    extract(tmp_path / "a", str(folder), texts=texts, options=ExtractOptions(batch_size=5, dtype="float32",
+                                                                             progress=False))
+    ref, got = open_atlas(tmp_path / "ref"), open_atlas(tmp_path / "a")
+    assert got.array("m", "queries").chunks[2] == 8 and got.array("m", "queries").shape[2] > 40
+    for key in ("queries", "keys", "attn_topk_index", "attn_topk_weight"):
+        np.testing.assert_allclose(got.array("m", key)[:], ref.array("m", key)[:], atol=1e-5)
+
+
 def test_truncation_warns_and_counts(tmp_path):
     folder = save_text_model("bert", tmp_path / "m")
     long = " ".join(["the cat"] * 40)

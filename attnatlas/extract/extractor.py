@@ -13,6 +13,7 @@ import ctypes.util
 import dataclasses
 import functools
 import hashlib
+import os
 import re
 import sys
 import time
@@ -362,6 +363,20 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
             yield _Batch(arrays, tokens, sequences), len(batch)
 
 
+def _spare_core(device: torch.device) -> bool:
+    """Whether chunk writes can run beside the forward pass without taking a core from it: on an accelerator,
+    or with more CPUs than torch's threads. Where torch uses every core, writing between batches from one
+    buffer was faster (measured on 2 cores, median of 3-7: SmolLM2 1.10x the forward pass against 1.15x,
+    MiniLM 1.14x against 1.22x), and a second buffer per array is never made."""
+    if device.type != "cpu":
+        return True
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return cpus > torch.get_num_threads()
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "float32":
         return torch.autocast(device.type, enabled=False)
@@ -577,7 +592,7 @@ def extract(
 
     started = time.perf_counter()
     atlas = atlas or Atlas.open(atlas_path, create=True)
-    with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite) as writer:
+    with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite, background=_spare_core(device)) as writer:
         # closing(): a failed write ends the batch generator, and so its capture context, at once.
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
                   disable=not opts.progress) as bar, contextlib.closing(batches):
