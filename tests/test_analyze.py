@@ -117,24 +117,29 @@ def test_patch_similarity(vit_atlas):
     assert list(depth.layer) == [0, 1, 2]
 
 
+def _mlp_activations(model, layers: str, atlas, name: str, folder) -> dict[int, torch.Tensor]:
+    """Reference: each layer's MLP hidden activation (the output of its activation function, transformers 5
+    layout) over the atlas's stored processed images, all at once. layers: where the model keeps its layers."""
+    pre = tf.ViTImageProcessor.from_pretrained(folder)
+    px = (np.asarray(atlas.array(name, "images")[:], np.float32) / 255 - np.array(pre.image_mean, np.float32)) / np.array(pre.image_std, np.float32)
+    acts = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[f"{layers}.{L}.mlp.activation_fn"].register_forward_hook(
+        lambda mod, a, out, L=L: acts.__setitem__(L, out.detach())) for L in range(2)]
+    with torch.no_grad():
+        model(pixel_values=torch.from_numpy(px).permute(0, 3, 1, 2).contiguous())
+    for h in hooks:
+        h.remove()
+    return acts
+
+
 def test_neuron_topn_is_exact_and_labels(vit_atlas):
     atlas, name, folder, _ = vit_atlas
     labels = neurons.compute_neurons(atlas, name, top=5, batch_size=2)  # batches split the corpus: streaming
     top, stored = neurons.read_neurons(atlas, name)
     assert len(labels) == 2 * 48 and set(labels.kind) <= set(neurons.KINDS_IMAGE)
     # Reference: all activations at once, from the stored processed images.
-    model = tf.ViTModel.from_pretrained(folder).eval()
-    pre = tf.ViTImageProcessor.from_pretrained(folder)
-    px = (np.asarray(atlas.array(name, "images")[:], np.float32) / 255 - np.array(pre.image_mean, np.float32)) / np.array(pre.image_std, np.float32)
-    acts = {}
-    # The MLP's hidden activation is the output of its activation function (transformers 5 layout).
-    mods = dict(model.named_modules())
-    hooks = [mods[f"layers.{L}.mlp.activation_fn"].register_forward_hook(
-        lambda mod, a, out, L=L: acts.__setitem__(L, out.detach())) for L in range(2)]
-    with torch.no_grad():
-        model(pixel_values=torch.from_numpy(px).permute(0, 3, 1, 2).contiguous())
-    for h in hooks:
-        h.remove()
+    acts = _mlp_activations(tf.ViTModel.from_pretrained(folder).eval(), "layers", atlas, name, folder)
     tok = atlas.tokens(name)
     patch = (tok.token_kind == "patch").to_numpy()
     for L in range(2):
@@ -279,17 +284,7 @@ def test_neurons_of_a_clip_tower_rerun_that_tower(tmp_path):
     assert len(labels) == 2 * 48 and set(labels.kind) <= set(neurons.KINDS_IMAGE)
     top, _ = neurons.read_neurons(atlas, name)
     # Reference: the vision tower's own MLP activations over the stored processed images.
-    model = tf.CLIPVisionModel.from_pretrained(folder).eval()
-    pre = tf.ViTImageProcessor.from_pretrained(folder)
-    px = (np.asarray(atlas.array(name, "images")[:], np.float32) / 255 - np.array(pre.image_mean, np.float32)) / np.array(pre.image_std, np.float32)
-    acts = {}
-    mods = dict(model.named_modules())
-    hooks = [mods[f"encoder.layers.{L}.mlp.activation_fn"].register_forward_hook(
-        lambda mod, a, out, L=L: acts.__setitem__(L, out.detach())) for L in range(2)]
-    with torch.no_grad():
-        model(pixel_values=torch.from_numpy(px).permute(0, 3, 1, 2).contiguous())
-    for h in hooks:
-        h.remove()
+    acts = _mlp_activations(tf.CLIPVisionModel.from_pretrained(folder).eval(), "encoder.layers", atlas, name, folder)
     patch = (atlas.tokens(name).token_kind == "patch").to_numpy()
     for L in range(2):
         flat = acts[L].reshape(-1, acts[L].shape[-1]).numpy()[patch]

@@ -215,35 +215,46 @@ def test_image_family_attention_equals_eager(tmp_path, kind):
 @pytest.fixture(scope="module")
 def windowed_atlas(tmp_path_factory):
     """A Mistral-style model whose window (3) is shorter than the sequences, and its eager attention."""
-    tmp = tmp_path_factory.mktemp("windowed")
+    return _extracted_with_reference("mistral", tmp_path_factory.mktemp("windowed"), "m")
+
+
+def _extracted_with_reference(family: str, tmp, name: str):
+    """A tiny `family` model extracted (float32, padded batches of 2) into tmp/a as `name`: (atlas path, its
+    eager attention per layer, sequence lengths)."""
     torch.manual_seed(0)
-    model = TEXT["mistral"]().eval()
+    model = TEXT[family]().eval()
     tok = _tokenizer(tmp)
-    extract(tmp / "a", prepare_model(model, tok, "m"), texts=TEXTS,
+    extract(tmp / "a", prepare_model(model, tok, name), texts=TEXTS,
             options=ExtractOptions(dtype="float32", batch_size=2, progress=False))
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     ref = _eager(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     return tmp / "a", ref, enc["attention_mask"].sum(1).tolist()
 
 
-def test_analyze_compare_and_head_math_share_the_recipe(windowed_atlas):
+def _assert_every_path_equals(path, name: str, ref, lengths) -> None:
+    """attention_from_atlas, analyze's layer attention and compare's batches all equal the model's eager attention."""
     from attnatlas.analyze.common import layer_attention, sequence_rows
-    from attnatlas.analyze.overview import head_math
     from attnatlas.compare.metrics import iter_attention, make_batch
 
-    path, ref, lengths = windowed_atlas
     atlas = attnatlas.open_atlas(path)
-    rows = [sequence_rows(atlas, "m", s) for s in range(len(TEXTS))]
-    batch = make_batch(atlas.tokens("m"))
-    compared = {(layer, head): p for layer, head, p in iter_attention(atlas, "m", batch)}
+    rows = [sequence_rows(atlas, name, s) for s in range(len(TEXTS))]
+    compared = {(layer, head): p for layer, head, p in iter_attention(atlas, name, make_batch(atlas.tokens(name)))}
     for layer in range(2):
-        per_seq = layer_attention(atlas, "m", layer, rows)
+        per_seq = layer_attention(atlas, name, layer, rows)
         for s, n in enumerate(lengths):
             for head in range(4):
                 want = ref[layer][s, head, :n, :n]
-                assert np.abs(attnatlas.attention_from_atlas(path, "m", layer, head, s) - want).max() <= TOL
+                assert np.abs(attnatlas.attention_from_atlas(path, name, layer, head, s) - want).max() <= TOL
                 assert np.abs(per_seq[s][head] - want).max() <= TOL
                 assert np.abs(compared[layer, head][s, :n, :n] - want).max() <= TOL
+
+
+def test_analyze_compare_and_head_math_share_the_recipe(windowed_atlas):
+    from attnatlas.analyze.overview import head_math
+
+    path, ref, lengths = windowed_atlas
+    _assert_every_path_equals(path, "m", ref, lengths)
+    atlas = attnatlas.open_atlas(path)
     longest = int(np.argmax(lengths))
     m = head_math(atlas, "m", 1, 2, longest, lengths[longest] - 1, 0)  # the first key is outside the window
     np.testing.assert_allclose(m.softmax, ref[1][longest, 2, lengths[longest] - 1, : lengths[longest]], atol=TOL)
@@ -251,29 +262,14 @@ def test_analyze_compare_and_head_math_share_the_recipe(windowed_atlas):
 
 
 def test_analyze_compare_and_head_math_add_deberta_content_position_terms(tmp_path):
-    from attnatlas.analyze.common import layer_attention, sequence_rows
+    from attnatlas.analyze.common import sequence_rows
     from attnatlas.analyze.overview import head_math
     from attnatlas.attention import recipe
-    from attnatlas.compare.metrics import iter_attention, make_batch
 
-    torch.manual_seed(0)
-    model = TEXT["deberta-v2"]().eval()
-    tok = _tokenizer(tmp_path)
-    extract(tmp_path / "a", prepare_model(model, tok, "d"), texts=TEXTS,
-            options=ExtractOptions(dtype="float32", batch_size=2, progress=False))
-    enc = tok(TEXTS, padding=True, return_tensors="pt")
-    ref = _eager(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    lengths = enc["attention_mask"].sum(1).tolist()
-    atlas = attnatlas.open_atlas(tmp_path / "a")
+    path, ref, lengths = _extracted_with_reference("deberta-v2", tmp_path, "d")
+    _assert_every_path_equals(path, "d", ref, lengths)
+    atlas = attnatlas.open_atlas(path)
     rows = [sequence_rows(atlas, "d", s) for s in range(len(TEXTS))]
-    compared = {(layer, head): p for layer, head, p in iter_attention(atlas, "d", make_batch(atlas.tokens("d")))}
-    for layer in range(2):
-        per_seq = layer_attention(atlas, "d", layer, rows)
-        for s, n in enumerate(lengths):
-            for head in range(4):
-                want = ref[layer][s, head, :n, :n]
-                assert np.abs(per_seq[s][head] - want).max() <= TOL
-                assert np.abs(compared[layer, head][s, :n, :n] - want).max() <= TOL
     longest = int(np.argmax(lengths))
     n = lengths[longest]
     m = head_math(atlas, "d", 1, 2, longest, n - 1, 0)  # 17 tokens apart: a clamped, bucketed relative position

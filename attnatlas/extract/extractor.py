@@ -401,59 +401,53 @@ def _image_pixels(pre: Any, pixel_values: torch.Tensor) -> np.ndarray:
 
 def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: ExtractOptions,
                    device: torch.device, np_dtype: np.dtype, recipe: Recipe):
+    pre = loaded.preprocessor
     patch, prefix = _image_geometry(loaded)
     adapter = loaded.adapter
+    first_row = 0
     # One capture context for the whole corpus, as for text.
     with capturing(loaded.model, loaded.layer_of_module, opts.attention_topk, adapter.causal, adapter.wrapped,
                    adapter.family, values=opts.values) as rec:
-        yield from _image_batches_captured(loaded, records, opts, device, np_dtype, recipe, rec, patch, prefix)
-
-
-def _image_batches_captured(loaded: LoadedModel, records: list[ImageRecord], opts: ExtractOptions,
-                            device: torch.device, np_dtype: np.dtype, recipe: Recipe, rec: Any, patch: int,
-                            prefix: list[str]):
-    pre = loaded.preprocessor
-    first_row = 0
-    for start in range(0, len(records), opts.batch_size):
-        batch = records[start : start + opts.batch_size]
-        pixel_values = pre(images=[r.image for r in batch], return_tensors="pt")["pixel_values"]
-        pixels = _image_pixels(pre, pixel_values)  # (batch, H, W, 3)
-        B, H, W, _ = pixels.shape
-        rows_, cols_ = H // patch, W // patch
-        n = len(prefix) + rows_ * cols_
-        valid = torch.ones(B, n, dtype=torch.bool, device=device)
-        rec.next_batch(None, getattr(torch, np_dtype.name))  # no padding: every row is kept
-        with torch.inference_mode(), _autocast(device, opts.precision):
-            out = loaded.model(pixel_values=pixel_values.to(device), output_hidden_states=opts.hidden_states)
-        got = rec.layers[0].shape[2]
-        if got != n:
-            raise ModelError(f"The model saw {got} tokens per image, expected {n} ({len(prefix)} + {rows_}x{cols_} patches).")
-        recipe.observe(rec.layers, valid, image=True)
-        arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None, np_dtype)
-        arrays["images"] = np.rint(pixels * 255).astype(np.uint8)
-        frames, seqs = [], []
-        for b, record in enumerate(batch):
-            seq_id = start + b
-            colours = patch_colour_table(pixels[b], patch)
-            head = pd.DataFrame({
-                "patch_row": -1, "patch_col": -1,
-                "mean_r": np.nan, "mean_g": np.nan, "mean_b": np.nan,
-                "hue": np.nan, "saturation": np.nan, "brightness": np.nan,
-            }, index=range(len(prefix)))
-            table = pd.concat([head, colours], ignore_index=True)
-            table.insert(0, "token_kind", prefix + ["patch"] * len(colours))
-            table.insert(0, "is_special", [True] * len(prefix) + [False] * len(colours))
-            names = [f"[{k.upper()}]" for k in prefix] + [f"patch {r},{c}" for r, c in zip(colours.patch_row, colours.patch_col)]
-            table.insert(0, "token", names)
-            table.insert(0, "position", np.arange(n))
-            table.insert(0, "sequence", seq_id)
-            table["source"] = record.source
-            frames.append(table)
-            seqs.append((seq_id, record.source, record.source, n, rows_, cols_, H))
-            first_row += n
-        tokens = pd.concat(frames, ignore_index=True)
-        sequences = pd.DataFrame(seqs, columns=["sequence", "source", "text", "n_tokens", "grid_rows", "grid_cols", "image_size"])
-        yield _Batch(arrays, tokens, sequences), len(batch)
+        for start in range(0, len(records), opts.batch_size):
+            batch = records[start : start + opts.batch_size]
+            pixel_values = pre(images=[r.image for r in batch], return_tensors="pt")["pixel_values"]
+            pixels = _image_pixels(pre, pixel_values)  # (batch, H, W, 3)
+            B, H, W, _ = pixels.shape
+            rows_, cols_ = H // patch, W // patch
+            n = len(prefix) + rows_ * cols_
+            valid = torch.ones(B, n, dtype=torch.bool, device=device)
+            rec.next_batch(None, getattr(torch, np_dtype.name))  # no padding: every row is kept
+            with torch.inference_mode(), _autocast(device, opts.precision):
+                out = loaded.model(pixel_values=pixel_values.to(device), output_hidden_states=opts.hidden_states)
+            got = rec.layers[0].shape[2]
+            if got != n:
+                raise ModelError(f"The model saw {got} tokens per image, expected {n} ({len(prefix)} + {rows_}x{cols_} patches).")
+            recipe.observe(rec.layers, valid, image=True)
+            arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None, np_dtype)
+            arrays["images"] = np.rint(pixels * 255).astype(np.uint8)
+            frames, seqs = [], []
+            for b, record in enumerate(batch):
+                seq_id = start + b
+                colours = patch_colour_table(pixels[b], patch)
+                head = pd.DataFrame({
+                    "patch_row": -1, "patch_col": -1,
+                    "mean_r": np.nan, "mean_g": np.nan, "mean_b": np.nan,
+                    "hue": np.nan, "saturation": np.nan, "brightness": np.nan,
+                }, index=range(len(prefix)))
+                table = pd.concat([head, colours], ignore_index=True)
+                table.insert(0, "token_kind", prefix + ["patch"] * len(colours))
+                table.insert(0, "is_special", [True] * len(prefix) + [False] * len(colours))
+                names = [f"[{k.upper()}]" for k in prefix] + [f"patch {r},{c}" for r, c in zip(colours.patch_row, colours.patch_col)]
+                table.insert(0, "token", names)
+                table.insert(0, "position", np.arange(n))
+                table.insert(0, "sequence", seq_id)
+                table["source"] = record.source
+                frames.append(table)
+                seqs.append((seq_id, record.source, record.source, n, rows_, cols_, H))
+                first_row += n
+            tokens = pd.concat(frames, ignore_index=True)
+            sequences = pd.DataFrame(seqs, columns=["sequence", "source", "text", "n_tokens", "grid_rows", "grid_cols", "image_size"])
+            yield _Batch(arrays, tokens, sequences), len(batch)
 
 
 def _clamp_topk(opts: ExtractOptions, longest: int, attrs: dict[str, Any]) -> ExtractOptions:
