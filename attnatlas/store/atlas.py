@@ -46,6 +46,7 @@ import zarr
 from attnatlas.errors import StoreError
 from attnatlas.store import claims, faults
 from attnatlas.store.location import Location
+from attnatlas.store.shards import ShardFiles, block_rows, shard_files
 
 FORMAT_VERSION = 1
 QUALITY_FIELDS = ("trustworthiness", "knn_kept", "seconds", "points")
@@ -60,8 +61,8 @@ _DELETED = ".deleted-"  # a deleted model on its way out: never restored
 
 def tokens_per_chunk(d_head: int, heads: int | None = None, column_bytes: int = 64 << 20) -> int:
     """Tokens per chunk of one head's float16 rows: at least 256 KiB (and 1024 tokens), so a head reads in a few
-    files; up to 1 MiB while one chunk column of all `heads` (what a writer buffers) stays within
-    `column_bytes`, because Zarr spends about 0.5 ms on every chunk it writes, whatever its size."""
+    files; up to 1 MiB while one chunk column of all `heads` (what a writer buffers for an object store) stays
+    within `column_bytes`, because Zarr spends about 0.5 ms on every chunk it writes, whatever its size."""
     row = 2 * d_head
     floor = max(1024, 2 ** round(np.log2((1 << 18) / row)))
     fit = min(1 << 20, column_bytes // heads) // row if heads else 0
@@ -134,6 +135,7 @@ class ModelWriter:
         self.attrs = dict(attrs)
         self.arrays: dict[str, Any] = {}
         self.buffers: dict[str, _Buffer] = {}
+        self._shard_files: dict[str, ShardFiles | None] = {}  # whole shards written straight to their files
         self.committed = False
         self._io = ThreadPoolExecutor(1, thread_name_prefix="attnatlas-write")
         self._writes: deque[Future] = deque()
@@ -160,8 +162,13 @@ class ModelWriter:
                 chunk_key_encoding={"name": "default", "separator": "."},
                 config={"write_empty_chunks": True},
             )
+            files = shard_files(self.arrays[key]) if spec.shards is not None and not spec.compress else None
+            self._shard_files[key] = files
             buf_shape = list(spec.shape)
-            buf_shape[spec.token_axis] = spec.chunks[spec.token_axis]
+            rows = spec.chunks[spec.token_axis]
+            if files is not None:  # written into the shard files block by block: a small buffer, reused
+                rows = block_rows(rows, int(np.prod(buf_shape)) // buf_shape[spec.token_axis] * np.dtype(spec.dtype).itemsize)
+            buf_shape[spec.token_axis] = rows
             self.buffers[key] = _Buffer(spec, _buffer(buf_shape, spec.dtype))
         # Token and sequence rows go out as Parquet row groups every TOKEN_ROW_GROUP tokens.
         self._tables = {"tokens": _TableStream(self.temp / "tokens.parquet"),
@@ -197,9 +204,11 @@ class ModelWriter:
         elif block.shape[ax] != n:
             raise ValueError(f"{key}: {block.shape[ax]} token rows, expected {n}")
         size = buf.data.shape[ax]
+        column = buf.spec.chunks[ax]
         done = 0
         while done < n:
-            take = min(n - done, size - buf.fill)
+            # A buffer of blocks (shard files) is also written out where a chunk column ends.
+            take = min(n - done, size - buf.fill, column - (buf.start + buf.fill) % column)
             dst = [slice(None)] * buf.data.ndim
             dst[ax] = slice(buf.fill, buf.fill + take)
             if isinstance(block, np.ndarray):
@@ -210,20 +219,16 @@ class ModelWriter:
                 block.fill(buf.data[tuple(dst)], done, done + take)
             buf.fill += take
             done += take
-            if buf.fill == size:
+            if buf.fill == size or (buf.start + buf.fill) % column == 0:
                 self._flush(key)
 
     def _flush(self, key: str) -> None:
         buf = self.buffers[key]
         if buf.fill == 0:
             return
-        ax = buf.spec.token_axis
-        dst = [slice(None)] * buf.data.ndim
-        dst[ax] = slice(buf.start, buf.start + buf.fill)
-        src = [slice(None)] * buf.data.ndim
-        src[ax] = slice(0, buf.fill)
+        column = (self.arrays[key], self._shard_files.get(key), buf.spec.token_axis, buf.start, buf.fill)
         if not self.background:  # written now; the same array fills again
-            _write_chunk(self.arrays[key], tuple(dst), buf.data[tuple(src)])
+            _write_column(*column, buf.data)
             buf.start += buf.fill
             buf.fill = 0
             return
@@ -233,7 +238,7 @@ class ModelWriter:
             buf.spare_write.result()  # the spare array is free again once its write has landed
         if buf.spare is None:
             buf.spare = _buffer(list(buf.data.shape), buf.spec.dtype)
-        write = self._io.submit(_write_chunk, self.arrays[key], tuple(dst), buf.data[tuple(src)])
+        write = self._io.submit(_write_column, *column, buf.data)
         self._writes.append(write)
         buf.data, buf.spare, buf.spare_write = buf.spare, buf.data, write
         buf.start += buf.fill
@@ -263,9 +268,10 @@ class ModelWriter:
             stream.close()
         self._drain()
         self._io.shutdown()
+        self._close_shard_files()
         # "created" is written last: recovery takes a temp folder that has it as a whole model.
         self.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.group.attrs.update(_jsonable(self.attrs))
+        self.group.update_attributes(_jsonable(self.attrs))  # one write of zarr.json (attrs.update writes per key)
         faults.checkpoint("attrs")
         self.atlas._install_model(self.temp, self.name, overwrite)
         self.committed = True
@@ -273,6 +279,7 @@ class ModelWriter:
 
     def abort(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)
+        self._close_shard_files()
         for stream in getattr(self, "_tables", {}).values():
             try:
                 stream.close()
@@ -280,6 +287,11 @@ class ModelWriter:
                 pass
         _remove_settled(self.temp)
         self._release()
+
+    def _close_shard_files(self) -> None:
+        for files in getattr(self, "_shard_files", {}).values():
+            if files is not None:
+                files.close()
 
     def _release(self) -> None:
         if self.claim is not None:
@@ -300,8 +312,17 @@ def _buffer(shape: list[int], dtype: str) -> np.ndarray:
     return np.frombuffer(memory, dtype=dtype).reshape(shape)  # the array keeps the mapping alive
 
 
-def _write_chunk(array: Any, selection: tuple, block: np.ndarray) -> None:
-    array[selection] = block
+def _write_column(array: Any, shard_files: ShardFiles | None, axis: int, start: int, fill: int, data: np.ndarray) -> None:
+    """Write token rows start:start + fill of one chunk column (or, with shard files, of one block) from `data`,
+    its buffer (rows 0:fill)."""
+    if shard_files is not None:
+        shard_files.write(start, data[:, :, :fill])
+    else:
+        dst = [slice(None)] * data.ndim
+        dst[axis] = slice(start, start + fill)
+        src = [slice(None)] * data.ndim
+        src[axis] = slice(0, fill)
+        array[tuple(dst)] = data[tuple(src)]
     faults.checkpoint("chunk")
 
 
