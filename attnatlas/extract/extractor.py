@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,10 @@ DEFAULT_MAX_TOKENS = 512
 STORAGE_DTYPES = ("float16", "float32")
 # Batches differ in padded length, so every batch frees and re-allocates tensors of new sizes, and glibc's
 # heap fragments: RSS then grows with the corpus (measured: +291 -> +503 MiB over a 20x demo corpus).
-# Handing free heap pages back every few batches makes it level off (docs/scale.md) for one heap walk.
+# Handing free heap pages back every few batches makes it level off (docs/scale.md) for one heap walk; spaced in
+# time too, since each walk costs about 5 ms and the pages it frees are faulted in again by the next batches.
 TRIM_EVERY = 8  # batches
+TRIM_SECONDS = 2.0
 
 
 @functools.cache
@@ -314,10 +317,9 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
                    adapter.family, values=opts.values) as rec:
         for start in range(0, len(records), opts.batch_size):
             batch = records[start : start + opts.batch_size]
+            # A fast tokenizer's offsets and special tokens are read from its encodings below, for real tokens only.
             encoding = tok([r.text for r in batch], padding=True, truncation=True, max_length=max_len,
-                           return_tensors="pt", return_offsets_mapping=tok.is_fast, return_special_tokens_mask=True)
-            offsets = encoding.get("offset_mapping")
-            special = encoding["special_tokens_mask"]
+                           return_tensors="pt", return_special_tokens_mask=not tok.is_fast)
             enc = {k: encoding[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding}
             valid = enc["attention_mask"].bool()
             rec.next_batch(valid.reshape(-1).nonzero().squeeze(1), dtype)
@@ -329,14 +331,17 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
             real = valid.cpu()
             lengths = real.sum(1).tolist()
             token_ids = enc["input_ids"].cpu()[real]  # (real_token,) in sequence order
-            is_special = special[real].bool().numpy()
-            if offsets is not None:
-                starts = np.where(is_special, -1, offsets[..., 0][real].numpy())
-                ends = np.where(is_special, -1, offsets[..., 1][real].numpy())
+            total = len(token_ids)
+            if tok.is_fast:  # padding is on the right: each sequence's first n entries are its real tokens
+                kept = list(zip(encoding.encodings, lengths))
+                is_special = np.fromiter(chain.from_iterable(e.special_tokens_mask[:n] for e, n in kept), bool, total)
+                spans = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets[:n]) for e, n in kept),
+                                    np.int64, 2 * total).reshape(total, 2)
+                starts, ends = np.where(is_special, -1, spans[:, 0]), np.where(is_special, -1, spans[:, 1])
+                words = np.fromiter((-1 if w is None else w for e, n in kept for w in e.word_ids[:n]), np.int64, total)
             else:
-                starts = ends = np.full(len(token_ids), -1)
-            words = [-1 if w is None else int(w) for b, n in enumerate(lengths) for w in encoding.word_ids(b)[:n]] \
-                if tok.is_fast else [-1] * len(token_ids)
+                is_special = encoding["special_tokens_mask"][real].bool().numpy()
+                starts = ends = words = np.full(total, -1, dtype=np.int64)
             # Arrow tables straight from numpy and lists: the store writes them as Parquet row groups.
             tokens = pa.table({
                 "sequence": np.repeat(np.arange(start, start + len(batch)), lengths),
@@ -346,7 +351,7 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
                 "is_special": is_special,
                 "char_start": starts,
                 "char_end": ends,
-                "word": np.asarray(words, dtype=np.int64),
+                "word": words,
                 "source": pa.array(np.repeat(np.array([r.source for r in batch], dtype=object), lengths), pa.string()),
             })
             # A window knows its document and where in it it starts; a truncated sequence knows it was cut.
@@ -590,11 +595,13 @@ def extract(
         # closing(): a failed write ends the batch generator, and so its capture context, at once.
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
                   disable=not opts.progress) as bar, contextlib.closing(batches):
+            trimmed = (0, time.perf_counter())  # batch and time of the last trim
             for i, (batch, count) in enumerate(batches, 1):
                 writer.append(batch.arrays, batch.tokens, batch.sequences)
                 bar.update(count)
-                if i % TRIM_EVERY == 0:
+                if i - trimmed[0] >= TRIM_EVERY and time.perf_counter() - trimmed[1] >= TRIM_SECONDS:
                     _release_free_heap()
+                    trimmed = (i, time.perf_counter())
         # What besides q.k shapes attention (attnatlas.attention recomputes it from this alone).
         writer.attrs["attention"] = recipe.to_attrs()
         for key, data in recipe.arrays().items():  # tables the recipe points to (DeBERTa's position tables)
