@@ -1,11 +1,12 @@
-"""Whole shards of an uncompressed (layer, head, token, width) array written straight to their files.
+"""Shards of an uncompressed (layer, head, token, width) array written straight to their files, block by block.
 
-Zarr encodes a shard by copying every inner chunk out of the selection, joining them and then writing: for
-an uncompressed shard of one layer's heads those bytes are already the buffer's own, in order, so the file is
-the buffer's slice plus the shard index. Written directly that costs a quarter of Zarr's time (measured: 10 ms
-per 38 MB column of six layers against 28-70 ms). Only local stores take this path, and only after the same
-bytes written for a tiny array of the same codecs are seen to equal Zarr's own file, once per process; Zarr
-reads every shard back as usual.
+Zarr encodes a shard by copying every inner chunk out of the selection and joining them before it writes, so a
+writer has to hold a whole chunk column (for MiniLM up to 72 MiB of q and k) and Zarr copies it twice more. For an
+uncompressed shard of one layer's heads the file is just each head's rows at a fixed offset plus the shard
+index, so rows can go to their place as batches arrive, from a small buffer that stays warm. Measured on the
+demo corpus (MiniLM, median of 7): the writer's appends took 44 ms against 146 ms. Only local stores take this
+path, and only once the same code, writing a tiny array of the same codecs in blocks, has produced files equal
+to Zarr's own (checked once per process); Zarr reads every shard back as usual.
 """
 
 from __future__ import annotations
