@@ -255,6 +255,79 @@ def test_identical_projects_share_the_heads(tmp_path):
     assert "0 layouts made, 24 already done" in out2, out2
 
 
+def test_a_model_is_not_replaced_or_deleted_while_a_project_writes_into_it(tmp_path, capsys):
+    from tiny_models import save_text_model
+
+    path, first = _paused_project(tmp_path)
+    before = _queries_digest(open_atlas(path), "synthetic")
+    folder = save_text_model("bert", tmp_path / "bert")
+    texts = tmp_path / "t.txt"
+    texts.write_text("the cat sat\n")
+    try:
+        assert cli(["extract", "--model", str(folder), "--texts", str(texts), "--out", str(path), "--name", "synthetic",
+                    "--overwrite", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "is being projected by pid" in err and "project synthetic tsne" in err and "Traceback" not in err
+        with pytest.raises(StoreError, match="being projected"):
+            open_atlas(path).delete_model("synthetic")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    atlas = open_atlas(path)
+    assert _queries_digest(atlas, "synthetic") == before and atlas.layout_done("synthetic", "tsne").all()
+    assert _side_folders(path) == []
+    # Once the projection is over the same overwrite goes through.
+    assert cli(["extract", "--model", str(folder), "--texts", str(texts), "--out", str(path), "--name", "synthetic",
+                "--overwrite", "--no-progress"]) == 0
+
+
+def test_a_projection_starting_during_an_overwrite_stops_one_or_the_other(tmp_path):
+    from attnatlas.store import claims
+
+    path = tmp_path / "atlas"
+    testing.synthetic_atlas(path, n_layers=1, n_heads=2, n_seq=20)
+    atlas = open_atlas(path)
+    before = _queries_digest(atlas, "synthetic")
+    # A projection started while the model is being replaced: refused, naming the writer.
+    with atlas.claim_model("synthetic", "extract"):
+        out, err = _project(path).communicate(timeout=120)
+    assert "is being written by pid" in err and "extract synthetic" in err and "Traceback" not in err
+    # One that takes its claim after the replacing writer started: the swap is refused at commit instead.
+    real_commit = store_mod.ModelWriter.commit
+
+    def commit(self, overwrite=False):
+        with claims.acquire(self.atlas.path / "models", "layout.synthetic.pca", "project synthetic pca", {"params": "{}"}):
+            return real_commit(self, overwrite)
+
+    store_mod.ModelWriter.commit = commit
+    try:
+        with pytest.raises(StoreError, match="being projected"):
+            testing.write_synthetic_model(open_atlas(path), name="synthetic", seed=7)
+    finally:
+        store_mod.ModelWriter.commit = real_commit
+    assert _queries_digest(open_atlas(path), "synthetic") == before and _side_folders(path) == []
+
+
+def test_results_computed_from_a_replaced_model_are_not_stored_into_its_successor(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "atlas"
+    testing.synthetic_atlas(path, n_layers=1, n_heads=2, n_seq=10)
+    reader = open_atlas(path)
+    reader.tokens("synthetic")  # an analysis run reads the model...
+    testing.write_synthetic_model(open_atlas(path), name="synthetic", seed=3)  # ...another process replaces it
+    with pytest.raises(StoreError, match="was replaced while"):
+        reader.write_table("synthetic", "rollout", pd.DataFrame({"x": [1]}))
+    assert open_atlas(path).tables("synthetic") == []
+    fresh = open_atlas(path)
+    fresh.write_table("synthetic", "rollout", pd.DataFrame({"x": [1]}))
+    # A replacement made through the same object is what that object reads from then on.
+    testing.write_synthetic_model(fresh, name="synthetic", seed=4)
+    fresh.write_table("synthetic", "rollout", pd.DataFrame({"x": [2]}))
+    assert open_atlas(path).read_table("synthetic", "rollout").x.tolist() == [2]
+
+
 def _claim_waiters(path: Path) -> int:
     """Processes blocked in flock on the layout claim (from /proc/locks: a '->' line is a waiter)."""
     claim = path / "models" / ".claims" / "layout.synthetic.tsne.json"

@@ -446,6 +446,12 @@ def _project_model(
     # One run at a time writes a (model, method): claimed in sorted order, so two runs never deadlock.
     for name, _, _, params in sorted(jobs, key=lambda j: j[0]):
         hold(_claim_layout(atlas, model, name, params, progress))
+    # With the layout claims held, a writer of the model itself (an `extract --overwrite` or a delete) refuses to
+    # swap it; one already under way is refused here.
+    writer = claims.held_by(atlas.path / "models", f"model.{model}")
+    if writer is not None and not str(writer.get("doing", "")).startswith("recover"):
+        raise InputError(f"Model {model!r} is being written by {claims.ClaimBusy(model, writer).describe()}; "
+                         "project it when that has finished.")
     for name, _, _, params in jobs:
         if name in atlas.layout_methods(model):
             old = atlas.layout_params(model, name)

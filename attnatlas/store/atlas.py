@@ -447,6 +447,7 @@ class Atlas:
         self._info_cache: dict[str, ModelInfo] = {}
         self._array_cache: dict[tuple[str, str], Any] = {}
         self._versions: dict[str, tuple] = {}
+        self._first_versions: dict[str, tuple] = {}  # the copy of each model this object read first
 
     # ---- opening and creating -------------------------------------------------------------
     @classmethod
@@ -525,6 +526,7 @@ class Atlas:
         if self._versions.get(model) != version:
             self._forget(model)
             self._versions[model] = version
+        self._first_versions.setdefault(model, version)
 
     def info(self, model: str) -> ModelInfo:
         self.require_model(model)
@@ -546,6 +548,8 @@ class Atlas:
             self.recover(name)
             if name in self.models and not overwrite:
                 raise StoreError(f"The atlas already holds a model named {name!r}; pass --overwrite or choose another --name.")
+            if name in self.models:
+                self.refuse_while_projected(name, "replacing")
             writer = ModelWriter(self, name, n_tokens, specs, attrs, claim, background)
         except BaseException:
             claim.release()
@@ -566,6 +570,28 @@ class Atlas:
         except claims.ClaimBusy as busy:
             raise StoreError(f"Model {name!r} in {self.path} is being written by {busy.describe()}; "
                              "wait for it to finish, or choose another --name.") from None
+
+    def projections_of(self, name: str) -> list[str]:
+        """Who is projecting model `name` right now (live holders of its layout claims), described."""
+        d = self.path / "models"
+        try:
+            files = (d / claims.CLAIMS_DIR).glob(f"layout.{name}.*.json")
+        except (OSError, FileNotFoundError):
+            return []
+        busy = []
+        for f in files:
+            held = claims.held_by(d, f.name[: -len(".json")])
+            # "layout.a.b.tsne" may be model "a.b"'s: its holder says which model it projects.
+            if held is not None and str(held.get("doing", "")).startswith(f"project {name} "):
+                busy.append(claims.ClaimBusy(f.name, held).describe())
+        return busy
+
+    def refuse_while_projected(self, name: str, doing: str) -> None:
+        """StoreError when a projection is writing into model `name`, which `doing` would replace or remove."""
+        busy = self.projections_of(name)
+        if busy:
+            raise StoreError(f"Model {name!r} in {self.path} is being projected by {busy[0]}; {doing} it would pull "
+                             "the vectors from under that run. Wait for it to finish; the atlas is unchanged.")
 
     def recover(self, name: str) -> None:
         """Finish or undo an interrupted write of `name` and remove its leftovers; the caller holds the
@@ -613,6 +639,7 @@ class Atlas:
         if (final / "zarr.json").is_file():
             if not overwrite:
                 raise StoreError(f"The atlas already holds a model named {name!r}.")
+            self.refuse_while_projected(name, "replacing")  # again: a projection may have started meanwhile
             trash = final.with_name(f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
             final.rename(trash)
             faults.checkpoint("rename:trash")
@@ -624,13 +651,16 @@ class Atlas:
             temp.rename(final)
             faults.checkpoint("rename:final")
         self._forget(name)
+        self._first_versions.pop(name, None)  # replaced by this object itself: what it reads next is the new copy
 
     def delete_model(self, name: str) -> None:
         self.require_model(name)
         with self.claim_model(name, "delete"):
+            self.refuse_while_projected(name, "deleting")
             gone = self._model_dir(name).with_name(f"{_DELETED}{name}-{uuid.uuid4().hex[:8]}")
             self._model_dir(name).rename(gone)
             self._forget(name)
+            self._first_versions.pop(name, None)
             gone.rmtree()
 
     def _forget(self, name: str) -> None:
@@ -834,8 +864,12 @@ class Atlas:
         return d
 
     def write_table(self, model: str, name: str, df: pd.DataFrame) -> Location:
-        """Atomically write an analysis table (Parquet) of one model."""
+        """Atomically write an analysis table (Parquet) of one model; refused when the model was replaced (by
+        another process) after this object first read it, since the table would describe the old copy."""
         final = self.analysis_dir(model) / f"{name}.parquet"
+        if self._versions.get(model) != self._first_versions.get(model):
+            raise StoreError(f"Model {model!r} in {self.path} was replaced while its {name!r} results were computed "
+                             "from the earlier copy; nothing was written: run it again.")
         with final.atomic_write() as target:
             df.to_parquet(target, index=False)
         return final

@@ -95,6 +95,32 @@ def read_holder(location: Location) -> dict[str, Any]:
         return {}
 
 
+def held_by(models_dir: Location, key: str) -> dict[str, Any] | None:
+    """Who holds claim `key` now (what it wrote about itself, perhaps {}), or None when nobody does; takes
+    nothing."""
+    loc = claim_location(models_dir, key)
+    if not loc.exists():
+        return None
+    if not loc.is_local:
+        held = read_holder(loc)
+        return held if _alive(held) else None
+    import fcntl
+
+    try:
+        fd = os.open(loc.path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only while no writer holds it
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return read_holder(loc)
+        raise
+    finally:
+        os.close(fd)  # drops the probe's shared lock
+    return None
+
+
 def claim_location(models_dir: Location, key: str) -> Location:
     return models_dir / CLAIMS_DIR / f"{_safe_key(key)}.json"
 
@@ -114,13 +140,19 @@ def _acquire_local(loc: Location, key: str, info: dict[str, Any], wait: bool) ->
     import fcntl
 
     fd = os.open(loc.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise ClaimBusy(key, read_holder(loc)) from None
-        raise
+    for attempt in range(5):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = read_holder(loc)
+            if holder or attempt == 4:
+                os.close(fd)
+                raise ClaimBusy(key, holder) from None
+            time.sleep(0.01)  # an empty file: a `held_by` probe, or a holder about to say who it is
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     return Claim(loc, key, info, _fd=fd)
