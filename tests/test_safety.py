@@ -283,8 +283,6 @@ def test_a_model_is_not_replaced_or_deleted_while_a_project_writes_into_it(tmp_p
 
 
 def test_a_projection_starting_during_an_overwrite_stops_one_or_the_other(tmp_path):
-    from attnatlas.store import claims
-
     path = tmp_path / "atlas"
     testing.synthetic_atlas(path, n_layers=1, n_heads=2, n_seq=20)
     atlas = open_atlas(path)
@@ -297,7 +295,7 @@ def test_a_projection_starting_during_an_overwrite_stops_one_or_the_other(tmp_pa
     real_commit = store_mod.ModelWriter.commit
 
     def commit(self, overwrite=False):
-        with claims.acquire(self.atlas.path / "models", "layout.synthetic.pca", "project synthetic pca", {"params": "{}"}):
+        with self.atlas.claim_layout("synthetic", "pca", "{}"):
             return real_commit(self, overwrite)
 
     store_mod.ModelWriter.commit = commit

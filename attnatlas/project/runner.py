@@ -376,10 +376,10 @@ def _claim_layout(atlas: Atlas, model: str, method: str, params: dict, progress:
     """The claim on writing `method` layouts of `model`. Held by a run with other settings: refused (the
     two would mix settings in one layout). Held by a run with the same settings: wait for it, then
     keep what it made."""
-    key, want = f"layout.{model}.{method}", _json(params)
+    want = _json(params)
     for _ in range(50):
         try:
-            return claims.acquire(atlas.path / "models", key, f"project {model} {method}", {"params": want})
+            return atlas.claim_layout(model, method, want)
         except claims.ClaimBusy as busy:
             held = busy.holder.get("params")
             if held is None:  # the holder has not written who it is yet
@@ -391,7 +391,7 @@ def _claim_layout(atlas: Atlas, model: str, method: str, params: dict, progress:
                     "for it to finish (two runs would mix their settings in one layout).") from None
             print(f"waiting for {busy.describe()}, which projects the same {method} layouts of {model!r}; "
                   "the heads it makes are kept, not redone", file=sys.stderr, flush=True)
-            return claims.acquire(atlas.path / "models", key, f"project {model} {method}", {"params": want}, wait=True)
+            return atlas.claim_layout(model, method, want, wait=True)
     raise InputError(f"Cannot tell who holds the {method} layouts of {model!r} in {atlas.path}; try again.")
 
 
@@ -448,10 +448,9 @@ def _project_model(
         hold(_claim_layout(atlas, model, name, params, progress))
     # With the layout claims held, a writer of the model itself (an `extract --overwrite` or a delete) refuses to
     # swap it; one already under way is refused here.
-    writer = claims.held_by(atlas.path / "models", f"model.{model}")
-    if writer is not None and not str(writer.get("doing", "")).startswith("recover"):
-        raise InputError(f"Model {model!r} is being written by {claims.ClaimBusy(model, writer).describe()}; "
-                         "project it when that has finished.")
+    writer = atlas.writer_of(model)
+    if writer is not None:
+        raise InputError(f"Model {model!r} is being written by {writer}; project it when that has finished.")
     for name, _, _, params in jobs:
         if name in atlas.layout_methods(model):
             old = atlas.layout_params(model, name)

@@ -112,9 +112,9 @@ MAX_PENDING_WRITES = 2  # chunk columns queued for the write thread (each in its
 
 @dataclass
 class _Buffer:
-    """Holds one chunk-column of token rows so Zarr only ever sees whole, aligned chunks. With writes in the
-    background two arrays take turns: one fills while the other is being written, so a flush hands its array
-    over without a copy."""
+    """Holds one chunk-column of token rows so Zarr only ever sees whole, aligned chunks (or, for an array written
+    straight to its shard files, one block of rows). With writes in the background two arrays take turns: one
+    fills while the other is being written, so a flush hands its array over without a copy."""
 
     spec: ArraySpec
     data: np.ndarray
@@ -135,7 +135,7 @@ class ModelWriter:
         self.attrs = dict(attrs)
         self.arrays: dict[str, Any] = {}
         self.buffers: dict[str, _Buffer] = {}
-        self._shard_files: dict[str, ShardFiles | None] = {}  # whole shards written straight to their files
+        self._shard_files: dict[str, ShardFiles | None] = {}  # arrays written straight to their shard files
         self.committed = False
         self._io = ThreadPoolExecutor(1, thread_name_prefix="attnatlas-write")
         self._writes: deque[Future] = deque()
@@ -162,12 +162,12 @@ class ModelWriter:
                 chunk_key_encoding={"name": "default", "separator": "."},
                 config={"write_empty_chunks": True},
             )
-            files = shard_files(self.arrays[key]) if spec.shards is not None and not spec.compress else None
-            self._shard_files[key] = files
+            files = self._shard_files[key] = shard_files(self.arrays[key])
             buf_shape = list(spec.shape)
             rows = spec.chunks[spec.token_axis]
             if files is not None:  # written into the shard files block by block: a small buffer, reused
-                rows = block_rows(rows, int(np.prod(buf_shape)) // buf_shape[spec.token_axis] * np.dtype(spec.dtype).itemsize)
+                token_bytes = np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape)) // spec.shape[spec.token_axis]
+                rows = block_rows(rows, token_bytes)
             buf_shape[spec.token_axis] = rows
             self.buffers[key] = _Buffer(spec, _buffer(buf_shape, spec.dtype))
         # Token and sequence rows go out as Parquet row groups every TOKEN_ROW_GROUP tokens.
@@ -571,6 +571,11 @@ class Atlas:
             raise StoreError(f"Model {name!r} in {self.path} is being written by {busy.describe()}; "
                              "wait for it to finish, or choose another --name.") from None
 
+    def claim_layout(self, model: str, method: str, params: str, wait: bool = False) -> claims.Claim:
+        """Become the only writer of `method` layouts of `model` (made with `params`), or claims.ClaimBusy."""
+        return claims.acquire(self.path / "models", f"layout.{model}.{method}", f"project {model} {method}",
+                              {"model": model, "params": params}, wait=wait)
+
     def projections_of(self, name: str) -> list[str]:
         """Who is projecting model `name` right now (live holders of its layout claims), described."""
         d = self.path / "models"
@@ -581,10 +586,16 @@ class Atlas:
         busy = []
         for f in files:
             held = claims.held_by(d, f.name[: -len(".json")])
-            # "layout.a.b.tsne" may be model "a.b"'s: its holder says which model it projects.
-            if held is not None and str(held.get("doing", "")).startswith(f"project {name} "):
+            if held is not None and held.get("model") == name:  # "layout.a.b.tsne" may be model "a.b"'s
                 busy.append(claims.ClaimBusy(f.name, held).describe())
         return busy
+
+    def writer_of(self, name: str) -> str | None:
+        """Who is writing model `name` right now (an extract or a delete), described; a recovery does not count."""
+        held = claims.held_by(self.path / "models", f"model.{name}")
+        if held is None or str(held.get("doing", "")).startswith("recover"):
+            return None
+        return claims.ClaimBusy(name, held).describe()
 
     def refuse_while_projected(self, name: str, doing: str) -> None:
         """StoreError when a projection is writing into model `name`, which `doing` would replace or remove."""
@@ -866,10 +877,11 @@ class Atlas:
     def write_table(self, model: str, name: str, df: pd.DataFrame) -> Location:
         """Atomically write an analysis table (Parquet) of one model; refused when the model was replaced (by
         another process) after this object first read it, since the table would describe the old copy."""
-        final = self.analysis_dir(model) / f"{name}.parquet"
+        self.require_model(model)
         if self._versions.get(model) != self._first_versions.get(model):
             raise StoreError(f"Model {model!r} in {self.path} was replaced while its {name!r} results were computed "
                              "from the earlier copy; nothing was written: run it again.")
+        final = self.analysis_dir(model) / f"{name}.parquet"
         with final.atomic_write() as target:
             df.to_parquet(target, index=False)
         return final

@@ -85,15 +85,11 @@ def shard_files(array: Any) -> ShardFiles | None:
             return None
         if any(np.array(array.fill_value, dtype=array.dtype).tobytes()):  # unwritten bytes must read as the fill
             return None
-        if not _codecs_match(array, _reference(str(array.dtype), array.fill_value.item())):
+        if _codec_signature(array) != _reference(str(array.dtype), array.fill_value.item()):
             return None
         return ShardFiles(array, Path(store.root) / array.store_path.path)
     except Exception:  # any surprise in Zarr's objects: Zarr writes as usual
         return None
-
-
-def _codecs_match(array: Any, reference: tuple | None) -> bool:
-    return reference is not None and _codec_signature(array) == reference
 
 
 def _codec_signature(array: Any) -> tuple:
