@@ -499,6 +499,8 @@ def extract(
     planned = name or (model.default_name if isinstance(model, LoadedModel) else default_name(model))
     if atlas is not None and planned in atlas.models and not overwrite:
         raise InputError(f"The atlas already holds a model named {planned!r}; pass --overwrite or choose another --name.")
+    if atlas is not None and planned in atlas.models:
+        atlas.refuse_while_projected(planned, "replacing")  # before the weights load; the writer checks again
     device = resolve_device(opts.device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     name = name or loaded.default_name
