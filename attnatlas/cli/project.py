@@ -33,10 +33,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, metavar="SECONDS",
                    help="stop a head whose process gives no result in this time, and retry it once on the safe "
                         f"backends (default {HEAD_TIMEOUT:.0f})")
+    p.add_argument("--reducer-options", action="append", default=[], metavar="METHOD=JSON",
+                   help='a method\'s own options, e.g. tsne=\'{"backend": "sklearn"}\' (repeat per method)')
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--scheduler", default="none", metavar="none|local|tcp://HOST:PORT",
                    help="run heads as Dask tasks: 'local' starts a LocalCluster of --workers, tcp://... joins a cluster")
     p.set_defaults(func=run)
+
+
+def parse_reducer_options(items: list[str]) -> dict[str, dict]:
+    """["tsne={...}", ...] -> {"tsne": {...}}; each value a JSON object."""
+    import json
+
+    out: dict[str, dict] = {}
+    for item in items:
+        method, sep, text = item.partition("=")
+        try:
+            value = json.loads(text) if sep else None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--reducer-options {method}: not JSON ({exc.msg} at character {exc.pos}).") from None
+        if not isinstance(value, dict):
+            raise InputError(f"--reducer-options {item[:80]!r}: give METHOD={{\"option\": value, ...}}.")
+        out.setdefault(method.strip().lower(), {}).update(value)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--max-points must be at least 10.")
     if not args.head_timeout > 0:
         raise InputError("--head-timeout must be a positive number of seconds.")
-    kwargs = dict(methods=args.method, layers=args.layers, heads=args.heads, metric=args.metric, seed=args.seed,
+    kwargs = dict(reducer_params=parse_reducer_options(args.reducer_options), methods=args.method, layers=args.layers, heads=args.heads, metric=args.metric, seed=args.seed,
                   force=args.force, normalise={"translate": not args.no_translate, "scale": not args.no_scale},
                   max_points=args.max_points, progress=not args.quiet, place=not args.no_place)
     if args.scheduler == "none":

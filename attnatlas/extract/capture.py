@@ -79,7 +79,7 @@ class _Recorder:
         self.layers: dict[int, LayerCapture] = {}
         self.calls: list[tuple[torch.nn.Module, LayerCapture]] = []
         self._seen: dict[int, int] = {}
-        self._keyed: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}  # bias -> (it, its key form)
+        self._masks: dict[tuple, tuple] = {}  # a mask tensor the model passes -> (it, split(it))
         self.real: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
 
@@ -87,16 +87,21 @@ class _Recorder:
         """Start recording the next forward pass (one capture context serves a whole extraction). With `dtype`,
         each layer keeps only its q and k rows in that dtype: those of `real`, the flat (batch * token) indices of
         the real tokens, or all rows when `real` is None."""
-        self.layers, self.calls, self._seen, self._keyed = {}, [], {}, {}
+        self.layers, self.calls, self._seen, self._masks = {}, [], {}, {}
         self.real, self.dtype = real, dtype
 
-    def key_bias(self, bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """`by_key(bias, mask)`, once for a bias tensor that every layer is passed (kept alive with its result
-        until the next batch, so its address cannot be reused by another tensor meanwhile)."""
-        key = (bias.data_ptr(), tuple(bias.shape), bias.stride(), None if mask is None else mask.data_ptr())
-        if key not in self._keyed:
-            self._keyed[key] = (bias, by_key(bias, mask))
-        return self._keyed[key][1]
+    def split(self, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """(mask, bias, by key) of what the model passes as the mask (_split_mask, then by_key), worked out once for
+        a mask tensor that every layer is passed, so the layers share one mask and one bias. The tensor is kept
+        alive until the next batch, so its address cannot be reused by another meanwhile."""
+        if attention_mask is None:
+            return None, None, False
+        key = (attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask.stride(), attention_mask.dtype)
+        if key not in self._masks:
+            mask, bias = _split_mask(attention_mask)
+            keyed = None if bias is None else by_key(bias, mask)
+            self._masks[key] = (attention_mask, mask, bias if keyed is None else keyed, keyed is not None)
+        return self._masks[key][1:]
 
     def _compact(self, cap: LayerCapture) -> None:
         # Models make q, k as (batch, token, head, d) and view them as (batch, head, token, d): viewed back, a
@@ -152,15 +157,10 @@ def _attention(module: torch.nn.Module, query, key, value, attention_mask, scali
         layer = rec.layer(module)
         if layer is not None:
             scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-            mask, bias = _split_mask(attention_mask)
+            mask, bias, key_bias = rec.split(attention_mask)  # a bias folded into the mask: by key if it is one
             extra = kwargs.get("position_bias")  # T5: added to the logits by the model's own attention
             if extra is not None:
-                bias = extra if bias is None else bias + extra
-            key_bias = False
-            if bias is not None and extra is None:  # folded into the mask: by key position if that is all it is
-                keyed = rec.key_bias(bias, mask)
-                if keyed is not None:
-                    bias, key_bias = keyed, True
+                bias, key_bias = (extra if bias is None else bias + extra), False
             softcap = kwargs.get("softcap")
             cap = LayerCapture(query.detach(), key.detach(), value.detach(), mask, scale,
                                softcap=float(softcap) if softcap else None,
@@ -294,7 +294,8 @@ def _install_falcon(module: torch.nn.Module) -> list[Callable[[], None]]:
         state["fused"] = out.detach()
 
     def post(mod, args, kwargs, out):
-        _emit(mod, _record_falcon(mod, state))
+        if _active:
+            _emit(mod, _record_falcon(mod, state, _active[-1]))
 
     handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
                module.query_key_value.register_forward_hook(projection),
@@ -302,7 +303,7 @@ def _install_falcon(module: torch.nn.Module) -> list[Callable[[], None]]:
     return [h.remove for h in handles]
 
 
-def _record_falcon(module, got: dict[str, Any]) -> LayerCapture:
+def _record_falcon(module, got: dict[str, Any], rec: _Recorder) -> LayerCapture:
     q, k, v = falcon_heads(module, got["fused"])
     B, H, T, D = q.shape
     alibi, mask = got.get("alibi"), got.get("attention_mask")
@@ -311,15 +312,14 @@ def _record_falcon(module, got: dict[str, Any]) -> LayerCapture:
         q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb(q, k, cos, sin)
     sdpa = module.config._attn_implementation == "sdpa" and not got.get("output_attentions")
     # FalconModel folds alibi / sqrt(d_head), a function of the key's position, into the mask (by_key finds it)
-    allowed, bias = _split_mask(mask)
+    allowed, bias, keyed = rec.split(mask)
     if alibi is not None and not sdpa:  # eager: (q.k + alibi) * inv_norm_factor + mask, so ALiBi counts twice
         extra = alibi.view(B, H, 1, -1).float() * module.inv_norm_factor
         bias = extra if bias is None else bias + extra
-    keyed = None if bias is None else bias if bias.shape[-2] == 1 else by_key(bias, allowed)
+        keyed = bias.shape[-2] == 1
     is_causal = (module.is_causal and T > 1) if sdpa and mask is None else None
     return LayerCapture(q.detach(), k.detach(), v.detach(), allowed, 1.0 / math.sqrt(D),
-                        bias=None if bias is None else (bias if keyed is None else keyed).detach(), is_causal=is_causal,
-                        key_bias=keyed is not None)
+                        bias=None if bias is None else bias.detach(), is_causal=is_causal, key_bias=keyed)
 
 
 def _install_deberta(module: torch.nn.Module) -> list[Callable[[], None]]:

@@ -7,6 +7,7 @@ died is a `Died` (one line naming the cause, and what it was doing when it died,
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import shutil
@@ -104,37 +105,67 @@ def _traced(stage_file: str, fn: Callable[..., Any], *args: Any) -> Any:
         _STAGE_FILE = None
 
 
+_POOL: tuple[tuple, Any] | None = None  # (settings, pebble pool): kept between runs, its start-up paid once
+
+
+def _pool(workers: int, threads: int, setup: Callable[[int], None] | None) -> Any:
+    """A pool of `workers` spawned processes with `threads` threads each; the one kept from the previous run
+    when its settings match (a new process imports torch and friends: seconds)."""
+    global _POOL
+    from pebble import ProcessPool
+
+    key = (workers, threads, setup, os.getpid())
+    if _POOL is not None and _POOL[0] == key and _POOL[1].active:
+        return _POOL[1]
+    close_pool()
+    with environ({v: str(threads) for v in THREAD_VARS}):  # read by each worker at start (replacements too)
+        pool = ProcessPool(workers, initializer=_init_worker, initargs=(threads, os.getpid(), setup),
+                           context=mp.get_context("spawn"))
+    _POOL = (key, pool)
+    return pool
+
+
+def close_pool() -> None:
+    """Stop the kept worker processes (also at exit)."""
+    global _POOL
+    if _POOL is not None:
+        _POOL[1].stop()
+        _POOL[1].join()
+        _POOL = None
+
+
+atexit.register(close_pool)
+
+
 def run_in_children(fn: Callable[..., Any], calls: list[tuple], workers: int, timeout: float | None = None,
                     setup: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
     """Run `fn(*call)` for every call in `workers` spawned processes; yield (call index, result or `Died`)
     as each finishes. `setup(threads)` runs once in each worker (its share of the cores). An exception
     that `fn` raises is raised here, after the pool is stopped."""
-    from pebble import ProcessExpired, ProcessPool
+    from pebble import ProcessExpired
 
     workers = max(1, min(workers, len(calls)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     stages = tempfile.mkdtemp(prefix="attnatlas-stages-")
-    pool = None
+    finished = False
     try:
-        with environ({v: str(threads) for v in THREAD_VARS}):
-            pool = ProcessPool(workers, initializer=_init_worker, initargs=(threads, os.getpid(), setup),
-                               context=mp.get_context("spawn"))
-            futures = {}
-            for i, call in enumerate(calls):
-                f = pool.schedule(_traced, (os.path.join(stages, str(i)), fn, *call), timeout=timeout)
-                futures[f] = i
-            for f in as_completed(futures):
-                i = futures.pop(f)
-                try:
-                    yield i, f.result()
-                except ProcessExpired as e:
-                    yield i, Died(signal_cause(e.exitcode), _stage(stages, i))
-                except FutureTimeout:
-                    yield i, Died(f"no result within {timeout:.0f} s, so the process was stopped", _stage(stages, i))
+        pool = _pool(workers, threads, setup)
+        futures = {}
+        for i, call in enumerate(calls):
+            f = pool.schedule(_traced, (os.path.join(stages, str(i)), fn, *call), timeout=timeout)
+            futures[f] = i
+        for f in as_completed(futures):
+            i = futures.pop(f)
+            try:
+                yield i, f.result()
+            except ProcessExpired as e:
+                yield i, Died(signal_cause(e.exitcode), _stage(stages, i))
+            except FutureTimeout:
+                yield i, Died(f"no result within {timeout:.0f} s, so the process was stopped", _stage(stages, i))
+        finished = True
     finally:
-        if pool is not None:
-            pool.stop()
-            pool.join()
+        if not finished:  # an error or an interrupt: calls may still run; stop them
+            close_pool()
         shutil.rmtree(stages, ignore_errors=True)
 
 

@@ -469,12 +469,14 @@ def _project_model(
     # Worker processes import each reducer's module; one defined in __main__ or inside a function (a notebook,
     # a test) exists in this process only, so such a run stays here, without isolation.
     classes = [REDUCERS[name] for name, *_ in jobs]
-    in_process = atlas.path.protocol == "memory" or any(
-        c.__module__ == "__main__" or "<locals>" in c.__qualname__ for c in classes)
+    local = [c.name for c in classes if c.__module__ == "__main__" or "<locals>" in c.__qualname__]
+    in_process = atlas.path.protocol == "memory" or bool(local)
     setup = functools.partial(worker_setup, modules=sorted({c.__module__ for c in classes}))
     if in_process and workers > 1 and dispatch is None:
-        raise InputError(f"{atlas.path} lives inside this process, where worker processes cannot see it; "
-                         f"use workers=1 or storage they share (a folder, s3://...).")
+        where = (f"{atlas.path} lives inside this process" if not local else
+                 f"the reducer {local[0]!r} is defined in __main__ or inside a function, so it exists in this process")
+        raise InputError(f"{where}, where worker processes cannot see it; use workers=1"
+                         + (" or storage they share (a folder, s3://...)." if not local else " or define it in a module."))
 
     def run(fn: Callable[..., Any], calls: list[tuple]) -> Iterator[dict]:
         """Every result of `fn` over `calls`, flattened to per-head results; a call whose process died
