@@ -44,6 +44,10 @@ browser-deps:
 test: install browser-deps
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
+# The real-size tier again over 131k tokens (1,600 paragraphs): heads of 20,000 points, 242k placed.
+test-scale: install
+	ATTNATLAS_SCALE_CORPUS=data/corpus/scale-100k.txt $(PY) -m pytest tests/test_real_size.py $(PYTEST_ARGS)
+
 test-fast: install
 	$(PY) -m pytest -m "not gpu and not slow and not browser" $(PYTEST_ARGS)
 

@@ -13,6 +13,7 @@ weights load, and families refused with the reason.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -135,9 +136,11 @@ def _head_count(config: Any) -> int | None:
     return None
 
 
-def _default_is_encoder_decoder(config: Any) -> bool:
+@functools.cache
+def _encoder_decoder_type(config_class: type) -> bool:
+    """Is a config class an encoder-decoder by default (T5, MT5, UMT5, BART, ...)?"""
     try:
-        return bool(type(config)().is_encoder_decoder)
+        return bool(config_class().is_encoder_decoder)
     except Exception:  # a config class that needs arguments: not an encoder-decoder family
         return False
 
@@ -146,18 +149,18 @@ def encoder_only(config: Any) -> bool:
     """A checkpoint of the encoder alone of an encoder-decoder family (T5EncoderModel, MT5EncoderModel,
     UMT5EncoderModel): its architectures name only <X>EncoderModel classes, or (T5's and MT5's) its config says it
     is neither an encoder-decoder nor a decoder while the type's own default is an encoder-decoder."""
+    if not _encoder_decoder_type(type(config)):
+        return False
     archs = getattr(config, "architectures", None) or []
     if archs and all(str(a).endswith("EncoderModel") for a in archs):
         return True
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
-        return False
-    return _default_is_encoder_decoder(config)
+    return not getattr(config, "is_encoder_decoder", False) and not getattr(config, "is_decoder", False)
 
 
 def decoder_only(config: Any) -> bool:
     """A checkpoint of the decoder alone of an encoder-decoder family (BartForCausalLM, MarianForCausalLM, ...)."""
     return bool(getattr(config, "is_decoder", False)) and not getattr(config, "is_encoder_decoder", False) \
-        and _default_is_encoder_decoder(config)
+        and _encoder_decoder_type(type(config))
 
 
 def stacks_of(config: Any) -> list[str]:
