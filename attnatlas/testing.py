@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -54,8 +54,10 @@ def write_synthetic_model(
     nonfinite_head: tuple[int, int] | None = None,
     lengths: list[int] | None = None,
     attrs: dict | None = None,
+    shape_vectors: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> None:
     """Random clustered q/k for a small text model, with causal top-k attention, stored in `atlas`.
+    `shape_vectors(q, k)` may edit the (layer, head, token, d) arrays in place first (awkward head data).
     Sequences have `seq_len` tokens each, or `lengths[s]`; `attrs` go into the model's attrs as given (e.g. an
     `attention` recipe with a window or bias: only what is recorded changes, not the stored top-k)."""
     rng = np.random.default_rng(seed)
@@ -72,6 +74,8 @@ def write_synthetic_model(
     k = (centres[lab][None, None] * 0.7 + 2 + rng.normal(size=(n_layers, n_kv, T, d_head))).astype(np.float32)
     if nonfinite_head is not None:
         q[nonfinite_head[0], nonfinite_head[1], 0, 0] = np.nan
+    if shape_vectors is not None:
+        shape_vectors(q, k)
     # Top-k attention within each sequence, causal, from these very vectors.
     idx = np.full((n_layers, n_heads, T, topk), -1, dtype=np.int32)
     w = np.zeros((n_layers, n_heads, T, topk), dtype=np.float16)

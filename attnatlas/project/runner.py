@@ -158,6 +158,9 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
             return out
         qn, kn, applied = normalise_head(q, k, **normalise)
         X = joint_points(qn, kn)  # (2 * points, d_head)
+        if (X == X[:1]).all():
+            out["errors"].append(("*", "all its queries and keys are one and the same point; nothing to lay out"))
+            return out
         mark("placing the tokens outside the sample")
         placer = _place_all(X, q_all, k_all, rows, applied, metric, place, safe)
         reducers = _reducers(jobs, metric, seed, safe)
