@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from attnatlas.errors import InputError, StoreError
 
 FORMATS = {".png": "PNG", ".pdf": "PDF"}
@@ -83,6 +85,17 @@ def run(args: argparse.Namespace) -> int:
                     "x_min..x_max, y_min..y_max: layout range the box maps (y_max at y0); points outside are drawn on the edge",
             "heads": [{k: b[k] for k in ("layer", "head", "x0", "y0", "x1", "y1", "x_min", "x_max", "y_min", "y_max")}
                       for b in boxes]}
+    table = data.head_table(args.model, args.method)
+    if "types" in table:  # attnatlas analyze --head-types: each head's types with confidence, and its scores
+        from attnatlas.analyze.head_types import SCORE_LABELS
+
+        by_head = {(int(r["layer"]), int(r["head"])): r for _, r in table.iterrows()}
+        for h in meta["heads"]:
+            r = by_head[(h["layer"], h["head"])]
+            h["types"] = [t for t in str(r["types"]).split(",") if t]
+            h["type_confidence"] = {p.rpartition(" ")[0]: float(p.rpartition(" ")[2])
+                                    for p in str(r["type_text"]).split(", ") if p}
+            h["scores"] = {c: float(r[c]) for c in SCORE_LABELS if c in r and np.isfinite(r[c])}
     try:
         _atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **({"resolution": 150.0} if fmt == "PDF" else {})))
         _atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
