@@ -207,3 +207,68 @@ def test_rule_module_imports_no_torch():
     code = "import sys, attnatlas.analyze.head_types; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_every_view_shows_the_types(hand_atlas, tmp_path, capsys):
+    from attnatlas import testing
+    from attnatlas.app.data import AppData
+    from attnatlas.project import project_model
+
+    atlas, name, _ = hand_atlas
+    project_model(atlas, name, methods="pca", workers=1)
+    ht.compute_head_scores(atlas, name)
+    data = AppData(atlas.path)
+    dash, _ = testing.dashboard_for(data, model=name)
+    grid = dash.grid
+    # badges: the strongest type of each typed head, in its cell
+    badges = dict(zip(zip(grid.badge_src.data["x"], grid.badge_src.data["y"]), grid.badge_src.data["text"]))
+    L = atlas.info(name).n_layers
+    assert badges[(INDUCTION_HEAD[1] + 1.0, float(L - INDUCTION_HEAD[0]))] == "IND"
+    assert badges[(PREV_HEAD[1] + 1.0, float(L - PREV_HEAD[0]))] == "PREV"
+    # hover shows the types and the scores
+    tips = dict(grid.hover.tooltips)
+    assert tips["types"] == "@type_text" and "@m_induction" in tips.values()
+    cells = grid.cell_src.data
+    i = [k for k in range(len(cells["layer"])) if (cells["layer"][k], cells["head"][k]) == INDUCTION_HEAD][0]
+    assert cells["type_text"][i].startswith("induction")
+    # filter to induction heads: every other head is veiled
+    assert "induction" in grid.type_select.options and grid.type_select.visible
+    grid.type_select.value = "induction"
+    shown = [(a, b) for a, b, f in zip(cells["layer"], cells["head"], grid.cell_src.data["fade"]) if f == 0]
+    assert shown == [INDUCTION_HEAD]
+    # ... and sorted: the induction head comes first in its layer
+    grid.metric_opts.active = [0, 1]
+    assert grid.columns[INDUCTION_HEAD] == 0
+    # scores are in the metric menu (sort and filter by score)
+    assert "induction" in dict(grid.metric_select.options)
+    # the head view's title says the type
+    dash.open_head(*INDUCTION_HEAD)
+    assert "type: <b>induction" in dash.head_view.head_title.text
+    dash.open_head(0, 0)
+    assert "type:" in dash.head_view.head_title.text or "no head type" in dash.head_view.head_title.text
+    # the head scatter: every head by two scores, hover thumbnails, click opens the head
+    grid.mode.active = 2
+    sc = grid.head_scatter
+    assert grid.panel.children[1] is sc.panel
+    assert (sc.x_select.value, sc.y_select.value) == ("induction", "previous_token")
+    assert len(sc.src.data["x"]) == 8 and all(u.startswith("data:image/png") for u in sc.src.data["thumb"])
+    k = [j for j in range(8) if sc.src.data["label"][j] == "L0H1"][0]
+    assert sc.src.data["y"][k] > 0.9
+    sc.src.selected.indices = [k]
+    assert (dash.layer, dash.head, dash.tabs.active) == (0, 1, 1)
+    # the head map can frame heads by type
+    grid.mode.active = 1
+    grid.head_map.colour_by.active = 1
+    d = grid.head_map.src.data
+    j = [n for n in range(len(d["label"])) if d["label"][n] == "L1H2"][0]
+    assert d["colour"][j] == ht.TYPE_COLOURS["induction"] and d["type"][j] == "induction"
+    # info lists the typed heads; the grid export's JSON has them
+    assert cli(["info", str(atlas.path)]) == 0
+    out = capsys.readouterr().out
+    assert "head types:" in out and "induction (1): L1H2" in out
+    png = tmp_path / "grid.png"
+    assert cli(["export", str(atlas.path), "--model", name, "--method", "pca", "--grid", str(png)]) == 0
+    meta = json.loads(png.with_suffix(".json").read_text())
+    h = {(x["layer"], x["head"]): x for x in meta["heads"]}
+    assert "induction" in h[INDUCTION_HEAD]["types"] and h[INDUCTION_HEAD]["type_confidence"]["induction"] > 0.9
+    assert h[PREV_HEAD]["scores"]["previous_token"] > 0.9

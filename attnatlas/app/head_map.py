@@ -162,7 +162,8 @@ class HeadMap:
                 return labels, classical_mds(1 - np.clip(sim, -1, 1)), MEASURES[[k for k, _ in MEASURES].index(key)][1]
         # Metric profile: every model's heads on the metric columns they all have.
         tables = [self.data.head_table(m, self.data.method(m, self.method)).assign(model=m) for m in models]
-        common = [c for c in tables[0].columns if all(c in t for t in tables) and c not in ("layer", "head", "model")]
+        common = [c for c in tables[0].columns if all(c in t for t in tables) and c not in ("layer", "head", "model")
+                  and pd.api.types.is_numeric_dtype(tables[0][c])]  # head types are text
         table = pd.concat(tables, ignore_index=True)
         note = "metric profile" + ("" if key == "metrics" else
                                    " (no stored comparison: run `attnatlas compare` for the attention-pattern map)")
