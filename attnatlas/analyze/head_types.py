@@ -25,10 +25,12 @@ choice (two or more keys):
     logit_std, logit_margin, logit_z    pre-softmax logits (not in [0, 1]): std over the allowed keys,
                      top-1 minus top-2, and the top logit's z-score, means over queries
 Images only, from the head's stored joint layout (the way compare's layout_positional scores token
-position): leave-one-out 10-NN regression R^2, clipped to [0, 1], of
+position): leave-one-out 10-NN regression R^2 of
     colour           each patch's hue (as a point on the colour circle; patches with saturation >= 0.2)
     brightness       each patch's brightness (HSV value)
-from its 2-D place in the head's layout (queries and keys both).
+from its 2-D place in the head's layout (queries and keys both), each taken relative to its image's mean
+(a layout that only keeps images apart tells nothing), minus the R^2 that the patch's grid neighbours in its
+image already give (colour is smooth across an image, so local heads would score otherwise); clipped to [0, 1].
 
 Types (`head_types`, used by the CLI, `info`, the grid export and every dashboard view): a head gets
 every type whose score reaches the threshold in TYPE_RULES (and whose extra condition holds), with
@@ -309,44 +311,79 @@ def pick_colour_layout(atlas: Any, model: str, method: str | None) -> str | None
     return have[0] if have else None
 
 
+def _image_relative(values: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """(n, dims) values minus their image's mean: what tells patches of one image apart."""
+    out = values.copy()
+    for s in np.unique(image):
+        m = image == s
+        out[m] -= values[m].mean(0)
+    return out
+
+
+def _grid_r2(target: np.ndarray, image: np.ndarray, rc: np.ndarray) -> float:
+    """R^2 of `target` (n, dims) predicted by the mean over each patch's grid neighbours (<= LOCAL_PATCHES steps,
+    itself excluded) in its own image: how much nearby patches alone already tell."""
+    pred = np.full_like(target, np.nan)
+    for s in np.unique(image):
+        idx = np.flatnonzero(image == s)
+        d = np.sqrt(((rc[idx, None, :] - rc[None, idx, :]) ** 2).sum(-1))
+        w = (d <= LOCAL_PATCHES) & (d > 0)
+        cnt = w.sum(1, keepdims=True)
+        pred[idx] = np.where(cnt > 0, (w @ target[idx]) / np.maximum(cnt, 1), np.nan)
+    ok = np.isfinite(pred).all(1)
+    t, p = target[ok], pred[ok]
+    var = ((t - t.mean(0)) ** 2).sum()
+    return float(1 - ((t - p) ** 2).sum() / var) if var > 0 else np.nan
+
+
 def _layout_colour_scores(atlas: Any, model: str, method: str | None, info: Any,
                           tokens: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """Colour and brightness scores of every head. The target is each patch's hue (on the colour circle) or
+    brightness minus its image's mean, so a layout that only keeps images apart scores nothing; the score is the
+    k-NN R^2 of that target from the head's layout minus the R^2 its grid neighbours in the image already give
+    (colour varies smoothly across an image, so a merely local or positional head would score high otherwise)."""
     method = pick_colour_layout(atlas, model, method)
     heads = [(a, b) for a in range(info.n_layers) for b in range(info.n_heads)]
-    empty = pd.DataFrame({"layer": [a for a, _ in heads], "head": [b for _, b in heads],
-                          "colour": np.nan, "brightness": np.nan})
+    out_df = pd.DataFrame({"layer": [a for a, _ in heads], "head": [b for _, b in heads],
+                           "colour": np.nan, "brightness": np.nan})
     if method is None:
-        return empty, None
+        return out_df, None
     rows = atlas.layout_rows(model, method)
     done = atlas.layout_done(model, method)
-    hue = tokens["hue"].to_numpy(np.float64)[rows]
-    sat = tokens["saturation"].to_numpy(np.float64)[rows]
-    bri = tokens["brightness"].to_numpy(np.float64)[rows]
+    t = tokens.iloc[rows]
+    patch = np.isfinite(t["brightness"].to_numpy(np.float64))
+    image = t["sequence"].to_numpy()
+    rc = t[["patch_row", "patch_col"]].to_numpy(np.float64)
+    hue = t["hue"].to_numpy(np.float64)
+    sat = t["saturation"].to_numpy(np.float64)
+    targets = {
+        "brightness": (patch, t["brightness"].to_numpy(np.float64)[:, None]),
+        "colour": (patch & (sat >= MIN_SATURATION), np.stack([np.cos(2 * np.pi * hue), np.sin(2 * np.pi * hue)], 1)),
+    }
     n = len(rows)
-    # queries then keys: each patch twice
-    hue2, sat2, bri2 = (np.concatenate([a, a]) for a in (hue, sat, bri))
-    patch = np.isfinite(bri2)
     rng = np.random.default_rng(0)
-    pick = np.flatnonzero(patch)
-    if len(pick) > 2 * MAX_LAYOUT_POINTS:
-        pick = np.sort(rng.choice(pick, 2 * MAX_LAYOUT_POINTS, replace=False))
-    coloured = pick[sat2[pick] >= MIN_SATURATION]
-    circle = np.stack([np.cos(2 * np.pi * hue2), np.sin(2 * np.pi * hue2)], 1)
-    out = []
-    for layer, head in heads:
+    prepared = {}
+    for name, (keep, values) in targets.items():
+        idx = np.flatnonzero(keep)
+        if len(idx) <= KNN + 1:
+            continue
+        rel = _image_relative(values[idx], image[idx])
+        base = _grid_r2(rel, image[idx], rc[idx])
+        both = np.concatenate([idx, idx + n])  # each patch as query and as key
+        tgt = np.concatenate([rel, rel])
+        if len(both) > 2 * MAX_LAYOUT_POINTS:
+            pick = np.sort(rng.choice(len(both), 2 * MAX_LAYOUT_POINTS, replace=False))
+            both, tgt = both[pick], tgt[pick]
+        prepared[name] = (both, tgt, base if np.isfinite(base) else 0.0)
+    for i, (layer, head) in enumerate(heads):
         if not done[layer, head]:
-            out.append((np.nan, np.nan))
             continue
         xy = atlas.layout_coords(model, method, layer, head)
-        assert len(xy) == 2 * n
-        ok = np.isfinite(xy).all(1)
-        b = _knn_r2(xy[pick[ok[pick]]], bri2[pick[ok[pick]], None])
-        c = _knn_r2(xy[coloured[ok[coloured]]], circle[coloured[ok[coloured]]])
-        out.append((c, b))
-    arr = np.clip(np.array(out, dtype=np.float64), 0, 1)
-    empty["colour"], empty["brightness"] = arr[:, 0], arr[:, 1]
-    empty.attrs["method"] = method
-    return empty, method
+        for name, (both, tgt, base) in prepared.items():
+            ok = np.isfinite(xy[both]).all(1)
+            r2 = _knn_r2(xy[both][ok], tgt[ok])
+            out_df.loc[i, name] = float(np.clip(r2 - base, 0, 1)) if np.isfinite(r2) else np.nan
+    return out_df, method
 
 
 # ---- probe scores ---------------------------------------------------------------------------------------------
