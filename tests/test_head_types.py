@@ -107,7 +107,7 @@ def test_hand_built_heads_are_found_and_nothing_else(hand_atlas):
     assert t.loc[INDUCTION_HEAD, "type"] == "induction" and t.loc[PREV_HEAD, "type"] == "previous-token"
     # the probe's settings are stored with the scores
     st = json.loads(res.scores["settings"].iloc[0])
-    assert st["probe"] == {"seed": 0, "length": 32, "count": 16} and st["ran"]["length_used"] == 31
+    assert st["probe"] == {"seed": 0, "length": 32, "count": 8} and st["ran"]["length_used"] == 31
 
 
 def test_corpus_scores_match_attention_from_atlas(hand_atlas):
