@@ -29,13 +29,15 @@ position): leave-one-out 10-NN regression R^2 of
     colour           each patch's hue (as a point on the colour circle; patches with saturation >= 0.2)
     brightness       each patch's brightness (HSV value)
 from its 2-D place in the head's layout (queries and keys both), each taken relative to its image's mean
-(a layout that only keeps images apart tells nothing), minus the R^2 that the patch's grid neighbours in its
-image already give (colour is smooth across an image, so local heads would score otherwise); clipped to [0, 1].
+(a layout that only keeps images apart tells nothing), as the share of the variance left unexplained by the
+patch's grid neighbours in its image that the layout explains: (R2_layout - R2_grid) / (1 - R2_grid), clipped
+to [0, 1] (colour is smooth across an image, so local heads would score otherwise).
 
 Types (`head_types`, used by the CLI, `info`, the grid export and every dashboard view): a head gets
 every type whose score reaches the threshold in TYPE_RULES (and whose extra condition holds), with
-confidence 0.5 at the threshold rising linearly to 1 at a score of 1; its primary `type` is the one with
-the highest confidence. How the thresholds were chosen: see THRESHOLDS_MEASURED below and README
+confidence 0.5 at the threshold rising linearly to 1 at a score of 1; its primary `type` is the first of
+its types in TYPE_RULES order, the most specific (induction before sink: an induction head also sinks to the
+first token wherever the text has no repeat to copy). How the thresholds were chosen: see THRESHOLDS_MEASURED below and README
 "Head types".
 """
 
@@ -78,19 +80,21 @@ random weights (the null: seeded random init of the demo configs, run through th
 and at a gap of the real models' distribution (SmolLM2-135M, MiniLM, DINOv2-small on the demo atlas);
 scripts/head_type_thresholds.py prints both."""
 TYPE_RULES: dict[str, tuple[str, float, Callable[[pd.Series], bool] | None]] = {
+    # most specific first: a head's primary type is the first it has (induction heads of SmolLM2 also sink to
+    # the first token when the corpus has no repeat to copy; they are induction heads)
     "induction": ("induction", 0.3, None),
     "duplicate": ("duplicate", 0.3, None),
     "previous-token": ("previous_token", 0.5, None),
     "next-token": ("next_token", 0.5, None),
     "self": ("self", 0.5, None),
-    "sink": ("sink", 0.7, None),
-    "special": ("special", 0.7, lambda r: not (r.get("sink", 0) >= 0.7)),  # a BOS sink is special too: say sink
+    "colour": ("colour", 0.5, None),
+    "brightness": ("brightness", 0.8, None),
     "local": ("local", 0.7, lambda r: max(r.get("previous_token", 0), r.get("self", 0), r.get("next_token", 0)) < 0.5),
     "positional": ("positional", 0.6, lambda r: max(r.get("previous_token", 0), r.get("self", 0),
                                                       r.get("next_token", 0)) < 0.5),
+    "special": ("special", 0.7, lambda r: not (r.get("sink", 0) >= 0.7)),  # a BOS sink is special too: say sink
+    "sink": ("sink", 0.7, None),
     "broad": ("broad", 0.85, None),
-    "colour": ("colour", 0.5, None),
-    "brightness": ("brightness", 0.5, None),
 }
 TYPE_COLOURS = {
     "induction": "#d62728", "duplicate": "#ff7f0e", "previous-token": "#1f77b4", "next-token": "#17becf",
@@ -113,9 +117,9 @@ def confidence(score: float, threshold: float) -> float:
 
 
 def head_types(scores: pd.DataFrame) -> pd.DataFrame:
-    """One row per head of `scores` (the stored table): layer, head, `types` (comma-separated, strongest
-    first, '' for none), `type` (the strongest, '' for none), `confidence` (of `type`) and `type_text`
-    ("induction 0.93, previous-token 0.71")."""
+    """One row per head of `scores` (the stored table): layer, head, `types` (comma-separated, most specific
+    first, '' for none), `type` (the most specific, '' for none), `confidence` (of `type`) and `type_text`
+    ("induction 0.93, sink 0.99")."""
     out = []
     for _, r in scores.iterrows():
         found = []
@@ -124,7 +128,7 @@ def head_types(scores: pd.DataFrame) -> pd.DataFrame:
             if v is None or not np.isfinite(v) or v < thr or (cond is not None and not cond(r)):
                 continue
             found.append((confidence(float(v), thr), name))
-        found.sort(key=lambda t: -t[0])  # stable: ties keep TYPE_RULES order
+        # in TYPE_RULES order: the most specific type first
         out.append({"layer": int(r["layer"]), "head": int(r["head"]),
                     "types": ",".join(n for _, n in found), "type": found[0][1] if found else "",
                     "confidence": found[0][0] if found else 0.0,
@@ -340,8 +344,9 @@ def _layout_colour_scores(atlas: Any, model: str, method: str | None, info: Any,
                           tokens: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     """Colour and brightness scores of every head. The target is each patch's hue (on the colour circle) or
     brightness minus its image's mean, so a layout that only keeps images apart scores nothing; the score is the
-    k-NN R^2 of that target from the head's layout minus the R^2 its grid neighbours in the image already give
-    (colour varies smoothly across an image, so a merely local or positional head would score high otherwise)."""
+    k-NN R^2 of that target from the head's layout beyond the R^2 its grid neighbours in the image already give,
+    as a share of what they leave: (R2_layout - R2_grid) / (1 - R2_grid), clipped to [0, 1] (colour varies
+    smoothly across an image, so a merely local or positional head would score high otherwise)."""
     method = pick_colour_layout(atlas, model, method)
     heads = [(a, b) for a in range(info.n_layers) for b in range(info.n_heads)]
     out_df = pd.DataFrame({"layer": [a for a, _ in heads], "head": [b for _, b in heads],
@@ -382,7 +387,8 @@ def _layout_colour_scores(atlas: Any, model: str, method: str | None, info: Any,
         for name, (both, tgt, base) in prepared.items():
             ok = np.isfinite(xy[both]).all(1)
             r2 = _knn_r2(xy[both][ok], tgt[ok])
-            out_df.loc[i, name] = float(np.clip(r2 - base, 0, 1)) if np.isfinite(r2) else np.nan
+            # the share of what grid neighbours leave unexplained that the layout explains
+            out_df.loc[i, name] = float(np.clip((r2 - base) / max(1 - base, 1e-9), 0, 1)) if np.isfinite(r2) else np.nan
     return out_df, method
 
 

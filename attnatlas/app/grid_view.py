@@ -297,7 +297,7 @@ class GridView:
         cells.selection_glyph = None
         self.fig.text("x", "y", text="text", source=self.label_src, text_font_size="9px", text_color="#444",
                       text_baseline="top", x_offset=3, y_offset=2, name="grid_head_labels")
-        # Head types: the strongest type's badge in each cell's top-right corner, in the type's colour.
+        # Head types: the most specific type's badge (or the type picked) in each cell's top-right corner, in its colour.
         self.badge_src = ColumnDataSource(data=dict(x=[], y=[], text=[], colour=[]), name="grid_type_badges")
         self.fig.text("x", "y", text="text", source=self.badge_src, text_font_size="10px", text_color="colour",
                       text_font_style="bold", text_baseline="top", text_align="right", x_offset=-3, y_offset=2,
@@ -484,7 +484,7 @@ class GridView:
         if not present:
             return ""
         keys = " ".join(f'<b style="color:{TYPE_COLOURS[t]}">{TYPE_BADGES[t]}</b> {html.escape(t)}' for t in present)
-        return (f"<br>Badges: each head's strongest type ({keys}); hover a cell for its scores, pick a type to show "
+        return (f"<br>Badges: each head's most specific type ({keys}); hover a cell for its scores, pick a type to show "
                 "only its heads (with 'sort heads', strongest first).")
 
     def _type(self) -> str | None:
@@ -506,7 +506,10 @@ class GridView:
             self.badge_src.data = dict(x=[], y=[], text=[], colour=[])
             return
         L = self.g.done.shape[0]
-        kinds = self.table["type"].astype(str).to_numpy()
+        kinds = self.table["type"].astype(str).to_numpy().copy()
+        picked = self._type()
+        if picked is not None:  # the picked type's badge on the heads that have it
+            kinds[self._type_confidence(picked) > 0] = picked
         has = kinds != ""
         self.badge_src.data = dict(x=(cols + 1)[has], y=(L - layers).astype(float)[has],
                                    text=[TYPE_BADGES.get(k, k[:4].upper()) for k in kinds[has]],

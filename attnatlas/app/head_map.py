@@ -112,7 +112,7 @@ class HeadMap:
         self.with_models = CheckboxGroup(labels=[], active=[], name="head_map_models")
         self.with_models.on_change("active", self._on_change)
         self.info = Div(text="", disable_math=True, name="head_map_info")
-        # Frames by model, or by each head's strongest type (attnatlas analyze --head-types).
+        # Frames by model, or by each head's most specific type (attnatlas analyze --head-types).
         self.colour_by = RadioButtonGroup(labels=["frames by model", "frames by head type"], active=0,
                                           name="head_map_colour_by")
         self.colour_by.on_change("active", self._on_change)
@@ -201,7 +201,7 @@ class HeadMap:
                           f"Each is drawn from all its layout points. Click a head to open it. {legend}")
 
     def _kinds(self, models: tuple[str, ...], labels: pd.DataFrame) -> list[str] | None:
-        """Each placed head's strongest type when frames are by type, else None."""
+        """Each placed head's most specific type when frames are by type, else None."""
         if self.colour_by.active != 1:
             return None
         out = {}

@@ -130,7 +130,7 @@ class HeadScatter:
                                                          if "" in kinds else "")
         missing = int((~ok).sum())
         self.info.text = (f"{html.escape(model)}: {len(idx)} heads by {html.escape(labels[xk])} and "
-                          f"{html.escape(labels[yk])}, coloured by their strongest head type"
+                          f"{html.escape(labels[yk])}, coloured by their most specific head type"
                           + (f" ({missing} heads without both scores left out)" if missing else "")
                           + ". Hover a point for the head's thumbnail, click it to open the head.")
 
