@@ -27,6 +27,32 @@ def widget_input(driver, name: str, selector: str):
         selector)
 
 
+def scatter(driver, out: str) -> int:
+    """Open the head scatter with its button, hover the top point (a real pointer move), save the page."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    buttons = driver.execute_script(f"const v = Bokeh.index.find_one({MODEL.format('grid_mode')});"
+                                    "return Array.from(v.shadow_el.querySelectorAll('button'))")
+    buttons[2].click()
+    wait_js(driver, f"Bokeh.index.find_one({MODEL.format('head_scatter_figure')}) != null", timeout=60)
+    time.sleep(1.5)
+    d = driver.execute_script(f"const d = {MODEL.format('head_scatter_points')}.data;"
+                              "return [Array.from(d.x), Array.from(d.y), d.label]")
+    i = max(range(len(d[1])), key=lambda j: d[1][j])
+    px, py = driver.execute_script(
+        f"const v = Bokeh.index.find_one({MODEL.format('head_scatter_figure')});"
+        "const r = v.canvas_view.el.getBoundingClientRect();"
+        "return [r.left + v.frame.x_scale.compute(arguments[0]), r.top + v.frame.y_scale.compute(arguments[1])]",
+        d[0][i], d[1][i])
+    builder = ActionBuilder(driver)
+    builder.pointer_action.move_to_location(int(px), int(py))
+    builder.perform()
+    time.sleep(1.0)
+    driver.save_screenshot(out)
+    print(f"wrote {out}; hovering {d[2][i]}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("atlas")
@@ -34,14 +60,19 @@ def main() -> int:
     ap.add_argument("--type", default="induction")
     ap.add_argument("--out", default="grid-induction.png")
     ap.add_argument("--no-sort", action="store_true")
+    ap.add_argument("--scatter", action="store_true",
+                    help="instead: the head scatter, hovering the head with the highest y score")
+    ap.add_argument("--height", type=int, default=1400, help="window height in px (a 30-layer grid needs ~4400)")
     args = ap.parse_args()
     from selenium.webdriver.support.ui import Select
 
     with serve(Path(args.atlas), timeout=120) as url:
-        driver = make_driver(1500, 1400)
+        driver = make_driver(1500, args.height)
         try:
             driver.get(f"{url}?model={args.model}")
             wait_js(driver, GRID_DRAWN, timeout=120)
+            if args.scatter:
+                return scatter(driver, args.out)
             Select(widget_input(driver, "grid_type", "select")).select_by_visible_text(args.type)
             if not args.no_sort:
                 boxes = driver.execute_script(

@@ -24,7 +24,7 @@ from attnatlas.app.head_map import thumbnails
 
 log = logging.getLogger(__name__)
 
-UNTYPED = "#bbbbbb"
+UNTYPED = "#e4e4e4"  # lighter than the sink type's grey
 DEFAULT_AXES = (("induction", "previous_token"), ("sink", "broad"), ("local", "positional"),
                 ("colour", "brightness"), ("entropy_mean", "first_share"))
 TOOLTIP = """
