@@ -142,6 +142,10 @@ def test_cli_reruns_refusals_and_corpus_only(hand_atlas, tmp_path, capsys):
     # new settings recompute
     assert cli(["analyze", path, "--head-types", "--quiet", "--seed", "1"]) == 0
     assert "head types done" in capsys.readouterr().out
+    # corpus-only on a table with probe scores keeps them
+    assert cli(["analyze", path, "--head-types", "--corpus-only", "--quiet", "--seed", "1"]) == 0
+    assert "with the probe's, already stored, kept" in capsys.readouterr().out
+    assert atlas.read_table(name, ht.TABLE)["induction"].notna().all()
     assert cli(["analyze", path, "--head-types", "--probe-count", "0"]) == 2
     assert "--probe-count must be" in capsys.readouterr().err
 

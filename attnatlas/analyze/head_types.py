@@ -488,6 +488,10 @@ def compute_head_scores(atlas: Any, model: str, probe: bool | None = None, setti
         if have is not None and {k: have.get(k) for k in want} == want:
             return HeadScoresResult(old, [f"{model}: head scores with these settings already stored, kept "
                                           "(--force recomputes them)"], skipped=True)
+        same_corpus = have is not None and all(have.get(k) == v for k, v in want.items() if k != "probe")
+        if same_corpus and probe is False and have.get("probe") is not None:  # corpus-only: never drop probe scores
+            return HeadScoresResult(old, [f"{model}: head scores of the same corpus, with the probe's, already "
+                                          "stored, kept (--force recomputes them without the probe)"], skipped=True)
     seconds: dict[str, float] = {}
     probe_df, ran = None, {}
     if run_probe:
