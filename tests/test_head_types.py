@@ -276,3 +276,37 @@ def test_every_view_shows_the_types(hand_atlas, tmp_path, capsys):
     h = {(x["layer"], x["head"]): x for x in meta["heads"]}
     assert "induction" in h[INDUCTION_HEAD]["types"] and h[INDUCTION_HEAD]["type_confidence"]["induction"] > 0.9
     assert h[PREV_HEAD]["scores"]["previous_token"] > 0.9
+
+
+@pytest.mark.browser
+def test_type_menu_in_the_browser_veils_other_heads(hand_atlas):
+    """A user picks "induction" in the grid's Head type menu (a real <select>): only the induction head stays."""
+    pytest.importorskip("selenium")
+    import os
+
+    from test_browser import CHROMEDRIVER, CHROMIUM, GRID_DRAWN, MODEL, make_driver, serve, wait_js
+    from selenium.webdriver.support.ui import Select
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from attnatlas.project import project_model
+
+    atlas, name, _ = hand_atlas
+    project_model(atlas, name, methods="pca", workers=1)
+    ht.compute_head_scores(atlas, name)
+    with serve(atlas.path, timeout=120) as url:
+        driver = make_driver()
+        try:
+            driver.get(f"{url}?model={name}")
+            wait_js(driver, GRID_DRAWN, timeout=60)
+            el = driver.execute_script(f"return Bokeh.index.find_one({MODEL.format('grid_type')})"
+                                       ".shadow_el.querySelector('select')")
+            Select(el).select_by_visible_text("induction")
+            shown = wait_js(driver, f"(() => {{ const d = {MODEL.format('grid_cells')}.data; const out = [];"
+                                    "for (let i = 0; i < d.fade.length; i++) if (d.fade[i] == 0) "
+                                    "out.push([d.layer[i], d.head[i]]); return out.length == 1 ? out : null })()")
+            assert [tuple(x) for x in shown] == [INDUCTION_HEAD]
+            badges = driver.execute_script(f"return {MODEL.format('grid_type_badges')}.data.text")
+            assert "IND" in badges and "PREV" in badges
+        finally:
+            driver.quit()
