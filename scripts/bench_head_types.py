@@ -36,12 +36,13 @@ def main() -> int:
         shutil.copytree(args.atlas, copy, ignore=shutil.ignore_patterns("analysis"))
         atlas = open_atlas(copy)
         info = atlas.info(args.model)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = ht.compute_head_scores(atlas, args.model, force=True)
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in (res.seconds or {}).items())
         print(f"{args.model}: {info.n_layers * info.n_heads} heads, {len(atlas.tokens(args.model))} corpus tokens, "
-              f"torch threads {torch.get_num_threads()}: head types in {total:.1f} s ({stages})")
+              f"torch threads {torch.get_num_threads()}: head types in {total:.1f} s ({stages}), {cpu:.1f} s CPU of this "
+              f"process (wall above CPU / threads means other processes shared the cores)")
         for note in res.notes:
             print(" ", note)
         typed = res.scores.merge(ht.head_types(res.scores), on=["layer", "head"])
