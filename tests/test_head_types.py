@@ -17,7 +17,6 @@ import transformers as tf
 from attnatlas.analyze import head_types as ht
 from attnatlas.attention import attention_from_atlas
 from attnatlas.cli import main as cli
-from attnatlas.errors import AtlasError
 from attnatlas.extract import ExtractOptions, extract
 from attnatlas.store import open_atlas
 from tiny_models import _tokenizer, save_image_model, save_text_model, write_images

@@ -467,7 +467,7 @@ def compute_head_scores(atlas: Any, model: str, probe: bool | None = None, setti
     with the same settings is kept unless `force`. Everything that can fail (the model's kind, loading it)
     fails before anything is written."""
     info = atlas.info(model)
-    causal = bool(info.attrs.get("attention", {}).get("causal", info.attrs.get("causal", False)))
+    causal = bool((info.attrs.get("attention") or {}).get("causal", info.attrs.get("causal", False)))
     text = info.modality == "text"
     if probe is True and not (text and causal):
         kind = "an image model" if not text else "an encoder (bidirectional: it sees every token at once)"
