@@ -98,6 +98,17 @@ def run(args: argparse.Namespace) -> int:
             "heads": [{k: b[k] for k in ("layer", "head", "x0", "y0", "x1", "y1", "x_min", "x_max", "y_min", "y_max")}
                       for b in boxes if b["has_layout"]],
             "missing": [{k: b[k] for k in ("layer", "head", "x0", "y0", "x1", "y1")} for b in boxes if not b["has_layout"]]}
+    table = data.head_table(args.model, args.method)
+    if "types" in table:  # attnatlas analyze --head-types: each head's types with confidence, and its scores
+        from attnatlas.analyze.head_types import SCORE_LABELS
+
+        by_head = {(int(r["layer"]), int(r["head"])): r for _, r in table.iterrows()}
+        for h in meta["heads"]:
+            r = by_head[(h["layer"], h["head"])]
+            h["types"] = [t for t in str(r["types"]).split(",") if t]
+            h["type_confidence"] = {p.rpartition(" ")[0]: float(p.rpartition(" ")[2])
+                                    for p in str(r["type_text"]).split(", ") if p}
+            h["scores"] = {c: float(r[c]) for c in SCORE_LABELS if c in r and np.isfinite(r[c])}
     try:
         _atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **({"resolution": 150.0} if fmt == "PDF" else {})))
         _atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))

@@ -34,7 +34,7 @@ from attnatlas import __version__
 from attnatlas.errors import InputError, ModelError
 from attnatlas.extract.adapters import (ADAPTER_VERSION, Adapter, base_class, check_config, discover, eager_wrapper,
                                        encoder_only, modality_of, patch_size, split_stack)
-from attnatlas.extract.capture import LayerCapture, capturing
+from attnatlas.extract.capture import LayerCapture, attention_probs, capturing
 from attnatlas.extract.recipe import Recipe
 from attnatlas.extract.offline import OFFLINE_MODELS, prepare_offline_model
 from attnatlas.extract.windows import window_documents
@@ -198,6 +198,30 @@ def prepare_model(model: torch.nn.Module, preprocessor: Any, model_id: str, sour
         pre.padding_side = "right"  # keeps positions of real tokens independent of padding
     return LoadedModel(model, pre, adapter, model.config, model_id, source or model_id, default_name(model_id),
                        adapter.layer_of_module)
+
+
+def attention_of_token_ids(loaded: LoadedModel, token_ids: np.ndarray, batch_size: int = 16,
+                           precision: str = "float32", device: str = "cpu"):
+    """Run the model over sequences given as token ids (no tokenizer: probes such as repeated random tokens)
+    with extract's capture, `batch_size` sequences per forward pass, and yield (first sequence, attention) per
+    batch: attention maps layer -> (batch, head, query, key) float32 numpy, recomputed from the captured q and
+    k exactly as extract's top-k is. token_ids: (sequence, token) int, every sequence of the same length."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise InputError("Token ids must be a (sequence, token) array with at least one token.")
+    if loaded.adapter.modality != "text":
+        raise InputError(f"{loaded.model_id!r} is an image model; token ids need a text model.")
+    dev = resolve_device(device)
+    adapter = loaded.adapter
+    with capturing(loaded.model, loaded.layer_of_module, 0, adapter.causal, adapter.wrapped, adapter.family,
+                   values=False) as rec:
+        for start in range(0, len(ids), batch_size):
+            batch = torch.from_numpy(ids[start:start + batch_size]).to(dev)
+            rec.next_batch()  # no dtype: each layer keeps its full q and k
+            with torch.inference_mode(), _autocast(dev, precision):
+                loaded.model(input_ids=batch, attention_mask=torch.ones_like(batch))
+            yield start, {layer: attention_probs(cap, adapter.causal).float().cpu().numpy()
+                          for layer, cap in sorted(rec.layers.items())}
 
 
 def hash_texts(records: Sequence[TextRecord]) -> str:
