@@ -36,7 +36,7 @@ from bokeh.palettes import Viridis256
 from bokeh.resources import INLINE
 
 from attnatlas.app import colors
-from attnatlas.app.data import AppData
+from attnatlas.app.data import AppData, stack_counts
 from attnatlas.app.grid_view import HAND_OVER, GridView
 from attnatlas.app.head_view import DIM_ALPHA, DIM_COLOUR, BASE_ALPHA, LINE_MIN_WEIGHT, MAX_LIST, HeadView
 from attnatlas.app.safe import JS_ESCAPE, seal
@@ -167,27 +167,42 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
     kept_of_row[ok_rows] = point_of_kept[t.point_of_row[ok_rows]]
     cols: dict[str, list] = {k_: [] for k_ in ("layer", "head", "x", "y", "norm", "stack", "tk_idx", "tk_w", "trust", "knn")}
     where = np.full(L * H, -1, np.int32)
+    table = data.head_table(model, method)
+    sel_rows = t.rows[keep]
     nbytes = 0
-    for j, (a, b) in enumerate(heads):
-        h = data.head(model, method, a, b)
-        cols["layer"].append(a), cols["head"].append(b)
-        cols["x"].append(np.asarray(h.x, np.float32)[pts]), cols["y"].append(np.asarray(h.y, np.float32)[pts])
-        cols["norm"].append(np.nan_to_num(np.asarray(h.norm, np.float32)[pts]))
-        stack = h.stack if h.stack is not None else np.ones(2 * n_all)
-        cols["stack"].append(np.minimum(np.asarray(stack)[pts], 65535).astype(np.uint16))
+    atlas = data.atlas
+    for a in sorted({a for a, _ in heads}):
+        # One read per layer (not per head): a 270-head page is 30 reads of each array.
+        qs = np.asarray(atlas.array(model, "queries")[a])  # (head, token, d_head)
+        ks = np.asarray(atlas.array(model, "keys")[a])  # (kv_head, token, d_head)
         if k:
-            idx, w = data.topk(model, a, b)
-            idx = np.asarray(idx)[t.rows[keep]]
-            w = np.nan_to_num(np.asarray(w, np.float32)[t.rows[keep]])
-            mapped = np.where(idx >= 0, kept_of_row[np.clip(idx, 0, None)], -1)
-            cols["tk_idx"].append(mapped.astype(np.int32).reshape(-1))
-            cols["tk_w"].append(np.round(np.clip(w, 0, 1) * 255).astype(np.uint8).reshape(-1))
-        else:
-            cols["tk_idx"].append(np.zeros(0, np.int32)), cols["tk_w"].append(np.zeros(0, np.uint8))
-        cols["trust"].append(float(h.trust)), cols["knn"].append(float(h.knn))
-        where[a * H + b] = j
-        nbytes += 2 * R * POINT_BYTES + R * k * WEIGHT_BYTES
-    store = ColumnDataSource(data=cols, name="page_heads")
+            tk_i = np.asarray(atlas.array(model, "attn_topk_index")[a])  # (head, token, k)
+            tk_w = np.asarray(atlas.array(model, "attn_topk_weight")[a], dtype=np.float32)
+        for b in [b for a_, b in heads if a_ == a]:
+            j = len(cols["layer"])
+            xy = g.coords[a, b]  # (2 n_all, 2): queries then keys
+            qn = np.linalg.norm(qs[b][sel_rows].astype(np.float32), axis=1)
+            kn = np.linalg.norm(ks[info.kv_head(b)][sel_rows].astype(np.float32), axis=1)
+            cols["layer"].append(a), cols["head"].append(b)
+            cols["x"].append(np.ascontiguousarray(xy[pts, 0], np.float32))
+            cols["y"].append(np.ascontiguousarray(xy[pts, 1], np.float32))
+            cols["norm"].append(np.nan_to_num(np.concatenate([qn, kn])).astype(np.float32))
+            cols["stack"].append(np.minimum(stack_counts(xy)[pts], 65535).astype(np.uint16))
+            if k:
+                idx, w = tk_i[b][sel_rows], np.nan_to_num(tk_w[b][sel_rows])
+                mapped = np.where(idx >= 0, kept_of_row[np.clip(idx, 0, None)], -1)
+                cols["tk_idx"].append(mapped.astype(np.int32).reshape(-1))
+                cols["tk_w"].append(np.round(np.clip(w, 0, 1) * 255).astype(np.uint8).reshape(-1))
+            else:
+                cols["tk_idx"].append(np.zeros(0, np.int32)), cols["tk_w"].append(np.zeros(0, np.uint8))
+            q = table.iloc[a * H + b]
+            cols["trust"].append(float(q.get("trustworthiness", np.nan))), cols["knn"].append(float(q.get("knn_kept", np.nan)))
+            where[a * H + b] = j
+            nbytes += 2 * R * POINT_BYTES + R * k * WEIGHT_BYTES
+    # One flat array per column (head j at [j * size, (j + 1) * size)): one base64 block each, not one per head.
+    flat = {c: [np.concatenate(cols[c]) if cols[c] else np.zeros(0, np.float32)] for c in ("x", "y", "norm", "stack", "tk_idx", "tk_w")}
+    flat.update({c: [np.asarray(cols[c], np.float64)] for c in ("trust", "knn")})
+    store = ColumnDataSource(data=flat, name="page_heads")
 
     # Colour modes: head-independent palette indices, from the app's own colour code (norm is per head, in JS).
     modes = colors.modes(data.modality(model))
@@ -223,6 +238,7 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
     hv.layer_select.js_on_change("value", js("select"))
     hv.head_select.js_on_change("value", js("select"))
     hv.src.selected.js_on_change("indices", js("tap"))
+    hv.fig.js_on_event("selectiongeometry", js("geometry"))
     hv.sequence.text = "Click a point to see where it attends; lasso or box-select points to hand them to Python."
     note = Div(text=f"<small>This page holds {html.escape(meta['shown'])} per head (whole sequences), "
                     f"{len(heads)} of {L * H} heads; search matches token text. "
@@ -273,7 +289,16 @@ def _raise(message: str) -> None:
 # DOM only through esc() or as Bokeh data (which Bokeh escapes); `ctx` is escaped by AppData (only <b> is markup).
 PAGE_JS = r"""
 const M = JSON.parse(meta), R = M.R, K = M.k
-const S = store.data
+const D = store.data, P = 2 * R
+const S = {  // head j's arrays, as views into the flat columns
+  x: {}, y: {}, norm: {}, stack: {}, tk_idx: {}, tk_w: {}, trust: D.trust[0], knn: D.knn[0],
+}
+// Plain typed views: BokehJS's own array classes do not take an offset, so subarray() would copy it all.
+const TYPES = {x: Float32Array, y: Float32Array, norm: Float32Array, stack: Uint16Array, tk_idx: Int32Array, tk_w: Uint8Array}
+for (const [c, T] of Object.entries(TYPES)) {
+  const a = D[c][0], n = (c == 'tk_idx' || c == 'tk_w') ? R * K : P
+  S[c] = new Proxy({}, {get: (_, j) => new T(a.buffer, a.byteOffset + (+j) * n * T.BYTES_PER_ELEMENT, n)})
+}
 const cur = () => [parseInt(lsel.value), parseInt(hsel.value)]
 const row_of = (l, h) => (l >= 0 && h >= 0 && l < M.L && h < M.H) ? where[l * M.H + h] : -1
 
@@ -428,6 +453,10 @@ if (action == 'init') {
   if (!store.__busy && Number.isFinite(l) && Number.isFinite(h)) { open(l, h) }
 } else if (action == 'tap') {
   tap()
+} else if (action == 'geometry') {
+  // A click on a stack of points selects them all; the app's click means one point, the first.
+  const sel = src.selected.indices
+  if (cb_obj.geometry.type == 'point' && sel.length > 1) { src.selected.indices = [Math.min(...sel)] }
 } else if (action == 'cell') {
   const i = cells.selected.indices
   if (!i.length) { return }
