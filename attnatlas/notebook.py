@@ -137,6 +137,11 @@ class AtlasView:
         return out
 
     @property
+    def points(self) -> pd.DataFrame:
+        """Every point of the head view as `tokens` describes it; its index is the point's number."""
+        return self.tokens(np.arange(2 * len(self.page.rows))).set_index("point", drop=False).rename_axis(None)
+
+    @property
     def selection(self) -> pd.DataFrame:
         """The points selected (lasso, box or click) in the head view, as a DataFrame of tokens with the head
         they were selected in. Needs the widget (anywidget installed); empty until something is selected."""
