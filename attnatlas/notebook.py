@@ -175,7 +175,7 @@ def show(atlas: Any, model: str | None = None, method: str | None = None, layer:
          head: int | None = None, *, budget_mb: float | None = None) -> AtlasView:
     """Show `model`'s grid of heads (click or zoom into a cell to open a head), or one head with layer= and
     head=. `atlas` is a path or an opened Atlas; `method` a projection (default: umap, then t-SNE, then PCA).
-    `budget_mb` bounds the point data the page holds (default 12 MB; see attnatlas.app.page for the rule).
+    `budget_mb` bounds the point data the page holds (default 6 MB; see attnatlas.app.page for the rule).
     Returns an AtlasView; outside a notebook it says how to look at it."""
     from attnatlas.app import page as page_mod
     from attnatlas.app.data import AppData

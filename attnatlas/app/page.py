@@ -14,6 +14,7 @@ attention at 5 bytes a weight), at most `max_rows`. Heads the layout sampled kee
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import uuid
@@ -43,11 +44,13 @@ from attnatlas.app.safe import JS_ESCAPE, seal
 from attnatlas.app.view import Place
 from attnatlas.errors import InputError
 
+BLOB_COLUMNS = (("x", np.float32), ("y", np.float32), ("norm", np.float32), ("tk_idx", np.int32), ("stack", np.uint16),
+                ("tk_w", np.uint8))
 POINT_BYTES = 14  # x, y, norm (float32) and stack count (uint16) of one point
 WEIGHT_BYTES = 5  # a top-k entry: key row (int32) and weight (uint8, 1/255 steps)
 STATIC_ROW_BYTES = 260  # token, context and the other per-row columns, as JSON, both points of a row
-INLINE_BUDGET = 12 << 20  # notebook output: a 270-head grid must show in about 2 s
-EXPORT_BUDGET = 40 << 20  # `export --html`: under 50 MB with BokehJS and base64
+INLINE_BUDGET = 6 << 20  # notebook output: the 270-head SmolLM2 grid keeps 340 of 1,199 tokens a head
+EXPORT_BUDGET = 34 << 20  # `export --html`: x 4/3 for base64, + 3 MB of BokehJS and grid image: under 50 MB
 MAX_ROWS = 50_000  # one head of 100,000 points stays smooth on canvas and WebGL
 MIN_ROWS = 200  # below this a head is not worth drawing: fewer heads are embedded instead
 
@@ -199,10 +202,18 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
             cols["trust"].append(float(q.get("trustworthiness", np.nan))), cols["knn"].append(float(q.get("knn_kept", np.nan)))
             where[a * H + b] = j
             nbytes += 2 * R * POINT_BYTES + R * k * WEIGHT_BYTES
-    # One flat array per column (head j at [j * size, (j + 1) * size)): one base64 block each, not one per head.
-    flat = {c: [np.concatenate(cols[c]) if cols[c] else np.zeros(0, np.float32)] for c in ("x", "y", "norm", "stack", "tk_idx", "tk_w")}
-    flat.update({c: [np.asarray(cols[c], np.float64)] for c in ("trust", "knn")})
-    store = ColumnDataSource(data=flat, name="page_heads")
+    # The heads' arrays go into the page as one base64 block beside the document, not through Bokeh's
+    # serialiser: the grid draws without waiting for them, and the page reads them when a head opens.
+    # Column c holds head j at [j * size, (j + 1) * size); 4-byte columns first, so every view is aligned.
+    blob, offsets = [], {}
+    pos = 0
+    for c, dtype in BLOB_COLUMNS:
+        arr = np.concatenate(cols[c]).astype(dtype) if cols[c] else np.zeros(0, dtype)
+        offsets[c] = pos
+        blob.append(arr.tobytes())
+        pos += arr.nbytes
+    blob_id = f"attnatlas-heads-{uuid.uuid4().hex[:12]}"
+    store = ColumnDataSource(data=dict(trust=cols["trust"], knn=cols["knn"]), name="page_heads")
 
     # Colour modes: head-independent palette indices, from the app's own colour code (norm is per head, in JS).
     modes = colors.modes(data.modality(model))
@@ -217,7 +228,7 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
     mode_src = ColumnDataSource(data=mcols, name="page_colour_modes")
 
     page_id = uuid.uuid4().hex
-    meta = dict(R=R, k=k, L=L, H=H, model=model, method=method, page=page_id, single=single,
+    meta = dict(blob=blob_id, offsets=offsets, R=R, k=k, L=L, H=H, model=model, method=method, page=page_id, single=single,
                 shown=f"{R:,} of {n_all:,} tokens" if R < n_all else f"all {n_all:,} tokens",
                 viridis=list(Viridis256), dim=DIM_COLOUR, dim_alpha=DIM_ALPHA, base_alpha=BASE_ALPHA,
                 line_min=LINE_MIN_WEIGHT, max_list=MAX_LIST, hand_over=HAND_OVER)
@@ -253,8 +264,8 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
         height = 780
     else:
         gv = GridView(data, on_open=lambda a, b: None, on_error=_raise)
-        gv.show(model, method)
         cell = int(np.clip(min(880 / H, 880 / L), 28, 100))
+        gv.show(model, method, cell_px=2 * cell)  # twice the shown size: sharp on high-density screens
         gv.fig.sizing_mode = "fixed"
         gv.fig.width, gv.fig.height = H * cell + 60, L * cell + 50
         gv.fig.toolbar.active_scroll = gv.wheel
@@ -278,6 +289,9 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
     doc.title = doc_title
     # The views' server callbacks are inert on a page; the CustomJS above stands in for them.
     page = file_html(doc, INLINE, title=doc_title, suppress_callback_warning=True)
+    block = base64.b64encode(b"".join(blob)).decode("ascii")  # only [A-Za-z0-9+/=]: nothing to escape
+    end = page.rindex("</body>")  # the last one: BokehJS's own source holds the string too
+    page = page[:end] + f'<script type="application/octet-stream" id="{blob_id}">{block}</script>\n' + page[end:]
     return Page(page, page_id, model, method, np.asarray(t.rows[keep]), heads, n_all, nbytes, height, single)
 
 
@@ -289,15 +303,21 @@ def _raise(message: str) -> None:
 # DOM only through esc() or as Bokeh data (which Bokeh escapes); `ctx` is escaped by AppData (only <b> is markup).
 PAGE_JS = r"""
 const M = JSON.parse(meta), R = M.R, K = M.k
-const D = store.data, P = 2 * R
-const S = {  // head j's arrays, as views into the flat columns
-  x: {}, y: {}, norm: {}, stack: {}, tk_idx: {}, tk_w: {}, trust: D.trust[0], knn: D.knn[0],
-}
-// Plain typed views: BokehJS's own array classes do not take an offset, so subarray() would copy it all.
-const TYPES = {x: Float32Array, y: Float32Array, norm: Float32Array, stack: Uint16Array, tk_idx: Int32Array, tk_w: Uint8Array}
-for (const [c, T] of Object.entries(TYPES)) {
-  const a = D[c][0], n = (c == 'tk_idx' || c == 'tk_w') ? R * K : P
-  S[c] = new Proxy({}, {get: (_, j) => new T(a.buffer, a.byteOffset + (+j) * n * T.BYTES_PER_ELEMENT, n)})
+const P = 2 * R
+const TYPES = {x: Float32Array, y: Float32Array, norm: Float32Array, tk_idx: Int32Array, stack: Uint16Array, tk_w: Uint8Array}
+function heads() {  // the heads' arrays, decoded from the page's block the first time a head opens
+  if (src.__heads == null) {
+    const text = document.getElementById(M.blob).textContent.trim()
+    const bin = atob(text), bytes = new Uint8Array(bin.length)
+    for (let i = 0; i < bin.length; i++) { bytes[i] = bin.charCodeAt(i) }
+    const S = {trust: store.data.trust, knn: store.data.knn}
+    for (const [c, T] of Object.entries(TYPES)) {
+      const n = (c == 'tk_idx' || c == 'tk_w') ? R * K : P, at = M.offsets[c]
+      S[c] = new Proxy({}, {get: (_, j) => new T(bytes.buffer, at + (+j) * n * T.BYTES_PER_ELEMENT, n)})
+    }
+    src.__heads = S
+  }
+  return src.__heads
 }
 const cur = () => [parseInt(lsel.value), parseInt(hsel.value)]
 const row_of = (l, h) => (l >= 0 && h >= 0 && l < M.L && h < M.H) ? where[l * M.H + h] : -1
@@ -334,7 +354,7 @@ function colours(j) {
   const mode = colour.value
   let idx, pal
   if (mode == 'norm') {
-    const nrm = S.norm[j], lo = pct(nrm, 0.02), hi = Math.max(pct(nrm, 0.98), lo + 1e-6)
+    const nrm = heads().norm[j], lo = pct(nrm, 0.02), hi = Math.max(pct(nrm, 0.98), lo + 1e-6)
     pal = M.viridis
     idx = Array.from(nrm, (v) => Math.min(pal.length - 1, Math.max(0, Math.floor((v - lo) / (hi - lo) * pal.length))))
     legend.text = `vector norm of this head: ${lo.toFixed(2)} (dark) to ${hi.toFixed(2)} (yellow)`
@@ -375,6 +395,7 @@ function open(l, h) {
                  'open it with <code>attnatlas serve</code>.'
     return
   }
+  const S = heads()
   src.selected.indices = []
   line_src.data = {x0: [], y0: [], x1: [], y1: [], alpha: [], width: [], weight: [], token: []}
   src.data = Object.assign({}, src.data, {x: S.x[j], y: S.y[j], norm: S.norm[j], stack: S.stack[j]})
@@ -405,7 +426,7 @@ function tap() {
     return
   }
   const p = sel[0], isq = p < R, r = p % R
-  const idx = S.tk_idx[j], w = S.tk_w[j]
+  const S = heads(), idx = S.tk_idx[j], w = S.tk_w[j]
   const pairs = []  // [other point, weight]
   if (K) {
     if (isq) {
@@ -443,8 +464,10 @@ if (action == 'init') {
       src.selected.indices = Array.from(d.indices || [], Number).filter((i) => i >= 0 && i < 2 * R)
     })
   }
-  const [l, h] = cur()
-  open(l, h)
+  if (M.single) {  // a grid page leaves its heads packed until a cell is opened: the grid draws first
+    const [l, h] = cur()
+    open(l, h)
+  }
 } else if (action == 'colour' || action == 'search') {
   const [l, h] = cur(), j = row_of(l, h)
   if (j >= 0) { colours(j) }
