@@ -38,7 +38,7 @@ def test_quickstart_notebook_executes(executed):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "6 layers x 12 heads" in text and "144 layouts; failed: []" in text, text
     pages = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {}) and "<iframe" in o["data"]["text/html"]]
-    assert len(pages) == 2 and "page_tabs" in pages[0] and "page_tabs" not in pages[1]  # the grid, then one head
+    assert len(pages) == 2 and 'data-view="grid"' in pages[0] and 'data-view="head"' in pages[1]  # the grid, then a head
     # The last cell: tokens selected from Python come back as a DataFrame (every "the" of the corpus, query and key).
     last = "".join(o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
     assert re.search(r"key\s+the\s+\d+", last) and re.search(r"query\s+the\s+\d+", last), last
@@ -62,7 +62,7 @@ def test_notebook_html_opens_a_head_from_the_grid(executed, tmp_path):
     try:
         driver.get(page.as_uri())
         driver.execute_script("window.__msgs = []; window.addEventListener('message', (e) => window.__msgs.push(e.data))")
-        frame = next(f for f in driver.find_elements(By.TAG_NAME, "iframe") if "page_tabs" in f.get_attribute("srcdoc"))
+        frame = driver.find_element(By.CSS_SELECTOR, 'iframe[data-view="grid"]')
         driver.execute_script("arguments[0].scrollIntoView()", frame)
         driver.switch_to.frame(frame)
         wait_js(driver, f"Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle && "

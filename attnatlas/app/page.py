@@ -268,7 +268,6 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
         gv.show(model, method, cell_px=2 * cell)  # twice the shown size: sharp on high-density screens
         gv.fig.sizing_mode = "fixed"
         gv.fig.width, gv.fig.height = H * cell + 60, L * cell + 50
-        gv.fig.toolbar.active_scroll = gv.wheel
         if n_heads < len(wanted):
             gv.info.text += (f"<br><b>This page embeds {n_heads} of {len(wanted)} heads</b> (layers in order) to stay "
                              f"under its size; the others open with <code>attnatlas serve</code>.")
