@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
+from attnatlas.project.reducers import PCAReducer, register_reducer
 from attnatlas.store import ArraySpec, Atlas, tokens_per_chunk
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", ",", ".", "42", "##ing", "bank", "river", "?", "run", "<b>x</b>"]
@@ -244,3 +245,39 @@ def dashboard_for(data, **args):
 
     doc = Document()
     return build_document(doc, data, {k: [str(v).encode()] for k, v in args.items()}), doc
+
+
+
+@register_reducer
+class CrashingReducer(PCAReducer):
+    """PCA that dies the native way in the first call to claim `claim_file` (so exactly one head of a run):
+    "segv" (a real segmentation fault), "abort", "kill" (as the OOM killer does) or "hang". Its retry on the
+    safe backend works, unless `crash_safe`."""
+
+    name = "crashing"
+    defaults = {"how": "segv", "claim_file": "", "crash_safe": False}
+
+    @property
+    def batched(self) -> bool:
+        return False
+
+    def fit_transform(self, X, init=None, knn=None):
+        import ctypes
+        import signal
+        import time
+
+        o = self.options
+        try:
+            first = os.open(o["claim_file"], os.O_CREAT | os.O_EXCL | os.O_WRONLY) >= 0
+        except FileExistsError:
+            first = False
+        if first or (self.safe and o["crash_safe"]):
+            if o["how"] == "segv":
+                ctypes.string_at(0)
+            elif o["how"] == "abort":
+                os.abort()
+            elif o["how"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            else:
+                time.sleep(3600)
+        return super().fit_transform(X, init, knn)

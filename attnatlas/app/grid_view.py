@@ -571,11 +571,17 @@ class GridView:
 LABEL_LEFT, LABEL_TOP = 40, 22  # px of margin for the layer and head labels
 
 
-def grid_figure(g: GridLayouts, cell_px: int) -> tuple[Image.Image, list[dict[str, Any]]]:
+def grid_figure(g: GridLayouts, cell_px: int, layers: list[int] | None = None,
+                heads: list[int] | None = None) -> tuple[Image.Image, list[dict[str, Any]]]:
     """The grid as the dashboard draws it, on white with a frame per cell and layer/head labels, and each
-    head's pixel box in that image with the data range the box maps."""
+    head's pixel box in that image with the data range the box maps (`has_layout` False: drawn empty).
+    `layers`, `heads`: the rows and columns to draw (default all), labelled with their own numbers."""
     from PIL import ImageDraw, ImageFont
 
+    layers = list(range(g.done.shape[0])) if layers is None else list(layers)
+    heads = list(range(g.done.shape[1])) if heads is None else list(heads)
+    pick = np.ix_(layers, heads)
+    g = GridLayouts(g.coords[pick], g.n_queries, g.done[pick], g.lo[pick], g.hi[pick])
     L, H = g.done.shape
     grid = render_grid(g, cell_px)
     rgba = Image.fromarray(to_rgba(grid.index), mode="RGBA")
@@ -589,11 +595,12 @@ def grid_figure(g: GridLayouts, cell_px: int) -> tuple[Image.Image, list[dict[st
         font = ImageFont.load_default()
     boxes = []
     for b in grid.boxes:
-        box = {**b, "x0": b["x0"] + LABEL_LEFT, "x1": b["x1"] + LABEL_LEFT, "y0": b["y0"] + LABEL_TOP, "y1": b["y1"] + LABEL_TOP}
+        box = {**b, "layer": layers[b["layer"]], "head": heads[b["head"]], "x0": b["x0"] + LABEL_LEFT,
+               "x1": b["x1"] + LABEL_LEFT, "y0": b["y0"] + LABEL_TOP, "y1": b["y1"] + LABEL_TOP}
         draw.rectangle((box["x0"] - 1, box["y0"] - 1, box["x1"], box["y1"]), outline=FRAME if b["has_layout"] else "#888888")
         boxes.append(box)
-    for head in range(H):
-        draw.text((LABEL_LEFT + head * cell_px + cell_px / 2, LABEL_TOP / 2), f"H{head}", fill="#333333", font=font, anchor="mm")
-    for layer in range(L):
-        draw.text((LABEL_LEFT / 2, LABEL_TOP + layer * cell_px + cell_px / 2), f"L{layer}", fill="#333333", font=font, anchor="mm")
+    for c, head in enumerate(heads):
+        draw.text((LABEL_LEFT + c * cell_px + cell_px / 2, LABEL_TOP / 2), f"H{head}", fill="#333333", font=font, anchor="mm")
+    for r, layer in enumerate(layers):
+        draw.text((LABEL_LEFT / 2, LABEL_TOP + r * cell_px + cell_px / 2), f"L{layer}", fill="#333333", font=font, anchor="mm")
     return canvas, boxes

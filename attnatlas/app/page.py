@@ -390,8 +390,8 @@ function colours(j) {
 function open(l, h) {
   const j = row_of(l, h)
   if (j < 0) {
-    title.text = `<b>${esc(M.model)} L${l}H${h}</b>: not in this page (it keeps ${esc(M.shown)} of the first heads); ` +
-                 'open it with <code>attnatlas serve</code>.'
+    title.text = `<b>${esc(M.model)} L${l}H${h}</b> is not in this page: it has no ${esc(M.method)} layout, or the page ` +
+                 'stopped at its size; open it with <code>attnatlas serve</code>.'
     return
   }
   const S = heads()

@@ -1,4 +1,7 @@
-"""attnatlas export: the global grid of one model as a PNG (or PDF) for papers, with a JSON of cell boxes."""
+"""attnatlas export: the global grid of one model as a PNG (or PDF) for papers, with a JSON of cell boxes.
+
+Heads without a layout (a model projected on some layers only) are drawn as empty cells and listed in the JSON;
+--layers and --heads pick the rows and columns to draw."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from attnatlas.cli import export_html
 from attnatlas.errors import InputError, StoreError
@@ -23,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model name in the atlas")
     p.add_argument("--method", default=None, help="projection method (tsne, umap, pca, ...); needed with --grid")
     p.add_argument("--grid", default=None, metavar="OUT.png", help="output image: .png or .pdf")
+    p.add_argument("--layers", help="layers to draw, e.g. 0,2,5-7 (default: all)")
+    p.add_argument("--heads", help="heads to draw, e.g. 0-3 (default: all)")
     p.add_argument("--cell-px", type=int, default=None,
                    help=f"pixels per cell ({MIN_CELL_PX}-{MAX_CELL_PX}; default: the dashboard's, for a 1600 px window)")
     export_html.add_arguments(p)
@@ -79,24 +86,49 @@ def run(args: argparse.Namespace) -> int:
     if args.method not in data.methods[args.model]:
         have = ", ".join(data.methods[args.model])
         raise InputError(f"Model {args.model!r} has no {args.method!r} layouts (has: {have}); run `attnatlas project`.")
+    from attnatlas.project.runner import parse_list
+
     g = data.grid_layouts(args.model, args.method)
-    missing = [(int(a), int(b)) for a, b in zip(*(~g.done).nonzero())]
-    if missing:
-        names = ", ".join(f"L{a}H{b}" for a, b in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise InputError(f"{len(missing)} heads of {args.model!r} have no {args.method!r} layout ({names}); "
-                         f"run `attnatlas project {args.atlas} --model {args.model} --method {args.method}` first.")
-    cell_px = args.cell_px or base_cell_px(g.done.shape[1])
-    image, boxes = grid_figure(g, cell_px)
+    L, H = g.done.shape
+    layers = parse_list(args.layers, L, "layer") or list(range(L))
+    heads = parse_list(args.heads, H, "head") or list(range(H))
+    done = g.done[np.ix_(layers, heads)]
+    if not done.any():
+        have = sorted({int(a) for a in g.done.nonzero()[0]})
+        raise InputError(f"None of the selected heads of {args.model!r} has a {args.method!r} layout (layers with "
+                         f"layouts: {_ranges(have)}); run `attnatlas project {args.atlas} --model {args.model} "
+                         f"--method {args.method}` on them first.")
+    cell_px = args.cell_px or base_cell_px(len(heads))
+    image, boxes = grid_figure(g, cell_px, layers, heads)
     meta = {"model": args.model, "method": args.method, "cell_px": cell_px, "width": image.width, "height": image.height,
-            "image": out.name,
+            "image": out.name, "layers": layers, "head_columns": heads,
             "note": "x0, y0, x1, y1: pixel box of the head's points, x1 and y1 exclusive (y down from the top of the image); "
-                    "x_min..x_max, y_min..y_max: layout range the box maps (y_max at y0); points outside are drawn on the edge",
+                    "x_min..x_max, y_min..y_max: layout range the box maps (y_max at y0); points outside are drawn on the edge; "
+                    "missing: heads with no layout of this method, drawn as empty boxes",
             "heads": [{k: b[k] for k in ("layer", "head", "x0", "y0", "x1", "y1", "x_min", "x_max", "y_min", "y_max")}
-                      for b in boxes]}
+                      for b in boxes if b["has_layout"]],
+            "missing": [{k: b[k] for k in ("layer", "head", "x0", "y0", "x1", "y1")} for b in boxes if not b["has_layout"]]}
     try:
         _atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **({"resolution": 150.0} if fmt == "PDF" else {})))
         _atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     except OSError as exc:
         raise StoreError(f"Could not write {out}: {exc.strerror or exc}.") from None
-    print(f"wrote {out} ({image.width} x {image.height} px, {len(boxes)} heads) and {out_json}")
+    n_missing = len(meta["missing"])
+    empty = f", {n_missing} without a {args.method!r} layout drawn empty (listed in the JSON)" if n_missing else ""
+    print(f"wrote {out} ({image.width} x {image.height} px, {len(meta['heads'])} heads{empty}) and {out_json}")
+    bare = [layer for r, layer in enumerate(layers) if not done[r].any()]
+    if bare:
+        print(f"layers {_ranges(bare)} have no {args.method!r} layout; --layers {_ranges([l for l in layers if l not in bare])} "
+              "leaves them out")
     return 0
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (the form --layers takes)."""
+    parts: list[str] = []
+    for v in values:
+        if parts and v == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{v}"
+        else:
+            parts.append(str(v))
+    return ",".join(parts)
