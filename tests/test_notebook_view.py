@@ -128,3 +128,13 @@ def test_export_html(atlas_path, tmp_path, capsys):
                       (["--model", "synthetic", "--grid", str(tmp_path / "g.png")], "--grid needs --method")):
         assert main(["export", str(atlas_path), *args]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_show_never_imports_torch(atlas_path):
+    import subprocess
+    import sys
+
+    code = (f"import sys, attnatlas; v = attnatlas.show({str(atlas_path)!r}, 'synthetic'); v._repr_mimebundle_(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
