@@ -488,6 +488,9 @@ def _stack_counts(xy: np.ndarray) -> np.ndarray:
     return out
 
 
+stack_counts = _stack_counts  # public name, for the standalone page (app.page)
+
+
 def _continues_word(tok: pd.DataFrame) -> np.ndarray:
     """True where a token is in the same word as the token before it (byte-level BPE word pieces)."""
     if "word" not in tok:

@@ -328,14 +328,15 @@ class GridView:
         self.panel = column(self.mode, self.grid_box, sizing_mode="stretch_width", name="grid_panel")
 
     # ---- model and method ---------------------------------------------------------------------------------------
-    def show(self, model: str, method: str) -> None:
-        """Draw the grid of `model`'s `method` layouts (both already validated by AppData)."""
+    def show(self, model: str, method: str, cell_px: int | None = None) -> None:
+        """Draw the grid of `model`'s `method` layouts (both already validated by AppData); `cell_px` renders the
+        base image at that cell size instead of the dashboard's (a standalone page draws a smaller grid)."""
         self.model, self.method = model, method
         info = self.data.infos[model]
         L, H = info.n_layers, info.n_heads
         self.g = self.data.grid_layouts(model, method)
         self.table = self.data.head_table(model, method)
-        self._cell_px = base_cell_px(H)
+        self._cell_px = int(np.clip(cell_px, MIN_CELL_PX // 2, MAX_CELL_PX)) if cell_px else base_cell_px(H)
         # Cell images at the base size, shared by the sessions: re-ordering the grid only re-composes them.
         self._cells = self.data.grid_image(("cells", model, method, self._cell_px), dict)
         self.columns = slot_order(L, H)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attnatlas.cli import export_html
 from attnatlas.errors import InputError, StoreError
 
 FORMATS = {".png": "PNG", ".pdf": "PDF"}
@@ -25,12 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and beside it OUT.json: every head's pixel box and the data range it maps.")
     p.add_argument("atlas", metavar="ATLAS")
     p.add_argument("--model", required=True, help="model name in the atlas")
-    p.add_argument("--method", required=True, help="projection method (tsne, umap, pca, ...)")
-    p.add_argument("--grid", required=True, metavar="OUT.png", help="output image: .png or .pdf")
+    p.add_argument("--method", default=None, help="projection method (tsne, umap, pca, ...); needed with --grid")
+    p.add_argument("--grid", default=None, metavar="OUT.png", help="output image: .png or .pdf")
     p.add_argument("--layers", help="layers to draw, e.g. 0,2,5-7 (default: all)")
     p.add_argument("--heads", help="heads to draw, e.g. 0-3 (default: all)")
     p.add_argument("--cell-px", type=int, default=None,
                    help=f"pixels per cell ({MIN_CELL_PX}-{MAX_CELL_PX}; default: the dashboard's, for a 1600 px window)")
+    export_html.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -50,6 +52,14 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.grid is None and args.html is None:
+        raise InputError("Say what to write: --grid OUT.png (an image of the grid) or --html OUT.html (a page with every head).")
+    if args.html is not None:
+        if args.grid is not None:
+            raise InputError("Give --grid or --html, one at a time.")
+        return export_html.run(args)
+    if args.method is None:
+        raise InputError("--grid needs --method (tsne, umap, pca, ...).")
     out = Path(args.grid).expanduser()
     fmt = FORMATS.get(out.suffix.lower())
     if fmt is None:
