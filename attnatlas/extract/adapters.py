@@ -351,8 +351,8 @@ def discover(model: Any, config: Any) -> Adapter:
                                               f"({type(exc).__name__}: {text})") from None
     calls = rec.calls  # one per layer, in call order; a shared module (ALBERT) is called once per layer
     if not calls:
-        raise ModelError(f"Model type {model_type!r} is not supported: no attention call was seen in a forward pass "
-                         "(does it have attention heads?).")
+        raise unsupported_version(model_type, "no attention call was seen in a forward pass: its attention calls no "
+                                              "attention interface in this release (or it has no attention heads)")
     n_cfg = getattr(config, "num_hidden_layers", None)
     if isinstance(n_cfg, int) and n_cfg != len(calls):
         raise ModelError(f"Model type {model_type!r}: found {len(calls)} attention calls per forward pass but the config "
