@@ -471,7 +471,7 @@ def _unreadable_weights(folder) -> None:
         f.write_bytes(b"not weights")
 
 
-@pytest.mark.parametrize("family", ["bloom", "falcon"])
+@pytest.mark.parametrize("family", ["bloom", "falcon", "llama"])
 def test_a_family_lacking_what_its_capture_reads_is_refused_naming_the_versions(tmp_path, capsys, monkeypatch, family):
     from attnatlas.cli import main as cli
     from attnatlas.extract.adapters import TESTED_TRANSFORMERS
@@ -484,11 +484,14 @@ def test_a_family_lacking_what_its_capture_reads_is_refused_naming_the_versions(
     if family == "bloom":  # a release that renamed the method the capture wraps
         monkeypatch.delattr(modeling_bloom.BloomAttention, "_reshape")
         needles = ["BloomAttention._reshape()"]
-    else:  # a release that calls no attention interface and no longer passes alibi to its attention
+    elif family == "falcon":  # a release that calls no attention interface and no longer passes alibi to its attention
         monkeypatch.setattr(tf.FalconModel, "_can_set_attn_implementation", classmethod(lambda cls: False))
         monkeypatch.setattr(modeling_falcon.FalconAttention, "forward",
                             lambda self, hidden_states, attention_mask=None, position_embeddings=None, **kw: None)
         needles = ["the 'alibi' argument of FalconAttention.forward"]
+    else:  # a release whose attention calls no interface, for a family attnatlas has no hooks for
+        monkeypatch.setattr(tf.LlamaModel, "_can_set_attn_implementation", classmethod(lambda cls: False))
+        needles = ["eager-only code that calls no attention interface in this release"]
     texts = tmp_path / "t.txt"
     texts.write_text("the cat sat\n")
     code = cli(["extract", "--model", str(folder), "--texts", str(texts), "--out", str(tmp_path / "atlas"),

@@ -218,10 +218,12 @@ def check_config(config: Any, model_id: str, stack: str | None, raw: dict[str, A
     if raw is not None and not aliases & set(raw):
         raise ModelError(f"The {model_type!r} config of {model_id!r} lacks the number of attention heads "
                          f"({' / '.join(sorted(aliases & set(_HEAD_KEYS)))}); add it to its config.json.")
-    spec = WRAPPED.get(model_type)
-    base = base_class(config) if spec is not None else None
-    if base is not None and eager_wrapper(model_type, base) is not None:
+    base = base_class(config)  # what the model's code calls can be read before its weights load
+    spec = None if base is None else eager_wrapper(model_type, base)
+    if spec is not None:
         check_wrapper(model_type, spec, base)
+    elif base is not None and not _calls_interface(base):
+        raise _eager_only(model_type)
     return config
 
 
@@ -268,6 +270,12 @@ def check_wrapper(model_type: str, spec: Wrapped, model_class: type, module: Any
                                               f"{', '.join(missing)}, which attnatlas reads ({spec.how})")
 
 
+def _eager_only(model_type: str) -> ModelError:
+    return unsupported_version(model_type, f"its attention is eager-only code that calls no attention interface in "
+                                           f"this release, and attnatlas knows no method of it to hook (hooked "
+                                           f"eager-only families: {', '.join(WRAPPED)})")
+
+
 def unsupported_version(model_type: str, why: str) -> ModelError:
     """One message for a family that this transformers release moved: why, and the releases known to work."""
     import transformers
@@ -310,7 +318,7 @@ def discover(model: Any, config: Any) -> Adapter:
     """Find a loaded model's attention modules and head counts with one tiny forward pass."""
     import torch
 
-    from attnatlas.extract.capture import WRAPPERS, capturing
+    from attnatlas.extract.capture import capturing
 
     model_type = config.model_type
     modality = modality_of(model)
@@ -326,9 +334,7 @@ def discover(model: Any, config: Any) -> Adapter:
                                                   f"hooks ({wrapped_spec.how})")
         check_wrapper(model_type, wrapped_spec, type(wrapped[0]), wrapped[0])
     elif not _calls_interface(model):
-        raise ModelError(f"Model type {model_type!r} is not supported: its attention is eager-only code that calls no "
-                         f"attention interface, and attnatlas knows no method of it to wrap "
-                         f"(wrapped eager-only families: {', '.join(WRAPPERS)}).")
+        raise _eager_only(model_type)
     device = next(model.parameters()).device
     if modality == "text":
         vocab = int(getattr(config, "vocab_size", 8) or 8)
