@@ -276,6 +276,10 @@ class CrashingReducer(PCAReducer):
         except FileExistsError:
             first = False
         if first or (self.safe and o["crash_safe"]):
+            import multiprocessing
+
+            # As libraries do (joblib, oneDAL): a named semaphore the process never gets to release.
+            self._held = multiprocessing.get_context("spawn").Semaphore()
             if o["how"] == "segv":
                 ctypes.string_at(0)
             elif o["how"] == "abort":

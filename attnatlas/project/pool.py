@@ -118,6 +118,13 @@ def _pool(workers: int, threads: int, setup: Callable[[int], None] | None) -> An
     if _POOL is not None and _POOL[0] == key and _POOL[1].active:
         return _POOL[1]
     close_pool()
+    # A worker that dies natively leaves its named semaphores to the resource tracker, which unlinks them at
+    # exit but warns of "leaked semaphore objects": noise after a crash already reported. The tracker is a
+    # process of its own, so its warning filter comes through the environment it starts with.
+    with environ({"PYTHONWARNINGS": "ignore::UserWarning:multiprocessing.resource_tracker"}):
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
     with environ({v: str(threads) for v in THREAD_VARS}):  # read by each worker at start (replacements too)
         pool = ProcessPool(workers, initializer=_init_worker, initargs=(threads, os.getpid(), setup),
                            context=mp.get_context("spawn"))
