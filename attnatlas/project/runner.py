@@ -8,11 +8,12 @@ reducer and write its layout and quality. One bad head is reported and skipped, 
 from __future__ import annotations
 
 import errno
-import functools
+import importlib
 import os
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -124,12 +125,27 @@ def _cached_atlas(path: str) -> Atlas:
     return _ATLASES[path]
 
 
-def _reducers(jobs: list[tuple[str, dict, dict, dict]], metric: str, seed: int,
-              safe: bool = False) -> list[tuple[Any, dict]]:
+@dataclass(frozen=True)
+class Job:
+    """One method to run on a head: the reducer's options and the parameters the driver adapted to the
+    head size, the params stored with the layout, and the module that registers the reducer (imported in
+    worker processes, Dask's included, that have not imported it yet)."""
+
+    method: str
+    options: dict[str, Any]
+    adapted: dict[str, Any]
+    params: dict[str, Any]
+    module: str
+
+
+def _reducers(jobs: list[Job], metric: str, seed: int, safe: bool = False) -> list[tuple[Any, dict]]:
     """Rebuild each job's reducer, with the parameters the driver already adapted, beside its params;
-    with `safe`, on the backend without known native crashes (`Reducer.safe_options`)."""
+    with `safe`, on the backend without known native crashes (`Reducer.make_safe`)."""
     out = []
-    for name, options, adapted, params in jobs:
+    for job in jobs:
+        if job.method not in REDUCERS:
+            importlib.import_module(job.module)
+        name, options, adapted, params = job.method, job.options, job.adapted, job.params
         r = get_reducer(name, metric=metric, random_state=seed, **options)
         if safe:
             r.make_safe()
@@ -138,7 +154,7 @@ def _reducers(jobs: list[tuple[str, dict, dict, dict]], metric: str, seed: int,
     return out
 
 
-def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[tuple[str, dict, dict, dict]],
+def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[Job],
                  rows: np.ndarray, metric: str, seed: int, normalise: dict, place: bool = False,
                  safe: bool = False) -> dict[str, Any]:
     """Project one head with each (method, options, adapted, params) job; never raises. With `place`, the
@@ -241,7 +257,7 @@ def _given_init(r: Any, reducers: list[tuple[Any, dict]], layouts: dict[str, np.
     return layouts[want.name] if _json(want.params) == _json(made.params) else None
 
 
-def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], jobs: list[tuple[str, dict, dict, dict]],
+def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], jobs: list[Job],
                   rows: np.ndarray, metric: str, seed: int, normalise: dict, place: bool = False) -> list[dict[str, Any]]:
     """Project several heads of one layer together (every job's reducer is `batched`): one batched kNN
     graph, one `fit_batch` per method over a (head, point, d) tensor, then quality and writes per head.
@@ -303,15 +319,9 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
     return [outs[h] for h in heads]
 
 
-def worker_setup(threads: int, modules: Iterable[str] = ()) -> None:
-    """Run once in each worker process: every library there uses `threads` threads, and the modules that
-    register the run's reducers are imported."""
-    import importlib
-
+def worker_setup(threads: int) -> None:
+    """Run once in each worker process: every library there uses `threads` threads."""
     from attnatlas.project.reducers import set_threads
-
-    for m in modules:
-        importlib.import_module(m)
 
     set_threads(threads)
     try:
@@ -410,16 +420,17 @@ def _project_model(
             params["fallback_backend"] = safe.backend()
         if place:
             params["placement"] = {"method": "knn-weighted", "k": PLACE_K}
-        jobs.append((name, r.options, dict(r.adapted), params))
+        jobs.append(Job(name, r.options, dict(r.adapted), params, type(r).__module__))
     # One run at a time writes a (model, method): claimed in sorted order, so two runs never deadlock.
-    for name, _, _, params in sorted(jobs, key=lambda j: j[0]):
-        hold(_claim_layout(atlas, model, name, params, progress))
+    for job in sorted(jobs, key=lambda j: j.method):
+        hold(_claim_layout(atlas, model, job.method, job.params, progress))
     # With the layout claims held, a writer of the model itself (an `extract --overwrite` or a delete) refuses to
     # swap it; one already under way is refused here.
     writer = atlas.writer_of(model)
     if writer is not None:
         raise InputError(f"Model {model!r} is being written by {writer}; project it when that has finished.")
-    for name, _, _, params in jobs:
+    for job in jobs:
+        name, params = job.method, job.params
         if name in atlas.layout_methods(model):
             old = atlas.layout_params(model, name)
             same_rows = np.array_equal(atlas.layout_rows(model, name), stored_rows)
@@ -433,7 +444,7 @@ def _project_model(
     targets, skipped = [], 0
     for L in sel_layers:
         for h in sel_heads:
-            todo = [j for j in jobs if force or not done[j[0]][L, h]]
+            todo = [j for j in jobs if force or not done[j.method][L, h]]
             skipped += len(jobs) - len(todo)
             if todo:
                 targets.append((L, h, todo))
@@ -459,22 +470,21 @@ def _project_model(
 
     # Per layer when every method embeds heads in one batch (and no external dispatcher wants heads).
     batched = dispatch is None and all(
-        get_reducer(n, metric=metric, random_state=seed, **o).batched for n, o, _, _ in jobs)
+        get_reducer(j.method, metric=metric, random_state=seed, **j.options).batched for j in jobs)
     if batched:
         groups: dict[tuple, list[int]] = {}
         for L, h, todo in targets:
-            groups.setdefault((L, tuple(j[0] for j in todo)), []).append(h)
-        fn, calls = project_layer, [(*args, L, hs, [j for j in jobs if j[0] in names_], *tail)
+            groups.setdefault((L, tuple(j.method for j in todo)), []).append(h)
+        fn, calls = project_layer, [(*args, L, hs, [j for j in jobs if j.method in names_], *tail)
                                     for (L, names_), hs in groups.items()]
     else:
         fn, calls = project_head, [(*args, L, h, todo, *tail) for L, h, todo in targets]
     workers = max(1, min(int(workers), len(calls) or 1))
     # Worker processes import each reducer's module; one defined in __main__ or inside a function (a notebook,
     # a test) exists in this process only, so such a run stays here, without isolation.
-    classes = [REDUCERS[name] for name, *_ in jobs]
+    classes = [REDUCERS[j.method] for j in jobs]
     local = [c.name for c in classes if c.__module__ == "__main__" or "<locals>" in c.__qualname__]
     in_process = atlas.path.protocol == "memory" or bool(local)
-    setup = functools.partial(worker_setup, modules=sorted({c.__module__ for c in classes}))
     if in_process and workers > 1 and dispatch is None:
         where = (f"{atlas.path} lives inside this process" if not local else
                  f"the reducer {local[0]!r} is defined in __main__ or inside a function, so it exists in this process")
@@ -491,7 +501,7 @@ def _project_model(
                 res = fn(*call)
                 yield from (res if isinstance(res, list) else [res])
         else:
-            for i, res in run_in_children(fn, calls, workers, head_timeout, setup=setup):
+            for i, res in run_in_children(fn, calls, workers, head_timeout, setup=worker_setup):
                 if isinstance(res, Died):
                     L, hs = calls[i][2], calls[i][3]
                     why = res.cause + (f", during {res.stage}" if res.stage else "")
@@ -509,8 +519,8 @@ def _project_model(
     if died:
         # Each head whose process died is retried once, alone, on the safe backends; the methods it
         # had already written are kept.
-        done = {name: atlas.layout_done(model, name) for name, *_ in jobs}
-        retry = [(*args, L, h, [j for j in jobs if force or not done[j[0]][L, h]], *tail, True)
+        done = {j.method: atlas.layout_done(model, j.method) for j in jobs}
+        retry = [(*args, L, h, [j for j in jobs if force or not done[j.method][L, h]], *tail, True)
                  for (L, h) in sorted(died)]
         retry = [c for c in retry if c[4]]
         for res in run(project_head, retry):
