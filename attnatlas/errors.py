@@ -15,3 +15,7 @@ class ModelError(AtlasError):
 
 class StoreError(AtlasError):
     """An atlas path is missing, unwritable, not an atlas, or lacks what was asked for."""
+
+
+class SettingsChanged(InputError):
+    """Stored layouts were made with other settings (or an older attnatlas); --force replaces them."""

@@ -68,6 +68,7 @@ def build_demo_atlas(args: argparse.Namespace) -> Path:
     from attnatlas.extract.extractor import hash_images, hash_texts
     from attnatlas.inputs import load_images, load_texts
     from attnatlas.project import project_model
+    from attnatlas.errors import SettingsChanged
     from attnatlas.store import Atlas
 
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -97,8 +98,13 @@ def build_demo_atlas(args: argparse.Namespace) -> Path:
                     options=ExtractOptions(hidden_states=spec.hidden_states, attention_topk=8), **inputs)
             print(f"[demo] {spec.short_name}: extracted in {time.perf_counter() - t:.0f} s")
         t = time.perf_counter()
-        summary = project_model(atlas, spec.short_name, methods=args.methods or spec.methods, workers=args.workers,
-                                progress=True)
+        try:
+            summary = project_model(atlas, spec.short_name, methods=args.methods or spec.methods,
+                                    workers=args.workers, progress=True)
+        except SettingsChanged:  # made by an older attnatlas: the demo's own atlas is simply made again
+            print(f"[demo] {spec.short_name}: layouts made with older settings; making them again")
+            summary = project_model(atlas, spec.short_name, methods=args.methods or spec.methods,
+                                    workers=args.workers, progress=True, force=True)
         failed = summary.get("failed") or []
         print(f"[demo] {spec.short_name}: {summary['done']} layouts made, {summary['skipped']} reused, "
               f"{len(failed)} failed, in {time.perf_counter() - t:.0f} s")

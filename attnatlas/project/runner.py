@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from attnatlas.errors import InputError
+from attnatlas.errors import InputError, SettingsChanged
 from attnatlas.project.normalize import DEFAULT_NORMALISE, apply_normalisation, joint_points, normalise_head
 from attnatlas.project.placement import PLACE_K, knn_query, positions
 from attnatlas.project.pool import Died, mark, run_in_children
@@ -435,7 +435,7 @@ def _project_model(
             old = atlas.layout_params(model, name)
             same_rows = np.array_equal(atlas.layout_rows(model, name), stored_rows)
             if (not same_rows or _json(old) != _json(params)) and not force:
-                raise InputError(
+                raise SettingsChanged(
                     f"{model!r} already has {name} layouts made with other settings; pass --force to replace "
                     f"them (existing layouts are kept otherwise).")
         _writer(atlas, model, name, rows, params, n_tokens, place)  # creates the arrays once, before any worker
