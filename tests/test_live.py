@@ -150,7 +150,7 @@ def test_cli_writes_csv_or_parquet_and_leaves_the_atlas_as_it_was(tiny, tmp_path
     assert cli(["place", str(atlas), "--text", texts[0]]) == 0
     out = capsys.readouterr()
     lines = out.out.splitlines()
-    assert lines[0].startswith("text,sequence,token,position,kind,layer,head,method,x,y,top_keys,top_weights")
+    assert lines[0].startswith("sequence,token,position,kind,layer,head,method,x,y,top_keys,top_weights")  # text: once, apart
     assert len(lines) > 10 and "flagged far" in out.err
     pq = tmp_path / "p.parquet"
     assert cli(["place", str(atlas), "--model", "tiny", "--text", "the cat", "--out", str(pq)]) == 0

@@ -144,7 +144,9 @@ def placement_table(cols: dict[str, np.ndarray], method: str, tokens: pd.DataFra
     first_seq = int(tokens["sequence"].min()) if len(tokens) else 0
     positions = tokens["position"].to_numpy()
     df = pd.DataFrame({
-        "text": np.asarray(texts, dtype=object)[seq - first_seq],
+        # One copy of each text and a code per row: a long text repeated per row made a 14.7 GB table.
+        "text": pd.Categorical.from_codes(seq - first_seq, categories=pd.Index(texts).unique())
+        if len(set(texts)) == len(texts) else pd.Categorical(np.asarray(texts, dtype=object)[seq - first_seq]),
         "sequence": seq - first_seq,
         "token": tokens["token"].to_numpy()[t],
         "position": positions[t],
