@@ -201,7 +201,7 @@ def test_bad_input_gives_one_message_and_keeps_the_atlas(tmp_path, capsys):
         "image for a text model": (["--model", "tiny", "--image", str(broken)], "text model"),
         "text for an image model": (["--model", "vit", "--text", "the cat"], "image model"),
         "unknown method": (["--model", "tiny", "--text", "the cat", "--method", "umap"], "no 'umap' layouts"),
-        "bad --out": (["--model", "tiny", "--text", "the cat", "--out", str(tmp_path / "x.json")], ".csv or .parquet"),
+        "bad --out": (["--model", "tiny", "--text", "the cat", "--out", str(tmp_path / "x.json")], ".parquet file name"),
         "bad probe name": (["--model", "tiny", "--text", "the cat", "--save", "../x"], "Invalid probe name"),
     }
     before = fingerprint(atlas)

@@ -57,6 +57,10 @@ def test_each_text_is_written_once_in_csv_and_parquet(tiny, tmp_path, capsys):
     texts = pd.read_csv(texts_file(str(out)))
     assert texts.sequence.tolist() == [0, 1] and texts.text.tolist() == [LONG, "the cat"]
     assert (out.parent / "p.texts.csv").read_text().count(LONG) == 1
+    gz = tmp_path / "p.csv.gz"  # gzipped: the same rows, and the texts beside them
+    assert cli(["place", str(atlas), "--text", LONG, "--text", "the cat", "--out", str(gz)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(gz)[["sequence", "token", "kind"]], df[["sequence", "token", "kind"]])
+    assert pd.read_csv(tmp_path / "p.texts.csv.gz").text.tolist() == [LONG, "the cat"]
     # To stdout: no text column either.
     capsys.readouterr()
     assert cli(["place", str(atlas), "--text", LONG]) == 0

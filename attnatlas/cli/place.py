@@ -1,6 +1,6 @@
 """`attnatlas place ATLAS --model M --text "..."`: your own text (or image) in every head's stored layout.
 
-Writes a table (CSV to stdout, or --out FILE.csv / FILE.parquet): sequence, token, position, kind, layer,
+Writes a table (CSV to stdout, or --out FILE.csv / FILE.csv.gz / FILE.parquet): sequence, token, position, kind, layer,
 head, method, x, y, the new input's top-k attention, and how well each point fits the corpus. Each text is
 written once, never per row: rows name it by `sequence` (the texts in the order given, or their windows with
 --chunk); --out FILE.csv also writes FILE.texts.csv (sequence, text), and Parquet holds a `text` column
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", help="comma list of stored methods (default: every stored one)")
     p.add_argument("--chunk", action="store_true",
                    help="place text over the model's token limit as windows (default: truncate it, and say so)")
-    p.add_argument("--out", help="write FILE.csv or FILE.parquet instead of CSV to stdout")
+    p.add_argument("--out", help="write FILE.csv, FILE.csv.gz (gzipped) or FILE.parquet instead of CSV to stdout")
     p.add_argument("--save", metavar="NAME", help="also store the placement in the atlas as probe set NAME")
     p.add_argument("--overwrite", action="store_true", help="with --save: replace a probe set of that name")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
@@ -40,9 +40,10 @@ def _check_out(out: str | None) -> str | None:
     """'csv' | 'parquet' from --out's extension, checked before any model loads."""
     if out is None:
         return None
-    kind = Path(out).suffix.lower().lstrip(".")
+    name = Path(out).name.lower()
+    kind = "csv" if name.endswith(".csv.gz") else Path(out).suffix.lower().lstrip(".")
     if kind not in ("csv", "parquet"):
-        raise InputError(f"--out {out!r}: give a .csv or .parquet file name.")
+        raise InputError(f"--out {out!r}: give a .csv, .csv.gz or .parquet file name.")
     parent = Path(out).resolve().parent
     if not parent.is_dir():
         raise InputError(f"--out {out!r}: the folder {parent} does not exist.")
@@ -50,9 +51,11 @@ def _check_out(out: str | None) -> str | None:
 
 
 def texts_file(out: str) -> Path:
-    """FILE.texts.csv beside FILE.csv: each text once."""
+    """FILE.texts.csv beside FILE.csv (FILE.texts.csv.gz beside FILE.csv.gz): each text once."""
     p = Path(out)
-    return p.with_name(p.stem + ".texts.csv")
+    gz = p.name.lower().endswith(".csv.gz")
+    stem = p.name[: -len(".csv.gz")] if gz else p.stem
+    return p.with_name(stem + (".texts.csv.gz" if gz else ".texts.csv"))
 
 
 def _csv_ready(df):
