@@ -255,3 +255,39 @@ def test_an_image_file_over_the_byte_bound_is_refused(vit_atlas, monkeypatch, ca
     assert cli(["place", str(atlas), "--model", "vit", "--image", str(png)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "MB an image may have" in err, err
+
+
+@pytest.mark.browser
+def test_browser_upload_of_an_image_bomb_gets_one_message(vit_atlas, tmp_path):
+    """A user chooses a bomb in the real file picker: one message in the box, nothing placed, the page lives."""
+    import os
+
+    from test_browser import CHROMEDRIVER, CHROMIUM, IDLE, MODEL, make_driver, wait_js
+    from test_live import serve_live
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs chromium and chromedriver")
+    atlas, _ = vit_atlas
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(9_000, 9_000))
+    find_file = """const walk = (root) => { for (const el of root.querySelectorAll('*')) {
+        if (el.tagName === 'INPUT' && el.type === 'file') return el
+        if (el.shadowRoot) { const hit = walk(el.shadowRoot); if (hit) return hit } } return null }
+      return walk(document)"""
+    with serve_live(atlas) as url:
+        driver = make_driver()
+        try:
+            driver.get(url + "?model=vit&method=pca&layer=0&head=1")
+            wait_js(driver, f"{IDLE} && {MODEL.format('live_status')} != null", 60)
+            driver.execute_script(find_file).send_keys(str(bomb))
+            try:
+                status = wait_js(driver, f"{MODEL.format('live_status')}.text.includes('too large') && "
+                                         f"{MODEL.format('live_status')}.text", 60)
+            finally:
+                shots = os.environ.get("ATTNATLAS_SHOTS") or str(tmp_path)
+                driver.save_screenshot(os.path.join(shots, "bomb-upload.png"))
+                print(driver.execute_script(f"return {MODEL.format('live_status')}.text"))
+            assert "bomb.png is too large to decode safely" in status and "67,108,864 pixels" in status
+            assert driver.execute_script(f"return {MODEL.format('live_points')}.data.x.length") == 0
+        finally:
+            driver.quit()
