@@ -14,8 +14,8 @@ from attnatlas.errors import InputError
 # Characters per token kept before tokenizing: English runs at 4-5 with BPE and WordPiece; 32 leaves room for
 # numbers, URLs and code, so the cut almost never removes text the token limit would have kept.
 CHARS_PER_TOKEN = 32
-# Placed points (rows of the table: methods x heads x 2 kinds x tokens) one call makes at most. One row costs
-# about 0.5 kB in memory (its top-k attention as Python lists), so this is about 0.5 GB of table.
+# Placed points (rows of the table: methods x heads x 2 kinds x tokens) one call makes at most. Measured with
+# MiniLM (72 heads, 2 methods): 884,736 points peaked at 1.38 GB RSS, model and torch included.
 MAX_PLACE_POINTS = 1_000_000
 # ... and at most this many tokens (16 windows of 512), which only binds for models with few heads.
 MAX_PLACE_TOKENS = 8_192
