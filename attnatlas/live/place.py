@@ -117,7 +117,7 @@ def place(atlas: Atlas | str | os.PathLike, model: str, texts: str | list[str] |
     them. Memory is bounded (`attnatlas.live.bounds`): a string is cut to 32 characters per token of the
     limit before it is tokenized, and one call places at most 1,000,000 points (methods x heads x 2 x
     tokens; never less than one text at the token limit); texts or windows past the budget are left out,
-    with a note. Measured peak RSS, MiniLM with two methods: 0.88 GB for one 100,000-character text, 1.38 GB at
+    with a note. Measured peak RSS, MiniLM with two methods: 0.84-0.94 GB for one 100,000-character text, 1.38 GB at
     the bound (884,736 points), model and torch included."""
     p = placer or Placer(atlas, device)
     p.atlas.require_model(model)  # StoreError names the models the atlas holds
