@@ -150,7 +150,7 @@ def test_cli_writes_csv_or_parquet_and_leaves_the_atlas_as_it_was(tiny, tmp_path
     assert cli(["place", str(atlas), "--text", texts[0]]) == 0
     out = capsys.readouterr()
     lines = out.out.splitlines()
-    assert lines[0].startswith("text,sequence,token,position,kind,layer,head,method,x,y,top_keys,top_weights")
+    assert lines[0].startswith("sequence,token,position,kind,layer,head,method,x,y,top_keys,top_weights")  # text: once, apart
     assert len(lines) > 10 and "flagged far" in out.err
     pq = tmp_path / "p.parquet"
     assert cli(["place", str(atlas), "--model", "tiny", "--text", "the cat", "--out", str(pq)]) == 0
@@ -201,7 +201,7 @@ def test_bad_input_gives_one_message_and_keeps_the_atlas(tmp_path, capsys):
         "image for a text model": (["--model", "tiny", "--image", str(broken)], "text model"),
         "text for an image model": (["--model", "vit", "--text", "the cat"], "image model"),
         "unknown method": (["--model", "tiny", "--text", "the cat", "--method", "umap"], "no 'umap' layouts"),
-        "bad --out": (["--model", "tiny", "--text", "the cat", "--out", str(tmp_path / "x.json")], ".csv or .parquet"),
+        "bad --out": (["--model", "tiny", "--text", "the cat", "--out", str(tmp_path / "x.json")], ".parquet file name"),
         "bad probe name": (["--model", "tiny", "--text", "the cat", "--save", "../x"], "Invalid probe name"),
     }
     before = fingerprint(atlas)

@@ -28,6 +28,7 @@ from bokeh.layouts import column, row
 from bokeh.models import Button, ColumnDataSource, Div, FileInput, HoverTool, TextAreaInput
 
 from attnatlas.app import colors
+from attnatlas.live.bounds import upload_refusal
 from attnatlas.project.placement import FAR
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class LiveView:
         if len(data) > MAX_IMAGE_BYTES:
             self._say(f"{name} is larger than {MAX_IMAGE_BYTES >> 20} MB; choose a smaller image.", error=True)
             return
+        if why := upload_refusal(data, name):  # too large, or a header declaring too many pixels (a bomb)
+            return self._say(why, error=True)
         self._request({"image": data, "image_name": name})
 
     def _request(self, what: dict[str, Any]) -> None:

@@ -1,7 +1,11 @@
 """`attnatlas place ATLAS --model M --text "..."`: your own text (or image) in every head's stored layout.
 
-Writes a table (CSV to stdout, or --out FILE.csv / FILE.parquet): text, token, position, kind, layer,
-head, method, x, y, the new input's top-k attention, and how well each point fits the corpus. The atlas
+Writes a table (CSV to stdout, or --out FILE.csv / FILE.csv.gz / FILE.parquet): sequence, token, position, kind, layer,
+head, method, x, y, the new input's top-k attention, and how well each point fits the corpus. Each text is
+written once, never per row: rows name it by `sequence` (the texts in the order given, or their windows with
+--chunk); --out FILE.csv also writes FILE.texts.csv (sequence, text), and Parquet holds a `text` column
+stored as a dictionary (each text once). A string is cut to 32 characters per token of the model's limit
+before it is tokenized, and one call places at most 1,000,000 points (see attnatlas.live.bounds). The atlas
 is only written with --save NAME, which stores the placement as a named probe set beside the corpus.
 """
 
@@ -25,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", help="comma list of stored methods (default: every stored one)")
     p.add_argument("--chunk", action="store_true",
                    help="place text over the model's token limit as windows (default: truncate it, and say so)")
-    p.add_argument("--out", help="write FILE.csv or FILE.parquet instead of CSV to stdout")
+    p.add_argument("--out", help="write FILE.csv, FILE.csv.gz (gzipped) or FILE.parquet instead of CSV to stdout")
     p.add_argument("--save", metavar="NAME", help="also store the placement in the atlas as probe set NAME")
     p.add_argument("--overwrite", action="store_true", help="with --save: replace a probe set of that name")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
@@ -36,18 +40,28 @@ def _check_out(out: str | None) -> str | None:
     """'csv' | 'parquet' from --out's extension, checked before any model loads."""
     if out is None:
         return None
-    kind = Path(out).suffix.lower().lstrip(".")
+    name = Path(out).name.lower()
+    kind = "csv" if name.endswith(".csv.gz") else Path(out).suffix.lower().lstrip(".")
     if kind not in ("csv", "parquet"):
-        raise InputError(f"--out {out!r}: give a .csv or .parquet file name.")
+        raise InputError(f"--out {out!r}: give a .csv, .csv.gz or .parquet file name.")
     parent = Path(out).resolve().parent
     if not parent.is_dir():
         raise InputError(f"--out {out!r}: the folder {parent} does not exist.")
     return kind
 
 
+def texts_file(out: str) -> Path:
+    """FILE.texts.csv beside FILE.csv (FILE.texts.csv.gz beside FILE.csv.gz): each text once."""
+    p = Path(out)
+    gz = p.name.lower().endswith(".csv.gz")
+    stem = p.name[: -len(".csv.gz")] if gz else p.stem
+    return p.with_name(stem + (".texts.csv.gz" if gz else ".texts.csv"))
+
+
 def _csv_ready(df):
-    """Lists (top-k attention) as space-separated values: one CSV cell each."""
-    out = df.copy()
+    """Rows without the text (it is written once, apart), lists (top-k attention) as space-separated
+    values: one CSV cell each."""
+    out = df.drop(columns=["text"], errors="ignore")
     for col in ("top_keys", "top_weights"):
         if col in out:
             out[col] = [" ".join(str(v) for v in xs) for xs in out[col]]
@@ -55,7 +69,7 @@ def _csv_ready(df):
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnatlas.live.place import Placer, place
+    from attnatlas.live.place import Placer, place, texts_table
     from attnatlas.live.probes import probe_file, save_probe
     from attnatlas.store import Atlas
 
@@ -75,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
         table.to_parquet(args.out, index=False)
     elif kind == "csv":
         _csv_ready(table).to_csv(args.out, index=False)
+        texts_table(table).to_csv(texts_file(args.out), index=False)
     else:
         _csv_ready(table).to_csv(sys.stdout, index=False)
     far = int(table["far"].sum())
-    where = f" to {args.out}" if args.out else ""
+    where = f" to {args.out}" + (f" (texts in {texts_file(args.out)})" if kind == "csv" else "") if args.out else ""
     n_tokens = len(table[(table.kind == "query") & (table.layer == table.layer.iloc[0]) & (table["head"] == table["head"].iloc[0])
                          & (table.method == table.method.iloc[0])])
     heads = len(table[["layer", "head"]].drop_duplicates())

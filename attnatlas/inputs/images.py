@@ -20,6 +20,12 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _NUMERIC_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _WHITE = (255, 255, 255, 255)
 
+# Every image input is bounded before it is decoded: a file's size, and its pixel count read from the header
+# (a "decompression bomb" is a small file that decodes to gigapixels). 64 Mpx decodes to 192 MB as RGB; ViTs
+# resize to a few hundred pixels a side anyway.
+MAX_IMAGE_FILE_BYTES = 64 << 20
+MAX_IMAGE_PIXELS = 64 << 20
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -70,20 +76,55 @@ def _load_one(name: str) -> Image.Image:
         raise InputError(f"image file not found: {name}")
     if path.is_dir():
         raise InputError(f"{name} is a directory; give image files, or the folder itself instead of a list")
+    size = path.stat().st_size
+    if size > MAX_IMAGE_FILE_BYTES:
+        raise InputError(f"{name} is {size / 2**20:.0f} MB, over the {MAX_IMAGE_FILE_BYTES >> 20} MB an image may have")
     try:
         with Image.open(path) as im:
+            check_pixels(im.size, name)  # from the header, before anything is decoded
             # load() forces a full decode so truncation shows up here, not later in the model.
             im.load()
             im = ImageOps.exif_transpose(im)  # camera photos are stored sideways with an EXIF flag
             return to_rgb(im)
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from exc
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{name} is too large to load safely ({exc})") from exc
+    except Image.DecompressionBombError:
+        # Pillow's own guard (over twice its MAX_IMAGE_PIXELS) fires in open(), before our check can.
+        raise InputError(_too_many(name, None)) from None
     except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ... on bad files
         raise InputError(
             f"{name} is not a readable image or is truncated/corrupt ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def check_pixels(size: tuple[int, int], name: str) -> None:
+    """InputError when an image of `size` (width, height) has more than MAX_IMAGE_PIXELS pixels."""
+    w, h = int(size[0]), int(size[1])
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(_too_many(name, (w, h)))
+
+
+def _too_many(name: str, size: tuple[int, int] | None) -> str:
+    dims = f" ({size[0]:,} x {size[1]:,} pixels)" if size else ""
+    return (f"{name} is too large to decode safely{dims}: an image may have at most {MAX_IMAGE_PIXELS:,} pixels "
+            "(a decompression bomb, or a photo to shrink first)")
+
+
+def check_image_bytes(data: bytes, name: str) -> None:
+    """The same bounds for an image held in memory (an upload): its size, and the pixel count its header
+    declares, without decoding it. InputError names `name`; a file that is no image is left to the reader."""
+    import io
+
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise InputError(f"{name} is {len(data) / 2**20:.0f} MB, over the {MAX_IMAGE_FILE_BYTES >> 20} MB an image may have")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size = im.size
+    except Image.DecompressionBombError:
+        raise InputError(_too_many(name, None)) from None
+    except Exception:  # noqa: BLE001 - not an image: the full read gives that message
+        return
+    check_pixels(size, name)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -4,6 +4,6 @@ probe sets (`probes`), and the live worker the dashboard talks to (`worker`).
 Only `encode` (and the worker process) import torch; the rest, and so the dashboard, do not.
 """
 
-from attnatlas.live.place import Placer, place
+from attnatlas.live.place import Placer, place, texts_table
 
-__all__ = ["Placer", "place"]
+__all__ = ["Placer", "place", "texts_table"]

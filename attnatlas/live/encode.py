@@ -87,11 +87,17 @@ def read_texts(texts: str | list[str]) -> list[Any]:
 
 
 def encode_texts(loaded: Any, attrs: dict[str, Any], records: list[Any], chunk: bool = False,
-                 device: str = "cpu") -> Encoded:
+                 device: str = "cpu", n_methods: int = 1) -> Encoded:
     """q and k of every head for each text record; over-long texts are truncated (or windowed with
-    `chunk`) and a note says so."""
+    `chunk`) and a note says so.
+
+    Bounded whatever the input: each string is cut to `bounds.CHARS_PER_TOKEN` characters per token it may
+    keep before the tokenizer sees it (the token limit, or with `chunk` the call's token budget), and texts
+    or windows past the budget (`bounds.token_budget`: at most `bounds.MAX_PLACE_POINTS` placed points over
+    every head and `n_methods` methods) are left out, with a note."""
     from attnatlas.extract.extractor import DEFAULT_MAX_TOKENS, _text_batches, resolve_device
     from attnatlas.extract.windows import window_documents
+    from attnatlas.live.bounds import CHARS_PER_TOKEN, token_budget
 
     if loaded.adapter.modality != "text":
         raise InputError(f"{loaded.model_id!r} is an image model; give an image, not text.")
@@ -99,18 +105,41 @@ def encode_texts(loaded: Any, attrs: dict[str, Any], records: list[Any], chunk: 
     tok, config = loaded.preprocessor, loaded.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or DEFAULT_MAX_TOKENS
     max_len = int(opts.max_tokens or min(limit, DEFAULT_MAX_TOKENS))
+    a = loaded.adapter
+    budget = token_budget(a.n_layers * a.n_heads, n_methods, max_len)
     notes: list[str] = []
+    # Cut before tokenizing: a string's tokenizer cost and the token list it makes grow with its length.
+    max_chars = CHARS_PER_TOKEN * (budget if chunk else max_len)
+    cut = [i for i, r in enumerate(records) if len(r.text) > max_chars]
+    if cut:
+        longest = max(len(records[i].text) for i in cut)
+        records = [dataclasses.replace(r, text=r.text[:max_chars]) if len(r.text) > max_chars else r for r in records]
+        notes.append(f"{len(cut)} text(s) are longer than {max_chars:,} characters ({longest:,}); only the first "
+                     f"{max_chars:,} ({CHARS_PER_TOKEN} per token of the {'budget' if chunk else 'limit'}) were "
+                     "tokenized and the rest is not placed.")
     lengths = [len(ids) for ids in tok([r.text for r in records])["input_ids"]]
     if chunk:
         records = window_documents(records, tok, max_len, 0)
         if len(records) > len(lengths):
             notes.append(f"{sum(n > max_len for n in lengths)} text(s) longer than the model's {max_len}-token limit "
                          f"were split into {len(records)} windows of at most {max_len} tokens, each placed on its own.")
+        lengths = [len(ids) for ids in tok([r.text for r in records])["input_ids"]]
     else:
         over = [n for n in lengths if n > max_len]
         if over:
             notes.append(f"{len(over)} text(s) are longer than the model's {max_len}-token limit ({max(over)} tokens) "
                          f"and were truncated to {max_len}; the rest is not placed (use --chunk to place it as windows).")
+    kept, total = 0, 0
+    for n in lengths:  # in order, the first one always
+        if kept and total + min(n, max_len) > budget:
+            break
+        kept, total = kept + 1, total + min(n, max_len)
+    if kept < len(records):
+        what = "windows" if chunk else "texts"
+        notes.append(f"Only the first {kept} of {len(records)} {what} ({total:,} tokens) were placed: one placement "
+                     f"takes at most {budget:,} tokens into {a.n_layers * a.n_heads} heads x {n_methods} method(s) "
+                     f"(a bound on memory); place the rest in another call.")
+        records = records[:kept]
     batches = _text_batches(loaded, records, opts, max_len, resolve_device(device), np.dtype(opts.dtype),
                             _recipe(loaded))
     return _collect([b for b, _ in batches], [r.text for r in records], notes)

@@ -1,7 +1,7 @@
 """Named probe sets: a placed input kept beside the corpus, never mixed into its tokens.
 
-A probe set is one Parquet file, models/<model>/probes/<NAME>.parquet: the placement table (which holds
-the input text per row) with the layouts' settings it was placed into in the file's metadata, written
+A probe set is one Parquet file, models/<model>/probes/<NAME>.parquet: the placement table (its `text`
+column dictionary-encoded: each input text stored once) with the layouts' settings it was placed into in the file's metadata, written
 atomically (whole or not at all). Re-projecting the model makes it stale; `read_probe` says so.
 """
 
@@ -42,7 +42,7 @@ def save_probe(atlas: Atlas, model: str, name: str, table: pd.DataFrame, overwri
         raise InputError(f"{model!r} already has a probe set named {name!r}; choose another --save NAME "
                          "or pass --overwrite.")
     methods = sorted(table["method"].unique().tolist()) if len(table) else []
-    meta = {"name": name, "model": model, "texts": list(dict.fromkeys(table["text"].tolist())),
+    meta = {"name": name, "model": model, "texts": [str(t) for t in table["text"].unique()],
             "notes": list(table.attrs.get("notes", [])), "layouts": _settings(atlas, model, methods)}
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), META_KEY: json.dumps(meta, default=str).encode()})

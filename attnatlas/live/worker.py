@@ -7,6 +7,11 @@ imported by the server too, so it imports no torch at its top; only the spawned 
 
 If the worker dies (killed, out of memory) while a request waits, that request gets one message and
 the next request starts a fresh worker.
+
+The worker runs one request at a time; the server holds at most `bounds.MAX_WAITING` more waiting their turn
+(each at most `bounds.QUEUE_WAIT` seconds) and refuses the rest at once with one message, so several users
+placing together cost one request's memory in the worker and a bounded queue in the server. A request's text
+and image are bounded too (`bounds.MAX_TEXT_CHARS`, `bounds.MAX_UPLOAD_BYTES`), whoever sends it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
 from attnatlas.errors import AtlasError
+from attnatlas.live import bounds
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +47,19 @@ class LiveWorker:
     """The server side of the channel: starts the worker, sends requests one at a time, restarts it after
     it died."""
 
-    def __init__(self, atlas: str, device: str = "cpu"):
+    def __init__(self, atlas: str, device: str = "cpu", max_waiting: int | None = None,
+                 queue_wait: float | None = None):
         self.atlas, self.device = str(atlas), device
         self._proc: Any = None
         self._conn: Any = None
         self._lock = threading.Lock()
+        self.max_waiting = bounds.MAX_WAITING if max_waiting is None else int(max_waiting)
+        self.queue_wait = bounds.QUEUE_WAIT if queue_wait is None else float(queue_wait)
+        self._slots = threading.BoundedSemaphore(1 + self.max_waiting)  # the running request and those waiting
+        # The process is started from this one long-lived thread: the kernel's parent-death signal the worker
+        # arms (die_with_parent) fires when the *thread* that started it ends, and a request thread that
+        # restarted it would end right after its answer, killing the fresh worker with it.
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="attnatlas-live-spawn")
         self._warm: set[str] = set()  # models the current process has loaded
         self._starts = 0
 
@@ -77,7 +92,8 @@ class LiveWorker:
         # torch's forward pass then ran 0.3-1.3 s instead of 0.04 s (MiniLM, 27 tokens, 2 cores). Passive
         # waiting lets each library's threads sleep when idle.
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        proc = self._spawner.submit(subprocess.Popen, cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                    env=env).result()
         theirs.close()
         self._proc, self._conn, self._warm = proc, Connection(ours.detach()), set()
         self._starts += 1
@@ -103,48 +119,77 @@ class LiveWorker:
                 proc.wait(5)
 
     def request(self, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send one request and wait for its answer; LiveError with one message on any failure."""
-        with self._lock:
-            if not self.alive:
-                if self._proc is not None:
-                    self._stop()
-                self._start()
-            model = str(payload.get("model"))
-            limit = timeout or (TIMEOUT if model in self._warm else FIRST_TIMEOUT)
+        """Send one request and wait for its answer; LiveError with one message on any failure, and at once
+        when the queue is full (one running and `max_waiting` waiting) or the input is over its bound."""
+        _check_payload(payload)
+        if not self._slots.acquire(blocking=False):
+            raise LiveError(f"The live worker is busy: {self.max_waiting + 1} placements are running or waiting. "
+                            "Try again in a moment.")
+        try:
+            if not self._lock.acquire(timeout=self.queue_wait):
+                raise LiveError(f"The live worker is busy: your input waited {self.queue_wait:g} s for its turn "
+                                "behind other placements. Try again in a moment.")
             try:
-                self._conn.send(payload)
-            except (OSError, ValueError):
+                return self._request(payload, timeout)
+            finally:
+                self._lock.release()
+        finally:
+            self._slots.release()
+
+    def _request(self, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """One request, under self._lock."""
+        if not self.alive:
+            if self._proc is not None:
                 self._stop()
-                raise LiveError("The live worker could not be reached; it is restarted on the next request.") from None
-            end = time.monotonic() + limit
-            reply, late = None, False
-            while True:
+            self._start()
+        model = str(payload.get("model"))
+        limit = timeout or (TIMEOUT if model in self._warm else FIRST_TIMEOUT)
+        try:
+            self._conn.send(payload)
+        except (OSError, ValueError):
+            self._stop()
+            raise LiveError("The live worker could not be reached; it is restarted on the next request.") from None
+        end = time.monotonic() + limit
+        reply, late = None, False
+        while True:
+            try:
+                if self._conn.poll(0.05):
+                    reply = self._conn.recv()
+                    break
+            except (EOFError, OSError):
+                break  # the worker closed its end: it is exiting
+            if self._proc.poll() is not None:
+                break
+            if time.monotonic() > end:
+                late = True
+                break
+        if reply is None:
+            code = None
+            if not late:
                 try:
-                    if self._conn.poll(0.05):
-                        reply = self._conn.recv()
-                        break
-                except (EOFError, OSError):
-                    break  # the worker closed its end: it is exiting
-                if self._proc.poll() is not None:
-                    break
-                if time.monotonic() > end:
-                    late = True
-                    break
-            if reply is None:
-                code = None
-                if not late:
-                    try:
-                        code = self._proc.wait(5)
-                    except subprocess.TimeoutExpired:
-                        pass
-                self._stop()
-                why = f"gave no answer within {limit:.0f} s" if late else f"stopped (exit code {code})"
-                raise LiveError(f"The live worker {why} while placing your input; it is restarted on the next "
-                                "request. The atlas is unchanged.")
-            if not reply.get("ok"):
-                raise LiveError(str(reply.get("error", "placing failed")))
-            self._warm.add(model)
-            return reply
+                    code = self._proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._stop()
+            why = f"gave no answer within {limit:.0f} s" if late else f"stopped (exit code {code})"
+            raise LiveError(f"The live worker {why} while placing your input; it is restarted on the next "
+                            "request. The atlas is unchanged.")
+        if not reply.get("ok"):
+            raise LiveError(str(reply.get("error", "placing failed")))
+        self._warm.add(model)
+        return reply
+
+
+def _check_payload(payload: dict[str, Any]) -> None:
+    """Bounds of one request, checked in the server before anything is queued or sent."""
+    text, image = payload.get("text"), payload.get("image")
+    if isinstance(text, str) and len(text) > bounds.MAX_TEXT_CHARS:
+        raise LiveError(f"The text has {len(text):,} characters; the live box takes at most "
+                        f"{bounds.MAX_TEXT_CHARS:,} (use `attnatlas place` for longer text).")
+    if image is not None:
+        why = bounds.upload_refusal(bytes(image), str(payload.get("image_name") or "upload"))
+        if why:
+            raise LiveError(why)
 
 
 # ---- the worker process ----------------------------------------------------------------------------------
