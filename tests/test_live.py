@@ -150,7 +150,9 @@ def test_cli_writes_csv_or_parquet_and_leaves_the_atlas_as_it_was(tiny, tmp_path
     assert cli(["place", str(atlas), "--text", texts[0]]) == 0
     out = capsys.readouterr()
     lines = out.out.splitlines()
-    assert lines[0].startswith("sequence,token,position,kind,layer,head,method,x,y,top_keys,top_weights")  # text: once, apart
+    # A row per placed point, its coordinates in every stored method side by side; the text once, apart.
+    assert lines[0].startswith("sequence,token,position,kind,layer,head,x_pca,y_pca,")
+    assert ",method," not in lines[0] and ",text," not in lines[0]
     assert len(lines) > 10 and "flagged far" in out.err
     pq = tmp_path / "p.parquet"
     assert cli(["place", str(atlas), "--model", "tiny", "--text", "the cat", "--out", str(pq)]) == 0

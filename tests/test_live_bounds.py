@@ -51,7 +51,7 @@ def test_each_text_is_written_once_in_csv_and_parquet(tiny, tmp_path, capsys):
     assert cli(["place", str(atlas), "--text", LONG, "--text", "the cat", "--out", str(out)]) == 0
     rows = out.read_text()
     assert LONG[:60] not in rows and "the cat" not in rows  # rows name their text by sequence
-    assert rows.splitlines()[0].startswith("sequence,token,position,kind,layer,head,method,x,y")
+    assert rows.splitlines()[0].startswith("sequence,token,position,kind,layer,head,x_pca,y_pca")
     df = pd.read_csv(out)
     assert len(df) == 8 * 2 * (64 + 4) and set(df.sequence) == {0, 1}  # 8 heads; LONG truncated to 64 tokens
     texts = pd.read_csv(texts_file(str(out)))

@@ -58,14 +58,38 @@ def texts_file(out: str) -> Path:
     return p.with_name(stem + (".texts.csv.gz" if gz else ".texts.csv"))
 
 
+# Coordinates and distances to 5 significant digits and attention weights to 3 decimals: finer than any
+# plot or threshold reads them.
+CSV_FLOATS = "%.5g"
+POINT = ["sequence", "position", "kind", "layer", "head"]  # one placed point; its fit is the same in every layout
+
+
 def _csv_ready(df):
-    """Rows without the text (it is written once, apart), lists (top-k attention) as space-separated
-    values: one CSV cell each."""
+    """One row per placed point with its coordinates in every method (x_tsne, y_tsne, ...): everything else
+    comes from the point's neighbours in the head's own space, the same for every layout, so a row per
+    method would repeat it. The text is written once, apart; top-k lists are space-separated values; `far`
+    is 0/1. A 100,000-character text into MiniLM's 72 heads x 2 methods: 19.0 MB of CSV in long form."""
     out = df.drop(columns=["text"], errors="ignore")
-    for col in ("top_keys", "top_weights"):
-        if col in out:
-            out[col] = [" ".join(str(v) for v in xs) for xs in out[col]]
-    return out
+    if "top_keys" in out:
+        out["top_keys"] = [" ".join(str(int(v)) for v in xs) for xs in out["top_keys"]]
+    if "top_weights" in out:
+        out["top_weights"] = [" ".join(f"{float(v):.3f}" for v in xs) for xs in out["top_weights"]]
+    if "far" in out:
+        out["far"] = out["far"].astype("int8")
+    methods = list(dict.fromkeys(out["method"]))
+    wide = out[out["method"] == methods[0]].drop(columns=["method", "x", "y"]).reset_index(drop=True)
+    at = wide.columns.get_loc("head") + 1
+    for m in methods:
+        xy = out[out["method"] == m][POINT + ["x", "y"]].rename(columns={"x": f"x_{m}", "y": f"y_{m}"})
+        wide = wide.merge(xy, on=POINT, how="left", validate="one_to_one")
+    cols = list(wide.columns)
+    coords = [c for m in methods for c in (f"x_{m}", f"y_{m}")]
+    rest = [c for c in cols if c not in coords]
+    return wide[rest[:at] + coords + rest[at:]]
+
+
+def _write_csv(df, where) -> None:
+    _csv_ready(df).to_csv(where, index=False, float_format=CSV_FLOATS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
     if kind == "parquet":
         table.to_parquet(args.out, index=False)
     elif kind == "csv":
-        _csv_ready(table).to_csv(args.out, index=False)
+        _write_csv(table, args.out)
         texts_table(table).to_csv(texts_file(args.out), index=False)
     else:
-        _csv_ready(table).to_csv(sys.stdout, index=False)
+        _write_csv(table, sys.stdout)
     far = int(table["far"].sum())
     where = f" to {args.out}" + (f" (texts in {texts_file(args.out)})" if kind == "csv" else "") if args.out else ""
     n_tokens = len(table[(table.kind == "query") & (table.layer == table.layer.iloc[0]) & (table["head"] == table["head"].iloc[0])
