@@ -471,19 +471,24 @@ def _unreadable_weights(folder) -> None:
         f.write_bytes(b"not weights")
 
 
-@pytest.mark.parametrize("family", ["bloom", "falcon"])
+@pytest.mark.parametrize("family", ["bloom", "deberta-v2", "falcon"])
 def test_a_family_lacking_what_its_capture_reads_is_refused_naming_the_versions(tmp_path, capsys, monkeypatch, family):
     from attnatlas.cli import main as cli
     from attnatlas.extract.adapters import TESTED_TRANSFORMERS
     from transformers.models.bloom import modeling_bloom
+    from transformers.models.deberta_v2 import modeling_deberta_v2
     from transformers.models.falcon import modeling_falcon
 
     folder = tmp_path / family
     _save(folder, TEXT[family](), _tokenizer(tmp_path))
     _unreadable_weights(folder)
-    if family == "bloom":  # a release that renamed the method the capture wraps
-        monkeypatch.delattr(modeling_bloom.BloomAttention, "_reshape")
-        needles = ["BloomAttention._reshape()"]
+    if family == "bloom":  # a release whose attention takes its ALiBi some other way
+        monkeypatch.setattr(modeling_bloom.BloomAttention, "forward",
+                            lambda self, hidden_states, residual, attention_mask=None, **kw: None)
+        needles = ["the 'alibi' argument of BloomAttention.forward"]
+    elif family == "deberta-v2":  # a release that renamed the modeling function the capture calls
+        monkeypatch.delattr(modeling_deberta_v2, "build_relative_position")
+        needles = ["build_relative_position() in transformers.models.deberta_v2.modeling_deberta_v2"]
     else:  # a release that calls no attention interface and no longer passes alibi to its attention
         monkeypatch.setattr(tf.FalconModel, "_can_set_attn_implementation", classmethod(lambda cls: False))
         monkeypatch.setattr(modeling_falcon.FalconAttention, "forward",
