@@ -159,6 +159,10 @@ def _check(atlas_path, name, model, ref: list[np.ndarray], lengths: list[int], k
 
 @pytest.mark.parametrize("kind", sorted(TEXT))
 def test_text_family_attention_equals_eager(tmp_path, kind):
+    _assert_equals_eager(tmp_path, kind)
+
+
+def _assert_equals_eager(tmp_path, kind: str) -> None:
     torch.manual_seed(0)
     model = TEXT[kind]().eval()
     tok = _tokenizer(tmp_path)
@@ -504,6 +508,33 @@ def test_a_family_lacking_what_its_capture_reads_is_refused_naming_the_versions(
     for needle in [f"Model type {family!r}", f"transformers {tf.__version__}", *TESTED_TRANSFORMERS, *needles]:
         assert needle in err, (needle, err)
     assert not (tmp_path / "atlas").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "bloom"])
+def test_a_release_renaming_the_attention_modules_private_methods_is_still_captured(tmp_path, monkeypatch, family):
+    """The hooks read what an attention module exposes (its forward's arguments, its projections' outputs), so a
+    release that renames its private methods (as 5.25 dropped FalconAttention._split_heads) changes nothing: its
+    forward is recompiled here calling them under new names, and the old names are gone."""
+    import sys
+    import textwrap
+
+    from transformers.models.bloom import modeling_bloom
+    from transformers.models.gpt_neo import modeling_gpt_neo
+
+    cls = {"gpt_neo": modeling_gpt_neo.GPTNeoSelfAttention, "bloom": modeling_bloom.BloomAttention}[family]
+    renamed = {"_attn": "_attend", "_reshape": "_split_fused", "_split_heads": "_to_heads", "_merge_heads": "_from_heads"}
+    source = textwrap.dedent(inspect.getsource(cls.forward))
+    for old, new in renamed.items():
+        if old in vars(cls):
+            monkeypatch.setattr(cls, new, vars(cls)[old], raising=False)
+            monkeypatch.delattr(cls, old)
+            assert f"self.{old}(" in source
+            source = source.replace(f"self.{old}(", f"self.{new}(")
+    scope: dict = {}
+    exec(compile(source, inspect.getsourcefile(cls), "exec"), vars(sys.modules[cls.__module__]), scope)
+    monkeypatch.setattr(cls, "forward", scope["forward"])
+    assert not any(hasattr(cls, old) for old in renamed)
+    _assert_equals_eager(tmp_path, family)
 
 
 def test_a_loaded_module_lacking_an_attribute_is_refused_not_an_attribute_error(tmp_path):
