@@ -537,6 +537,19 @@ def test_a_release_renaming_the_attention_modules_private_methods_is_still_captu
     _assert_equals_eager(tmp_path, family)
 
 
+def test_which_families_call_the_attention_interface_is_told_without_transformers_private_test(monkeypatch):
+    """A release without PreTrainedModel._can_set_attn_implementation: the modeling files' source gives the same
+    answer (Falcon's flips in 5.25; T5 calls the interface without setting _supports_attention_backend)."""
+    from attnatlas.extract.adapters import _calls_interface
+
+    classes = [tf.FalconModel, tf.BloomModel, tf.GPTNeoModel, tf.MPNetModel, tf.DebertaV2Model, tf.LlamaModel,
+               tf.T5EncoderModel, tf.BertModel, tf.CLIPModel, tf.ViTModel]
+    told = {c: c._can_set_attn_implementation() for c in classes}
+    assert set(told.values()) == {True, False}
+    monkeypatch.delattr(tf.PreTrainedModel, "_can_set_attn_implementation")
+    assert {c: _calls_interface(c) for c in classes} == told
+
+
 def test_a_loaded_module_lacking_an_attribute_is_refused_not_an_attribute_error(tmp_path):
     from attnatlas.errors import ModelError
 

@@ -15,6 +15,7 @@ with the reason.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -298,11 +299,23 @@ def patch_size(config: Any) -> int:
 
 
 def _calls_interface(model: Any) -> bool:
-    """Whether the model's (or model class's) attention looks its function up in transformers' attention interface
-    (transformers' own test: its modeling code calls ALL_ATTENTION_FUNCTIONS.get_interface)."""
+    """Whether the model's (or model class's) attention looks its function up in transformers' attention interface.
+    transformers' own answer where the release has it (a private classmethod), else its test made here on the
+    modeling file's source: it defines attention modules and calls ALL_ATTENTION_FUNCTIONS.get_interface (or it
+    defines none: a composite model of other families). Not `_supports_attention_backend`: Falcon from 5.25 and T5
+    call the interface without setting it."""
     cls = model if isinstance(model, type) else type(model)
     can = getattr(cls, "_can_set_attn_implementation", None)
-    return bool(can()) if can is not None else bool(getattr(cls, "_supports_attention_backend", False))
+    if callable(can):
+        return bool(can())
+    try:
+        code = inspect.getsource(sys.modules[cls.__module__])
+    except (KeyError, OSError, TypeError):  # no source (a class defined in a notebook): taken as calling none
+        return False
+    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in code or not _ATTENTION_CLASS.search(code)
+
+
+_ATTENTION_CLASS = re.compile(r"^class \w*Attention\w*\(nn\.Module\):", re.MULTILINE)
 
 
 def discover(model: Any, config: Any) -> Adapter:
