@@ -159,6 +159,10 @@ def _check(atlas_path, name, model, ref: list[np.ndarray], lengths: list[int], k
 
 @pytest.mark.parametrize("kind", sorted(TEXT))
 def test_text_family_attention_equals_eager(tmp_path, kind):
+    _assert_equals_eager(tmp_path, kind)
+
+
+def _assert_equals_eager(tmp_path, kind: str) -> None:
     torch.manual_seed(0)
     model = TEXT[kind]().eval()
     tok = _tokenizer(tmp_path)
@@ -471,19 +475,24 @@ def _unreadable_weights(folder) -> None:
         f.write_bytes(b"not weights")
 
 
-@pytest.mark.parametrize("family", ["bloom", "falcon", "llama"])
+@pytest.mark.parametrize("family", ["bloom", "deberta-v2", "falcon", "llama"])
 def test_a_family_lacking_what_its_capture_reads_is_refused_naming_the_versions(tmp_path, capsys, monkeypatch, family):
     from attnatlas.cli import main as cli
     from attnatlas.extract.adapters import TESTED_TRANSFORMERS
     from transformers.models.bloom import modeling_bloom
+    from transformers.models.deberta_v2 import modeling_deberta_v2
     from transformers.models.falcon import modeling_falcon
 
     folder = tmp_path / family
     _save(folder, TEXT[family](), _tokenizer(tmp_path))
     _unreadable_weights(folder)
-    if family == "bloom":  # a release that renamed the method the capture wraps
-        monkeypatch.delattr(modeling_bloom.BloomAttention, "_reshape")
-        needles = ["BloomAttention._reshape()"]
+    if family == "bloom":  # a release whose attention takes its ALiBi some other way
+        monkeypatch.setattr(modeling_bloom.BloomAttention, "forward",
+                            lambda self, hidden_states, residual, attention_mask=None, **kw: None)
+        needles = ["the 'alibi' argument of BloomAttention.forward"]
+    elif family == "deberta-v2":  # a release that renamed the modeling function the capture calls
+        monkeypatch.delattr(modeling_deberta_v2, "build_relative_position")
+        needles = ["build_relative_position() in transformers.models.deberta_v2.modeling_deberta_v2"]
     elif family == "falcon":  # a release that calls no attention interface and no longer passes alibi to its attention
         monkeypatch.setattr(tf.FalconModel, "_can_set_attn_implementation", classmethod(lambda cls: False))
         monkeypatch.setattr(modeling_falcon.FalconAttention, "forward",
@@ -502,6 +511,46 @@ def test_a_family_lacking_what_its_capture_reads_is_refused_naming_the_versions(
     for needle in [f"Model type {family!r}", f"transformers {tf.__version__}", *TESTED_TRANSFORMERS, *needles]:
         assert needle in err, (needle, err)
     assert not (tmp_path / "atlas").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "bloom"])
+def test_a_release_renaming_the_attention_modules_private_methods_is_still_captured(tmp_path, monkeypatch, family):
+    """The hooks read what an attention module exposes (its forward's arguments, its projections' outputs), so a
+    release that renames its private methods (as 5.25 dropped FalconAttention._split_heads) changes nothing: its
+    forward is recompiled here calling them under new names, and the old names are gone."""
+    import sys
+    import textwrap
+
+    from transformers.models.bloom import modeling_bloom
+    from transformers.models.gpt_neo import modeling_gpt_neo
+
+    cls = {"gpt_neo": modeling_gpt_neo.GPTNeoSelfAttention, "bloom": modeling_bloom.BloomAttention}[family]
+    renamed = {"_attn": "_attend", "_reshape": "_split_fused", "_split_heads": "_to_heads", "_merge_heads": "_from_heads"}
+    source = textwrap.dedent(inspect.getsource(cls.forward))
+    for old, new in renamed.items():
+        if old in vars(cls):
+            monkeypatch.setattr(cls, new, vars(cls)[old], raising=False)
+            monkeypatch.delattr(cls, old)
+            assert f"self.{old}(" in source
+            source = source.replace(f"self.{old}(", f"self.{new}(")
+    scope: dict = {}
+    exec(compile(source, inspect.getsourcefile(cls), "exec"), vars(sys.modules[cls.__module__]), scope)
+    monkeypatch.setattr(cls, "forward", scope["forward"])
+    assert not any(hasattr(cls, old) for old in renamed)
+    _assert_equals_eager(tmp_path, family)
+
+
+def test_which_families_call_the_attention_interface_is_told_without_transformers_private_test(monkeypatch):
+    """A release without PreTrainedModel._can_set_attn_implementation: the modeling files' source gives the same
+    answer (Falcon's flips in 5.25; T5 calls the interface without setting _supports_attention_backend)."""
+    from attnatlas.extract.adapters import _calls_interface
+
+    classes = [tf.FalconModel, tf.BloomModel, tf.GPTNeoModel, tf.MPNetModel, tf.DebertaV2Model, tf.LlamaModel,
+               tf.T5EncoderModel, tf.BertModel, tf.CLIPModel, tf.ViTModel]
+    told = {c: c._can_set_attn_implementation() for c in classes}
+    assert set(told.values()) == {True, False}
+    monkeypatch.delattr(tf.PreTrainedModel, "_can_set_attn_implementation")
+    assert {c: _calls_interface(c) for c in classes} == told
 
 
 def test_a_loaded_module_lacking_an_attribute_is_refused_not_an_attribute_error(tmp_path):

@@ -386,6 +386,7 @@ def test_export_draws_a_model_projected_on_two_layers(tmp_path, capsys):
     assert code == 0 and meta["width"] == gv.LABEL_LEFT + 60
     assert [(h["layer"], h["head"]) for h in meta["heads"]] == [(1, 2)]
     assert [(m["layer"], m["head"]) for m in meta["missing"]] == [(0, 2)]
+    assert "layer 0 has no 'pca' layout; --layers 1 leaves it out" in said
 
     for extra, needle in ((["--layers", "0,2"], "None of the selected heads of 'synthetic' has a 'pca' layout "
                                                 "(layers with layouts: 1,3)"),

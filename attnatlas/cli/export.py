@@ -129,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({image.width} x {image.height} px, {len(meta['heads'])} heads{empty}) and {out_json}")
     bare = [layer for r, layer in enumerate(layers) if not done[r].any()]
     if bare:
-        print(f"layers {_ranges(bare)} have no {args.method!r} layout; --layers {_ranges([l for l in layers if l not in bare])} "
-              "leaves them out")
+        what = f"layers {_ranges(bare)} have" if len(bare) > 1 else f"layer {bare[0]} has"
+        print(f"{what} no {args.method!r} layout; --layers {_ranges([l for l in layers if l not in bare])} "
+              f"leaves {'them' if len(bare) > 1 else 'it'} out")
     return 0
 
 

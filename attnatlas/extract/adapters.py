@@ -7,14 +7,16 @@ and which layers are windowed. A new architecture that calls the interface works
 change, and so does a family whose modeling code moves onto the interface in a new transformers
 release (Falcon in 5.25). What cannot be read off the model is small and declarative below: image
 prefix tokens, the eager-only families (those that call no interface) whose attention modules are
-hooked or wrapped (capture.WRAPPERS), with what the capture reads from them, checked before the
-weights load, and families refused with the reason.
+hooked (capture.WRAPPERS: their forward's arguments by name, their projections' outputs, never a private
+method), with what the capture reads from them, checked before the weights load, and families refused
+with the reason.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +45,6 @@ class Wrapped:
     module_class: str
     causal: bool
     how: str  # for the atlas and the README
-    methods: tuple[str, ...] = ()  # methods of the module class (checked before the weights load)
     uses: tuple[str, ...] = ()  # attributes of a loaded module: submodules, numbers (checked before the capture)
     reads: tuple[str, ...] = ()  # arguments of the module's forward (checked before the weights load)
     functions: tuple[str, ...] = ()  # functions of the family's modeling file (checked before the weights load)
@@ -53,10 +54,13 @@ class Wrapped:
 
 _DEBERTA_READS = ("attention_mask", "relative_pos", "rel_embeddings")
 WRAPPED: dict[str, Wrapped] = {
-    "gpt_neo": Wrapped("GPTNeoSelfAttention", True, "wrapped GPTNeoSelfAttention._attn", methods=("_attn",), uses=("bias",),
+    "gpt_neo": Wrapped("GPTNeoSelfAttention", True, "hooks on GPTNeoSelfAttention.q_proj/k_proj/v_proj + its causal "
+                       "or local mask buffer and mask argument", uses=("q_proj", "k_proj", "v_proj", "num_heads", "bias"),
+                       reads=("attention_mask",),
                        window=lambda c, i: c.window_size if c.attention_layers[i] == "local" else None),
-    "bloom": Wrapped("BloomAttention", True, "wrapped BloomAttention._reshape + its alibi argument",
-                     methods=("_reshape",), uses=("beta", "inv_norm_factor"), reads=("alibi", "attention_mask")),
+    "bloom": Wrapped("BloomAttention", True, "hooks on BloomAttention.query_key_value (split as its weights are laid "
+                     "out) + its alibi and mask arguments",
+                     uses=("query_key_value", "num_heads", "beta", "inv_norm_factor"), reads=("alibi", "attention_mask")),
     "mpnet": Wrapped("MPNetSelfAttention", False, "hooks on MPNetSelfAttention.q/k/v + its position_bias argument",
                      uses=("q", "k", "v", "num_attention_heads", "attention_head_size"),
                      reads=("attention_mask", "position_bias")),
@@ -102,7 +106,7 @@ class Adapter:
     window_hint: list[int | None] = field(default_factory=list)  # per layer, from what the model passes
     window_rule: str = "causal"  # "causal": 0 <= i - j < W; "bidirectional": |i - j| <= W
     layer_of_module: dict[int, list[int]] = field(default_factory=dict, repr=False)  # id(module) -> layers
-    wrapped: list[Any] = field(default_factory=list, repr=False)  # eager-only: the modules to wrap
+    wrapped: list[Any] = field(default_factory=list, repr=False)  # eager-only: the modules to hook
     check_masks: bool = True  # the model's mask is passed whole (not only padding) and can be checked
 
     @property
@@ -252,16 +256,15 @@ def eager_wrapper(model_type: str, model_class: type) -> Wrapped | None:
 
 def check_wrapper(model_type: str, spec: Wrapped, model_class: type, module: Any = None) -> None:
     """Refuse, with the transformers releases known to work, a family whose attention lacks what the capture reads:
-    before the weights load the module class, its methods, its forward's arguments and the modeling file's
-    functions; given a loaded `module`, its attributes too."""
+    before the weights load the module class, its forward's arguments and the modeling file's functions; given a
+    loaded `module`, its attributes (projection submodules, numbers) too."""
     code = sys.modules.get(model_class.__module__)
     cls = getattr(code, spec.module_class, None)
     if not isinstance(cls, type):
         missing = [f"a class {spec.module_class}"]
     else:
         params = inspect.signature(cls.forward).parameters
-        missing = [f"{spec.module_class}.{m}()" for m in spec.methods if not callable(getattr(cls, m, None))]
-        missing += [f"the {a!r} argument of {spec.module_class}.forward" for a in spec.reads if a not in params]
+        missing = [f"the {a!r} argument of {spec.module_class}.forward" for a in spec.reads if a not in params]
         missing += [f"{f}() in {model_class.__module__}" for f in spec.functions if not callable(getattr(code, f, None))]
         if module is not None:
             missing += [f"{spec.module_class}.{u}" for u in spec.uses if not hasattr(module, u)]
@@ -307,11 +310,23 @@ def patch_size(config: Any) -> int:
 
 
 def _calls_interface(model: Any) -> bool:
-    """Whether the model's (or model class's) attention looks its function up in transformers' attention interface
-    (transformers' own test: its modeling code calls ALL_ATTENTION_FUNCTIONS.get_interface)."""
+    """Whether the model's (or model class's) attention looks its function up in transformers' attention interface.
+    transformers' own answer where the release has it (a private classmethod), else its test made here on the
+    modeling file's source: it defines attention modules and calls ALL_ATTENTION_FUNCTIONS.get_interface (or it
+    defines none: a composite model of other families). Not `_supports_attention_backend`: Falcon from 5.25 and T5
+    call the interface without setting it."""
     cls = model if isinstance(model, type) else type(model)
     can = getattr(cls, "_can_set_attn_implementation", None)
-    return bool(can()) if can is not None else bool(getattr(cls, "_supports_attention_backend", False))
+    if callable(can):
+        return bool(can())
+    try:
+        code = inspect.getsource(sys.modules[cls.__module__])
+    except (KeyError, OSError, TypeError):  # no source (a class defined in a notebook): taken as calling none
+        return False
+    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in code or not _ATTENTION_CLASS.search(code)
+
+
+_ATTENTION_CLASS = re.compile(r"^class \w*Attention\w*\(nn\.Module\):", re.MULTILINE)
 
 
 def discover(model: Any, config: Any) -> Adapter:

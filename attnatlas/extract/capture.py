@@ -3,9 +3,9 @@
 Models that call transformers' attention interface are switched to the "attnatlas" implementation,
 which records what the model passes to attention (q and k after any rotary embedding, the mask,
 scaling, softcap, an additive `position_bias`) and then attends as the model would. Models that call
-no interface (eager-only code) get their attention modules hooked or one of their methods wrapped on the
-instance (see adapters.WRAPPED): the hooks record the module's arguments by name and what its projections
-return, and the original code runs unchanged. DeBERTa's disentangled attention adds content-position terms,
+no interface (eager-only code) get their attention modules and projections hooked on the instance (see
+adapters.WRAPPED), never a private method wrapped: the hooks record the module's arguments by name and what
+its projections return, and the original code runs unchanged. DeBERTa's disentangled attention adds content-position terms,
 recorded as the layer's position tables and relative positions.
 """
 
@@ -220,47 +220,64 @@ def _arguments(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     return got
 
 
-# ---- eager-only families: wrap the module's own attention method ---------------------------------
+# ---- eager-only families: hooks on their attention modules and projections ----------------------
+# Only what a module exposes is read (its forward's arguments by name, its projection submodules' outputs, its
+# attributes), never one of its private methods: those are renamed between transformers releases.
 
-def _wrap(module: torch.nn.Module, method: str, record: Callable[..., LayerCapture | None]) -> Callable[[], None]:
-    """Replace `module.<method>` on the instance by a wrapper that records, then calls the original."""
-    original = getattr(module, method)
+def _hooks(module: torch.nn.Module, projections: tuple[str, ...],
+           record: Callable[[torch.nn.Module, dict[str, Any], _Recorder], LayerCapture]) -> list[Callable[[], None]]:
+    """Hook an attention module: its forward's arguments by name and what each of its `projections` submodules
+    returns (the first call of each) go into one dict, which `record` turns into the capture after the forward,
+    given the active recorder (whose `split` works out once a mask that every layer is passed)."""
+    state: dict[str, Any] = {}
 
-    def wrapper(*args, **kwargs):
-        out = original(*args, **kwargs)
+    def pre(mod, args, kwargs):
+        state.clear()
+        state.update(_arguments(mod, args, kwargs))
+
+    def projection(name):
+        def hook(mod, inputs, out):
+            state.setdefault(name, out.detach())
+        return hook
+
+    def post(mod, args, kwargs, out):
         if _active:
-            _emit(module, record(module, out, *args, **kwargs))
-        return out
+            _emit(mod, record(mod, state, _active[-1]))
 
-    setattr(module, method, wrapper)
-    return lambda: delattr(module, method)
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
+               *(getattr(module, n).register_forward_hook(projection(n)) for n in projections),
+               module.register_forward_hook(post, with_kwargs=True)]
+    return [h.remove for h in handles]
 
 
-def _record_gpt_neo(module, out, query, key, value, attention_mask=None) -> LayerCapture:
-    # GPTNeoSelfAttention._attn: q.k unscaled, masked by its own causal / local buffer, plus an
-    # additive padding mask; both are combined here into one bool mask (True = may attend).
-    t_q, t_k = query.shape[-2], key.shape[-2]
+def _heads(x: torch.Tensor, H: int) -> torch.Tensor:
+    """(batch, token, H * d) -> (batch, H, token, d): a plain split of a projection's output into heads."""
+    return x.view(*x.shape[:-1], H, -1).transpose(-2, -3)
+
+
+def _record_gpt_neo(module, got: dict[str, Any], rec: _Recorder) -> LayerCapture:
+    # GPTNeoSelfAttention: q.k unscaled, masked by its own causal / local buffer, plus an additive padding mask;
+    # both are combined here into one bool mask (True = may attend).
+    q, k, v = (_heads(got[n], module.num_heads) for n in ("q_proj", "k_proj", "v_proj"))
+    t_q, t_k = q.shape[-2], k.shape[-2]
     mask = module.bias[:, :, t_k - t_q : t_k, :t_k]
+    attention_mask = got.get("attention_mask")
     if attention_mask is not None:
         mask = mask & (attention_mask > BLOCKED)
-    return LayerCapture(query.detach(), key.detach(), value.detach(), mask, 1.0)
+    return LayerCapture(q, k, v, mask, 1.0)
 
 
-def _record_bloom_split(module, out, fused_qkv) -> None:
-    # BloomAttention._reshape returns (q, k, v); the forward pre-hook below has already seen alibi.
-    q, k, v = out
-    pending = module._attnatlas_pending
-    module._attnatlas_pending = None
-    alibi, mask = pending
-    B, H, T, _ = q.shape
-    bias = alibi.view(B, H, 1, -1) * float(module.beta)  # baddbmm(beta * alibi + alpha * q.k)
+def _record_bloom(module, got: dict[str, Any], rec: _Recorder) -> LayerCapture:
+    # BloomAttention: its fused projection holds q, k, v interleaved per head (the checkpoints' layout);
+    # scores are baddbmm(beta * alibi + inv_norm_factor * q.k) + mask.
+    fused = got["query_key_value"]
+    B, T = fused.shape[:2]
+    H = module.num_heads
+    q, k, v = (x.transpose(1, 2) for x in fused.view(B, T, H, 3, -1).unbind(3))
+    alibi, mask = got["alibi"], got.get("attention_mask")
+    bias = alibi.view(B, H, 1, -1) * float(module.beta)
     allowed = None if mask is None else (mask > BLOCKED if mask.dtype != torch.bool else mask)
-    return LayerCapture(q.detach(), k.detach(), v.detach(), allowed, float(module.inv_norm_factor), bias=bias.detach())
-
-
-def _bloom_pre_hook(module, args, kwargs):
-    got = _arguments(module, args, kwargs)
-    module._attnatlas_pending = (got.get("alibi"), got.get("attention_mask"))
+    return LayerCapture(q, k, v, allowed, float(module.inv_norm_factor), bias=bias.detach())
 
 
 def falcon_heads(module: torch.nn.Module, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,31 +297,11 @@ def falcon_heads(module: torch.nn.Module, fused: torch.Tensor) -> tuple[torch.Te
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _install_falcon(module: torch.nn.Module) -> list[Callable[[], None]]:
-    """FalconAttention of a transformers release where it calls no attention interface (up to 5.24): hook its fused
-    projection and read its arguments by name; rotary unless ALiBi (with the model's own apply_rotary_pos_emb), then
-    SDPA's or its eager math, whichever branch it takes."""
-    state: dict[str, Any] = {}
-
-    def pre(mod, args, kwargs):
-        state.clear()
-        state.update(_arguments(mod, args, kwargs))
-
-    def projection(mod, inputs, out):
-        state["fused"] = out.detach()
-
-    def post(mod, args, kwargs, out):
-        if _active:
-            _emit(mod, _record_falcon(mod, state, _active[-1]))
-
-    handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
-               module.query_key_value.register_forward_hook(projection),
-               module.register_forward_hook(post, with_kwargs=True)]
-    return [h.remove for h in handles]
-
-
 def _record_falcon(module, got: dict[str, Any], rec: _Recorder) -> LayerCapture:
-    q, k, v = falcon_heads(module, got["fused"])
+    # FalconAttention of a transformers release where it calls no attention interface (up to 5.24): its fused
+    # projection split as its weights are laid out; rotary unless ALiBi (with the model's own apply_rotary_pos_emb),
+    # then SDPA's or its eager math, whichever branch it takes.
+    q, k, v = falcon_heads(module, got["query_key_value"])
     B, H, T, D = q.shape
     alibi, mask = got.get("alibi"), got.get("attention_mask")
     if alibi is None:
@@ -322,72 +319,55 @@ def _record_falcon(module, got: dict[str, Any], rec: _Recorder) -> LayerCapture:
                         bias=None if bias is None else bias.detach(), is_causal=is_causal, key_bias=keyed)
 
 
-def _install_deberta(module: torch.nn.Module) -> list[Callable[[], None]]:
+def _deberta_projections(module: torch.nn.Module) -> tuple[str, ...]:
+    return ("in_proj",) if hasattr(module, "in_proj") else ("query_proj", "key_proj", "value_proj")
+
+
+def _record_deberta(mod, state: dict[str, Any], rec: _Recorder) -> LayerCapture:
     """DisentangledSelfAttention of DeBERTa (fused in_proj + q_bias/v_bias) and DeBERTa-v2 (query/key/value_proj):
-    hook the content projections, read the mask, relative positions and relative embeddings it is passed, and
-    project those embeddings with the layer's own position projections (weights only, as the model does)."""
-    v1 = hasattr(module, "in_proj")
-    projections = ("in_proj",) if v1 else ("query_proj", "key_proj", "value_proj")
-    state: dict[str, Any] = {}
-
-    def pre(mod, args, kwargs):
-        state.clear()
-        state.update(_arguments(mod, args, kwargs))
-
-    def projection(name):
-        def hook(mod, inputs, out):
-            # the first call is the content one (shared keys project the relative embeddings too)
-            state.setdefault(name, out.detach())
-        return hook
-
-    def heads(x: torch.Tensor, H: int) -> torch.Tensor:
-        return x.view(*x.shape[:-1], H, -1).transpose(-2, -3)  # (..., token, H * d) -> (..., H, token, d)
-
-    def post(mod, args, kwargs, out):
-        H = mod.num_attention_heads
+    its content projections (the first call of each: shared keys project the relative embeddings too), the mask,
+    relative positions and relative embeddings it is passed, those embeddings projected with the layer's own
+    position projections (weights only, as the model does)."""
+    v1 = hasattr(mod, "in_proj")
+    H = mod.num_attention_heads
+    if v1:
+        q, k, v = _heads(state["in_proj"], H).chunk(3, dim=-1)
+        q, v = q + _heads(mod.q_bias[None, None, :], H), v + _heads(mod.v_bias[None, None, :], H)
+        factor = 1 + len(mod.pos_att_type)
+    else:
+        q, k, v = (_heads(state[n], H) for n in _deberta_projections(mod))
+        factor = 1 + sum(t in mod.pos_att_type for t in ("c2p", "p2c"))
+    D, T = q.shape[-1], q.shape[-2]
+    scaling = 1.0 / float(torch.sqrt(torch.tensor(D, dtype=torch.float) * factor))  # scaled_size_sqrt
+    emb, rel = state.get("rel_embeddings"), state.get("relative_pos")
+    dis = None
+    if mod.relative_attention and emb is not None and (rel is not None or not v1):
+        if rel is None:  # v2 builds it itself then
+            rel = sys.modules[type(mod).__module__].build_relative_position(
+                q, k, bucket_size=mod.position_buckets, max_position=mod.max_relative_positions)
+        rel = rel.reshape(-1, T, T)
+        if rel.shape[0] > 1 and not bool((rel == rel[:1]).all()):
+            raise ModelError(f"Model type {mod.config.model_type!r} passes relative positions that differ "
+                             "between sequences, which the atlas does not record.")
+        # v1 slices its table to the sequence; indexing the whole one with span max_relative_positions is the same
+        span = mod.max_relative_positions if v1 else mod.pos_ebd_size
+        table = emb[: 2 * span]
+        c2p, p2c = "c2p" in mod.pos_att_type, "p2c" in mod.pos_att_type
         if v1:
-            q, k, v = heads(state["in_proj"], H).chunk(3, dim=-1)
-            q, v = q + heads(mod.q_bias[None, None, :], H), v + heads(mod.v_bias[None, None, :], H)
-            factor = 1 + len(mod.pos_att_type)
+            pos_key = mod.pos_proj(table) if c2p else None
+            pos_query = mod.pos_q_proj(table) if p2c else None
         else:
-            q, k, v = (heads(state[n], H) for n in projections)
-            factor = 1 + sum(t in mod.pos_att_type for t in ("c2p", "p2c"))
-        D, T = q.shape[-1], q.shape[-2]
-        scaling = 1.0 / float(torch.sqrt(torch.tensor(D, dtype=torch.float) * factor))  # scaled_size_sqrt
-        emb, rel = state.get("rel_embeddings"), state.get("relative_pos")
-        dis = None
-        if mod.relative_attention and emb is not None and (rel is not None or not v1):
-            if rel is None:  # v2 builds it itself then
-                rel = sys.modules[type(mod).__module__].build_relative_position(
-                    q, k, bucket_size=mod.position_buckets, max_position=mod.max_relative_positions)
-            rel = rel.reshape(-1, T, T)
-            if rel.shape[0] > 1 and not bool((rel == rel[:1]).all()):
-                raise ModelError(f"Model type {mod.config.model_type!r} passes relative positions that differ "
-                                 "between sequences, which the atlas does not record.")
-            # v1 slices its table to the sequence; indexing the whole one with span max_relative_positions is the same
-            span = mod.max_relative_positions if v1 else mod.pos_ebd_size
-            table = emb[: 2 * span]
-            c2p, p2c = "c2p" in mod.pos_att_type, "p2c" in mod.pos_att_type
-            if v1:
-                pos_key = mod.pos_proj(table) if c2p else None
-                pos_query = mod.pos_q_proj(table) if p2c else None
-            else:
-                pos_key = (mod.key_proj if mod.share_att_key else mod.pos_key_proj)(table) if c2p else None
-                pos_query = (mod.query_proj if mod.share_att_key else mod.pos_query_proj)(table) if p2c else None
-            dis = Disentangled(rel[0].long(), int(span), None if pos_key is None else heads(pos_key, H).detach(),
-                               None if pos_query is None else heads(pos_query, H).detach())
-        mask = state["attention_mask"]
-        _emit(mod, LayerCapture(q.detach(), k.detach(), v.detach(), None if mask is None else mask.bool(), scaling,
-                                disentangled=dis))
-
-    handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
-               *(getattr(module, n).register_forward_hook(projection(n)) for n in projections),
-               module.register_forward_hook(post, with_kwargs=True)]
-    return [h.remove for h in handles]
+            pos_key = (mod.key_proj if mod.share_att_key else mod.pos_key_proj)(table) if c2p else None
+            pos_query = (mod.query_proj if mod.share_att_key else mod.pos_query_proj)(table) if p2c else None
+        dis = Disentangled(rel[0].long(), int(span), None if pos_key is None else _heads(pos_key, H).detach(),
+                           None if pos_query is None else _heads(pos_query, H).detach())
+    mask = state["attention_mask"]
+    return LayerCapture(q.detach(), k.detach(), v.detach(), None if mask is None else mask.bool(), scaling,
+                        disentangled=dis)
 
 
 def _emit(module: torch.nn.Module, cap: LayerCapture) -> None:
-    """Hand a capture from a wrapper or hook to the active recorder (with top-k if it wants it)."""
+    """Hand a capture from a hook to the active recorder (with top-k if it wants it)."""
     if not _active:
         return
     rec = _active[-1]
@@ -400,52 +380,24 @@ def _emit(module: torch.nn.Module, cap: LayerCapture) -> None:
     rec.keep(module, layer, cap)
 
 
-def _install_mpnet(module: torch.nn.Module) -> list[Callable[[], None]]:
-    """MPNetSelfAttention: hook its q, k, v projections (no rotary: heads are a plain split) and read the
-    additive mask and the relative position bias the encoder passes it."""
-    state: dict[str, Any] = {}
-
-    def pre(mod, args, kwargs):
-        got = _arguments(mod, args, kwargs)
-        state["mask"], state["bias"] = got.get("attention_mask"), got.get("position_bias")
-
-    def projection(name):
-        def hook(mod, inputs, out):
-            state[name] = out.detach()
-        return hook
-
-    def post(mod, args, kwargs, out):
-        B, T, _ = state["q"].shape
-        H, D = mod.num_attention_heads, mod.attention_head_size
-        q, k, v = (state[n].view(B, T, H, D).transpose(1, 2) for n in ("q", "k", "v"))
-        mask = state["mask"]
-        allowed = None if mask is None else (mask if mask.dtype == torch.bool else mask > BLOCKED)
-        bias = state["bias"]
-        _emit(mod, LayerCapture(q, k, v, allowed, D ** -0.5, bias=None if bias is None else bias.detach()))
-
-    handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
-               *(getattr(module, n).register_forward_hook(projection(n)) for n in ("q", "k", "v")),
-               module.register_forward_hook(post, with_kwargs=True)]
-    return [h.remove for h in handles]
-
-
-def _wrapping(method: str, record: Callable, pre_hook: Callable | None = None) -> Callable:
-    def install(module: torch.nn.Module) -> list[Callable[[], None]]:
-        undo = [_wrap(module, method, record)]
-        if pre_hook is not None:
-            undo.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
-        return undo
-    return install
+def _record_mpnet(module, got: dict[str, Any], rec: _Recorder) -> LayerCapture:
+    # MPNetSelfAttention: no rotary, heads are a plain split; the encoder passes the additive mask and the relative
+    # position bias.
+    q, k, v = (_heads(got[n], module.num_attention_heads) for n in ("q", "k", "v"))
+    mask, bias = got.get("attention_mask"), got.get("position_bias")
+    allowed = None if mask is None else (mask if mask.dtype == torch.bool else mask > BLOCKED)
+    return LayerCapture(q, k, v, allowed, module.attention_head_size ** -0.5, bias=None if bias is None else bias.detach())
 
 
 # model_type -> how its attention modules are instrumented (returns what undoes it)
 WRAPPERS: dict[str, Callable[[torch.nn.Module], list[Callable[[], None]]]] = {
-    "gpt_neo": _wrapping("_attn", _record_gpt_neo),
-    "bloom": _wrapping("_reshape", _record_bloom_split, _bloom_pre_hook),
-    "mpnet": _install_mpnet,
-    "falcon": _install_falcon,
-    "deberta-v2": _install_deberta,
-    "deberta": _install_deberta,
+    "gpt_neo": lambda m: _hooks(m, ("q_proj", "k_proj", "v_proj"), _record_gpt_neo),
+    "bloom": lambda m: _hooks(m, ("query_key_value",), _record_bloom),
+    "mpnet": lambda m: _hooks(m, ("q", "k", "v"), _record_mpnet),
+    # FalconAttention where it calls no attention interface (up to transformers 5.24)
+    "falcon": lambda m: _hooks(m, ("query_key_value",), _record_falcon),
+    "deberta-v2": lambda m: _hooks(m, _deberta_projections(m), _record_deberta),
+    "deberta": lambda m: _hooks(m, _deberta_projections(m), _record_deberta),
 }
 
 
@@ -455,7 +407,7 @@ def capturing(model: torch.nn.Module, layer_of_module: dict[int, list[int]] | No
               model_type: str | None = None, values: bool = True) -> Iterator[_Recorder]:
     """Route `model`'s attention through the recorder; restores everything on exit.
     With `topk`, each layer's strongest `topk` keys per query are kept too. `wrapped` are the
-    attention modules of an eager-only family (`model_type` in WRAPPERS) to wrap instead."""
+    attention modules of an eager-only family (`model_type` in WRAPPERS) to hook instead."""
     rec = _Recorder(layer_of_module, topk, causal, values)
     with ExitStack() as stack:
         if wrapped:
