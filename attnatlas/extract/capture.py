@@ -55,7 +55,7 @@ class LayerCapture:
     sliding_window: int | None = None  # what the model passed, a hint for which layers are windowed
     is_causal: bool | None = None  # what the model passed for SDPA when the mask is None
     unrecordable: str | None = None  # a keyword the atlas cannot record (the extractor refuses)
-    topk_weight: torch.Tensor | None = None  # (batch, head, query, k) strongest attention weights
+    topk_weight: torch.Tensor | None = None  # (batch, head, query, k) strongest attention weights (see _Recorder.top)
     topk_key: torch.Tensor | None = None  # (batch, head, query, k) their key positions
     disentangled: Disentangled | None = None  # DeBERTa: content-position terms
     key_bias: bool = False  # bias is (batch, head, 1, key): a function of the key's position, stored by key
@@ -98,6 +98,18 @@ class _Recorder:
             rows = t.transpose(1, 2).reshape(B * T, H * D).to(self.dtype)
             cap.rows[name] = rows if self.real is None else rows.index_select(0, self.real)
         cap.query = cap.key = cap.value = None
+
+    def top(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `topk` strongest keys of every query in probs (batch, head, query, key), weights and positions:
+        (batch, head, query, k); with the recorder's `dtype` set, (row, head, k) for the rows it keeps, so the
+        padded queries cost nothing (torch's topk on short rows costs several times a softmax)."""
+        k = min(self.topk, probs.shape[-1])
+        if self.dtype is None:
+            return probs.topk(k, dim=-1)
+        B, H, T, _ = probs.shape
+        if self.real is None:
+            return tuple(t.transpose(1, 2).reshape(B * T, H, k) for t in probs.topk(k, dim=-1))
+        return probs.transpose(1, 2)[self.real // T, self.real % T].topk(k, dim=-1)
 
     def layer(self, module: torch.nn.Module) -> int | None:
         if self.layer_of_module is None:
@@ -157,7 +169,7 @@ def _attention(module: torch.nn.Module, query, key, value, attention_mask, scali
                 causal = rec.causal if cap.is_causal is None else bool(cap.is_causal)
                 probs = attention_probs(cap, causal)  # (batch, head, query, key)
                 if rec.topk:
-                    cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
+                    cap.topk_weight, cap.topk_key = rec.top(probs)
                 v = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1) if value.shape[1] != query.shape[1] else value
                 out = (probs.to(v.dtype) @ v).transpose(1, 2).contiguous(), None
             rec.keep(module, layer, cap)
@@ -347,7 +359,7 @@ def _emit(module: torch.nn.Module, cap: LayerCapture) -> None:
         return
     if rec.topk:  # the model attends itself: top-k needs its own recomputation
         probs = attention_probs(cap, rec.causal)
-        cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
+        cap.topk_weight, cap.topk_key = rec.top(probs)
     rec.keep(module, layer, cap)
 
 

@@ -276,20 +276,17 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _topk_rows(layers: list[LayerCapture], rows: _Rows, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer, real_token, head * K) global token rows of each query's strongest keys (int32, -1 = none: padding,
-    a masked key, or fewer than K keys) and their weights (float16), for all layers in a few whole-batch ops."""
-    w = torch.stack([c.topk_weight for c in layers])  # (layer, batch, head, query, k)
+    a masked key, or fewer than K keys) and their weights (float16), for all layers in a few whole-batch ops.
+    The recorder has kept each layer's top-k of the real tokens only, as (real_token, head, k)."""
+    w = torch.stack([c.topk_weight for c in layers])  # (layer, real_token, head, k)
     pos = torch.stack([c.topk_key for c in layers])
-    L, B, H, T, k = w.shape
+    L, n, H, k = w.shape
     if k < K:  # sequences shorter than K keys: pad to the stored width
         w = torch.nn.functional.pad(w, (0, K - k))
         pos = torch.nn.functional.pad(pos, (0, K - k))
-    w = w.transpose(2, 3).reshape(L, B * T, H * K)
-    pos = pos.transpose(2, 3).reshape(L, B * T, H * K)
-    if rows.real is not None:
-        w, pos = w.index_select(1, rows.real), pos.index_select(1, rows.real)
-    keep = (w > 0) & (pos < rows.length[:, None])
-    index = torch.where(keep, pos + rows.key_row[:, None], -1).to(torch.int32)
-    return index, torch.where(keep, w, 0).to(torch.float16)
+    keep = (w > 0) & (pos < rows.length[:, None, None])
+    index = torch.where(keep, pos + rows.key_row[:, None, None], -1).to(torch.int32)
+    return index.view(L, n, H * K), torch.where(keep, w, 0).to(torch.float16).view(L, n, H * K)
 
 
 def _compact(caps: dict[int, LayerCapture], rows: _Rows, opts: ExtractOptions,
