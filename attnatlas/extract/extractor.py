@@ -311,46 +311,48 @@ def _compact(caps: dict[int, LayerCapture], rows: _Rows, opts: ExtractOptions,
 class _Staged:
     """One batch's arrays on their way to host memory; `arrays()` waits for them and hands them to the store."""
 
-    def __init__(self, host: dict[str, Any], heads: dict[str, int], done: Any, sources: list[torch.Tensor]):
+    def __init__(self, host: dict[str, Any], heads: dict[str, int], done: Any = None):
         self.host, self.heads, self.done = host, heads, done
-        self._sources = sources  # device tensors kept alive until their copies have landed
         self.extra: dict[str, np.ndarray] = {}  # arrays made on the host (processed images)
 
     def arrays(self) -> dict[str, Any]:
         if self.done is not None:
             self.done.synchronize()  # long done by now: the next batch's forward pass ran meanwhile
-        self._sources = []
         return {**{key: rows.numpy() if key == "hidden" else _HeadRows(rows, self.heads[key])
                    for key, rows in self.host.items()}, **self.extra}
 
 
 class _HostCopies:
-    """Device-to-host copies that overlap compute: each array of a batch is gathered into one tensor on the
-    device and copied into pinned host memory on a stream of its own, so the forward pass of the next batch
-    runs meanwhile; the copies are waited for one batch later (see _pipelined). On the CPU the rows are
-    already in host memory and are used as they are, unless `copy` asks for the device path anyway (tests)."""
+    """Device-to-host copies that overlap compute: each array of a batch, (layer, real_token, width) rows, is
+    copied layer by layer into one pinned host tensor on a stream of its own, so the forward pass of the next
+    batch runs meanwhile; the copies are waited for one batch later (see _pipelined). Host memory holds at
+    most two batches of rows (this one and the one being stored), whatever the corpus. On the CPU the rows are
+    already in host memory and are used as they are, unless `copy` asks for the copying path anyway (tests)."""
 
     def __init__(self, device: torch.device, copy: bool | None = None):
         self.copy = device.type != "cpu" if copy is None else copy
-        self.cuda = device.type == "cuda"
+        self.cuda, self.device = device.type == "cuda", device
         self.stream = torch.cuda.Stream(device) if self.cuda else None
 
     def start(self, arrays: dict[str, Any], heads: dict[str, int]) -> _Staged:
         if not self.copy:
-            return _Staged(arrays, heads, None, [])
-        sources = {key: rows if isinstance(rows, torch.Tensor) else torch.stack(rows) for key, rows in arrays.items()}
-        if not self.cuda:  # another accelerator (MPS): a plain copy
-            return _Staged({k: t.cpu() for k, t in sources.items()}, heads, None, [])
-        self.stream.wait_stream(torch.cuda.current_stream())  # the copies start once the rows are computed
+            return _Staged(arrays, heads)
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # copies start once the rows are made
         host = {}
-        with torch.cuda.stream(self.stream):
-            for key, t in sources.items():
-                host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host[key].copy_(t, non_blocking=True)
-                t.record_stream(self.stream)  # the allocator must not reuse them before the copy has read them
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            for key, rows in arrays.items():
+                shape = (len(rows), *rows[0].shape)
+                host[key] = out = torch.empty(shape, dtype=rows[0].dtype, pin_memory=self.cuda)
+                for layer in range(len(rows)):
+                    out[layer].copy_(rows[layer], non_blocking=self.cuda)
+                    if self.cuda:  # the allocator must not hand its memory out again before the copy has read it
+                        rows[layer].record_stream(self.stream)
+        if not self.cuda:
+            return _Staged(host, heads)
         done = torch.cuda.Event()
         done.record(self.stream)
-        return _Staged(host, heads, done, list(sources.values()))
+        return _Staged(host, heads, done)
 
 
 def _pipelined(steps):
