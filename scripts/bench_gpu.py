@@ -256,14 +256,12 @@ def projection(atlas_path: Path, name: str, args: argparse.Namespace, device: An
 
 # ---- one workload ------------------------------------------------------------------------------------------
 
-def workload(kind: str, tok: Any, tokens: int, args: argparse.Namespace, device: Any, work: Path) -> dict[str, Any]:
-    import torch
-
-    from attnatlas.extract import ExtractOptions, extract, prepare_model
+def workload(kind: str, loaded: Any, tokens: int, args: argparse.Namespace, device: Any, work: Path) -> dict[str, Any]:
+    from attnatlas.extract import ExtractOptions, extract
 
     res: dict[str, Any] = {"model": kind, "target_tokens": tokens}
+    tok = loaded.preprocessor
     texts = paragraphs(tok, tokens, args.max_tokens)
-    loaded = prepare_model(build_model(kind, tok, args.tiny), tok, f"random-{kind}", device=device)
     a = loaded.adapter
     res.update(sequences=len(texts), layers=a.n_layers, heads=a.n_heads, kv_heads=a.n_kv_heads, d_head=a.d_head,
                parameters=sum(p.numel() for p in loaded.model.parameters()))
@@ -294,9 +292,6 @@ def workload(kind: str, tok: Any, tokens: int, args: argparse.Namespace, device:
     with time_limit(args.part_limit_s, "exactness"):
         res["exactness"] = exactness(atlas_path, name, loaded, texts, sequences=2 if not args.tiny else 3)
     res["projection"] = projection(atlas_path, name, args, device)
-    del loaded
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     shutil.rmtree(atlas_path, ignore_errors=True)
     return res
 
@@ -375,18 +370,29 @@ def main() -> None:
     }
     print(f"device {report['device']}, torch {report['torch']}, {report['cpus']} CPUs; disk {report['disk_mib_per_s']:.0f} MiB/s "
           f"(written and fsync-ed in {work})", flush=True)
+    from attnatlas.extract import prepare_model
+
     try:
         for kind in models:
+            loaded = None
             for tokens in sizes:
                 if time.perf_counter() - started > args.budget_s:
                     r = {"model": kind, "target_tokens": tokens, "error": f"skipped: past the {args.budget_s:.0f} s budget"}
                 else:
                     try:
-                        r = workload(kind, toks[kind], tokens, args, device, work)
+                        if loaded is None:  # built once per model, for every corpus size
+                            t = time.perf_counter()
+                            loaded = prepare_model(build_model(kind, toks[kind], args.tiny), toks[kind], f"random-{kind}",
+                                                   device=device)
+                            report[f"build_{kind}_s"] = round(time.perf_counter() - t, 1)
+                        r = workload(kind, loaded, tokens, args, device, work)
                     except (TimeoutError, torch.cuda.OutOfMemoryError) as exc:
                         r = {"model": kind, "target_tokens": tokens, "error": f"{type(exc).__name__}: {exc}"}
                 report["runs"].append(r)
                 show(r)
+            del loaded
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         report["seconds"] = round(time.perf_counter() - started, 1)
         if not args.work_dir:

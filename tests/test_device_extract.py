@@ -175,3 +175,28 @@ def test_cuda_image_extraction_matches_cpu(tmp_path):
         extract(tmp_path / device, str(folder), images=images,
                 options=ExtractOptions(dtype="float32", batch_size=2, device=device, progress=False))
     _same_atlas(open_atlas(tmp_path / "cpu"), open_atlas(tmp_path / "cuda"), tol=1e-4)
+
+
+def test_out_of_device_memory_names_what_to_change_and_leaves_the_atlas(tmp_path, monkeypatch, capsys):
+    from attnatlas.cli import main as cli
+
+    folder = save_text_model("bert", tmp_path / "m")
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(TEXTS))
+    extract(tmp_path / "a", str(folder), texts=TEXTS, options=ExtractOptions(progress=False))
+    original = extractor._compact
+
+    def out_of_memory(*args, **kwargs):
+        if out_of_memory.calls:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        out_of_memory.calls += 1
+        return original(*args, **kwargs)
+
+    out_of_memory.calls = 0
+    monkeypatch.setattr(extractor, "_compact", out_of_memory)
+    code = cli(["extract", "--model", str(folder), "--texts", str(texts), "--out", str(tmp_path / "a"), "--name", "big",
+                "--batch-size", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--batch-size 2" in err and "smaller --batch-size" in err and "Traceback" not in err
+    assert open_atlas(tmp_path / "a").models == ["m"]
+    assert not [p for p in (tmp_path / "a" / "models").iterdir() if p.name.startswith(".incoming-")]

@@ -689,6 +689,18 @@ def extract(
 
     started = time.perf_counter()
     atlas = atlas or Atlas.open(atlas_path, create=True)
+    try:
+        _write_model(atlas, name, n_tokens, specs, attrs, overwrite, device, batches, n_items, adapter, opts, recipe,
+                     started)
+    except torch.cuda.OutOfMemoryError:  # the writer has removed what it wrote
+        raise ModelError(f"The {device.type.upper()} device ran out of memory with --batch-size {opts.batch_size}: use "
+                         "a smaller --batch-size (or --max-tokens), or --device cpu.") from None
+    return name
+
+
+def _write_model(atlas: Atlas, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any],
+                 overwrite: bool, device: torch.device, batches: Any, n_items: int, adapter: Adapter,
+                 opts: ExtractOptions, recipe: Recipe, started: float) -> None:
     with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite, background=_spare_core(device)) as writer:
         # closing(): a failed write ends the batch generator, and so its capture context, at once.
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
@@ -708,4 +720,3 @@ def extract(
         writer.attrs["scaling"] = recipe.scaling
         writer.attrs["extract_seconds"] = round(time.perf_counter() - started, 3)
         writer.commit(overwrite=overwrite)
-    return name
