@@ -78,13 +78,14 @@ class _Recorder:
         self._seen: dict[int, int] = {}
         self.real: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
+        self._where: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def next_batch(self, real: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> None:
         """Start recording the next forward pass (one capture context serves a whole extraction). With `dtype`,
         each layer keeps only its q and k rows in that dtype: those of `real`, the flat (batch * token) indices of
         the real tokens, or all rows when `real` is None."""
         self.layers, self.calls, self._seen = {}, [], {}
-        self.real, self.dtype = real, dtype
+        self.real, self.dtype, self._where = real, dtype, None
 
     def _compact(self, cap: LayerCapture) -> None:
         # Models make q, k as (batch, token, head, d) and view them as (batch, head, token, d): viewed back, a
@@ -109,7 +110,9 @@ class _Recorder:
         B, H, T, _ = probs.shape
         if self.real is None:
             return tuple(t.transpose(1, 2).reshape(B * T, H, k) for t in probs.topk(k, dim=-1))
-        return probs.transpose(1, 2)[self.real // T, self.real % T].topk(k, dim=-1)
+        if self._where is None or self._where[0] != T:  # (sequence, position) of each kept row, once per batch
+            self._where = (T, self.real // T, self.real % T)
+        return probs.transpose(1, 2)[self._where[1], self._where[2]].topk(k, dim=-1)
 
     def layer(self, module: torch.nn.Module) -> int | None:
         if self.layer_of_module is None:
