@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
+from attnatlas.project.reducers import PCAReducer, register_reducer
 from attnatlas.store import ArraySpec, Atlas, tokens_per_chunk
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", ",", ".", "42", "##ing", "bank", "river", "?", "run", "<b>x</b>"]
@@ -53,8 +54,10 @@ def write_synthetic_model(
     nonfinite_head: tuple[int, int] | None = None,
     lengths: list[int] | None = None,
     attrs: dict | None = None,
+    shape_vectors: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> None:
     """Random clustered q/k for a small text model, with causal top-k attention, stored in `atlas`.
+    `shape_vectors(q, k)` may edit the (layer, head, token, d) arrays in place first (awkward head data).
     Sequences have `seq_len` tokens each, or `lengths[s]`; `attrs` go into the model's attrs as given (e.g. an
     `attention` recipe with a window or bias: only what is recorded changes, not the stored top-k)."""
     rng = np.random.default_rng(seed)
@@ -71,6 +74,8 @@ def write_synthetic_model(
     k = (centres[lab][None, None] * 0.7 + 2 + rng.normal(size=(n_layers, n_kv, T, d_head))).astype(np.float32)
     if nonfinite_head is not None:
         q[nonfinite_head[0], nonfinite_head[1], 0, 0] = np.nan
+    if shape_vectors is not None:
+        shape_vectors(q, k)
     # Top-k attention within each sequence, causal, from these very vectors.
     idx = np.full((n_layers, n_heads, T, topk), -1, dtype=np.int32)
     w = np.zeros((n_layers, n_heads, T, topk), dtype=np.float16)
@@ -244,3 +249,39 @@ def dashboard_for(data, **args):
 
     doc = Document()
     return build_document(doc, data, {k: [str(v).encode()] for k, v in args.items()}), doc
+
+
+
+@register_reducer
+class CrashingReducer(PCAReducer):
+    """PCA that dies the native way in the first call to claim `claim_file` (so exactly one head of a run):
+    "segv" (a real segmentation fault), "abort", "kill" (as the OOM killer does) or "hang". Its retry on the
+    safe backend works, unless `crash_safe`."""
+
+    name = "crashing"
+    defaults = {"how": "segv", "claim_file": "", "crash_safe": False}
+
+    @property
+    def batched(self) -> bool:
+        return False
+
+    def fit_transform(self, X, init=None, knn=None):
+        import ctypes
+        import signal
+        import time
+
+        o = self.options
+        try:
+            first = os.open(o["claim_file"], os.O_CREAT | os.O_EXCL | os.O_WRONLY) >= 0
+        except FileExistsError:
+            first = False
+        if first or (self.safe and o["crash_safe"]):
+            if o["how"] == "segv":
+                ctypes.string_at(0)
+            elif o["how"] == "abort":
+                os.abort()
+            elif o["how"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            else:
+                time.sleep(3600)
+        return super().fit_transform(X, init, knn)

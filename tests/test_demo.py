@@ -27,11 +27,17 @@ def test_demo_builds_all_three_models_then_reuses_them(tmp_path, capsys):
     assert atlas.info("smollm2").n_kv_heads == 3
     assert len(atlas.sequences("dinov2-small")) == 2 and len(atlas.sequences("minilm")) == 12
     assert "extracting" in first
+    # Head types for every model, so every view shows them out of the box; induction probed on the causal one.
+    for model in atlas.models:
+        assert atlas.has_table(model, "head_scores"), model
+    assert atlas.read_table("smollm2", "head_scores")["induction"].notna().all()
+    assert first.count("head types in") == 3
     # Second run: nothing extracted or projected again.
     assert cli(args) == 0
     second = capsys.readouterr().out
     assert "extracting" not in second and second.count("already extracted") == 3
     assert "0 layouts made" in second
+    assert "head types in" not in second  # stored with the same settings: kept
     # The dashboard builds a document for the demo atlas, for each model.
     data = AppData(str(tmp_path / "demo"))
     for model in atlas.models:

@@ -107,7 +107,7 @@ IMAGE = {
 }
 # What the atlas must record beyond q.k for each type (checked, so a recipe cannot silently go missing).
 WINDOWED = {"starcoder2", "gpt_neo", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "modernbert"}
-BIASED = {"bloom", "falcon-alibi", "mpnet", "t5", "beit", "beit-shared"}
+BIASED = {"bloom", "falcon-alibi", "mpnet", "t5", "mt5", "umt5", "beit", "beit-shared"}
 DISENTANGLED = {"deberta", "deberta-v2", "deberta-v2-own-keys"}
 SOFTCAP = {"gemma2"}
 PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 3, "beit": 1, "beit-shared": 1,
@@ -139,7 +139,7 @@ def _check(atlas_path, name, model, ref: list[np.ndarray], lengths: list[int], k
     if windows:
         assert max(lengths) > min(windows) + 1  # the window really cut attention
     assert (rec["bias"] is not None) == (kind in BIASED)
-    if kind in {"bloom", "falcon-alibi", "mpnet", "t5", "beit-shared"}:  # one bias for every layer is stored once
+    if kind in {"bloom", "falcon-alibi", "mpnet", "t5", "mt5", "beit-shared"}:  # one bias for every layer is stored once
         assert rec["bias"]["tables"] and set(rec["bias"]["layer_table"]) == {0}
     if kind in {"bloom", "falcon-alibi"}:  # Bloom's float32 ALiBi by offset; Falcon's bfloat16 one by key position
         assert list(rec["bias"]["tables"][0]) == (["keys"] if kind == "falcon-alibi" else ["offsets"])
@@ -339,6 +339,31 @@ def test_encoder_of_t5_and_towers_of_clip_load_by_stack(tmp_path):
     assert atlas.info(text).attrs["causal"] and atlas.info(text).attrs["model_type"] == "clip_text_model"
 
 
+# Encoder-only checkpoints of encoder-decoder families: their folders save the config as T5EncoderModel & co. do.
+ENCODER_ONLY = {"t5": (tf.T5Config, tf.T5EncoderModel), "mt5": (tf.MT5Config, tf.MT5EncoderModel),
+                "umt5": (tf.UMT5Config, tf.UMT5EncoderModel)}
+
+
+@pytest.mark.parametrize("kind", sorted(ENCODER_ONLY))
+def test_encoder_only_checkpoint_extracts_with_or_without_its_stack(tmp_path, kind):
+    config, cls = ENCODER_ONLY[kind]
+    torch.manual_seed(0)
+    model = cls(config(d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=48, vocab_size=64,
+                       relative_attention_num_buckets=8, relative_attention_max_distance=16))
+    tok = _tokenizer(tmp_path)
+    folder = _save(tmp_path / kind, model, tok)
+    opts = ExtractOptions(dtype="float32", batch_size=3, progress=False)
+    assert extract(tmp_path / "a", folder, texts=TEXTS, options=opts) == kind
+    assert extract(tmp_path / "a", folder + "#encoder", texts=TEXTS, options=opts) == f"{kind}-encoder"
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    ref = _eager(cls.from_pretrained(folder).eval(), input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    lengths = enc["attention_mask"].sum(1).tolist()
+    atlas = attnatlas.open_atlas(tmp_path / "a")
+    for name in (kind, f"{kind}-encoder"):
+        assert not atlas.info(name).attrs["causal"] and atlas.info(name).n_layers == 2
+        assert _check(tmp_path / "a", name, None, ref, lengths, kind) <= TOL
+
+
 def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
     from attnatlas.cli import main as cli
 
@@ -368,6 +393,12 @@ def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
     (clash / "model.safetensors").write_bytes(b"not weights")
     # Refused from the config alone, no weights needed: talking heads mix the heads' logits.
     tf.DebertaConfig(**D, talking_head=True).save_pretrained(tmp_path / "talking")
+    # The decoder of an encoder-decoder family alone (BartForCausalLM), and an encoder-only T5 asked for its decoder.
+    bart = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=64, max_position_embeddings=64)
+    bart_decoder = _save(tmp_path / "bart-decoder", tf.BartForCausalLM(tf.BartConfig(**bart)), tok)
+    t5_encoder = _save(tmp_path / "t5-encoder", tf.T5EncoderModel(tf.T5Config(d_model=32, d_kv=8, num_heads=4,
+                                                                              num_layers=2, d_ff=48, vocab_size=64)), tok)
     cases = {
         "deberta talking heads": ([str(tmp_path / "talking")], ["'deberta'", "talking heads"]),
         "swin": ([str(swin), "--images", str(write_images(tmp_path / "imgs", n=1))], ["'swin'", "windows"]),
@@ -375,6 +406,8 @@ def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
         "t5 decoder": ([t5 + "#decoder"], ["cross-attention"]),
         "t5 unknown stack": ([t5 + "#vision"], ["no 'vision' stack"]),
         "no head count": ([str(tmp_path / "headless")], ["'bert'", "lacks the number of attention heads"]),
+        "decoder alone": ([bart_decoder], ["'bart'", "BartForCausalLM", "encoder of encoder-decoder families only"]),
+        "decoder of an encoder alone": ([t5_encoder + "#decoder"], ["encoder of 't5' alone", f"--model {t5_encoder} "]),
         "name clash": ([str(clash)], ["--overwrite"]),
     }
     for case, (args, needles) in cases.items():
@@ -428,3 +461,56 @@ def test_recipe_reads_a_window_off_the_mask_and_refuses_other_patterns():
     rec = Recipe("x", 1, False, [None], "bidirectional")
     rec.observe({0: _cap(None, offset)}, valid, image=False)
     assert rec.to_attrs()["bias"]["kind"] == "relative"
+
+
+# ---- a family whose modeling code moved in a transformers release: one message, before the weights load --------
+
+def _unreadable_weights(folder) -> None:
+    """Weights that cannot load: a refusal that names the capture proves it came before loading them."""
+    for f in folder.glob("*.safetensors"):
+        f.write_bytes(b"not weights")
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon", "llama"])
+def test_a_family_lacking_what_its_capture_reads_is_refused_naming_the_versions(tmp_path, capsys, monkeypatch, family):
+    from attnatlas.cli import main as cli
+    from attnatlas.extract.adapters import TESTED_TRANSFORMERS
+    from transformers.models.bloom import modeling_bloom
+    from transformers.models.falcon import modeling_falcon
+
+    folder = tmp_path / family
+    _save(folder, TEXT[family](), _tokenizer(tmp_path))
+    _unreadable_weights(folder)
+    if family == "bloom":  # a release that renamed the method the capture wraps
+        monkeypatch.delattr(modeling_bloom.BloomAttention, "_reshape")
+        needles = ["BloomAttention._reshape()"]
+    elif family == "falcon":  # a release that calls no attention interface and no longer passes alibi to its attention
+        monkeypatch.setattr(tf.FalconModel, "_can_set_attn_implementation", classmethod(lambda cls: False))
+        monkeypatch.setattr(modeling_falcon.FalconAttention, "forward",
+                            lambda self, hidden_states, attention_mask=None, position_embeddings=None, **kw: None)
+        needles = ["the 'alibi' argument of FalconAttention.forward"]
+    else:  # a release whose attention calls no interface, for a family attnatlas has no hooks for
+        monkeypatch.setattr(tf.LlamaModel, "_can_set_attn_implementation", classmethod(lambda cls: False))
+        needles = ["eager-only code that calls no attention interface in this release"]
+    texts = tmp_path / "t.txt"
+    texts.write_text("the cat sat\n")
+    code = cli(["extract", "--model", str(folder), "--texts", str(texts), "--out", str(tmp_path / "atlas"),
+                "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    for needle in [f"Model type {family!r}", f"transformers {tf.__version__}", *TESTED_TRANSFORMERS, *needles]:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "atlas").exists()
+
+
+def test_a_loaded_module_lacking_an_attribute_is_refused_not_an_attribute_error(tmp_path):
+    from attnatlas.errors import ModelError
+
+    model = TEXT["gpt_neo"]().eval()
+    for m in model.modules():
+        if type(m).__name__ == "GPTNeoSelfAttention":
+            del m.bias  # the causal / local mask buffer the capture reads
+    with pytest.raises(ModelError, match=r"'gpt_neo' cannot be captured with transformers .*GPTNeoSelfAttention\.bias"):
+        prepare_model(model, _tokenizer(tmp_path), "neo")
+

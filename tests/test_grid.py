@@ -342,17 +342,59 @@ def test_export_refuses_other_bad_paths(atlas_path, tmp_path, capsys):
     assert _tree(atlas_path) == before
 
 
-def test_export_refuses_a_model_with_unprojected_heads(tmp_path, capsys):
-    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=2, n_heads=2, n_seq=4, seq_len=6)
+def test_export_draws_a_model_projected_on_two_layers(tmp_path, capsys):
+    """4 layers x 3 heads, layouts on layers 1 and 3 only: the grid is drawn with the other layers' cells empty and
+    listed in the JSON; --layers / --heads pick rows and columns; a selection with no layout is refused."""
+    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=4, n_heads=3, n_seq=20, seq_len=10)
     rows = np.arange(len(atlas.tokens("synthetic")))
     writer = atlas.layout_writer("synthetic", "pca", rows, {"method": "pca", "fake": True})
-    writer.write_head(0, 0, np.zeros((2 * len(rows), 2), np.float32) + np.arange(2 * len(rows))[:, None],
-                      {"trustworthiness": 0.9, "knn_kept": 0.3, "seconds": 0.0, "points": 2 * len(rows)})
+    rng = np.random.default_rng(0)
+    for layer in (1, 3):
+        for head in range(3):
+            writer.write_head(layer, head, clustered_layout(rng, len(rows), 3),
+                              {"trustworthiness": 0.9, "knn_kept": 0.3, "seconds": 0.0, "points": 2 * len(rows)})
     before = _tree(tmp_path / "a")
-    assert cli(["export", str(tmp_path / "a"), "--model", "synthetic", "--method", "pca", "--grid", str(tmp_path / "g.png")]) == 2
-    err = capsys.readouterr().err
-    assert "3 heads of 'synthetic' have no 'pca' layout (L0H1, L1H0, L1H1)" in err
-    assert not (tmp_path / "g.png").exists() and _tree(tmp_path / "a") == before
+
+    def export(*extra):
+        out = tmp_path / "g.png"
+        code = cli(["export", str(tmp_path / "a"), "--model", "synthetic", "--method", "pca", "--grid", str(out),
+                    "--cell-px", "60", *extra])
+        std = capsys.readouterr()
+        if code:
+            return code, std.err, None, None
+        return code, std.out, json.loads((tmp_path / "g.json").read_text()), np.asarray(Image.open(out).convert("RGB"))
+
+    code, said, meta, img = export()
+    assert code == 0, said
+    assert (meta["layers"], meta["head_columns"]) == ([0, 1, 2, 3], [0, 1, 2])
+    assert {(h["layer"], h["head"]) for h in meta["heads"]} == {(l, h) for l in (1, 3) for h in range(3)}
+    assert {(m["layer"], m["head"]) for m in meta["missing"]} == {(l, h) for l in (0, 2) for h in range(3)}
+    assert img.shape[:2] == (meta["height"], meta["width"]) and meta["height"] == gv.LABEL_TOP + 4 * 60
+    for box in meta["heads"]:  # drawn: ink in the box
+        assert (img[box["y0"]:box["y1"], box["x0"]:box["x1"]] < 250).any()
+    for box in meta["missing"]:  # empty: white inside its frame
+        assert (img[box["y0"]:box["y1"], box["x0"]:box["x1"]] == 255).all()
+    assert "6 heads, 6 without a 'pca' layout drawn empty" in said and "--layers 1,3 leaves them out" in said
+
+    code, said, meta, img = export("--layers", "1,3")
+    assert code == 0 and not meta["missing"] and meta["height"] == gv.LABEL_TOP + 2 * 60
+    assert [h["layer"] for h in meta["heads"]] == [1, 1, 1, 3, 3, 3] and "leaves them out" not in said
+    top = meta["heads"][0]
+    assert (top["x0"], top["y0"]) == (gv.LABEL_LEFT + 2, gv.LABEL_TOP + 2)  # layer 1 drawn in the first row
+
+    code, said, meta, img = export("--layers", "0-1", "--heads", "2")
+    assert code == 0 and meta["width"] == gv.LABEL_LEFT + 60
+    assert [(h["layer"], h["head"]) for h in meta["heads"]] == [(1, 2)]
+    assert [(m["layer"], m["head"]) for m in meta["missing"]] == [(0, 2)]
+
+    for extra, needle in ((["--layers", "0,2"], "None of the selected heads of 'synthetic' has a 'pca' layout "
+                                                "(layers with layouts: 1,3)"),
+                          (["--layers", "9"], "Layer 9 is out of range"), (["--heads", "x"], "Cannot read head 'x'")):
+        (tmp_path / "g.png").unlink(missing_ok=True)
+        code, err, _, _ = export(*extra)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "g.png").exists()
+    assert _tree(tmp_path / "a") == before
     # the dashboard draws such a grid, with the missing heads marked
     dash, _ = dash_for(AppData(tmp_path / "a"))
     assert dash.grid.cell_src.data["label"][1] == "L0H1 (no layout)"

@@ -200,6 +200,46 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
                                                         slider=slider), code=METRIC_JS))
     metric_sel.js_on_change("value", filt)
     controls = row(metric_sel, measure_sel, which, slider)
+    shared = type_agreement(atlas, a, b, pat)
+    if shared is not None:  # head types of both models: do similar heads share a type?
+        ta, tb, text = shared
+        heat.data.update(ta=np.repeat(ta, nb), tb=np.tile(tb, na))
+        hf.hover.tooltips = [("", "@a (@ta) ~ @b (@tb)"), ("similarity", "@sim{0.000}")]
     view_layout = column(controls, row(fig_a, fig_b, info), hf, table, name="attnatlas-compare")
+    if shared is not None:
+        view_layout.children.insert(2, Div(text=shared[2], disable_math=True, name="compare-types"))
     seal(view_layout)  # model names reach titles and labels; none may be typeset
     return view_layout
+
+
+def type_agreement(atlas, a: str, b: str, pattern: np.ndarray, shown: int = 12) -> tuple[list[str], list[str], str] | None:
+    """(types of a's heads, of b's heads, in (layer, head) order, and HTML saying how many of a's typed heads have
+    a most similar head in b (by attention pattern) that shares a type, with the strongest pairs); None unless
+    both models have head types (attnatlas analyze --head-types)."""
+    from attnatlas.analyze.head_types import scores_with_types
+
+    typed = [scores_with_types(atlas, m) for m in (a, b)]
+    if any(t is None for t in typed):
+        return None
+    ta, tb = (t.sort_values(["layer", "head"])["types"].fillna("").tolist() for t in typed)
+    if len(ta) != pattern.shape[0] or len(tb) != pattern.shape[1]:
+        return None
+    names = lambda m, i, n_heads: f"L{i // n_heads}H{i % n_heads}"  # noqa: E731
+    ha, hb = atlas.info(a).n_heads, atlas.info(b).n_heads
+    rows, same_n, typed_n = [], 0, 0
+    sim = np.where(np.isfinite(pattern), pattern, -np.inf)
+    for i, kinds in enumerate(ta):
+        if not kinds or not np.isfinite(sim[i]).any():
+            continue
+        j = int(np.argmax(sim[i]))
+        same = bool(set(kinds.split(",")) & set(tb[j].split(",")) - {""})
+        typed_n += 1
+        same_n += same
+        rows.append((float(sim[i, j]), names(a, i, ha), kinds, names(b, j, hb), tb[j] or "no type", same))
+    rows.sort(key=lambda r: -r[0])
+    head = (f"<b>Head types across models</b>: of {html.escape(a)}'s {typed_n} typed heads, {same_n} have their most "
+            f"similar head in {html.escape(b)} (attention pattern) of a shared type.")
+    body = "".join(f"<tr><td>{html.escape(x)} ({html.escape(kx)})</td><td>~ {html.escape(y)} ({html.escape(ky)})</td>"
+                   f"<td>{s_:.3f}</td><td>{'&#10003; shared' if same else '&ndash;'}</td></tr>"
+                   for s_, x, kx, y, ky, same in rows[:shown])
+    return ta, tb, head + (f"<table style='font-size:12px'>{body}</table>" if body else "")

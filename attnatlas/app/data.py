@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from attnatlas.analyze import head_types
 from attnatlas.errors import StoreError
 from attnatlas.store import Atlas
 
@@ -97,6 +98,8 @@ def robust_range(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = ~(hi > lo)  # every point on one line: centre it instead of dividing by zero
     return np.where(flat, lo - 0.5, lo).astype(np.float32), np.where(flat, hi + 0.5, hi).astype(np.float32)
 # Per-head numbers shown and sortable in the grid, in menu order; compare's table adds its own.
+HEAD_SCORES = head_types.TABLE
+TYPE_COLUMNS = ["types", "type", "confidence", "type_text"]
 QUALITY_LABELS = {"trustworthiness": "trustworthiness", "knn_kept": "10-NN kept"}
 METRIC_LABELS = {"entropy_mean": "entropy (nats)", "first_share": "sink share (first token)",
                  "prev_share": "previous-token share", "distance_mean": "mean distance (tokens)",
@@ -309,7 +312,8 @@ class AppData:
         stored. Columns are the keys of `head_metric_labels`."""
         # Keyed by whether compare's table exists: metrics stored while the server runs show up on the next draw.
         stored = self.atlas.has_table(model, "head_metrics")
-        return self._static.get(("head_table", model, method, stored), lambda: self._make_head_table(model, method))
+        typed = self.atlas.has_table(model, HEAD_SCORES)  # head types stored while serving show up too
+        return self._static.get(("head_table", model, method, stored, typed), lambda: self._make_head_table(model, method))
 
     def _make_head_table(self, model: str, method: str) -> pd.DataFrame:
         info = self.infos[model]
@@ -321,12 +325,31 @@ class AppData:
             m = self.atlas.read_table(model, "head_metrics")
             cols = [c for c in METRIC_LABELS if c in m and pd.api.types.is_numeric_dtype(m[c])]
             df = df.merge(m[["layer", "head", *cols]].astype({"layer": int, "head": int}), on=["layer", "head"], how="left")
+        typed = head_types.scores_with_types(self.atlas, model)
+        if typed is not None:  # scores with any values, then the types (text columns, not in the metric menu)
+            cols = [c for c in head_types.SCORE_LABELS if c in typed and typed[c].notna().any()]
+            typed = typed[["layer", "head", *cols, *TYPE_COLUMNS]].astype({"layer": int, "head": int})
+            df = df.merge(typed, on=["layer", "head"], how="left")
+            for c in TYPE_COLUMNS:
+                df[c] = df[c].fillna(0.0 if c == "confidence" else "")
         return df.sort_values(["layer", "head"]).reset_index(drop=True)
+
+    def has_head_types(self, model: str, method: str) -> bool:
+        return "types" in self.head_table(model, method).columns
+
+    def head_type_of(self, model: str, method: str, layer: int, head: int) -> str:
+        """"induction 0.93, previous-token 0.71" for one head; '' when untyped or not scored."""
+        t = self.head_table(model, method)
+        if "type_text" not in t:
+            return ""
+        row = t[(t["layer"] == layer) & (t["head"] == head)]
+        return str(row["type_text"].iloc[0]) if len(row) else ""
 
     def head_metric_labels(self, model: str, method: str) -> dict[str, str]:
         """Column of head_table -> label, for the metrics this model has."""
         cols = self.head_table(model, method).columns
-        return {k: v for k, v in {**QUALITY_LABELS, **METRIC_LABELS}.items() if k in cols}
+        return {k: v for k, v in {**QUALITY_LABELS, **METRIC_LABELS, **head_types.SCORE_LABELS, "confidence": "type confidence"}.items()
+                if k in cols}
 
     # ---- head map: every head of one or more models as one point ------------------------------------------
     def compared_models(self, model: str) -> list[str]:
@@ -463,6 +486,9 @@ def _stack_counts(xy: np.ndarray) -> np.ndarray:
     out = counts[inverse].astype(np.int32)
     out[~np.isfinite(pts).all(1)] = 1
     return out
+
+
+stack_counts = _stack_counts  # public name, for the standalone page (app.page)
 
 
 def _continues_word(tok: pd.DataFrame) -> np.ndarray:

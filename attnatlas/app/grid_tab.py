@@ -10,6 +10,7 @@ from typing import Callable
 from attnatlas.app.data import AppData
 from attnatlas.app.grid_view import GridView
 from attnatlas.app.head_map import HeadMap
+from attnatlas.app.head_scatter import HeadScatter
 from attnatlas.app.view import Place
 
 
@@ -19,7 +20,8 @@ class GridTab:
     def __init__(self, data: AppData, place: Place, on_open: Callable[[int, int], None],
                  on_open_model: Callable[[str, int, int], None], on_error: Callable[[str], None]):
         self.place = place
-        self.grid = GridView(data, on_open=on_open, on_error=on_error, on_open_model=on_open_model, make_head_map=HeadMap)
+        self.grid = GridView(data, on_open=on_open, on_error=on_error, on_open_model=on_open_model, make_head_map=HeadMap,
+                             make_head_scatter=HeadScatter)
         self.root = self.grid.panel
         self.update()
 

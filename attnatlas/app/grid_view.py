@@ -45,6 +45,7 @@ from bokeh.plotting import figure
 from PIL import Image
 
 from attnatlas.app import colors
+from attnatlas.analyze.head_types import TYPE_BADGES, TYPE_COLOURS
 from attnatlas.app.data import AppData, GridLayouts
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ SHARPEN = 1.25  # re-render when cells are shown this much larger than rendered
 HAND_OVER = 1.2  # open the head once the view spans fewer cells than this in both directions
 FRAME = "#d0d0d0"
 # Numbers in a cell's hover: faithfulness, then compare's metrics where stored.
-HOVER = ("trustworthiness", "knn_kept", "entropy_mean", "first_share", "prev_share", "distance_mean")
+HOVER = ("trustworthiness", "knn_kept", "entropy_mean", "first_share", "prev_share", "distance_mean",
+         "induction", "duplicate", "previous_token", "sink", "broad", "local", "positional", "colour", "brightness")
+ANY_TYPE = "any type"
 
 
 # ---- rasterising ---------------------------------------------------------------------------------------------
@@ -231,7 +234,7 @@ class GridView:
 
     def __init__(self, data: AppData, on_open: Callable[[int, int], None], on_error: Callable[[str], None],
                  on_open_model: Callable[[str, int, int], None] | None = None,
-                 make_head_map: Callable[..., Any] | None = None):
+                 make_head_map: Callable[..., Any] | None = None, make_head_scatter: Callable[..., Any] | None = None):
         self.data = data
         # The head map draws its thumbnails with this module's renderer, so it is handed in (dashboard.py),
         # not imported here: no import cycle between the two.
@@ -240,6 +243,8 @@ class GridView:
         self.on_error = on_error
         self.on_open_model = on_open_model or (lambda model, layer, head: on_open(layer, head))
         self.head_map: Any = None  # HeadMap, built when first shown
+        self.make_head_scatter = make_head_scatter
+        self.head_scatter: Any = None  # HeadScatter (head_scatter.py), built when first shown
         self.model: str | None = None
         self.method: str | None = None
         self.columns: np.ndarray = np.zeros((0, 0), np.int64)  # (layer, head) -> column shown
@@ -292,6 +297,11 @@ class GridView:
         cells.selection_glyph = None
         self.fig.text("x", "y", text="text", source=self.label_src, text_font_size="9px", text_color="#444",
                       text_baseline="top", x_offset=3, y_offset=2, name="grid_head_labels")
+        # Head types: the most specific type's badge (or the type picked) in each cell's top-right corner, in its colour.
+        self.badge_src = ColumnDataSource(data=dict(x=[], y=[], text=[], colour=[]), name="grid_type_badges")
+        self.fig.text("x", "y", text="text", source=self.badge_src, text_font_size="10px", text_color="colour",
+                      text_font_style="bold", text_baseline="top", text_align="right", x_offset=-3, y_offset=2,
+                      name="grid_type_badge_text")
         self.hover = HoverTool(renderers=[cells], tooltips=[("head", "@label")])
         self.fig.add_tools(TapTool(renderers=[cells]), self.hover)
         self.cell_src.selected.on_change("indices", self._on_cell)
@@ -308,21 +318,25 @@ class GridView:
         self.metric_filter.on_change("value_throttled", self._on_filter)
         self.legend = Div(text="", disable_math=True, name="grid_legend")
         self.info = Div(text="", disable_math=True, name="grid_info")
-        controls = row(self.metric_select, self.metric_opts, self.metric_filter, self.legend)
-        self.mode = RadioButtonGroup(labels=["grid", "head map"], active=0, name="grid_mode")
+        self.type_select = Select(title="Head type", width=170, options=[ANY_TYPE], value=ANY_TYPE, visible=False,
+                                  name="grid_type")
+        self.type_select.on_change("value", self._on_type)
+        controls = row(self.type_select, self.metric_select, self.metric_opts, self.metric_filter, self.legend)
+        self.mode = RadioButtonGroup(labels=["grid", "head map", "head scatter"], active=0, name="grid_mode")
         self.mode.on_change("active", self._on_mode)
         self.grid_box = column(self.info, controls, self.fig, sizing_mode="stretch_width", name="grid_box")
         self.panel = column(self.mode, self.grid_box, sizing_mode="stretch_width", name="grid_panel")
 
     # ---- model and method ---------------------------------------------------------------------------------------
-    def show(self, model: str, method: str) -> None:
-        """Draw the grid of `model`'s `method` layouts (both already validated by AppData)."""
+    def show(self, model: str, method: str, cell_px: int | None = None) -> None:
+        """Draw the grid of `model`'s `method` layouts (both already validated by AppData); `cell_px` renders the
+        base image at that cell size instead of the dashboard's (a standalone page draws a smaller grid)."""
         self.model, self.method = model, method
         info = self.data.infos[model]
         L, H = info.n_layers, info.n_heads
         self.g = self.data.grid_layouts(model, method)
         self.table = self.data.head_table(model, method)
-        self._cell_px = base_cell_px(H)
+        self._cell_px = int(np.clip(cell_px, MIN_CELL_PX // 2, MAX_CELL_PX)) if cell_px else base_cell_px(H)
         # Cell images at the base size, shared by the sessions: re-ordering the grid only re-composes them.
         self._cells = self.data.grid_image(("cells", model, method, self._cell_px), dict)
         self.columns = slot_order(L, H)
@@ -330,6 +344,11 @@ class GridView:
         self._quiet = True
         try:
             self.metric_select.options = [("none", "none")] + list(labels.items())
+            present = self._types_present()
+            self.type_select.options = [ANY_TYPE] + present
+            self.type_select.visible = bool(present)
+            if self.type_select.value not in present:
+                self.type_select.value = ANY_TYPE
             if self.metric_select.value not in labels:
                 self.metric_select.value = "none"
                 self.metric_filter.visible = False
@@ -356,9 +375,11 @@ class GridView:
             f"each cell drawn from all {2 * self.g.n_queries:,} points of its head as "
             f'<span style="color:{colors.QUERY}">queries</span> and <span style="color:{colors.KEY}">keys</span> '
             "(darker: denser; where both overlap the colours mix). Click a cell, or zoom into it, to open the head."
-            + scroll)
+            + scroll + self._types_note())
         if self.mode.active == 1:
             self.head_map.show(model, method)
+        if self.mode.active == 2:
+            self.head_scatter.show(model, method)
 
     @_guard
     def _on_mode(self, attr: str, old: int, new: int) -> None:
@@ -372,6 +393,15 @@ class GridView:
                 self.head_map = self.make_head_map(self.data, on_open=self.on_open_model, on_error=self.on_error)
             self.head_map.show(self.model, self.method)
             self.panel.children = [self.mode, self.head_map.panel]
+        elif new == 2:  # scores of every head against each other
+            if self.head_scatter is None:
+                if self.make_head_scatter is None:
+                    self.on_error("the head scatter is not available in this view")
+                    self.mode.active = 0
+                    return
+                self.head_scatter = self.make_head_scatter(self.data, on_open=self.on_open_model, on_error=self.on_error)
+            self.head_scatter.show(self.model, self.method)
+            self.panel.children = [self.mode, self.head_scatter.panel]
         else:
             self.panel.children = [self.mode, self.grid_box]
 
@@ -385,7 +415,11 @@ class GridView:
         metric = self._metric()
         sort = metric is not None and 1 in self.metric_opts.active
         values = self.table[metric].to_numpy(np.float64).reshape(L, H) if metric else None
-        self.columns = slot_order(L, H, values if sort else None)
+        kind = self._type()
+        type_sort = metric is None and kind is not None and 1 in self.metric_opts.active
+        sort = sort or type_sort
+        self.columns = slot_order(L, H, values if metric is not None and sort else
+                                  (self._type_confidence(kind).reshape(L, H) if type_sort else None))
         key = ("grid", self.model, self.method, self._cell_px, self.columns.tobytes())
         url = self.data.grid_image(key, lambda: data_url(render_grid(g, self._cell_px, self.columns, self._cells).index))
         self.base_src.data = dict(url=[url], x=[0.0], y=[float(L)], w=[float(H)], h=[float(L)])
@@ -400,8 +434,11 @@ class GridView:
         self.cell_src.data = dict(
             left=cols, right=cols + 1, bottom=(L - 1 - layers).astype(float), top=(L - layers).astype(float),
             layer=layers, head=heads, label=[f"L{a}H{b}" + ("" if g.done[a, b] else " (no layout)") for a, b in zip(layers, heads)],
-            frame=frame, frame_w=frame_w, fade=self._fade(values), **{f"m_{k}": v for k, v in hover.items()})
-        self.hover.tooltips = [("head", "@label")] + [(lab, f"@m_{k}") for k, lab in shown.items()]
+            frame=frame, frame_w=frame_w, fade=self._fade(values), **{f"m_{k}": v for k, v in hover.items()},
+            **({"type_text": [t or "\u2013" for t in self.table["type_text"]]} if "type_text" in self.table else {}))
+        self.hover.tooltips = ([("head", "@label")] + ([("types", "@type_text")] if "type_text" in self.table else [])
+                               + [(lab, f"@m_{k}") for k, lab in shown.items()])
+        self._draw_badges(cols, layers)
         if sort:  # columns no longer are head numbers: each cell says which head it is
             self.label_src.data = dict(x=cols, y=(L - layers).astype(float), text=[f"H{b}" for b in heads])
             self.fig.xaxis.major_label_overrides = {h + 0.5: f"#{h + 1}" for h in range(H)}
@@ -424,14 +461,68 @@ class GridView:
         return frame, [3.0 if np.isfinite(x) else 1.0 for x in t]
 
     def _fade(self, values: np.ndarray | None) -> list[float]:
-        """0 for shown heads, 0.85 (a white veil) for heads outside the filter range."""
+        """0 for shown heads, 0.85 (a white veil) for heads outside the filter range or not of the chosen type."""
         n = self.g.done.size
-        if values is None or not self.metric_filter.visible:
-            return [0.0] * n
-        a, b = self.metric_filter.value
-        v = values.reshape(-1)
-        keep = np.isfinite(v) & (v >= a - 1e-12) & (v <= b + 1e-12)
+        keep = np.ones(n, bool)
+        kind = self._type()
+        if kind is not None:
+            keep &= self._type_confidence(kind) > 0
+        if values is not None and self.metric_filter.visible:
+            a, b = self.metric_filter.value
+            v = values.reshape(-1)
+            keep &= np.isfinite(v) & (v >= a - 1e-12) & (v <= b + 1e-12)
         return [0.0 if k else 0.85 for k in keep]
+
+    # ---- head types (attnatlas analyze --head-types) ------------------------------------------------------------
+    def _types_present(self) -> list[str]:
+        if "types" not in self.table:
+            return []
+        have = {t for ts in self.table["types"] for t in str(ts).split(",") if t}
+        return [t for t in TYPE_BADGES if t in have]
+
+    def _types_note(self) -> str:
+        present = self._types_present()
+        if not present:
+            return ""
+        keys = " ".join(f'<b style="color:{TYPE_COLOURS[t]}">{TYPE_BADGES[t]}</b> {html.escape(t)}' for t in present)
+        return (f"<br>Badges: each head's most specific type ({keys}); hover a cell for its scores, pick a type to show "
+                "only its heads (with 'sort heads', strongest first).")
+
+    def _type(self) -> str | None:
+        v = self.type_select.value
+        return v if v != ANY_TYPE and v in self._types_present() else None
+
+    def _type_confidence(self, kind: str) -> np.ndarray:
+        """(layer * head,) the confidence of type `kind` per head, 0 where the head is not of that type."""
+        out = np.zeros(len(self.table))
+        for i, text in enumerate(self.table["type_text"]):
+            for part in str(text).split(", "):
+                name, _, conf = part.rpartition(" ")
+                if name == kind:
+                    out[i] = float(conf)
+        return out
+
+    def _draw_badges(self, cols: np.ndarray, layers: np.ndarray) -> None:
+        if "type" not in self.table:
+            self.badge_src.data = dict(x=[], y=[], text=[], colour=[])
+            return
+        L = self.g.done.shape[0]
+        kinds = self.table["type"].astype(str).to_numpy().copy()
+        picked = self._type()
+        if picked is not None:  # the picked type's badge on the heads that have it
+            kinds[self._type_confidence(picked) > 0] = picked
+        has = kinds != ""
+        self.badge_src.data = dict(x=(cols + 1)[has], y=(L - layers).astype(float)[has],
+                                   text=[TYPE_BADGES.get(k, k[:4].upper()) for k in kinds[has]],
+                                   colour=[TYPE_COLOURS.get(k, "#333333") for k in kinds[has]])
+
+    @_guard
+    def _on_type(self, attr: str, old: Any, new: Any) -> None:
+        if self.model is None or self._quiet:
+            return
+        self._draw_cells()
+        self._detail_key = None
+        self._refresh_detail()
 
     @_guard
     def _on_metric(self, attr: str, old: Any, new: Any) -> None:
@@ -570,11 +661,17 @@ class GridView:
 LABEL_LEFT, LABEL_TOP = 40, 22  # px of margin for the layer and head labels
 
 
-def grid_figure(g: GridLayouts, cell_px: int) -> tuple[Image.Image, list[dict[str, Any]]]:
+def grid_figure(g: GridLayouts, cell_px: int, layers: list[int] | None = None,
+                heads: list[int] | None = None) -> tuple[Image.Image, list[dict[str, Any]]]:
     """The grid as the dashboard draws it, on white with a frame per cell and layer/head labels, and each
-    head's pixel box in that image with the data range the box maps."""
+    head's pixel box in that image with the data range the box maps (`has_layout` False: drawn empty).
+    `layers`, `heads`: the rows and columns to draw (default all), labelled with their own numbers."""
     from PIL import ImageDraw, ImageFont
 
+    layers = list(range(g.done.shape[0])) if layers is None else list(layers)
+    heads = list(range(g.done.shape[1])) if heads is None else list(heads)
+    pick = np.ix_(layers, heads)
+    g = GridLayouts(g.coords[pick], g.n_queries, g.done[pick], g.lo[pick], g.hi[pick])
     L, H = g.done.shape
     grid = render_grid(g, cell_px)
     rgba = Image.fromarray(to_rgba(grid.index), mode="RGBA")
@@ -588,11 +685,12 @@ def grid_figure(g: GridLayouts, cell_px: int) -> tuple[Image.Image, list[dict[st
         font = ImageFont.load_default()
     boxes = []
     for b in grid.boxes:
-        box = {**b, "x0": b["x0"] + LABEL_LEFT, "x1": b["x1"] + LABEL_LEFT, "y0": b["y0"] + LABEL_TOP, "y1": b["y1"] + LABEL_TOP}
+        box = {**b, "layer": layers[b["layer"]], "head": heads[b["head"]], "x0": b["x0"] + LABEL_LEFT,
+               "x1": b["x1"] + LABEL_LEFT, "y0": b["y0"] + LABEL_TOP, "y1": b["y1"] + LABEL_TOP}
         draw.rectangle((box["x0"] - 1, box["y0"] - 1, box["x1"], box["y1"]), outline=FRAME if b["has_layout"] else "#888888")
         boxes.append(box)
-    for head in range(H):
-        draw.text((LABEL_LEFT + head * cell_px + cell_px / 2, LABEL_TOP / 2), f"H{head}", fill="#333333", font=font, anchor="mm")
-    for layer in range(L):
-        draw.text((LABEL_LEFT / 2, LABEL_TOP + layer * cell_px + cell_px / 2), f"L{layer}", fill="#333333", font=font, anchor="mm")
+    for c, head in enumerate(heads):
+        draw.text((LABEL_LEFT + c * cell_px + cell_px / 2, LABEL_TOP / 2), f"H{head}", fill="#333333", font=font, anchor="mm")
+    for r, layer in enumerate(layers):
+        draw.text((LABEL_LEFT / 2, LABEL_TOP + r * cell_px + cell_px / 2), f"L{layer}", fill="#333333", font=font, anchor="mm")
     return canvas, boxes

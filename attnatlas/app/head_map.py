@@ -21,6 +21,7 @@ from bokeh.models import CheckboxGroup, ColumnDataSource, Div, HoverTool, RadioB
 from bokeh.palettes import Category10
 from bokeh.plotting import figure
 
+from attnatlas.analyze.head_types import TYPE_COLOURS
 from attnatlas.app import grid_view as gv
 from attnatlas.app.data import AppData
 
@@ -94,7 +95,7 @@ class HeadMap:
         self.method: str | None = None
         self._quiet = False
         self.src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[], cx=[], cy=[], model=[], label=[],
-                                              layer=[], head=[], colour=[]), name="head_map_points")
+                                              layer=[], head=[], colour=[], type=[]), name="head_map_points")
         self.fig = figure(width=1000, height=760, sizing_mode="scale_width", match_aspect=True, name="head_map_figure",
                           tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above")
         self.fig.grid.visible = False
@@ -104,15 +105,19 @@ class HeadMap:
                                line_color="colour", line_width=1.5, name="head_map_frames")
         frames.nonselection_glyph = None
         frames.selection_glyph = None
-        self.fig.add_tools(TapTool(renderers=[frames]), HoverTool(renderers=[frames], tooltips=[("head", "@model @label")]))
+        self.fig.add_tools(TapTool(renderers=[frames]), HoverTool(renderers=[frames], tooltips=[("head", "@model @label"), ("type", "@type")]))
         self.src.selected.on_change("indices", self._on_tap)
         self.measure = RadioButtonGroup(labels=[label for _, label in MEASURES], active=0, name="head_map_measure")
         self.measure.on_change("active", self._on_change)
         self.with_models = CheckboxGroup(labels=[], active=[], name="head_map_models")
         self.with_models.on_change("active", self._on_change)
         self.info = Div(text="", disable_math=True, name="head_map_info")
-        self.panel = column(self.info, row(self.measure, self.with_models), self.fig, sizing_mode="stretch_width",
-                            name="head_map_panel")
+        # Frames by model, or by each head's most specific type (attnatlas analyze --head-types).
+        self.colour_by = RadioButtonGroup(labels=["frames by model", "frames by head type"], active=0,
+                                          name="head_map_colour_by")
+        self.colour_by.on_change("active", self._on_change)
+        self.panel = column(self.info, row(self.measure, self.with_models, self.colour_by), self.fig,
+                            sizing_mode="stretch_width", name="head_map_panel")
 
     def _guard(fn: Callable) -> Callable:  # noqa: N805 - a decorator used inside the class body
         @functools.wraps(fn)
@@ -157,7 +162,8 @@ class HeadMap:
                 return labels, classical_mds(1 - np.clip(sim, -1, 1)), MEASURES[[k for k, _ in MEASURES].index(key)][1]
         # Metric profile: every model's heads on the metric columns they all have.
         tables = [self.data.head_table(m, self.data.method(m, self.method)).assign(model=m) for m in models]
-        common = [c for c in tables[0].columns if all(c in t for t in tables) and c not in ("layer", "head", "model")]
+        common = [c for c in tables[0].columns if all(c in t for t in tables) and c not in ("layer", "head", "model")
+                  and pd.api.types.is_numeric_dtype(tables[0][c])]  # head types are text
         table = pd.concat(tables, ignore_index=True)
         note = "metric profile" + ("" if key == "metrics" else
                                    " (no stored comparison: run `attnatlas compare` for the attention-pattern map)")
@@ -179,15 +185,31 @@ class HeadMap:
             urls += thumbnails(self.data, m, self.data.method(m, self.method))
         palette = Category10[10]
         colour = {m: palette[i % 10] for i, m in enumerate(models)}
+        kinds = self._kinds(models, labels)
         cx, cy = xy[:, 0], xy[:, 1]
         self.src.data = dict(url=urls, x=cx - size / 2, y=cy + size / 2, w=[size] * len(cx), h=[size] * len(cx),
                              cx=cx, cy=cy, model=labels["model"].tolist(),
                              label=[f"L{a}H{b}" for a, b in zip(labels["layer"], labels["head"])],
                              layer=labels["layer"].astype(int).tolist(), head=labels["head"].astype(int).tolist(),
-                             colour=[colour[m] for m in labels["model"]])
+                             colour=[colour[m] for m in labels["model"]] if kinds is None else
+                             [TYPE_COLOURS.get(k, "#dddddd") for k in kinds], type=kinds or [""] * len(labels))
         legend = " ".join(f'<span style="border:2px solid {colour[m]};padding:0 4px">{html.escape(m)}</span>' for m in models)
+        if kinds is not None:
+            legend = " ".join(f'<span style="border:2px solid {TYPE_COLOURS[k]};padding:0 4px">{html.escape(k)}</span>'
+                              for k in TYPE_COLOURS if k in set(kinds)) + " (grey: no type)"
         self.info.text = (f"{len(labels)} heads placed by {html.escape(how)}: nearby heads behave alike. "
                           f"Each is drawn from all its layout points. Click a head to open it. {legend}")
+
+    def _kinds(self, models: tuple[str, ...], labels: pd.DataFrame) -> list[str] | None:
+        """Each placed head's most specific type when frames are by type, else None."""
+        if self.colour_by.active != 1:
+            return None
+        out = {}
+        for m in models:
+            t = self.data.head_table(m, self.data.method(m, self.method))
+            if "type" in t:
+                out.update({(m, int(a), int(b)): str(k) for a, b, k in zip(t["layer"], t["head"], t["type"])})
+        return [out.get((m, int(a), int(b)), "") for m, a, b in zip(labels["model"], labels["layer"], labels["head"])]
 
     @_guard
     def _on_tap(self, attr: str, old: list[int], new: list[int]) -> None:

@@ -361,7 +361,10 @@ class HeadView:
         stacked = int((h.stack > 1).sum()) if h.stack is not None else 0
         if stacked:
             faith += f"<br>{stacked:,} points share their spot with others (the tooltip counts them)"
-        return (f"<b>{html.escape(p.model)} L{p.layer}H{p.head}</b> ({html.escape(p.method)}, "
+        kind = self.data.head_type_of(p.model, p.method, p.layer, p.head)  # attnatlas analyze --head-types
+        kind = (f" \u2014 type: <b>{html.escape(kind)}</b>" if kind else
+                " \u2014 no head type" if self.data.has_head_types(p.model, p.method) else "")
+        return (f"<b>{html.escape(p.model)} L{p.layer}H{p.head}</b>{kind} ({html.escape(p.method)}, "
                 f"{info.n_layers}\u00d7{info.n_heads} heads)<br>{faith}")
 
     def _colour_columns(self, cols: dict[str, np.ndarray], norm: np.ndarray) -> dict[str, Any]:

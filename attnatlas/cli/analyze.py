@@ -15,6 +15,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neurons", action="store_true", help="top patches/tokens and a label for every MLP neuron (loads the model)")
     p.add_argument("--embeddings", action="store_true", help="2-D layouts and cluster quality of hidden states per layer")
     p.add_argument("--all", action="store_true", help="every analysis that fits the model's modality")
+    p.add_argument("--head-types", action="store_true",
+                   help="score every head (induction, previous token, sink, local, positional, colour, ...) and type it")
+    p.add_argument("--induction", action="store_true",
+                   help="with --head-types: require the repeated-token probe (causal text models; loads the model)")
+    p.add_argument("--corpus-only", action="store_true",
+                   help="with --head-types: only the scores of the stored corpus (no model is loaded)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the repeated random tokens (default 0)")
+    p.add_argument("--probe-length", type=int, default=32, help="random tokens per copy (default 32)")
+    p.add_argument("--probe-count", type=int, default=8, help="repeated-token sequences (default 8)")
+    p.add_argument("--layout", help="layout method the colour and brightness scores read (default tsne, umap, pca)")
     p.add_argument("--top", type=int, default=16, help="top activations kept per neuron (default 16)")
     p.add_argument("--share", type=float, default=0.75, help="share of top items that must agree for a label (default 0.75)")
     p.add_argument("--method", default="pca", help="reducer of the projection stage for embedding layouts (default pca)")
@@ -33,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     atlas = Atlas.open(args.atlas)
     model = atlas.resolve_model(args.model)
     info = atlas.info(model)
-    if not (args.rollout or args.neurons or args.embeddings or args.all):
-        raise AtlasError("Say what to compute: --rollout, --neurons, --embeddings or --all.")
+    if not (args.rollout or args.neurons or args.embeddings or args.all or args.head_types):
+        raise AtlasError("Say what to compute: --rollout, --neurons, --embeddings, --head-types or --all.")
+    if args.head_types:
+        return _head_types(atlas, model, args)
     if args.max_points < 3:
         raise AtlasError("--max-points must be at least 3.")
     do_rollout = args.rollout or (args.all and info.modality == "image")
@@ -64,4 +76,34 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  layer {int(r.layer):2d} {r.label:8s} silhouette {r.silhouette:.3f} purity {r.purity:.3f}")
         if name == "neurons":
             print(neurons.kind_summary(result).round(2).to_string())
+    return 0
+
+
+PROBE_LIMITS = {"probe_length": (2, 1024), "probe_count": (1, 4096)}
+
+
+def _head_types(atlas, model: str, args: argparse.Namespace) -> int:
+    from attnatlas.analyze import head_types as ht
+    from attnatlas.errors import AtlasError
+
+    if args.induction and args.corpus_only:
+        raise AtlasError("--induction needs the model and --corpus-only loads none: pick one.")
+    for name, (lo, hi) in PROBE_LIMITS.items():
+        v = getattr(args, name)
+        if not lo <= v <= hi:
+            raise AtlasError(f"--{name.replace('_', '-')} must be in {lo}..{hi}, not {v}.")
+    probe = True if args.induction else (False if args.corpus_only else None)
+    t0 = time.perf_counter()
+    res = ht.compute_head_scores(atlas, model, probe=probe,
+                                 settings=ht.ProbeSettings(args.seed, args.probe_length, args.probe_count),
+                                 layout_method=args.layout, force=args.force, device=args.device,
+                                 progress=not args.quiet)
+    for note in res.notes:
+        print(note)
+    if not res.skipped:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in (res.seconds or {}).items())
+        print(f"{model}: head types done in {time.perf_counter() - t0:.1f} s ({parts}; {len(res.scores)} heads)")
+    typed = res.scores.merge(ht.head_types(res.scores), on=["layer", "head"])
+    lines = ht.type_summary(typed)
+    print("\n".join(f"  {line}" for line in lines) if lines else "  no head reaches a type's threshold")
     return 0

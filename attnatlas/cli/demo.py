@@ -118,6 +118,13 @@ def _analyses(atlas, models: list[str]) -> None:
     if {"minilm", "smollm2"} <= set(models) and not atlas.has_table("minilm", "nearest__smollm2"):
         compare_models(atlas, ["minilm", "smollm2"], layout_method="pca")
         print(f"[demo] compared minilm and smollm2 in {time.perf_counter() - t:.0f} s")
+    from attnatlas.analyze.head_types import compute_head_scores
+
+    for m in models:  # head types in every view (kept when stored with the same settings)
+        t = time.perf_counter()
+        res = compute_head_scores(atlas, m)
+        if not res.skipped:
+            print(f"[demo] {m}: head types in {time.perf_counter() - t:.0f} s")
     t = time.perf_counter()
     if "dinov2-small" in models and not atlas.has_table("dinov2-small", "rollout"):
         compute_rollout(atlas, "dinov2-small")

@@ -1,4 +1,7 @@
-"""attnatlas export: the global grid of one model as a PNG (or PDF) for papers, with a JSON of cell boxes."""
+"""attnatlas export: the global grid of one model as a PNG (or PDF) for papers, with a JSON of cell boxes.
+
+Heads without a layout (a model projected on some layers only) are drawn as empty cells and listed in the JSON;
+--layers and --heads pick the rows and columns to draw."""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from attnatlas.cli import export_html
 from attnatlas.errors import InputError, StoreError
 
 FORMATS = {".png": "PNG", ".pdf": "PDF"}
@@ -20,10 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and beside it OUT.json: every head's pixel box and the data range it maps.")
     p.add_argument("atlas", metavar="ATLAS")
     p.add_argument("--model", required=True, help="model name in the atlas")
-    p.add_argument("--method", required=True, help="projection method (tsne, umap, pca, ...)")
-    p.add_argument("--grid", required=True, metavar="OUT.png", help="output image: .png or .pdf")
+    p.add_argument("--method", default=None, help="projection method (tsne, umap, pca, ...); needed with --grid")
+    p.add_argument("--grid", default=None, metavar="OUT.png", help="output image: .png or .pdf")
+    p.add_argument("--layers", help="layers to draw, e.g. 0,2,5-7 (default: all)")
+    p.add_argument("--heads", help="heads to draw, e.g. 0-3 (default: all)")
     p.add_argument("--cell-px", type=int, default=None,
                    help=f"pixels per cell ({MIN_CELL_PX}-{MAX_CELL_PX}; default: the dashboard's, for a 1600 px window)")
+    export_html.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -43,6 +52,14 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.grid is None and args.html is None:
+        raise InputError("Say what to write: --grid OUT.png (an image of the grid) or --html OUT.html (a page with every head).")
+    if args.html is not None:
+        if args.grid is not None:
+            raise InputError("Give --grid or --html, one at a time.")
+        return export_html.run(args)
+    if args.method is None:
+        raise InputError("--grid needs --method (tsne, umap, pca, ...).")
     out = Path(args.grid).expanduser()
     fmt = FORMATS.get(out.suffix.lower())
     if fmt is None:
@@ -69,24 +86,60 @@ def run(args: argparse.Namespace) -> int:
     if args.method not in data.methods[args.model]:
         have = ", ".join(data.methods[args.model])
         raise InputError(f"Model {args.model!r} has no {args.method!r} layouts (has: {have}); run `attnatlas project`.")
+    from attnatlas.project.runner import parse_list
+
     g = data.grid_layouts(args.model, args.method)
-    missing = [(int(a), int(b)) for a, b in zip(*(~g.done).nonzero())]
-    if missing:
-        names = ", ".join(f"L{a}H{b}" for a, b in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise InputError(f"{len(missing)} heads of {args.model!r} have no {args.method!r} layout ({names}); "
-                         f"run `attnatlas project {args.atlas} --model {args.model} --method {args.method}` first.")
-    cell_px = args.cell_px or base_cell_px(g.done.shape[1])
-    image, boxes = grid_figure(g, cell_px)
+    L, H = g.done.shape
+    layers = parse_list(args.layers, L, "layer") or list(range(L))
+    heads = parse_list(args.heads, H, "head") or list(range(H))
+    done = g.done[np.ix_(layers, heads)]
+    if not done.any():
+        have = sorted({int(a) for a in g.done.nonzero()[0]})
+        raise InputError(f"None of the selected heads of {args.model!r} has a {args.method!r} layout (layers with "
+                         f"layouts: {_ranges(have)}); run `attnatlas project {args.atlas} --model {args.model} "
+                         f"--method {args.method}` on them first.")
+    cell_px = args.cell_px or base_cell_px(len(heads))
+    image, boxes = grid_figure(g, cell_px, layers, heads)
     meta = {"model": args.model, "method": args.method, "cell_px": cell_px, "width": image.width, "height": image.height,
-            "image": out.name,
+            "image": out.name, "layers": layers, "head_columns": heads,
             "note": "x0, y0, x1, y1: pixel box of the head's points, x1 and y1 exclusive (y down from the top of the image); "
-                    "x_min..x_max, y_min..y_max: layout range the box maps (y_max at y0); points outside are drawn on the edge",
+                    "x_min..x_max, y_min..y_max: layout range the box maps (y_max at y0); points outside are drawn on the edge; "
+                    "missing: heads with no layout of this method, drawn as empty boxes",
             "heads": [{k: b[k] for k in ("layer", "head", "x0", "y0", "x1", "y1", "x_min", "x_max", "y_min", "y_max")}
-                      for b in boxes]}
+                      for b in boxes if b["has_layout"]],
+            "missing": [{k: b[k] for k in ("layer", "head", "x0", "y0", "x1", "y1")} for b in boxes if not b["has_layout"]]}
+    table = data.head_table(args.model, args.method)
+    if "types" in table:  # attnatlas analyze --head-types: each head's types with confidence, and its scores
+        from attnatlas.analyze.head_types import SCORE_LABELS
+
+        by_head = {(int(r["layer"]), int(r["head"])): r for _, r in table.iterrows()}
+        for h in meta["heads"]:
+            r = by_head[(h["layer"], h["head"])]
+            h["types"] = [t for t in str(r["types"]).split(",") if t]
+            h["type_confidence"] = {p.rpartition(" ")[0]: float(p.rpartition(" ")[2])
+                                    for p in str(r["type_text"]).split(", ") if p}
+            h["scores"] = {c: float(r[c]) for c in SCORE_LABELS if c in r and np.isfinite(r[c])}
     try:
         _atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **({"resolution": 150.0} if fmt == "PDF" else {})))
         _atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     except OSError as exc:
         raise StoreError(f"Could not write {out}: {exc.strerror or exc}.") from None
-    print(f"wrote {out} ({image.width} x {image.height} px, {len(boxes)} heads) and {out_json}")
+    n_missing = len(meta["missing"])
+    empty = f", {n_missing} without a {args.method!r} layout drawn empty (listed in the JSON)" if n_missing else ""
+    print(f"wrote {out} ({image.width} x {image.height} px, {len(meta['heads'])} heads{empty}) and {out_json}")
+    bare = [layer for r, layer in enumerate(layers) if not done[r].any()]
+    if bare:
+        print(f"layers {_ranges(bare)} have no {args.method!r} layout; --layers {_ranges([l for l in layers if l not in bare])} "
+              "leaves them out")
     return 0
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (the form --layers takes)."""
+    parts: list[str] = []
+    for v in values:
+        if parts and v == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{v}"
+        else:
+            parts.append(str(v))
+    return ",".join(parts)

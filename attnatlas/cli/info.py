@@ -39,6 +39,13 @@ def describe(atlas, model: str) -> list[str]:
             lines.append(f"  layout {method}: 0/{total} heads")
     if atlas.tables(model):
         lines.append(f"  analyses: {', '.join(atlas.tables(model))}")
+    from attnatlas.analyze.head_types import scores_with_types, type_summary
+
+    typed = scores_with_types(atlas, model)
+    if typed is not None:
+        n = int((typed["types"] != "").sum())
+        lines.append(f"  head types: {n} of {len(typed)} heads typed")
+        lines += [f"    {line}" for line in type_summary(typed)]
     return lines
 
 

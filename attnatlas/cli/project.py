@@ -9,7 +9,7 @@ from attnatlas.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from attnatlas.project.runner import DEFAULT_METHODS, MAX_POINTS
+    from attnatlas.project.runner import DEFAULT_METHODS, HEAD_TIMEOUT, MAX_POINTS
 
     p = subparsers.add_parser("project", help="project each head's queries and keys together to 2-D",
                               description="Project each head's queries and keys together to 2-D and store "
@@ -30,10 +30,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-place", action="store_true",
                    help="above --max-points, give coordinates to the sampled tokens only (default: place every other "
                         "token into the sampled layout from its nearest neighbours)")
+    p.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, metavar="SECONDS",
+                   help="stop a head whose process gives no result in this time, and retry it once on the safe "
+                        f"backends (default {HEAD_TIMEOUT:.0f})")
+    p.add_argument("--reducer-options", action="append", default=[], metavar="METHOD=JSON",
+                   help='a method\'s own options, e.g. tsne=\'{"backend": "sklearn"}\' (repeat per method)')
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--scheduler", default="none", metavar="none|local|tcp://HOST:PORT",
                    help="run heads as Dask tasks: 'local' starts a LocalCluster of --workers, tcp://... joins a cluster")
     p.set_defaults(func=run)
+
+
+def parse_reducer_options(items: list[str]) -> dict[str, dict]:
+    """["tsne={...}", ...] -> {"tsne": {...}}; each value a JSON object."""
+    import json
+
+    out: dict[str, dict] = {}
+    for item in items:
+        method, sep, text = item.partition("=")
+        try:
+            value = json.loads(text) if sep else None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--reducer-options {method}: not JSON ({exc.msg} at character {exc.pos}).") from None
+        if not isinstance(value, dict):
+            raise InputError(f"--reducer-options {item[:80]!r}: give METHOD={{\"option\": value, ...}}.")
+        out.setdefault(method.strip().lower(), {}).update(value)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--workers must be at least 1.")
     if args.max_points < 10:
         raise InputError("--max-points must be at least 10.")
-    kwargs = dict(methods=args.method, layers=args.layers, heads=args.heads, metric=args.metric, seed=args.seed,
+    if not args.head_timeout > 0:
+        raise InputError("--head-timeout must be a positive number of seconds.")
+    kwargs = dict(reducer_params=parse_reducer_options(args.reducer_options), methods=args.method, layers=args.layers, heads=args.heads, metric=args.metric, seed=args.seed,
                   force=args.force, normalise={"translate": not args.no_translate, "scale": not args.no_scale},
                   max_points=args.max_points, progress=not args.quiet, place=not args.no_place)
     if args.scheduler == "none":
+        kwargs["head_timeout"] = args.head_timeout
         s = project_model(atlas, model, workers=args.workers, **kwargs)
     else:
         from attnatlas.scale.distributed import dask_client, project_distributed
@@ -67,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if tw is not None:
             placed = (s.get("placed_quality") or {}).get(m)
             print(f"  {m}: mean trustworthiness {tw:.3f}" + (f" (placed points: {placed:.3f})" if placed is not None else ""))
+    for L, h, m, why in s.get("fallbacks", []):
+        print(f"  L{L}H{h} {m}: made on the safe backend after its first process died: {why}", file=sys.stderr)
     if s["failed"]:
         print(f"{len(s['failed'])} head/method(s) failed; the others were kept:", file=sys.stderr)
         for L, h, m, msg in s["failed"]:

@@ -1,7 +1,8 @@
 """Extraction: model discovery over Hugging Face models, q/k capture, streaming into an atlas. Needs torch."""
 
 from attnatlas.extract.adapters import REFUSED, TESTED, Adapter, supported_families
-from attnatlas.extract.extractor import ExtractOptions, LoadedModel, extract, load_model, prepare_model
+from attnatlas.extract.extractor import (ExtractOptions, LoadedModel, attention_of_token_ids, extract, load_model,
+                                         prepare_model)
 
-__all__ = ["REFUSED", "TESTED", "Adapter", "ExtractOptions", "LoadedModel", "extract", "load_model", "prepare_model",
+__all__ = ["REFUSED", "TESTED", "Adapter", "ExtractOptions", "LoadedModel", "attention_of_token_ids", "extract", "load_model", "prepare_model",
            "supported_families"]

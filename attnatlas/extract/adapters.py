@@ -4,14 +4,18 @@ Discovery is generic: one tiny forward pass with the capture active records ever
 transformers' attention interface in call order, which gives the attention modules (one per layer),
 the head counts (from the q and k shapes), whether attention is causal (from the model's own mask)
 and which layers are windowed. A new architecture that calls the interface works without a code
-change. What cannot be read off the model is small and declarative below: image prefix tokens,
-eager-only families whose own attention method is wrapped (capture.WRAPPERS), and families refused
-with the reason.
+change, and so does a family whose modeling code moves onto the interface in a new transformers
+release (Falcon in 5.25). What cannot be read off the model is small and declarative below: image
+prefix tokens, the eager-only families (those that call no interface) whose attention modules are
+hooked or wrapped (capture.WRAPPERS), with what the capture reads from them, checked before the
+weights load, and families refused with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +23,9 @@ from typing import Any
 from attnatlas.errors import ModelError
 
 ADAPTER_VERSION = 2
+
+# transformers releases tests/test_families.py passed with: constraints.txt's and `make test-latest`'s newest.
+TESTED_TRANSFORMERS = ("5.24.0", "5.25.0")
 
 # Kinds of the tokens an image model puts before its patches, where it is not [CLS] (+ registers).
 PREFIX_TOKENS: dict[str, tuple[str, ...]] = {
@@ -29,27 +36,42 @@ PREFIX_TOKENS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Wrapped:
-    """An eager-only family: the method that receives q and k (capture.WRAPPERS) and what its module
-    computes internally that the model passes to no function."""
+    """An eager-only family: its attention module class, what the capture (capture.WRAPPERS) reads from it, and
+    what its module computes internally that the model passes to no function. Used only while the family's
+    modeling code calls no attention interface; once it does, the interface capture takes over."""
 
     module_class: str
     causal: bool
     how: str  # for the atlas and the README
+    methods: tuple[str, ...] = ()  # methods of the module class (checked before the weights load)
+    uses: tuple[str, ...] = ()  # attributes of a loaded module: submodules, numbers (checked before the capture)
+    reads: tuple[str, ...] = ()  # arguments of the module's forward (checked before the weights load)
+    functions: tuple[str, ...] = ()  # functions of the family's modeling file (checked before the weights load)
     window: Callable[[Any, int], int | None] = lambda config, layer: None
     refuse: Callable[[Any], str | None] = lambda config: None  # a variant it cannot record, why
 
 
+_DEBERTA_READS = ("attention_mask", "relative_pos", "rel_embeddings")
 WRAPPED: dict[str, Wrapped] = {
-    "gpt_neo": Wrapped("GPTNeoSelfAttention", True, "wrapped GPTNeoSelfAttention._attn",
-                       lambda c, i: c.window_size if c.attention_layers[i] == "local" else None),
-    "bloom": Wrapped("BloomAttention", True, "wrapped BloomAttention._reshape + its alibi argument"),
-    "mpnet": Wrapped("MPNetSelfAttention", False, "hooks on MPNetSelfAttention.q/k/v + its position_bias argument"),
-    "falcon": Wrapped("FalconAttention", True, "wrapped FalconAttention._split_heads + its rotary, alibi and mask "
-                      "arguments"),
+    "gpt_neo": Wrapped("GPTNeoSelfAttention", True, "wrapped GPTNeoSelfAttention._attn", methods=("_attn",), uses=("bias",),
+                       window=lambda c, i: c.window_size if c.attention_layers[i] == "local" else None),
+    "bloom": Wrapped("BloomAttention", True, "wrapped BloomAttention._reshape + its alibi argument",
+                     methods=("_reshape",), uses=("beta", "inv_norm_factor"), reads=("alibi", "attention_mask")),
+    "mpnet": Wrapped("MPNetSelfAttention", False, "hooks on MPNetSelfAttention.q/k/v + its position_bias argument",
+                     uses=("q", "k", "v", "num_attention_heads", "attention_head_size"),
+                     reads=("attention_mask", "position_bias")),
+    "falcon": Wrapped("FalconAttention", True, "hooks on FalconAttention.query_key_value (split as its weights are "
+                      "laid out) + its rotary, alibi and mask arguments",
+                      uses=("query_key_value", "num_heads", "head_dim", "num_kv_heads", "new_decoder_architecture",
+                            "multi_query", "inv_norm_factor", "is_causal"),
+                      reads=("alibi", "attention_mask", "position_embeddings"), functions=("apply_rotary_pos_emb",)),
     "deberta-v2": Wrapped("DisentangledSelfAttention", False, "hooks on DisentangledSelfAttention.query/key/value_proj "
-                          "+ its relative positions and relative embeddings (content-position terms)"),
+                          "+ its relative positions and relative embeddings (content-position terms)",
+                          uses=("query_proj", "key_proj", "value_proj", "pos_att_type", "relative_attention"),
+                          reads=_DEBERTA_READS, functions=("build_relative_position",)),
     "deberta": Wrapped("DisentangledSelfAttention", False, "hooks on DisentangledSelfAttention.in_proj + its relative "
                        "positions and relative embeddings (content-position terms)",
+                       uses=("in_proj", "q_bias", "v_bias", "pos_att_type", "relative_attention"), reads=_DEBERTA_READS,
                        refuse=lambda c: "its talking heads mix the heads' attention logits, so no head's attention is "
                                         "a function of its own q and k" if getattr(c, "talking_head", False) else None),
 }
@@ -114,12 +136,39 @@ def _head_count(config: Any) -> int | None:
     return None
 
 
+@functools.cache
+def _encoder_decoder_type(config_class: type) -> bool:
+    """Is a config class an encoder-decoder by default (T5, MT5, UMT5, BART, ...)?"""
+    try:
+        return bool(config_class().is_encoder_decoder)
+    except Exception:  # a config class that needs arguments: not an encoder-decoder family
+        return False
+
+
+def encoder_only(config: Any) -> bool:
+    """A checkpoint of the encoder alone of an encoder-decoder family (T5EncoderModel, MT5EncoderModel,
+    UMT5EncoderModel): its architectures name only <X>EncoderModel classes, or (T5's and MT5's) its config says it
+    is neither an encoder-decoder nor a decoder while the type's own default is an encoder-decoder."""
+    if not _encoder_decoder_type(type(config)):
+        return False
+    archs = getattr(config, "architectures", None) or []
+    if archs and all(str(a).endswith("EncoderModel") for a in archs):
+        return True
+    return not getattr(config, "is_encoder_decoder", False) and not getattr(config, "is_decoder", False)
+
+
+def decoder_only(config: Any) -> bool:
+    """A checkpoint of the decoder alone of an encoder-decoder family (BartForCausalLM, MarianForCausalLM, ...)."""
+    return bool(getattr(config, "is_decoder", False)) and not getattr(config, "is_encoder_decoder", False) \
+        and _encoder_decoder_type(type(config))
+
+
 def stacks_of(config: Any) -> list[str]:
     """The stacks of a composite config ("text", "vision", "encoder"), empty for a single stack."""
     subs = [k[: -len("_config")] for k in (getattr(config, "sub_configs", None) or {}) if k.endswith("_config")]
     if subs:
         return subs
-    if getattr(config, "is_encoder_decoder", False):
+    if getattr(config, "is_encoder_decoder", False) or encoder_only(config):
         return ["encoder"]
     return []
 
@@ -129,6 +178,16 @@ def check_config(config: Any, model_id: str, stack: str | None, raw: dict[str, A
     raw: the config.json as written, to tell a missing head count from a class default."""
     model_type = getattr(config, "model_type", None)
     stacks = stacks_of(config)
+    if decoder_only(config):
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "a decoder"
+        raise ModelError(f"{model_id!r} holds the decoder of {model_type!r} alone ({archs}); attnatlas maps the "
+                         f"encoder of encoder-decoder families only (an encoder-only checkpoint such as "
+                         f"T5EncoderModel, or a whole model as --model FOLDER#encoder).")
+    if encoder_only(config):
+        if stack == "decoder":
+            raise ModelError(f"{model_id!r} holds the encoder of {model_type!r} alone (no decoder): "
+                             f"--model {split_stack(model_id)[0]} maps it.")
+        stack = "encoder"  # given with or without '#encoder'
     if stacks and stack is None:
         opts = " or ".join(f"{model_id}#{s}" for s in stacks)
         raise ModelError(f"{model_id!r} is a {model_type!r} model with more than one stack "
@@ -159,7 +218,72 @@ def check_config(config: Any, model_id: str, stack: str | None, raw: dict[str, A
     if raw is not None and not aliases & set(raw):
         raise ModelError(f"The {model_type!r} config of {model_id!r} lacks the number of attention heads "
                          f"({' / '.join(sorted(aliases & set(_HEAD_KEYS)))}); add it to its config.json.")
+    base = base_class(config)  # what the model's code calls can be read before its weights load
+    spec = None if base is None else eager_wrapper(model_type, base)
+    if spec is not None:
+        check_wrapper(model_type, spec, base)
+    elif base is not None and not _calls_interface(base):
+        raise _eager_only(model_type)
     return config
+
+
+def split_stack(model_id: str) -> tuple[str, str | None]:
+    """"google/t5-small#encoder" -> ("google/t5-small", "encoder"): which stack of a composite model."""
+    base, sep, stack = model_id.rpartition("#")
+    return (base, stack or None) if sep and base else (model_id, None)
+
+
+def base_class(config: Any) -> Any:
+    """The family's base model class (AutoModel's), imported without any weights; None if transformers has none."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        return MODEL_MAPPING[type(config)]
+    except Exception:  # not in the mapping, or its modeling file does not import here
+        return None
+
+
+def eager_wrapper(model_type: str, model_class: type) -> Wrapped | None:
+    """The family's hooks (WRAPPED) when its modeling code calls no attention interface, else None: the
+    interface capture applies, whatever the family did in earlier transformers releases."""
+    spec = WRAPPED.get(model_type)
+    return None if spec is None or _calls_interface(model_class) else spec
+
+
+def check_wrapper(model_type: str, spec: Wrapped, model_class: type, module: Any = None) -> None:
+    """Refuse, with the transformers releases known to work, a family whose attention lacks what the capture reads:
+    before the weights load the module class, its methods, its forward's arguments and the modeling file's
+    functions; given a loaded `module`, its attributes too."""
+    code = sys.modules.get(model_class.__module__)
+    cls = getattr(code, spec.module_class, None)
+    if not isinstance(cls, type):
+        missing = [f"a class {spec.module_class}"]
+    else:
+        params = inspect.signature(cls.forward).parameters
+        missing = [f"{spec.module_class}.{m}()" for m in spec.methods if not callable(getattr(cls, m, None))]
+        missing += [f"the {a!r} argument of {spec.module_class}.forward" for a in spec.reads if a not in params]
+        missing += [f"{f}() in {model_class.__module__}" for f in spec.functions if not callable(getattr(code, f, None))]
+        if module is not None:
+            missing += [f"{spec.module_class}.{u}" for u in spec.uses if not hasattr(module, u)]
+    if missing:
+        raise unsupported_version(model_type, f"its modeling code calls no attention interface, and it lacks "
+                                              f"{', '.join(missing)}, which attnatlas reads ({spec.how})")
+
+
+def _eager_only(model_type: str) -> ModelError:
+    return unsupported_version(model_type, f"its attention is eager-only code that calls no attention interface in "
+                                           f"this release, and attnatlas knows no method of it to hook (hooked "
+                                           f"eager-only families: {', '.join(WRAPPED)})")
+
+
+def unsupported_version(model_type: str, why: str) -> ModelError:
+    """One message for a family that this transformers release moved: why, and the releases known to work."""
+    import transformers
+
+    known = ", ".join(TESTED_TRANSFORMERS)
+    return ModelError(f"Model type {model_type!r} cannot be captured with transformers {transformers.__version__}: "
+                      f"{why}. attnatlas's capture is tested with transformers {known}: "
+                      f"pip install 'transformers=={TESTED_TRANSFORMERS[-1]}'.")
 
 
 def modality_of(model: Any) -> str:
@@ -183,31 +307,34 @@ def patch_size(config: Any) -> int:
 
 
 def _calls_interface(model: Any) -> bool:
-    """Whether the model's attention looks its function up in transformers' attention interface
+    """Whether the model's (or model class's) attention looks its function up in transformers' attention interface
     (transformers' own test: its modeling code calls ALL_ATTENTION_FUNCTIONS.get_interface)."""
-    can = getattr(type(model), "_can_set_attn_implementation", None)
-    return bool(can()) if can is not None else bool(getattr(model, "_supports_attention_backend", False))
+    cls = model if isinstance(model, type) else type(model)
+    can = getattr(cls, "_can_set_attn_implementation", None)
+    return bool(can()) if can is not None else bool(getattr(cls, "_supports_attention_backend", False))
 
 
 def discover(model: Any, config: Any) -> Adapter:
     """Find a loaded model's attention modules and head counts with one tiny forward pass."""
     import torch
 
-    from attnatlas.extract.capture import WRAPPERS, capturing
+    from attnatlas.extract.capture import capturing
 
     model_type = config.model_type
     modality = modality_of(model)
-    wrapped_spec = WRAPPED.get(model_type)
+    why = WRAPPED[model_type].refuse(config) if model_type in WRAPPED else None
+    if why:
+        raise ModelError(f"This {model_type!r} variant is not supported: {why}.")
+    wrapped_spec = eager_wrapper(model_type, type(model))
     wrapped = []
     if wrapped_spec is not None:
-        why = wrapped_spec.refuse(config)
-        if why:
-            raise ModelError(f"This {model_type!r} variant is not supported: {why}.")
         wrapped = [m for m in model.modules() if type(m).__name__ == wrapped_spec.module_class]
+        if not wrapped:
+            raise unsupported_version(model_type, f"it has no {wrapped_spec.module_class} module, which attnatlas "
+                                                  f"hooks ({wrapped_spec.how})")
+        check_wrapper(model_type, wrapped_spec, type(wrapped[0]), wrapped[0])
     elif not _calls_interface(model):
-        raise ModelError(f"Model type {model_type!r} is not supported: its attention is eager-only code that calls no "
-                         f"attention interface, and attnatlas knows no method of it to wrap "
-                         f"(wrapped eager-only families: {', '.join(WRAPPERS)}).")
+        raise _eager_only(model_type)
     device = next(model.parameters()).device
     if modality == "text":
         vocab = int(getattr(config, "vocab_size", 8) or 8)
@@ -219,12 +346,19 @@ def discover(model: Any, config: Any) -> Adapter:
     else:
         H, W = _image_size(config)
         inputs = {"pixel_values": torch.zeros(1, int(getattr(config, "num_channels", 3)), H, W, device=device)}
-    with capturing(model, None, wrapped=wrapped, model_type=model_type) as rec, torch.inference_mode():
-        model(**inputs)
+    try:
+        with capturing(model, None, wrapped=wrapped, model_type=model_type) as rec, torch.inference_mode():
+            model(**inputs)
+    except ModelError:
+        raise
+    except Exception as exc:  # what moved in the model's code shows here first: one message, no traceback
+        text = (str(exc).strip().splitlines() or [""])[0]
+        raise unsupported_version(model_type, f"a forward pass under attnatlas's capture failed "
+                                              f"({type(exc).__name__}: {text})") from None
     calls = rec.calls  # one per layer, in call order; a shared module (ALBERT) is called once per layer
     if not calls:
-        raise ModelError(f"Model type {model_type!r} is not supported: no attention call was seen in a forward pass "
-                         "(does it have attention heads?).")
+        raise unsupported_version(model_type, "no attention call was seen in a forward pass: its attention calls no "
+                                              "attention interface in this release (or it has no attention heads)")
     n_cfg = getattr(config, "num_hidden_layers", None)
     if isinstance(n_cfg, int) and n_cfg != len(calls):
         raise ModelError(f"Model type {model_type!r}: found {len(calls)} attention calls per forward pass but the config "

@@ -3,13 +3,16 @@
 Models that call transformers' attention interface are switched to the "attnatlas" implementation,
 which records what the model passes to attention (q and k after any rotary embedding, the mask,
 scaling, softcap, an additive `position_bias`) and then attends as the model would. Models that call
-no interface (eager-only code) get their own attention method wrapped on the instance (see
-adapters.WRAPPED): the wrapper records its arguments and calls the original. DeBERTa's disentangled
-attention adds content-position terms, recorded as the layer's position tables and relative positions.
+no interface (eager-only code) get their attention modules hooked or one of their methods wrapped on the
+instance (see adapters.WRAPPED): the hooks record the module's arguments by name and what its projections
+return, and the original code runs unchanged. DeBERTa's disentangled attention adds content-position terms,
+recorded as the layer's position tables and relative positions.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -76,6 +79,7 @@ class _Recorder:
         self.layers: dict[int, LayerCapture] = {}
         self.calls: list[tuple[torch.nn.Module, LayerCapture]] = []
         self._seen: dict[int, int] = {}
+        self._masks: dict[tuple, tuple] = {}  # a mask tensor the model passes -> (it, split(it))
         self.real: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
         self._where: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -84,8 +88,21 @@ class _Recorder:
         """Start recording the next forward pass (one capture context serves a whole extraction). With `dtype`,
         each layer keeps only its q and k rows in that dtype: those of `real`, the flat (batch * token) indices of
         the real tokens, or all rows when `real` is None."""
-        self.layers, self.calls, self._seen = {}, [], {}
+        self.layers, self.calls, self._seen, self._masks = {}, [], {}, {}
         self.real, self.dtype, self._where = real, dtype, None
+
+    def split(self, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """(mask, bias, by key) of what the model passes as the mask (_split_mask, then by_key), worked out once for
+        a mask tensor that every layer is passed, so the layers share one mask and one bias. The tensor is kept
+        alive until the next batch, so its address cannot be reused by another meanwhile."""
+        if attention_mask is None:
+            return None, None, False
+        key = (attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask.stride(), attention_mask.dtype)
+        if key not in self._masks:
+            mask, bias = _split_mask(attention_mask)
+            keyed = None if bias is None else by_key(bias, mask)
+            self._masks[key] = (attention_mask, mask, bias if keyed is None else keyed, keyed is not None)
+        return self._masks[key][1:]
 
     def _compact(self, cap: LayerCapture) -> None:
         # Models make q, k as (batch, token, head, d) and view them as (batch, head, token, d): viewed back, a
@@ -155,16 +172,17 @@ def _attention(module: torch.nn.Module, query, key, value, attention_mask, scali
         layer = rec.layer(module)
         if layer is not None:
             scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-            mask, bias = _split_mask(attention_mask)
+            mask, bias, key_bias = rec.split(attention_mask)  # a bias folded into the mask: by key if it is one
             extra = kwargs.get("position_bias")  # T5: added to the logits by the model's own attention
             if extra is not None:
-                bias = extra if bias is None else bias + extra
+                bias, key_bias = (extra if bias is None else bias + extra), False
             softcap = kwargs.get("softcap")
             cap = LayerCapture(query.detach(), key.detach(), value.detach(), mask, scale,
                                softcap=float(softcap) if softcap else None,
                                bias=None if bias is None else bias.detach(),
                                sliding_window=kwargs.get("sliding_window"), is_causal=kwargs.get("is_causal"),
-                               unrecordable=next((k for k in UNRECORDABLE if kwargs.get(k) is not None), None))
+                               unrecordable=next((k for k in UNRECORDABLE if kwargs.get(k) is not None), None),
+                               key_bias=key_bias)
             # SDPA has no softcap and no separate bias: attend with the recomputed probabilities then
             # (the model's eager math), and also when they are needed for top-k anyway (dropout is off).
             out = None
@@ -181,8 +199,40 @@ def _attention(module: torch.nn.Module, query, key, value, attention_mask, scali
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+def by_key(bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, head, 1, key) when an additive (batch, head, query, key) bias is the same for every query that may
+    attend to a key (ALiBi folded into the mask, as Falcon does from transformers 5.25 on), else None. Stored by key
+    position, it is exact, also where rounding (Falcon's bfloat16 ALiBi) makes it no exact function of the offset."""
+    if bias.dim() != 4 or bias.shape[-2] == 1:
+        return None
+    allowed = torch.ones((), dtype=torch.bool, device=bias.device) if mask is None else mask
+    hi = torch.where(allowed, bias, -torch.inf).amax(-2, keepdim=True)
+    lo = torch.where(allowed, bias, torch.inf).amin(-2, keepdim=True)
+    seen = torch.isfinite(hi)
+    if not bool(((hi - lo).abs() <= 1e-6 * torch.clamp(hi.abs(), min=1.0))[seen].all()):
+        return None
+    return torch.where(seen, hi, 0.0)
+
+
 AttentionInterface.register(IMPLEMENTATION, _attention)
 AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+@functools.cache
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def _arguments(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a module's forward call by name, however they were passed (a forward pre-hook's
+    positional `args` exclude the module itself)."""
+    bound = _signature(type(module)).bind_partial(None, *args, **kwargs)
+    bound.apply_defaults()
+    got = dict(bound.arguments)
+    for name, p in bound.signature.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            got.update(got.pop(name, {}))
+    return got
 
 
 # ---- eager-only families: wrap the module's own attention method ---------------------------------
@@ -224,67 +274,67 @@ def _record_bloom_split(module, out, fused_qkv) -> None:
 
 
 def _bloom_pre_hook(module, args, kwargs):
-    alibi = kwargs.get("alibi", args[2] if len(args) > 2 else None)
-    mask = kwargs.get("attention_mask", args[3] if len(args) > 3 else None)
-    module._attnatlas_pending = (alibi, mask)
+    got = _arguments(module, args, kwargs)
+    module._attnatlas_pending = (got.get("alibi"), got.get("attention_mask"))
 
 
-_FALCON_ARGS = ("alibi", "attention_mask", "position_ids", "layer_past", "use_cache", "output_attentions",
-                "position_embeddings")
-
-
-def _falcon_pre_hook(module, args, kwargs):
-    got = dict(zip(_FALCON_ARGS, args[1:]))
-    got.update({k: kwargs[k] for k in _FALCON_ARGS if k in kwargs})
-    module._attnatlas_pending = got
-
-
-def _record_falcon(module, out, fused_qkv) -> LayerCapture:
-    # FalconAttention.forward after _split_heads: its head layout, rotary unless ALiBi (with the model's own
-    # apply_rotary_pos_emb), then SDPA or its eager math, whichever branch it takes.
-    got = module._attnatlas_pending
-    module._attnatlas_pending = None
-    q, k, v = out  # (batch, token, head, d_head)
-    B, T = q.shape[:2]
+def falcon_heads(module: torch.nn.Module, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (batch, head, token, d_head), k and v (batch, kv_head, token, d_head) from FalconAttention's fused
+    query_key_value output, split as its weights are laid out (fixed by the checkpoints, whatever the modeling code):
+    new architecture: per key/value group its queries, then its key and value; multi-query: all queries, then the one
+    key and value; otherwise query, key and value interleaved per head."""
+    B, T = fused.shape[:2]
     H, D = module.num_heads, module.head_dim
-    kv = H if module.new_decoder_architecture else module.num_kv_heads
-    q = q.transpose(1, 2).reshape(B, H, T, D)
-    k = k.transpose(1, 2).reshape(B, kv, T, D)
-    v = v.transpose(1, 2).reshape(B, kv, T, D)
+    if module.new_decoder_architecture:
+        grouped = fused.view(B, T, module.num_kv_heads, -1, D)
+        q, k, v = grouped[..., :-2, :].flatten(2, 3), grouped[..., -2, :], grouped[..., -1, :]
+    elif module.multi_query:
+        q, k, v = fused.view(B, T, H + 2, D).split([H, 1, 1], dim=2)
+    else:
+        q, k, v = fused.view(B, T, H, 3, D).unbind(3)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _install_falcon(module: torch.nn.Module) -> list[Callable[[], None]]:
+    """FalconAttention of a transformers release where it calls no attention interface (up to 5.24): hook its fused
+    projection and read its arguments by name; rotary unless ALiBi (with the model's own apply_rotary_pos_emb), then
+    SDPA's or its eager math, whichever branch it takes."""
+    state: dict[str, Any] = {}
+
+    def pre(mod, args, kwargs):
+        state.clear()
+        state.update(_arguments(mod, args, kwargs))
+
+    def projection(mod, inputs, out):
+        state["fused"] = out.detach()
+
+    def post(mod, args, kwargs, out):
+        if _active:
+            _emit(mod, _record_falcon(mod, state, _active[-1]))
+
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
+               module.query_key_value.register_forward_hook(projection),
+               module.register_forward_hook(post, with_kwargs=True)]
+    return [h.remove for h in handles]
+
+
+def _record_falcon(module, got: dict[str, Any], rec: _Recorder) -> LayerCapture:
+    q, k, v = falcon_heads(module, got["fused"])
+    B, H, T, D = q.shape
     alibi, mask = got.get("alibi"), got.get("attention_mask")
     if alibi is None:
         cos, sin = got["position_embeddings"]
         q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb(q, k, cos, sin)
-    if module.new_decoder_architecture:  # each key/value head is broadcast over its group of query heads: keep one
-        group = H // module.num_kv_heads
-        k, v = k[:, ::group], v[:, ::group]
     sdpa = module.config._attn_implementation == "sdpa" and not got.get("output_attentions")
-    allowed, bias, by_key = _falcon_mask(mask, alibi, B, H, D)
+    # FalconModel folds alibi / sqrt(d_head), a function of the key's position, into the mask (by_key finds it)
+    allowed, bias, keyed = rec.split(mask)
     if alibi is not None and not sdpa:  # eager: (q.k + alibi) * inv_norm_factor + mask, so ALiBi counts twice
         extra = alibi.view(B, H, 1, -1).float() * module.inv_norm_factor
         bias = extra if bias is None else bias + extra
+        keyed = bias.shape[-2] == 1
     is_causal = (module.is_causal and T > 1) if sdpa and mask is None else None
     return LayerCapture(q.detach(), k.detach(), v.detach(), allowed, 1.0 / math.sqrt(D),
-                        bias=None if bias is None else bias.detach(), is_causal=is_causal, key_bias=by_key)
-
-
-def _falcon_mask(mask, alibi, B: int, H: int, D: int) -> tuple[Any, Any, bool]:
-    """(allowed, bias, by key): FalconModel folds alibi / sqrt(d_head), a function of the key's position, into its
-    mask. It is rounded to bfloat16, so it is in general no exact function of the key-query offset (more than
-    8 heads, or beyond 256 tokens): it is kept as the (batch, head, 1, key) term it is, checked against the mask,
-    and the recipe stores it by key position."""
-    if alibi is None or mask is None or mask.dtype == torch.bool:
-        allowed, bias = _split_mask(mask)
-        return allowed, bias, False
-    blocked = mask <= BLOCKED
-    key = alibi.reshape(B, H, 1, -1) / math.sqrt(D)  # FalconModel's own expression
-    if float(torch.where(blocked, 0.0, mask - key).abs().max()) > 1e-6 * max(1.0, float(key.abs().max())):
-        allowed, bias = _split_mask(mask)
-        return allowed, bias, False
-    return ~blocked, key, True
-
-
-_DEBERTA_ARGS = ("attention_mask", "output_attentions", "query_states", "relative_pos", "rel_embeddings")
+                        bias=None if bias is None else bias.detach(), is_causal=is_causal, key_bias=keyed)
 
 
 def _install_deberta(module: torch.nn.Module) -> list[Callable[[], None]]:
@@ -297,8 +347,7 @@ def _install_deberta(module: torch.nn.Module) -> list[Callable[[], None]]:
 
     def pre(mod, args, kwargs):
         state.clear()
-        state.update(zip(_DEBERTA_ARGS, args[1:]))
-        state.update({k: kwargs[k] for k in _DEBERTA_ARGS if k in kwargs})
+        state.update(_arguments(mod, args, kwargs))
 
     def projection(name):
         def hook(mod, inputs, out):
@@ -372,8 +421,8 @@ def _install_mpnet(module: torch.nn.Module) -> list[Callable[[], None]]:
     state: dict[str, Any] = {}
 
     def pre(mod, args, kwargs):
-        state["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        state["bias"] = kwargs.get("position_bias", args[2] if len(args) > 2 else None)
+        got = _arguments(mod, args, kwargs)
+        state["mask"], state["bias"] = got.get("attention_mask"), got.get("position_bias")
 
     def projection(name):
         def hook(mod, inputs, out):
@@ -409,7 +458,7 @@ WRAPPERS: dict[str, Callable[[torch.nn.Module], list[Callable[[], None]]]] = {
     "gpt_neo": _wrapping("_attn", _record_gpt_neo),
     "bloom": _wrapping("_reshape", _record_bloom_split, _bloom_pre_hook),
     "mpnet": _install_mpnet,
-    "falcon": _wrapping("_split_heads", _record_falcon, _falcon_pre_hook),
+    "falcon": _install_falcon,
     "deberta-v2": _install_deberta,
     "deberta": _install_deberta,
 }

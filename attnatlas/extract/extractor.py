@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 
 from attnatlas import __version__
 from attnatlas.errors import InputError, ModelError
-from attnatlas.extract.adapters import ADAPTER_VERSION, WRAPPED, Adapter, check_config, discover, modality_of, patch_size
-from attnatlas.extract.capture import LayerCapture, capturing
+from attnatlas.extract.adapters import (ADAPTER_VERSION, Adapter, base_class, check_config, discover, eager_wrapper,
+                                       encoder_only, modality_of, patch_size, split_stack)
+from attnatlas.extract.capture import LayerCapture, attention_probs, capturing
 from attnatlas.extract.recipe import Recipe
 from attnatlas.extract.offline import OFFLINE_MODELS, prepare_offline_model
 from attnatlas.extract.windows import window_documents
@@ -116,12 +117,6 @@ def _short_error(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def split_stack(model_id: str) -> tuple[str, str | None]:
-    """"google/t5-small#encoder" -> ("google/t5-small", "encoder"): which stack of a composite model."""
-    base, sep, stack = model_id.rpartition("#")
-    return (base, stack or None) if sep and base else (model_id, None)
-
-
 def default_name(model_id: str) -> str:
     """The atlas name a model gets without --name (known before anything loads)."""
     base, stack = split_stack(model_id)
@@ -132,7 +127,8 @@ def default_name(model_id: str) -> str:
 
 
 def _model_class(config: Any, stack_config: Any, stack: str | None) -> Any:
-    """The transformers class that loads one stack: AutoModel's, the sub-config's, or <X>EncoderModel."""
+    """The transformers class that loads one stack: AutoModel's, the sub-config's, or <X>EncoderModel (for the
+    encoder of an encoder-decoder checkpoint and for an encoder-only one alike)."""
     import transformers
     from transformers import AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -168,9 +164,12 @@ def load_model(model_id: str, device: str | torch.device = "cpu") -> LoadedModel
     except Exception:  # e.g. a config only reachable through AutoConfig's remote code
         raw = None
     stack_config = check_config(config, model_id, stack, raw)  # refusals come before any weights load
+    if encoder_only(config):
+        stack = "encoder"  # T5EncoderModel & co.: the folder alone or with '#encoder'
     cls = _model_class(config, stack_config, stack)
-    # Eager-only families get their own eager attention wrapped; the rest use SDPA through the interface.
-    attn = "eager" if stack_config.model_type in WRAPPED else "sdpa"
+    # Eager-only families get their own eager attention hooked; the rest use SDPA through the interface.
+    base = base_class(stack_config)
+    attn = "eager" if base is not None and eager_wrapper(stack_config.model_type, base) is not None else "sdpa"
     try:
         try:
             model = cls.from_pretrained(source, attn_implementation=attn)
@@ -199,6 +198,30 @@ def prepare_model(model: torch.nn.Module, preprocessor: Any, model_id: str, sour
         pre.padding_side = "right"  # keeps positions of real tokens independent of padding
     return LoadedModel(model, pre, adapter, model.config, model_id, source or model_id, default_name(model_id),
                        adapter.layer_of_module)
+
+
+def attention_of_token_ids(loaded: LoadedModel, token_ids: np.ndarray, batch_size: int = 16,
+                           precision: str = "float32", device: str = "cpu"):
+    """Run the model over sequences given as token ids (no tokenizer: probes such as repeated random tokens)
+    with extract's capture, `batch_size` sequences per forward pass, and yield (first sequence, attention) per
+    batch: attention maps layer -> (batch, head, query, key) float32 numpy, recomputed from the captured q and
+    k exactly as extract's top-k is. token_ids: (sequence, token) int, every sequence of the same length."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise InputError("Token ids must be a (sequence, token) array with at least one token.")
+    if loaded.adapter.modality != "text":
+        raise InputError(f"{loaded.model_id!r} is an image model; token ids need a text model.")
+    dev = resolve_device(device)
+    adapter = loaded.adapter
+    with capturing(loaded.model, loaded.layer_of_module, 0, adapter.causal, adapter.wrapped, adapter.family,
+                   values=False) as rec:
+        for start in range(0, len(ids), batch_size):
+            batch = torch.from_numpy(ids[start:start + batch_size]).to(dev)
+            rec.next_batch()  # no dtype: each layer keeps its full q and k
+            with torch.inference_mode(), _autocast(dev, precision):
+                loaded.model(input_ids=batch, attention_mask=torch.ones_like(batch))
+            yield start, {layer: attention_probs(cap, adapter.causal).float().cpu().numpy()
+                          for layer, cap in sorted(rec.layers.items())}
 
 
 def hash_texts(records: Sequence[TextRecord]) -> str:

@@ -253,6 +253,8 @@ class Recipe:
 
     def _observe_pairs(self, layer: int, bias: torch.Tensor, valid: torch.Tensor) -> None:
         b = bias.float()
+        if b.shape[-2] == 1:  # by key position (capture.by_key): the same row for every query
+            b = b.expand(*b.shape[:2], b.shape[-1], b.shape[-1])
         if b.shape[0] > 1 and not torch.allclose(b, b[:1].expand_as(b), atol=1e-6):
             raise self._refuse(layer, "adds an attention bias that differs between images")
         b = b[0].cpu()

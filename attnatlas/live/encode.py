@@ -38,8 +38,9 @@ class Encoded:
     notes: list[str] = field(default_factory=list)  # truncation, windows: said to the user
 
 
-def load_atlas_model(atlas: Atlas, model: str, device: str = "cpu") -> Any:
-    """The stored model's weights loaded here (extract's loader), checked to be the model of the atlas."""
+def load_atlas_model(atlas: Atlas, model: str, device: str = "cpu", purpose: str = "nothing can be placed") -> Any:
+    """The stored model's weights loaded here (extract's loader), checked to be the model of the atlas;
+    `purpose` ends the refusal's first clause ("cannot be loaded here, so <purpose>")."""
     from attnatlas.extract.extractor import load_model, split_stack
 
     info = atlas.info(model)  # StoreError names the models it holds
@@ -51,12 +52,12 @@ def load_atlas_model(atlas: Atlas, model: str, device: str = "cpu") -> Any:
     except ModelError as first:
         # A hub id may be cached under the folder recorded at extraction; try it before giving up.
         if not (isinstance(source, str) and source != model_id and os.path.isdir(source)):
-            raise ModelError(f"The weights of {model!r} cannot be loaded here, so nothing can be placed: {first}") from None
+            raise ModelError(f"The weights of {model!r} cannot be loaded here, so {purpose}: {first}") from None
         try:
             stack = split_stack(model_id)[1]  # a CLIP/SigLIP tower or T5's encoder: the same stack again
             loaded = load_model(f"{source}#{stack}" if stack else source, device)
         except ModelError as exc:
-            raise ModelError(f"The weights of {model!r} cannot be loaded here, so nothing can be placed: {exc}") from None
+            raise ModelError(f"The weights of {model!r} cannot be loaded here, so {purpose}: {exc}") from None
     a = loaded.adapter
     want = (info.n_layers, info.n_heads, info.n_kv_heads, info.d_head)
     got = (a.n_layers, a.n_heads, a.n_kv_heads, a.d_head)

@@ -150,7 +150,7 @@ class LiveWorker:
 # ---- the worker process ----------------------------------------------------------------------------------
 def serve(conn: Any, atlas: str, device: str, parent_pid: int) -> None:
     """The worker's loop: one request at a time until 'stop' or the server goes away."""
-    from attnatlas.project.runner import die_with_parent
+    from attnatlas.project.pool import die_with_parent
 
     die_with_parent(parent_pid)  # never outlive the dashboard
     _one_search_thread()

@@ -42,17 +42,20 @@ def _unit(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-def knn_query(ref: np.ndarray, new: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+def knn_query(ref: np.ndarray, new: np.ndarray, k: int, metric: str = "cosine",
+              use_faiss: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(new, k) indices into `ref` and (new, k) distances (cosine or euclidean), nearest first."""
     k = min(k, len(ref))
     R = _unit(ref) if metric == "cosine" else np.ascontiguousarray(ref, dtype=np.float32)
     N = _unit(new) if metric == "cosine" else np.ascontiguousarray(new, dtype=np.float32)
-    if importlib.util.find_spec("faiss") is not None:
+    if use_faiss and importlib.util.find_spec("faiss") is not None:
         import faiss
 
         ip = metric == "cosine"
         if len(R) >= EXACT_BELOW:
+            # faiss's k-means wants 39 training points per list, and says so on stderr for every head.
             lists = int(np.clip(2 ** round(np.log2(4 * np.sqrt(len(R)))), 64, 1024))
+            lists = min(lists, 2 ** int(np.log2(len(R) // 39)))
             coarse = faiss.IndexFlatIP(R.shape[1]) if ip else faiss.IndexFlatL2(R.shape[1])
             index = faiss.IndexIVFFlat(coarse, R.shape[1], lists, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
             index.train(R)  # faiss's k-means is seeded: the same references give the same index

@@ -9,7 +9,7 @@ QUALITY_SAMPLE = 1000  # trustworthiness is O(n^2 log n); a fixed seeded subsamp
 
 
 def knn_graph(X: np.ndarray, k: int, metric: str = "cosine", device: str | None = None,
-              block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+              block: int = 2048, use_faiss: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Exact kNN: (n, k) int64 indices and (n, k) float32 distances, each point itself first.
 
     Distances are cosine distances or euclidean distances, as umap-learn expects for `precomputed_knn`.
@@ -20,7 +20,7 @@ def knn_graph(X: np.ndarray, k: int, metric: str = "cosine", device: str | None 
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     k = min(k, len(X))
-    if dev == "cpu" and _has_faiss():
+    if dev == "cpu" and use_faiss and _has_faiss():
         return _knn_faiss(X, k, metric)
     return _knn_torch(X, k, metric, dev, block)
 

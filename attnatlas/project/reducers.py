@@ -8,6 +8,7 @@ UMAP and the quality check do not each search neighbours again.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import warnings
 from typing import Any, ClassVar
@@ -84,6 +85,12 @@ class Reducer:
         self.random_state = random_state
         self.options = {**self.defaults, **params}
         self.adapted: dict[str, Any] = {}
+        self.safe = False
+
+    def make_safe(self) -> "Reducer":
+        """Switch to the backend without known native crashes: the retry of a head whose process died."""
+        self.safe = True
+        return self
 
     @property
     def params(self) -> dict[str, Any]:
@@ -144,6 +151,15 @@ class _Backends(Reducer):
     def library_backend(self) -> str:
         raise NotImplementedError
 
+    safe_backend: ClassVar[str] = ""
+
+    def make_safe(self) -> "Reducer":
+        super().make_safe()
+        for k in self.batched_defaults:
+            self.options.pop(k, None)
+        self.options["backend"] = self.safe_backend
+        return self
+
     def backend(self) -> str:
         b = self.options.get("backend", "auto")
         return self.library_backend() if b == "auto" else b
@@ -186,6 +202,7 @@ class TSNEReducer(_Backends):
     defaults = {"perplexity": 30.0, "max_iter": 100, "early_iter": 40, "early_exaggeration": 12.0, "angle": 0.7,
                 "learning_rate": "n/early_exaggeration", "backend": "auto"}
     backends = ("cuml", "sklearnex", "sklearn")
+    safe_backend = "sklearn"
     # Batched: sampled repulsion converges slower than Barnes-Hut, so it keeps the long schedule.
     batched_defaults = {"negatives": 16, "batched_max_iter": 300, "batched_early_iter": 250}
     min_points = 5
@@ -241,8 +258,10 @@ class TSNEReducer(_Backends):
             from cuml.manifold import TSNE as CuTSNE
 
             Z = unit_rows(X) if self.metric == "cosine" else np.asarray(X, np.float32)
-            return np.asarray(CuTSNE(n_components=2, perplexity=perplexity, n_iter=int(o["max_iter"]),
-                                     random_state=self.random_state).fit_transform(Z), np.float32)
+            # cuML renamed n_iter to max_iter (the old name is gone from 26.02 on): ask the signature.
+            iters = "max_iter" if "max_iter" in inspect.signature(CuTSNE).parameters else "n_iter"
+            return np.asarray(CuTSNE(n_components=2, perplexity=perplexity, random_state=self.random_state,
+                                     **{iters: int(o["max_iter"])}).fit_transform(Z), np.float32)
         if init is None:
             init = self.init_reducer().fit_transform(X)
         # scikit-learn's own PCA init convention: std of the first axis 1e-4.
@@ -324,6 +343,7 @@ class UMAPReducer(_Backends):
     defaults = {"n_neighbors": 15, "min_dist": 0.1, "n_epochs": 30, "negative_sample_rate": 2, "init": "tsne",
                 "backend": "auto"}
     backends = ("cuml", "umap-learn")
+    safe_backend = "umap-learn"
     # Batched: PCA init (spectral is a per-head eigensolve), so a longer schedule than umap-learn's 100 epochs.
     batched_defaults = {"batched_epochs": 200, "negatives": 8}
     min_points = 4
@@ -341,6 +361,8 @@ class UMAPReducer(_Backends):
         if n_points is not None and n_points < TSNEReducer.min_points:
             return None  # too few points for t-SNE: umap-learn's spectral init
         t = TSNEReducer(self.metric, self.random_state)
+        if self.safe:
+            t.make_safe()
         t.adapt(n_points if n_points is not None else self.adapted.get("n_points", 10**9))
         return t
 

@@ -8,20 +8,19 @@ reducer and write its layout and quality. One bad head is reported and skipped, 
 from __future__ import annotations
 
 import errno
-import multiprocessing as mp
+import functools
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
-from typing import Any, Callable, Iterable
-from unittest.mock import patch
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from attnatlas.errors import InputError
 from attnatlas.project.normalize import DEFAULT_NORMALISE, apply_normalisation, joint_points, normalise_head
 from attnatlas.project.placement import PLACE_K, knn_query, positions
+from attnatlas.project.pool import Died, mark, run_in_children
 from attnatlas.project.quality import QUALITY_K, QUALITY_SAMPLE, knn_graph, layout_quality, quality_sample
 from attnatlas.project.reducers import METRICS, REDUCERS, get_reducer
 from attnatlas.store import Atlas, claims
@@ -30,8 +29,8 @@ DEFAULT_METHODS = ("tsne", "umap", "pca")
 # Above this many points per head (2 x tokens) a seeded sample of token rows is projected: t-SNE
 # and UMAP cost grows faster than linearly and 20k points is past what one scatter plot shows well.
 MAX_POINTS = 20_000
-# Thread-count variables a spawned worker reads at start, set to its share of the cores.
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+# A head whose process gives no result within this many seconds is stopped (and retried once on safe backends).
+HEAD_TIMEOUT = 900.0
 
 
 def parse_list(value: str | Iterable[int] | None, upper: int, what: str) -> list[int] | None:
@@ -94,12 +93,12 @@ class _Placer:
     among the laid-out points (one neighbour search per head, shared by every method)."""
 
     def __init__(self, X: np.ndarray, q_all: np.ndarray, k_all: np.ndarray, rows: np.ndarray, applied: dict,
-                 metric: str):
+                 metric: str, exact: bool = False):
         self.n, self.rows = len(q_all), rows
         self.rest = np.setdiff1d(np.arange(self.n), rows)
         qr, kr = apply_normalisation(q_all[self.rest], k_all[self.rest], applied)
         self.X = joint_points(qr, kr)  # (2 * rest, d): queries, then keys
-        self.idx, self.dist = knn_query(X, self.X, PLACE_K, metric)
+        self.idx, self.dist = knn_query(X, self.X, PLACE_K, metric, use_faiss=not exact)
         self.metric = metric
 
     def coords(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,22 +124,30 @@ def _cached_atlas(path: str) -> Atlas:
     return _ATLASES[path]
 
 
-def _reducers(jobs: list[tuple[str, dict, dict, dict]], metric: str, seed: int) -> list[tuple[Any, dict]]:
-    """Rebuild each job's reducer, with the parameters the driver already adapted, beside its params."""
+def _reducers(jobs: list[tuple[str, dict, dict, dict]], metric: str, seed: int,
+              safe: bool = False) -> list[tuple[Any, dict]]:
+    """Rebuild each job's reducer, with the parameters the driver already adapted, beside its params;
+    with `safe`, on the backend without known native crashes (`Reducer.safe_options`)."""
     out = []
     for name, options, adapted, params in jobs:
         r = get_reducer(name, metric=metric, random_state=seed, **options)
+        if safe:
+            r.make_safe()
         r.adapted = dict(adapted)
         out.append((r, params))
     return out
 
 
 def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[tuple[str, dict, dict, dict]],
-                 rows: np.ndarray, metric: str, seed: int, normalise: dict, place: bool = False) -> dict[str, Any]:
+                 rows: np.ndarray, metric: str, seed: int, normalise: dict, place: bool = False,
+                 safe: bool = False) -> dict[str, Any]:
     """Project one head with each (method, options, adapted, params) job; never raises. With `place`, the
-    tokens outside `rows` (the layout sample) are placed into each layout and stored with it."""
+    tokens outside `rows` (the layout sample) are placed into each layout and stored with it. `safe` (the
+    retry of a head whose process died) uses backends without known native crashes and no faiss, and
+    flags the head's quality with fallback = 1."""
     out: dict[str, Any] = {"layer": layer, "head": head, "results": {}, "errors": []}
     try:
+        mark("reading the head")
         atlas = _cached_atlas(atlas_path)
         q_all = atlas.queries(model, layer, head)  # (token, d_head)
         k_all = atlas.keys(model, layer, head)  # (token, d_head), GQA key head
@@ -151,11 +158,16 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
             return out
         qn, kn, applied = normalise_head(q, k, **normalise)
         X = joint_points(qn, kn)  # (2 * points, d_head)
-        placer = _place_all(X, q_all, k_all, rows, applied, metric, place)
-        reducers = _reducers(jobs, metric, seed)
+        if (X == X[:1]).all():
+            out["errors"].append(("*", "all its queries and keys are one and the same point; nothing to lay out"))
+            return out
+        mark("placing the tokens outside the sample")
+        placer = _place_all(X, q_all, k_all, rows, applied, metric, place, safe)
+        reducers = _reducers(jobs, metric, seed, safe)
         t0 = time.perf_counter()
         need = max([QUALITY_K + 1] + [r.knn_needed for r, _ in reducers])
-        knn = knn_graph(X, need, metric)
+        mark("the kNN graph")
+        knn = knn_graph(X, need, metric, device="cpu" if safe else None, use_faiss=not safe)
         share = (time.perf_counter() - t0) / len(reducers)
         layouts: dict[str, np.ndarray] = {}
         by_name = {r.name: r for r, _ in reducers}
@@ -166,14 +178,17 @@ def project_head(atlas_path: str, model: str, layer: int, head: int, jobs: list[
 
         for r, params in sorted(reducers, key=lambda rp: depth(rp[0])):
             try:
+                mark(f"{r.name} ({r.backend()})")
                 t1 = time.perf_counter()
                 Y = r.fit_transform(X, init=_given_init(r, reducers, layouts, len(X)), knn=knn)
                 secs = time.perf_counter() - t1 + share
                 if Y.shape != (len(X), 2) or not np.isfinite(Y).all():
                     raise RuntimeError("the reducer returned non-finite or misshapen coordinates")
                 layouts[r.name] = Y
+                mark(f"{r.name} quality and write")
                 qual = layout_quality(X, Y, metric, knn=knn, seed=seed)
                 qual["seconds"] = secs
+                qual["fallback"] = float(safe)
                 _write(atlas, model, r.name, rows, params, layer, head, Y, qual, placer, seed)
                 out["results"][r.name] = {**qual, "scale": applied["scale"]}
             except Exception as exc:  # one method failing must not stop the others
@@ -196,13 +211,13 @@ def _raise_if_storage_failed(exc: Exception) -> None:
 
 
 def _place_all(X: np.ndarray, q_all: np.ndarray, k_all: np.ndarray, rows: np.ndarray, applied: dict, metric: str,
-               place: bool) -> _Placer | None:
+               place: bool, safe: bool = False) -> _Placer | None:
     if not place or len(rows) >= len(q_all):
         return None
     bad = int((~np.isfinite(q_all)).sum() + (~np.isfinite(k_all)).sum())
     if bad:
         raise ValueError(f"{bad} NaN/inf values in the query/key vectors of tokens outside the layout sample")
-    return _Placer(X, q_all, k_all, rows, applied, metric)
+    return _Placer(X, q_all, k_all, rows, applied, metric, exact=safe)
 
 
 def _write(atlas: Atlas, model: str, method: str, rows: np.ndarray, params: dict, layer: int, head: int,
@@ -288,36 +303,15 @@ def project_layer(atlas_path: str, model: str, layer: int, heads: list[int], job
     return [outs[h] for h in heads]
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """End this worker process the moment its driver dies (even by SIGKILL), so no orphan keeps writing
-    heads into layouts another run may own by then. Linux: the kernel's parent-death signal; elsewhere
-    a thread that watches the parent pid."""
-    import signal
-    import threading
+def worker_setup(threads: int, modules: Iterable[str] = ()) -> None:
+    """Run once in each worker process: every library there uses `threads` threads, and the modules that
+    register the run's reducers are imported."""
+    import importlib
 
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the driver died before the signal was armed
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="attnatlas-parent-watch").start()
-
-
-def _init_worker(threads: int, parent_pid: int | None = None) -> None:
     from attnatlas.project.reducers import set_threads
 
-    if parent_pid is not None:
-        die_with_parent(parent_pid)
+    for m in modules:
+        importlib.import_module(m)
 
     set_threads(threads)
     try:
@@ -326,41 +320,6 @@ def _init_worker(threads: int, parent_pid: int | None = None) -> None:
         torch.set_num_threads(threads)
     except Exception:
         pass
-
-
-def _load_thread_pools() -> None:
-    """Import the libraries that bring their own OpenMP/BLAS pools (faiss, SciPy's OpenBLAS)."""
-    import importlib.util
-
-    import scipy.linalg  # noqa: F401
-
-    if importlib.util.find_spec("faiss") is not None:
-        import faiss  # noqa: F401
-
-
-class _driver_threads:
-    """While the driver process projects heads beside its workers, every library in it uses one thread."""
-
-    def __enter__(self):
-        import torch
-        from threadpoolctl import threadpool_limits
-
-        from attnatlas.project.reducers import THREADS, set_threads
-
-        self.saved = (torch.get_num_threads(), THREADS)
-        _load_thread_pools()  # threadpoolctl limits only the pools already loaded
-        self.limits = threadpool_limits(1)
-        torch.set_num_threads(1)
-        set_threads(1)
-
-    def __exit__(self, *exc):
-        import torch
-
-        from attnatlas.project.reducers import set_threads
-
-        self.limits.restore_original_limits()
-        torch.set_num_threads(self.saved[0])
-        set_threads(self.saved[1])
 
 
 # ---- whole model ---------------------------------------------------------------------------------
@@ -412,13 +371,19 @@ def _project_model(
     dispatch: Callable[[Callable[..., dict], list[tuple]], Iterable[dict]] | None = None,
     hold: Callable[[Any], Any] = lambda claim: claim,
     place: bool = True,
+    head_timeout: float | None = HEAD_TIMEOUT,
 ) -> dict[str, Any]:
     """`dispatch(project_head, calls)`, if given, runs each argument tuple elsewhere (e.g. a Dask cluster)
     and yields one result per call; the layout arrays already exist when it is called.
 
     A head with more than `max_points` points is laid out from a seeded sample of tokens; with `place`
     (the default) every other token is then placed into that layout from its neighbours, so every token
-    of the corpus has coordinates (flagged as placed), and their faithfulness is stored apart."""
+    of the corpus has coordinates (flagged as placed), and their faithfulness is stored apart.
+
+    Heads run in child processes (`project.pool`), also with workers=1: a head whose process crashes in
+    native code, is killed (out of memory) or gives no result within `head_timeout` seconds is retried once,
+    alone, on the safe backends (listed in the summary's "fallbacks" and flagged in its quality); if that
+    dies too, the head is reported failed. The other heads are kept either way."""
     atlas = atlas if isinstance(atlas, Atlas) else Atlas.open(atlas)
     info = atlas.info(model)  # StoreError if the model is missing
     names = parse_methods(methods)
@@ -440,6 +405,9 @@ def _project_model(
         r = get_reducer(name, metric=metric, random_state=seed, **(reducer_params or {}).get(name, {}))
         adapted_all[name] = r.adapt(n_points)  # InputError if too few points at all
         params = {**r.params, "normalise": norm, "max_points": max_points, "quality_sample": QUALITY_SAMPLE}
+        safe = get_reducer(name, metric=metric, random_state=seed, **r.options).make_safe()
+        if safe.backend() != r.backend():  # heads flagged fallback = 1 in their quality were made on it
+            params["fallback_backend"] = safe.backend()
         if place:
             params["placement"] = {"method": "knn-weighted", "k": PLACE_K}
         jobs.append((name, r.options, dict(r.adapted), params))
@@ -473,60 +441,87 @@ def _project_model(
     summary: dict[str, Any] = {"model": model, "methods": names, "heads": len(sel_layers) * len(sel_heads),
                                "points": n_points, "sampled": len(rows) < n_tokens, "adapted": adapted_all,
                                "placed_points": 2 * (n_tokens - len(rows)) if place else 0,
-                               "done": 0, "skipped": skipped, "failed": [], "quality": {m: [] for m in names}}
+                               "done": 0, "skipped": skipped, "failed": [], "fallbacks": [],
+                               "quality": {m: [] for m in names}}
     t0 = time.perf_counter()
     bar = _bar(len(targets), progress)
     args = (str(atlas.path), model)
     tail = (rows, metric, seed, norm, place)
 
-    def collect(res: dict) -> None:
+    def collect(res: dict, count: bool = True) -> None:
         for m, q in res["results"].items():
             summary["done"] += 1
             summary["quality"][m].append(q["trustworthiness"])
         for m, msg in res["errors"]:
             summary["failed"].append((res["layer"], res["head"], m, msg))
-        bar.update(1)
+        if count:
+            bar.update(1)
 
     # Per layer when every method embeds heads in one batch (and no external dispatcher wants heads).
     batched = dispatch is None and all(
         get_reducer(n, metric=metric, random_state=seed, **o).batched for n, o, _, _ in jobs)
-    calls: list[tuple] = []
     if batched:
         groups: dict[tuple, list[int]] = {}
         for L, h, todo in targets:
             groups.setdefault((L, tuple(j[0] for j in todo)), []).append(h)
-        for (L, names_), hs in groups.items():
-            calls.append((L, hs, [j for j in jobs if j[0] in names_]))
-    workers = max(1, min(int(workers), (len(calls) if batched else len(targets)) or 1))
-    if workers > 1 and dispatch is None and atlas.path.protocol == "memory":
-        raise InputError(f"{atlas.path} lives inside this process, where worker processes cannot see it; "
-                         f"use workers=1 or storage they share (a folder, s3://...).")
-    if batched and workers == 1:
-        for L, hs, todo in calls:
-            for res in project_layer(*args, L, hs, todo, *tail):
-                collect(res)
-    elif dispatch is not None:
-        for res in dispatch(project_head, [(*args, L, h, todo, *tail) for L, h, todo in targets]):
-            collect(res)
-    elif workers == 1:
-        for L, h, todo in targets:
-            collect(project_head(*args, L, h, todo, *tail))
+        fn, calls = project_layer, [(*args, L, hs, [j for j in jobs if j[0] in names_], *tail)
+                                    for (L, names_), hs in groups.items()]
     else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        # Spawned workers read these at start; patch.dict restores the driver's own afterwards.
-        with patch.dict(os.environ, {v: str(threads) for v in THREAD_VARS}):
-            # Per head, the driver is one of the workers: it starts at once while the spawned ones import
-            # (several seconds each), and no core idles.
-            pool_size = workers if batched else workers - 1
-            with ProcessPoolExecutor(pool_size, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(threads, os.getpid())) as pool:
-                if batched:
-                    futs = [pool.submit(project_layer, *args, L, hs, todo, *tail) for L, hs, todo in calls]
-                    for f in as_completed(futs):
-                        for res in f.result():
-                            collect(res)
-                else:
-                    _share_with_pool(pool, workers, [(*args, L, h, todo, *tail) for L, h, todo in targets], collect)
+        fn, calls = project_head, [(*args, L, h, todo, *tail) for L, h, todo in targets]
+    workers = max(1, min(int(workers), len(calls) or 1))
+    # Worker processes import each reducer's module; one defined in __main__ or inside a function (a notebook,
+    # a test) exists in this process only, so such a run stays here, without isolation.
+    classes = [REDUCERS[name] for name, *_ in jobs]
+    local = [c.name for c in classes if c.__module__ == "__main__" or "<locals>" in c.__qualname__]
+    in_process = atlas.path.protocol == "memory" or bool(local)
+    setup = functools.partial(worker_setup, modules=sorted({c.__module__ for c in classes}))
+    if in_process and workers > 1 and dispatch is None:
+        where = (f"{atlas.path} lives inside this process" if not local else
+                 f"the reducer {local[0]!r} is defined in __main__ or inside a function, so it exists in this process")
+        raise InputError(f"{where}, where worker processes cannot see it; use workers=1"
+                         + (" or storage they share (a folder, s3://...)." if not local else " or define it in a module."))
+
+    def run(fn: Callable[..., Any], calls: list[tuple]) -> Iterator[dict]:
+        """Every result of `fn` over `calls`, flattened to per-head results; a call whose process died
+        becomes a result per head with "died" (the cause)."""
+        if dispatch is not None:
+            yield from dispatch(fn, calls)
+        elif in_process:  # memory:// atlases live in this process only: no isolation possible
+            for call in calls:
+                res = fn(*call)
+                yield from (res if isinstance(res, list) else [res])
+        else:
+            for i, res in run_in_children(fn, calls, workers, head_timeout, setup=setup):
+                if isinstance(res, Died):
+                    L, hs = calls[i][2], calls[i][3]
+                    why = res.cause + (f", during {res.stage}" if res.stage else "")
+                    res = [{"layer": L, "head": h, "results": {}, "errors": [], "died": why}
+                           for h in (hs if isinstance(hs, list) else [hs])]
+                yield from (res if isinstance(res, list) else [res])
+
+    died: dict[tuple[int, int], str] = {}
+    for res in run(fn, calls):
+        if res.get("died"):
+            died[res["layer"], res["head"]] = res["died"]
+            bar.update(1)
+        else:
+            collect(res)
+    if died:
+        # Each head whose process died is retried once, alone, on the safe backends; the methods it
+        # had already written are kept.
+        done = {name: atlas.layout_done(model, name) for name, *_ in jobs}
+        retry = [(*args, L, h, [j for j in jobs if force or not done[j[0]][L, h]], *tail, True)
+                 for (L, h) in sorted(died)]
+        retry = [c for c in retry if c[4]]
+        for res in run(project_head, retry):
+            key = (res["layer"], res["head"])
+            if res.get("died"):
+                summary["failed"].append((*key, "*", f"{died[key]}; the retry on safe backends died too: {res['died']}"))
+                continue
+            for m in res["results"]:
+                summary["fallbacks"].append((*key, m, died[key]))
+            res["errors"] = [(m, f"{msg} (retried on safe backends after: {died[key]})") for m, msg in res["errors"]]
+            collect(res, count=False)
     bar.close()
     secs = time.perf_counter() - t0
     summary["seconds"] = secs
@@ -539,37 +534,8 @@ def _project_model(
             pq = atlas.layout_placed_quality(model, m)
             summary["placed_quality"][m] = float(pq["trustworthiness"].mean()) if len(pq) else None
     summary["failed"].sort()
+    summary["fallbacks"].sort()
     return summary
-
-
-def _share_with_pool(pool: ProcessPoolExecutor, workers: int, calls: list[tuple], collect: Callable[[dict], None]) -> None:
-    """Run `project_head` on every call: `workers - 1` pool processes (two calls queued each, so none
-    waits on the driver) and the driver itself, which takes the next call whenever it is free."""
-    from collections import deque
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    queue, pending = deque(calls), set()
-
-    def harvest(block: bool) -> None:
-        nonlocal pending
-        if not pending:
-            return
-        done, pending = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
-        for f in done:
-            collect(f.result())
-
-    def top_up() -> None:
-        while queue and len(pending) < 2 * (workers - 1):
-            pending.add(pool.submit(project_head, *queue.popleft()))
-
-    top_up()
-    with _driver_threads():
-        while queue:
-            collect(project_head(*queue.popleft()))
-            harvest(block=False)
-            top_up()
-    while pending:
-        harvest(block=True)
 
 
 def _json(obj: Any) -> Any:

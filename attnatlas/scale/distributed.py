@@ -19,7 +19,7 @@ import uuid
 from typing import Any, Callable, Iterator
 
 from attnatlas.errors import AtlasError, InputError
-from attnatlas.project.runner import THREAD_VARS
+from attnatlas.project.pool import THREAD_VARS
 
 log = logging.getLogger(__name__)
 RETRIES = 2  # each head's chunks are written idempotently, so a re-run is safe
@@ -124,8 +124,8 @@ def dask_dispatch(client: Any, model: str, task: Callable[..., dict] | None = No
             L, h = futures.pop(f)
             try:
                 yield f.result()
-            except Exception as exc:  # e.g. KilledWorker after repeated worker deaths: report, go on
-                yield {"layer": L, "head": h, "results": {}, "errors": [("*", f"{type(exc).__name__}: {exc}")]}
+            except Exception as exc:  # e.g. KilledWorker after repeated worker deaths: retried once on safe backends
+                yield {"layer": L, "head": h, "results": {}, "errors": [], "died": f"{type(exc).__name__}: {exc}"}
             f.release()
 
     return dispatch

@@ -49,7 +49,8 @@ from attnatlas.store.location import Location
 from attnatlas.store.shards import ShardFiles, block_rows, shard_files
 
 FORMAT_VERSION = 1
-QUALITY_FIELDS = ("trustworthiness", "knn_kept", "seconds", "points")
+# fallback: 1 when the head was laid out on the safe backends, after its first process died (crash, hang, OOM).
+QUALITY_FIELDS = ("trustworthiness", "knn_kept", "seconds", "points", "fallback")
 # Faithfulness of the tokens placed into a capped layout (not laid out themselves), measured apart.
 PLACED_FIELDS = ("trustworthiness", "knn_kept", "points")
 TOKEN_ROW_GROUP = 65_536  # token rows buffered per Parquet row group: few conversions, bounded memory
@@ -396,7 +397,8 @@ class LayoutWriter:
         if self.placed_quality is not None and placed is not None:
             self.placed_quality[layer, head] = np.array([placed.get(f, np.nan) for f in PLACED_FIELDS], dtype=np.float32)
         # Quality last: a head counts as done only once its coordinates are on disk.
-        self.quality[layer, head] = np.array([quality.get(f, np.nan) for f in QUALITY_FIELDS], dtype=np.float32)
+        fields = QUALITY_FIELDS[: self.quality.shape[-1]]  # an older layout may have fewer
+        self.quality[layer, head] = np.array([quality.get(f, np.nan) for f in fields], dtype=np.float32)
         faults.checkpoint("head")
 
 
@@ -815,7 +817,8 @@ class Atlas:
         """One row per finished head: layer, head and QUALITY_FIELDS."""
         q = np.asarray(self.layout_group(model, method)["quality"][:])
         L, H, _ = q.shape
-        df = pd.DataFrame(q.reshape(L * H, -1), columns=list(QUALITY_FIELDS))
+        # Atlases from before a field was added have fewer columns.
+        df = pd.DataFrame(q.reshape(L * H, -1), columns=list(QUALITY_FIELDS[: q.shape[-1]]))
         df.insert(0, "head", np.tile(np.arange(H), L))
         df.insert(0, "layer", np.repeat(np.arange(L), H))
         return df[self.layout_done(model, method).reshape(-1)].reset_index(drop=True)

@@ -1,0 +1,495 @@
+"""A standalone page of the dashboard's own views: the grid (grid_view.GridView) and the single head
+(head_view.HeadView), with BokehJS inlined and CustomJS in place of the server callbacks, so it works
+with no server: inline in a notebook (attnatlas.show) and as one file (`attnatlas export --html`).
+
+The views are built exactly as a session builds them; this module only adds what a page without a
+server needs: every embedded head's points in one data source (`store`), and JS that opens a head from
+the grid (click a cell, or zoom into one), switches colour modes, searches tokens, draws attention lines
+on a click, and posts the selected points to the embedding notebook widget (attnatlas.notebook).
+
+Size rule: every embedded head keeps the same token rows, whole sequences picked in a seeded order, as
+many as fit `budget` bytes of point data (each row costs, per head, 2 points x 14 bytes plus its top-k
+attention at 5 bytes a weight), at most `max_rows`. Heads the layout sampled keep only rows with a point.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from bokeh.embed import file_html
+from bokeh.layouts import column, row
+from bokeh.models import (
+    BoxSelectTool,
+    ColumnDataSource,
+    CustomJS,
+    Div,
+    LassoSelectTool,
+    TabPanel,
+    Tabs,
+)
+from bokeh.palettes import Viridis256
+from bokeh.resources import INLINE
+
+from attnatlas.app import colors
+from attnatlas.app.data import AppData, stack_counts
+from attnatlas.app.grid_view import HAND_OVER, GridView
+from attnatlas.app.head_view import DIM_ALPHA, DIM_COLOUR, BASE_ALPHA, LINE_MIN_WEIGHT, MAX_LIST, HeadView
+from attnatlas.app.safe import JS_ESCAPE, seal
+from attnatlas.app.view import Place
+from attnatlas.errors import InputError
+
+BLOB_COLUMNS = (("x", np.float32), ("y", np.float32), ("norm", np.float32), ("tk_idx", np.int32), ("stack", np.uint16),
+                ("tk_w", np.uint8))
+POINT_BYTES = 14  # x, y, norm (float32) and stack count (uint16) of one point
+WEIGHT_BYTES = 5  # a top-k entry: key row (int32) and weight (uint8, 1/255 steps)
+STATIC_ROW_BYTES = 260  # token, context and the other per-row columns, as JSON, both points of a row
+INLINE_BUDGET = 6 << 20  # notebook output: the 270-head SmolLM2 grid keeps 340 of 1,199 tokens a head
+EXPORT_BUDGET = 34 << 20  # `export --html`: x 4/3 for base64, + 3 MB of BokehJS and grid image: under 50 MB
+MAX_ROWS = 50_000  # one head of 100,000 points stays smooth on canvas and WebGL
+MIN_ROWS = 200  # below this a head is not worth drawing: fewer heads are embedded instead
+
+
+@dataclass(frozen=True)
+class Page:
+    """A built page: the standalone HTML, the token rows each head keeps, and what was embedded."""
+
+    html: str
+    page_id: str
+    model: str
+    method: str
+    rows: np.ndarray  # (R,) atlas token rows of the embedded points: point i < R is the query of rows[i], R + i its key
+    heads: list[tuple[int, int]]  # embedded (layer, head) pairs
+    total_rows: int  # token rows of the layout
+    data_bytes: int  # point and attention bytes embedded (before base64)
+    height: int  # px the page needs
+    single: bool  # one head, no grid
+
+
+def _pick_rows(data: AppData, model: str, method: str, n_rows: int, seed: int = 0) -> np.ndarray:
+    """Indices into the layout's rows (Tokens.rows) of whole sequences, seeded, up to n_rows rows."""
+    t = data.tokens(model, method)
+    if n_rows >= len(t.rows):
+        return np.arange(len(t.rows))
+    seq = t.seq_of_row[t.rows]
+    order = np.random.default_rng(seed).permutation(np.unique(seq))
+    counts = dict(zip(*np.unique(seq, return_counts=True)))
+    keep, total = [], 0
+    for s in order:
+        if total + counts[s] > n_rows:
+            continue  # a shorter sequence may still fit
+        keep.append(s)
+        total += counts[s]
+    return np.flatnonzero(np.isin(seq, keep))
+
+
+def plan(data: AppData, model: str, method: str, heads: list[tuple[int, int]], budget: int,
+         max_rows: int = MAX_ROWS) -> tuple[int, int]:
+    """(rows kept per head, heads kept) under the size rule: rows shrink first, down to MIN_ROWS; then heads."""
+    total = len(data.tokens(model, method).rows)
+    k = int(data.infos[model].attrs.get("attention_topk", 0) or 0) if data.has_attention(model) else 0
+    per_row_head = 2 * POINT_BYTES + k * WEIGHT_BYTES
+    n_heads = len(heads)
+    rows = min(total, max_rows, int(budget // max(n_heads * per_row_head + STATIC_ROW_BYTES, 1)))
+    if rows < min(MIN_ROWS, total):
+        rows = min(MIN_ROWS, total)
+        n_heads = max(1, int((budget - rows * STATIC_ROW_BYTES) // (rows * per_row_head)))
+    return rows, min(n_heads, len(heads))
+
+
+def check(data: AppData, model: Any, method: Any = None, layer: Any = None, head: Any = None) -> tuple[str, str]:
+    """Validate what a caller asked for; InputError names what exists."""
+    have = list(data.models)
+    if model is None:
+        model = data.default_model
+    if model not in have:
+        missing = [m for m in data.atlas.models if m not in have]
+        if model in missing:
+            raise InputError(f"Model {model!r} has no layouts yet; run `attnatlas project {data.shown_path} --model {model}`.")
+        raise InputError(f"No model {model!r} in {data.shown_path}; models with layouts: {', '.join(have)}.")
+    methods = data.methods[model]
+    if method is None:
+        method = data.method(model, None)
+    if method not in methods:
+        raise InputError(f"Model {model!r} has no {method!r} layouts; it has: {', '.join(methods)} "
+                         f"(make more with `attnatlas project {data.shown_path} --model {model} --method {method}`).")
+    info = data.infos[model]
+    if (layer is None) != (head is None):
+        raise InputError("Give both layer= and head= for one head, or neither for the grid.")
+    if layer is not None:
+        for name, v, n in (("layer", layer, info.n_layers), ("head", head, info.n_heads)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < n:
+                raise InputError(f"{name} {v!r} does not exist: {model!r} has {name}s 0-{n - 1} "
+                                 f"({info.n_layers} layers x {info.n_heads} heads).")
+    return model, method
+
+
+def build(data: AppData, model: str | None = None, method: str | None = None, layer: int | None = None,
+          head: int | None = None, budget: int = INLINE_BUDGET, max_rows: int = MAX_ROWS,
+          title: str | None = None) -> Page:
+    """The page of `model`'s grid (layer and head None) or of one head. Arguments are validated here."""
+    model, method = check(data, model, method, layer, head)
+    info = data.infos[model]
+    L, H = info.n_layers, info.n_heads
+    g = data.grid_layouts(model, method)
+    single = layer is not None
+    if single:
+        wanted = [(int(layer), int(head))]
+    else:
+        wanted = [(a, b) for a in range(L) for b in range(H) if g.done[a, b]]
+        if not wanted:
+            raise InputError(f"Model {model!r} has no finished {method!r} layout; run "
+                             f"`attnatlas project {data.shown_path} --model {model} --method {method}`.")
+    n_rows, n_heads = plan(data, model, method, wanted, budget, max_rows)
+    heads = wanted[:n_heads]
+    keep = _pick_rows(data, model, method, n_rows)  # indices into the layout's rows
+    t = data.tokens(model, method)
+    n_all = len(t.rows)
+    R = len(keep)
+    pts = np.concatenate([keep, keep + n_all])  # the kept points: queries, then keys
+
+    place = Place(model, method, *(heads[0] if heads else (0, 0)))
+    hv = HeadView(data, place, on_change=lambda what: None, on_error=_raise)
+    hv.show(place.layer, place.head)  # the app's own drawing of the first head, cut to the kept points below
+    static = {k: np.asarray(v)[pts] for k, v in hv.src.data.items()}
+    hv.src.data = static
+    hv.src.selected.indices = []
+    hv.fig.add_tools(LassoSelectTool(), BoxSelectTool())
+
+    # Every embedded head in one source: a row per head, its points' arrays in the kept order.
+    k = int(info.attrs.get("attention_topk", 0) or 0) if data.has_attention(model) else 0
+    point_of_kept = np.full(n_all, -1, np.int64)
+    point_of_kept[keep] = np.arange(R)
+    kept_of_row = np.full(len(t.point_of_row), -1, np.int64)  # atlas row -> kept index
+    ok_rows = t.point_of_row >= 0
+    kept_of_row[ok_rows] = point_of_kept[t.point_of_row[ok_rows]]
+    cols: dict[str, list] = {k_: [] for k_ in ("layer", "head", "x", "y", "norm", "stack", "tk_idx", "tk_w", "trust", "knn")}
+    where = np.full(L * H, -1, np.int32)
+    table = data.head_table(model, method)
+    sel_rows = t.rows[keep]
+    nbytes = 0
+    atlas = data.atlas
+    for a in sorted({a for a, _ in heads}):
+        # One read per layer (not per head): a 270-head page is 30 reads of each array.
+        qs = np.asarray(atlas.array(model, "queries")[a])  # (head, token, d_head)
+        ks = np.asarray(atlas.array(model, "keys")[a])  # (kv_head, token, d_head)
+        if k:
+            tk_i = np.asarray(atlas.array(model, "attn_topk_index")[a])  # (head, token, k)
+            tk_w = np.asarray(atlas.array(model, "attn_topk_weight")[a], dtype=np.float32)
+        for b in [b for a_, b in heads if a_ == a]:
+            j = len(cols["layer"])
+            xy = g.coords[a, b]  # (2 n_all, 2): queries then keys
+            qn = np.linalg.norm(qs[b][sel_rows].astype(np.float32), axis=1)
+            kn = np.linalg.norm(ks[info.kv_head(b)][sel_rows].astype(np.float32), axis=1)
+            cols["layer"].append(a), cols["head"].append(b)
+            cols["x"].append(np.ascontiguousarray(xy[pts, 0], np.float32))
+            cols["y"].append(np.ascontiguousarray(xy[pts, 1], np.float32))
+            cols["norm"].append(np.nan_to_num(np.concatenate([qn, kn])).astype(np.float32))
+            cols["stack"].append(np.minimum(stack_counts(xy)[pts], 65535).astype(np.uint16))
+            if k:
+                idx, w = tk_i[b][sel_rows], np.nan_to_num(tk_w[b][sel_rows])
+                mapped = np.where(idx >= 0, kept_of_row[np.clip(idx, 0, None)], -1)
+                cols["tk_idx"].append(mapped.astype(np.int32).reshape(-1))
+                cols["tk_w"].append(np.round(np.clip(w, 0, 1) * 255).astype(np.uint8).reshape(-1))
+            else:
+                cols["tk_idx"].append(np.zeros(0, np.int32)), cols["tk_w"].append(np.zeros(0, np.uint8))
+            q = table.iloc[a * H + b]
+            cols["trust"].append(float(q.get("trustworthiness", np.nan))), cols["knn"].append(float(q.get("knn_kept", np.nan)))
+            where[a * H + b] = j
+            nbytes += 2 * R * POINT_BYTES + R * k * WEIGHT_BYTES
+    # The heads' arrays go into the page as one base64 block beside the document, not through Bokeh's
+    # serialiser: the grid draws without waiting for them, and the page reads them when a head opens.
+    # Column c holds head j at [j * size, (j + 1) * size); 4-byte columns first, so every view is aligned.
+    blob, offsets = [], {}
+    pos = 0
+    for c, dtype in BLOB_COLUMNS:
+        arr = np.concatenate(cols[c]).astype(dtype) if cols[c] else np.zeros(0, dtype)
+        offsets[c] = pos
+        blob.append(arr.tobytes())
+        pos += arr.nbytes
+    blob_id = f"attnatlas-heads-{uuid.uuid4().hex[:12]}"
+    store = ColumnDataSource(data=dict(trust=cols["trust"], knn=cols["knn"]), name="page_heads")
+
+    # Colour modes: head-independent palette indices, from the app's own colour code (norm is per head, in JS).
+    modes = colors.modes(data.modality(model))
+    mcols: dict[str, list] = {"key": [], "index": [], "palette": [], "legend": []}
+    sub_cols = {c: np.asarray(v)[pts] for c, v in t.columns.items()}
+    for key, _ in modes:
+        if key == "norm":
+            continue
+        index, pal, legend = colors.indexed(key, sub_cols, np.zeros(2 * R, np.float32))
+        mcols["key"].append(key), mcols["index"].append(index.astype(np.int32))
+        mcols["palette"].append(list(pal)), mcols["legend"].append(legend)
+    mode_src = ColumnDataSource(data=mcols, name="page_colour_modes")
+
+    page_id = uuid.uuid4().hex
+    meta = dict(blob=blob_id, offsets=offsets, R=R, k=k, L=L, H=H, model=model, method=method, page=page_id, single=single,
+                shown=f"{R:,} of {n_all:,} tokens" if R < n_all else f"all {n_all:,} tokens",
+                viridis=list(Viridis256), dim=DIM_COLOUR, dim_alpha=DIM_ALPHA, base_alpha=BASE_ALPHA,
+                line_min=LINE_MIN_WEIGHT, max_list=MAX_LIST, hand_over=HAND_OVER)
+    args = dict(store=store, src=hv.src, line_src=hv.line_src, match_src=hv.match_src, mapper=hv.mapper,
+                modes=mode_src, colour=hv.colour_select, legend=hv.legend, search=hv.search, search_mode=hv.search_mode,
+                search_count=hv.search_count, search_results=hv.search_results, seq=hv.sequence, title=hv.head_title,
+                lsel=hv.layer_select, hsel=hv.head_select, xr=hv.xr, yr=hv.yr, where=where, meta=json.dumps(meta))
+
+    def js(action: str, **extra: Any) -> CustomJS:
+        return CustomJS(args=dict(args, action=action, **extra), code=JS_ESCAPE + PAGE_JS)
+
+    hv.colour_select.options = [(k_, lab) for k_, lab in modes]
+    hv.layer_select.options = sorted({str(a) for a, _ in heads}, key=int)
+    hv.head_select.options = [str(b) for b in range(H)]
+    hv.colour_select.js_on_change("value", js("colour"))
+    hv.search.js_on_change("value", js("search"))
+    hv.search_mode.js_on_change("active", js("search"))
+    hv.layer_select.js_on_change("value", js("select"))
+    hv.head_select.js_on_change("value", js("select"))
+    hv.src.selected.js_on_change("indices", js("tap"))
+    hv.fig.js_on_event("selectiongeometry", js("geometry"))
+    hv.sequence.text = "Click a point to see where it attends; lasso or box-select points to hand them to Python."
+    note = Div(text=f"<small>This page holds {html.escape(meta['shown'])} per head (whole sequences), "
+                    f"{len(heads)} of {L * H} heads; search matches token text. "
+                    f"For everything, run <code>attnatlas serve</code>.</small>", disable_math=True, width=420)
+    controls = column(hv.head_title, row(hv.layer_select, hv.head_select), hv.colour_select, hv.legend,
+                      row(hv.search, hv.search_mode), hv.search_count, hv.search_results, hv.attention_legend,
+                      hv.sequence, note)
+    head_panel = row(hv.fig, controls, name="page_head")
+    ready = js("init")
+    if single:
+        root = head_panel
+        height = 780
+    else:
+        gv = GridView(data, on_open=lambda a, b: None, on_error=_raise)
+        cell = int(np.clip(min(880 / H, 880 / L), 28, 100))
+        gv.show(model, method, cell_px=2 * cell)  # twice the shown size: sharp on high-density screens
+        gv.fig.sizing_mode = "fixed"
+        gv.fig.width, gv.fig.height = H * cell + 60, L * cell + 50
+        if n_heads < len(wanted):
+            gv.info.text += (f"<br><b>This page embeds {n_heads} of {len(wanted)} heads</b> (layers in order) to stay "
+                             f"under its size; the others open with <code>attnatlas serve</code>.")
+        tabs = Tabs(tabs=[TabPanel(child=column(gv.info, gv.fig), title="All heads"),
+                        TabPanel(child=head_panel, title="Single head")], name="page_tabs")
+        grid_args = dict(cells=gv.cell_src, tabs=tabs, gx=gv.x_range, gy=gv.y_range)
+        gv.cell_src.selected.js_on_change("indices", js("cell", **grid_args))
+        gv.fig.js_on_event("rangesupdate", js("zoom", **grid_args))
+        root = column(tabs, name="page_root")
+        height = max(gv.fig.height + 180, 800)
+    root.tags = [ready]  # part of the document; run once BokehJS has built it
+    seal(root)
+    doc_title = title or f"attnatlas \u2013 {model} ({method})"
+    from bokeh.document import Document
+    doc = Document()
+    doc.add_root(root)
+    doc.js_on_event("document_ready", ready)
+    doc.title = doc_title
+    # The views' server callbacks are inert on a page; the CustomJS above stands in for them.
+    page = file_html(doc, INLINE, title=doc_title, suppress_callback_warning=True)
+    block = base64.b64encode(b"".join(blob)).decode("ascii")  # only [A-Za-z0-9+/=]: nothing to escape
+    end = page.rindex("</body>")  # the last one: BokehJS's own source holds the string too
+    page = page[:end] + f'<script type="application/octet-stream" id="{blob_id}">{block}</script>\n' + page[end:]
+    return Page(page, page_id, model, method, np.asarray(t.rows[keep]), heads, n_all, nbytes, height, single)
+
+
+def _raise(message: str) -> None:
+    raise InputError(message)
+
+
+# One script for every action, so the page's behaviour reads in one place. Strings from the atlas reach the
+# DOM only through esc() or as Bokeh data (which Bokeh escapes); `ctx` is escaped by AppData (only <b> is markup).
+PAGE_JS = r"""
+const M = JSON.parse(meta), R = M.R, K = M.k
+const P = 2 * R
+const TYPES = {x: Float32Array, y: Float32Array, norm: Float32Array, tk_idx: Int32Array, stack: Uint16Array, tk_w: Uint8Array}
+function heads() {  // the heads' arrays, decoded from the page's block the first time a head opens
+  if (src.__heads == null) {
+    const text = document.getElementById(M.blob).textContent.trim()
+    const bin = atob(text), bytes = new Uint8Array(bin.length)
+    for (let i = 0; i < bin.length; i++) { bytes[i] = bin.charCodeAt(i) }
+    const S = {trust: store.data.trust, knn: store.data.knn}
+    for (const [c, T] of Object.entries(TYPES)) {
+      const n = (c == 'tk_idx' || c == 'tk_w') ? R * K : P, at = M.offsets[c]
+      S[c] = new Proxy({}, {get: (_, j) => new T(bytes.buffer, at + (+j) * n * T.BYTES_PER_ELEMENT, n)})
+    }
+    src.__heads = S
+  }
+  return src.__heads
+}
+const cur = () => [parseInt(lsel.value), parseInt(hsel.value)]
+const row_of = (l, h) => (l >= 0 && h >= 0 && l < M.L && h < M.H) ? where[l * M.H + h] : -1
+
+function pct(a, q) {
+  const v = Array.from(a).filter(Number.isFinite).sort((p, r) => p - r)
+  if (!v.length) { return 0 }
+  return v[Math.min(v.length - 1, Math.max(0, Math.floor(q * (v.length - 1))))]
+}
+
+function matches() {
+  const q = (search.value || '').trim()
+  if (!q) { return null }
+  const mode = search_mode.labels[search_mode.active] || 'substring'
+  const tok = src.data.token
+  let test
+  if (mode == 'regex') {
+    let re
+    try { re = new RegExp(q, 'i') } catch (e) { return {error: String(e.message || e), pts: []} }
+    test = (s) => re.test(s)
+  } else if (mode == 'whole word') {
+    const ql = q.toLowerCase()
+    test = (s) => s.trim().replace(/^##/, '').toLowerCase() == ql
+  } else {
+    const ql = q.toLowerCase()
+    test = (s) => s.toLowerCase().includes(ql)
+  }
+  const pts = []
+  for (let i = 0; i < R; i++) { if (test(String(tok[i]))) { pts.push(i) } }
+  return {error: null, pts: pts.concat(pts.map((i) => i + R))}
+}
+
+function colours(j) {
+  const mode = colour.value
+  let idx, pal
+  if (mode == 'norm') {
+    const nrm = heads().norm[j], lo = pct(nrm, 0.02), hi = Math.max(pct(nrm, 0.98), lo + 1e-6)
+    pal = M.viridis
+    idx = Array.from(nrm, (v) => Math.min(pal.length - 1, Math.max(0, Math.floor((v - lo) / (hi - lo) * pal.length))))
+    legend.text = `vector norm of this head: ${lo.toFixed(2)} (dark) to ${hi.toFixed(2)} (yellow)`
+  } else {
+    const m = Math.max(0, modes.data.key.indexOf(mode))
+    idx = modes.data.index[m]; pal = modes.data.palette[m]; legend.text = modes.data.legend[m]
+  }
+  mapper.palette = pal.concat([M.dim]); mapper.low = 0; mapper.high = pal.length + 1
+  const found = matches()
+  const c = new Float32Array(2 * R), alpha = new Float32Array(2 * R)
+  const hit = new Uint8Array(2 * R)
+  if (found) { for (const i of found.pts) { hit[i] = 1 } }
+  for (let i = 0; i < 2 * R; i++) {
+    const on = !found || hit[i]
+    c[i] = on ? idx[i] + 0.5 : pal.length + 0.5
+    alpha[i] = found ? (on ? 1.0 : M.dim_alpha) : M.base_alpha
+  }
+  src.data = Object.assign({}, src.data, {c: c, alpha: alpha})
+  const x = src.data.x, y = src.data.y
+  if (found && !found.error) {
+    const p = found.pts
+    match_src.data = {x: p.map((i) => x[i]), y: p.map((i) => y[i]), c: p.map((i) => idx[i] + 0.5), token: p.map((i) => src.data.token[i])}
+    const half = p.slice(0, p.length / 2)
+    search_count.text = `${half.length} matching tokens for \u201c${esc(search.value.trim())}\u201d (token text, in this page's points)`
+    search_results.text = half.length ? "<ul style='margin:0;padding-left:18px'>" + half.slice(0, M.max_list).map((i) =>
+      `<li>${src.data.ctx[i]} <small>(seq ${src.data.sequence[i]}, pos ${src.data.position[i]})</small></li>`).join('') + '</ul>' : ''
+  } else {
+    match_src.data = {x: [], y: [], c: [], token: []}
+    search_count.text = found && found.error ? `<span style="color:#b00">${esc(found.error)}</span>` : ''
+    search_results.text = ''
+  }
+}
+
+function open(l, h) {
+  const j = row_of(l, h)
+  if (j < 0) {
+    title.text = `<b>${esc(M.model)} L${l}H${h}</b> is not in this page: it has no ${esc(M.method)} layout, or the page ` +
+                 'stopped at its size; open it with <code>attnatlas serve</code>.'
+    return
+  }
+  const S = heads()
+  src.selected.indices = []
+  line_src.data = {x0: [], y0: [], x1: [], y1: [], alpha: [], width: [], weight: [], token: []}
+  src.data = Object.assign({}, src.data, {x: S.x[j], y: S.y[j], norm: S.norm[j], stack: S.stack[j]})
+  colours(j)
+  for (const [rng, v] of [[xr, S.x[j]], [yr, S.y[j]]]) {
+    const lo = pct(v, 0.005), hi = pct(v, 0.995), pad = 0.05 * ((hi - lo) || 1)
+    rng.start = lo - pad; rng.end = hi + pad
+  }
+  const tr = S.trust[j], kn = S.knn[j]
+  const faith = Number.isFinite(tr) ? `trustworthiness ${tr.toFixed(3)}, kNN kept ${kn.toFixed(2)}` : 'faithfulness not recorded'
+  title.text = `<b>${esc(M.model)} L${l}H${h}</b> (${esc(M.method)}, ${M.L}\u00d7${M.H} heads)<br>${faith}<br>` +
+               `<small>points of ${esc(M.shown)}</small>`
+  seq.text = 'Click a point to see where it attends; lasso or box-select points to hand them to Python.'
+  store.__busy = true  // the selects echo into action 'select'
+  try {
+    if (String(l) != lsel.value) { lsel.value = String(l) }
+    if (String(h) != hsel.value) { hsel.value = String(h) }
+  } finally { store.__busy = false }
+}
+
+function tap() {
+  const sel = src.selected.indices
+  const [l, h] = cur(), j = row_of(l, h)
+  try { window.parent.postMessage({attnatlas: M.page, layer: l, head: h, indices: Array.from(sel)}, '*') } catch (e) {}
+  if (j < 0 || sel.length != 1) {
+    line_src.data = {x0: [], y0: [], x1: [], y1: [], alpha: [], width: [], weight: [], token: []}
+    if (sel.length > 1) { seq.text = `${sel.length} points selected; read them in Python with <code>view.selection</code>.` }
+    return
+  }
+  const p = sel[0], isq = p < R, r = p % R
+  const S = heads(), idx = S.tk_idx[j], w = S.tk_w[j]
+  const pairs = []  // [other point, weight]
+  if (K) {
+    if (isq) {
+      for (let m = 0; m < K; m++) { const o = idx[r * K + m]; if (o >= 0 && w[r * K + m] > 0) { pairs.push([R + o, w[r * K + m] / 255]) } }
+    } else {
+      for (let q = 0; q < R; q++) { for (let m = 0; m < K; m++) { if (idx[q * K + m] == r && w[q * K + m] > 0) { pairs.push([q, w[q * K + m] / 255]) } } }
+    }
+  }
+  pairs.sort((a, b) => b[1] - a[1])
+  const strong = pairs.filter((e) => e[1] >= M.line_min)
+  const x = src.data.x, y = src.data.y, tok = src.data.token
+  line_src.data = {x0: strong.map(() => x[p]), y0: strong.map(() => y[p]), x1: strong.map((e) => x[e[0]]), y1: strong.map((e) => y[e[0]]),
+                   alpha: strong.map((e) => 0.25 + 0.75 * Math.min(1, e[1])), width: strong.map((e) => 1 + 3 * Math.min(1, e[1])),
+                   weight: strong.map((e) => e[1]), token: strong.map((e) => tok[e[0]])}
+  const what = isq ? 'query' : 'key', other = isq ? 'keys it attends to' : 'queries that attend to it'
+  const list = pairs.slice(0, 12).map((e) => `<li>${esc(tok[e[0]])} <small>(pos ${src.data.position[e[0]]}, weight ${e[1].toFixed(3)})</small></li>`).join('')
+  seq.text = `<b>${what}</b> \u201c${esc(tok[p])}\u201d in sequence ${src.data.sequence[p]}: ${src.data.ctx[p]}<br>` +
+             (K ? `${other} (top-${K}, L${l}H${h}; lines from weight ${M.line_min}):<ul style="margin:0;padding-left:18px">${list}</ul>`
+                : '<i>This atlas has no stored attention; extract with --attention-topk K.</i>')
+}
+
+function open_cell(l, h) {
+  open(l, h)
+  if (typeof tabs !== 'undefined') { tabs.active = 1 }
+}
+
+if (action == 'init') {
+  if (!window.__attnatlas_listen) {  // the notebook widget may set the selection from Python
+    window.__attnatlas_listen = true
+    window.addEventListener('message', (e) => {
+      const d = e.data
+      if (!d || d.attnatlas_select !== M.page) { return }
+      const [l, h] = [d.layer | 0, d.head | 0]
+      if (row_of(l, h) >= 0 && (l != cur()[0] || h != cur()[1])) { open(l, h) }
+      src.selected.indices = Array.from(d.indices || [], Number).filter((i) => i >= 0 && i < 2 * R)
+    })
+  }
+  if (M.single) {  // a grid page leaves its heads packed until a cell is opened: the grid draws first
+    const [l, h] = cur()
+    open(l, h)
+  }
+} else if (action == 'colour' || action == 'search') {
+  const [l, h] = cur(), j = row_of(l, h)
+  if (j >= 0) { colours(j) }
+} else if (action == 'select') {
+  const [l, h] = cur()
+  if (!store.__busy && Number.isFinite(l) && Number.isFinite(h)) { open(l, h) }
+} else if (action == 'tap') {
+  tap()
+} else if (action == 'geometry') {
+  // A click on a stack of points selects them all; the app's click means one point, the first.
+  const sel = src.selected.indices
+  if (cb_obj.geometry.type == 'point' && sel.length > 1) { src.selected.indices = [Math.min(...sel)] }
+} else if (action == 'cell') {
+  const i = cells.selected.indices
+  if (!i.length) { return }
+  cells.selected.indices = []
+  open_cell(cells.data.layer[i[0]], cells.data.head[i[0]])
+} else if (action == 'zoom') {
+  const {x0, x1, y0, y1} = cb_obj
+  if (x1 - x0 < M.hand_over && y1 - y0 < M.hand_over) {
+    const c = Math.floor((x0 + x1) / 2), r = M.L - 1 - Math.floor((y0 + y1) / 2)
+    gx.start = 0; gx.end = M.H; gy.start = 0; gy.end = M.L
+    if (c >= 0 && c < M.H && r >= 0 && r < M.L) { open_cell(r, c) }
+  }
+}
+"""
