@@ -35,12 +35,15 @@ def _write(path, data: dict[str, np.ndarray], background: bool, batches=(5, 7, 1
 
 def _data(dtype: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
+    if dtype == "int32":  # as the top-k index: key rows, fill value -1
+        return {"queries": rng.integers(-1, 1000, (3, 4, TOKENS, 8), dtype=np.int32),
+                "keys": rng.integers(-1, 1000, (3, 2, TOKENS, 8), dtype=np.int32)}
     return {"queries": rng.standard_normal((3, 4, TOKENS, 8)).astype(dtype),
             "keys": rng.standard_normal((3, 2, TOKENS, 8)).astype(dtype)}
 
 
 @pytest.mark.parametrize("background", [False, True])
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int32"])
 def test_shard_files_are_byte_for_byte_zarrs_own(tmp_path, monkeypatch, dtype, background):
     data = _data(dtype)
     monkeypatch.setattr(atlas_mod, "block_rows", lambda tc, token_bytes: 6)  # blocks that straddle the columns
@@ -66,7 +69,8 @@ def test_only_plain_local_sharded_arrays_take_the_direct_path(tmp_path):
 
     assert shards.shard_files(array(str(tmp_path / "plain"))) is not None
     assert shards.shard_files(array(str(tmp_path / "compressed"), compressors="auto")) is None
-    assert shards.shard_files(array(str(tmp_path / "filled"), fill_value=1.5)) is None  # holes would read as 0
+    # A fill value other than 0 is written into the rows past the array's end, as Zarr does.
+    assert shards.shard_files(array(str(tmp_path / "filled"), fill_value=1.5)) is not None
     assert shards.shard_files(array(str(tmp_path / "unsharded"), shards=None)) is None
     assert shards.shard_files(array(str(tmp_path / "heads_split"), shards=(1, 1, 16, 4))) is None
     assert shards.shard_files(array(zarr.storage.MemoryStore())) is None  # object stores: Zarr writes

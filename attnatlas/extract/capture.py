@@ -58,7 +58,7 @@ class LayerCapture:
     sliding_window: int | None = None  # what the model passed, a hint for which layers are windowed
     is_causal: bool | None = None  # what the model passed for SDPA when the mask is None
     unrecordable: str | None = None  # a keyword the atlas cannot record (the extractor refuses)
-    topk_weight: torch.Tensor | None = None  # (batch, head, query, k) strongest attention weights
+    topk_weight: torch.Tensor | None = None  # (batch, head, query, k) strongest attention weights (see _Recorder.top)
     topk_key: torch.Tensor | None = None  # (batch, head, query, k) their key positions
     disentangled: Disentangled | None = None  # DeBERTa: content-position terms
     key_bias: bool = False  # bias is (batch, head, 1, key): a function of the key's position, stored by key
@@ -82,13 +82,14 @@ class _Recorder:
         self._masks: dict[tuple, tuple] = {}  # a mask tensor the model passes -> (it, split(it))
         self.real: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
+        self._where: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def next_batch(self, real: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> None:
         """Start recording the next forward pass (one capture context serves a whole extraction). With `dtype`,
         each layer keeps only its q and k rows in that dtype: those of `real`, the flat (batch * token) indices of
         the real tokens, or all rows when `real` is None."""
         self.layers, self.calls, self._seen, self._masks = {}, [], {}, {}
-        self.real, self.dtype = real, dtype
+        self.real, self.dtype, self._where = real, dtype, None
 
     def split(self, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
         """(mask, bias, by key) of what the model passes as the mask (_split_mask, then by_key), worked out once for
@@ -115,6 +116,20 @@ class _Recorder:
             rows = t.transpose(1, 2).reshape(B * T, H * D).to(self.dtype)
             cap.rows[name] = rows if self.real is None else rows.index_select(0, self.real)
         cap.query = cap.key = cap.value = None
+
+    def top(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `topk` strongest keys of every query in probs (batch, head, query, key), weights and positions:
+        (batch, head, query, k); with the recorder's `dtype` set, (row, head, k) for the rows it keeps, so the
+        padded queries cost nothing (torch's topk on short rows costs several times a softmax)."""
+        k = min(self.topk, probs.shape[-1])
+        if self.dtype is None:
+            return probs.topk(k, dim=-1)
+        B, H, T, _ = probs.shape
+        if self.real is None:
+            return tuple(t.transpose(1, 2).reshape(B * T, H, k) for t in probs.topk(k, dim=-1))
+        if self._where is None or self._where[0] != T:  # (sequence, position) of each kept row, once per batch
+            self._where = (T, self.real // T, self.real % T)
+        return probs.transpose(1, 2)[self._where[1], self._where[2]].topk(k, dim=-1)
 
     def layer(self, module: torch.nn.Module) -> int | None:
         if self.layer_of_module is None:
@@ -175,7 +190,7 @@ def _attention(module: torch.nn.Module, query, key, value, attention_mask, scali
                 causal = rec.causal if cap.is_causal is None else bool(cap.is_causal)
                 probs = attention_probs(cap, causal)  # (batch, head, query, key)
                 if rec.topk:
-                    cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
+                    cap.topk_weight, cap.topk_key = rec.top(probs)
                 v = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1) if value.shape[1] != query.shape[1] else value
                 out = (probs.to(v.dtype) @ v).transpose(1, 2).contiguous(), None
             rec.keep(module, layer, cap)
@@ -376,7 +391,7 @@ def _emit(module: torch.nn.Module, cap: LayerCapture) -> None:
         return
     if rec.topk:  # the model attends itself: top-k needs its own recomputation
         probs = attention_probs(cap, rec.causal)
-        cap.topk_weight, cap.topk_key = probs.topk(min(rec.topk, probs.shape[-1]), dim=-1)
+        cap.topk_weight, cap.topk_key = rec.top(probs)
     rec.keep(module, layer, cap)
 
 

@@ -248,10 +248,11 @@ class _Batch:
 
 
 class _HeadRows:
-    """(layer, head, real_token, d) rows of every head, held as per-layer (real_token, head * d) tensors and
-    laid out by the store straight into its chunk buffer (`fill`), so q and k are copied once, not twice."""
+    """(layer, head, real_token, d) rows of every head, held as (layer, real_token, head * d) rows (a list of
+    per-layer tensors or one tensor) in host memory and laid out by the store straight into its chunk buffer
+    (`fill`), so each array is copied once on the host, not twice."""
 
-    def __init__(self, rows: list[torch.Tensor], heads: int):
+    def __init__(self, rows: Sequence[torch.Tensor] | torch.Tensor, heads: int):
         self.rows, self.heads = rows, heads
         n, hd = rows[0].shape
         self.shape = (len(rows), heads, n, hd // heads)
@@ -260,8 +261,8 @@ class _HeadRows:
     def fill(self, out: np.ndarray, start: int, stop: int) -> None:
         """Write token rows start:stop into `out` (layer, head, stop - start, d), a view of a buffer."""
         dst = torch.from_numpy(out)
-        for layer, rows in enumerate(self.rows):
-            dst[layer].copy_(rows[start:stop].view(stop - start, self.heads, -1).transpose(0, 1))
+        for layer in range(len(self.rows)):
+            dst[layer].copy_(self.rows[layer][start:stop].view(stop - start, self.heads, -1).transpose(0, 1))
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         out = np.empty(self.shape, dtype=self.dtype)
@@ -269,53 +270,128 @@ class _HeadRows:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-def _compact(caps: dict[int, LayerCapture], valid: torch.Tensor, first_row: int, opts: ExtractOptions,
-             hidden: tuple[torch.Tensor, ...] | None, np_dtype: np.dtype) -> dict[str, Any]:
-    """Turn every layer's captures into (layer, head, real_token, ...) arrays. q and k (and v) arrive as the
-    recorder's real-token rows; on the CPU they go to the store as `_HeadRows`, laid out as it copies them in."""
+@dataclass
+class _Rows:
+    """Where one batch's real tokens lie, known on the host from the tokenizer's mask (so nothing waits on the
+    device to learn it), and the same on the model's device."""
+
+    real: torch.Tensor | None  # (real_token,) flat (batch * token) index of each real token; None: every row
+    key_row: torch.Tensor  # (real_token,) global token row of position 0 of the token's sequence
+    length: torch.Tensor  # (real_token,) length of the token's sequence
+
+    @staticmethod
+    def of(valid: torch.Tensor, first_row: int, device: torch.device) -> _Rows:
+        """valid: (batch, token) bool on the host, True for real tokens (right padding)."""
+        lengths = valid.sum(1)
+        starts = torch.cumsum(lengths, 0) - lengths + first_row
+        real = valid.reshape(-1).nonzero().squeeze(1)
+        every = bool(valid.all())
+        return _Rows(None if every else _to_device(real, device), _to_device(starts.repeat_interleave(lengths), device),
+                     _to_device(lengths.repeat_interleave(lengths), device))
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: from pinned memory, copied asynchronously."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _topk_rows(layers: list[LayerCapture], rows: _Rows, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer, real_token, head * K) global token rows of each query's strongest keys (int32, -1 = none: padding,
+    a masked key, or fewer than K keys) and their weights (float16), for all layers in a few whole-batch ops.
+    The recorder has kept each layer's top-k of the real tokens only, as (real_token, head, k)."""
+    w = torch.stack([c.topk_weight for c in layers])  # (layer, real_token, head, k)
+    pos = torch.stack([c.topk_key for c in layers])
+    L, n, H, k = w.shape
+    if k < K:  # sequences shorter than K keys: pad to the stored width
+        w = torch.nn.functional.pad(w, (0, K - k))
+        pos = torch.nn.functional.pad(pos, (0, K - k))
+    keep = (w > 0) & (pos < rows.length[:, None, None])
+    index = torch.where(keep, pos + rows.key_row[:, None, None], -1).to(torch.int32)
+    return index.view(L, n, H * K), torch.where(keep, w, 0).to(torch.float16).view(L, n, H * K)
+
+
+def _compact(caps: dict[int, LayerCapture], rows: _Rows, opts: ExtractOptions,
+             hidden: tuple[torch.Tensor, ...] | None, np_dtype: np.dtype) -> tuple[dict[str, Any], dict[str, int]]:
+    """Every layer's captures as (layer, real_token, head * width) rows on the model's device, and the heads of
+    each array. q and k (and v) arrive as the recorder's real-token rows, one tensor per layer."""
     layers = [caps[i] for i in range(len(caps))]
-    real = valid.reshape(-1).nonzero().squeeze(1)  # flat (batch * token) indices of real tokens
-    dtype = getattr(torch, np_dtype.name)
-
-    def layout(rows: list[torch.Tensor], heads: int) -> Any:
-        if rows[0].device.type == "cpu":
-            return _HeadRows(rows, heads)  # (real_token, head * d) per layer
-        out = torch.empty((len(rows), heads, len(real), rows[0].shape[1] // heads), dtype=rows[0].dtype,
-                          device=rows[0].device)
-        for layer, r in enumerate(rows):
-            out[layer].copy_(r.view(len(real), heads, -1).transpose(0, 1))
-        return out.cpu().numpy()  # one transfer per batch from an accelerator
-
-    def take(per_layer: list[torch.Tensor], to: torch.dtype) -> Any:
-        B, H, T, D = per_layer[0].shape
-        return layout([t.transpose(1, 2).reshape(B * T, H * D).to(to).index_select(0, real) for t in per_layer], H)
-
     d_head = layers[0].shape[3]
-    arrays = {name: layout([c.rows[name] for c in layers], layers[0].rows[name].shape[1] // d_head)
-              for name in ("queries", "keys", "values")[: 3 if opts.values else 2]}
+    names = ("queries", "keys", "values")[: 3 if opts.values else 2]
+    arrays: dict[str, Any] = {name: [c.rows[name] for c in layers] for name in names}
+    heads = {name: layers[0].rows[name].shape[1] // d_head for name in names}
     if opts.attention_topk:
-        K = opts.attention_topk
-        # Global token row of every (sequence, position), -1 for padding.
-        rowmap = torch.cumsum(valid.reshape(-1).long(), 0) - 1 + first_row
-        rowmap = torch.where(valid.reshape(-1), rowmap, torch.full_like(rowmap, -1))
-        B, T = valid.shape
-        weights, rows = [], []
-        for c in layers:
-            w, pos = c.topk_weight, c.topk_key  # (batch, head, query, k)
-            r = rowmap.view(B, 1, 1, T).expand(-1, w.shape[1], w.shape[2], -1).gather(3, pos)
-            r = torch.where(w > 0, r, torch.full_like(r, -1))
-            pad = K - w.shape[-1]
-            if pad:  # sequences shorter than K keys: pad to the stored width
-                w = torch.nn.functional.pad(w, (0, pad))
-                r = torch.nn.functional.pad(r, (0, pad), value=-1)
-            weights.append(torch.where(r >= 0, w, torch.zeros_like(w)))
-            rows.append(r)
-        arrays["attn_topk_index"] = take(rows, torch.int32)
-        arrays["attn_topk_weight"] = take(weights, torch.float16)
+        arrays["attn_topk_index"], arrays["attn_topk_weight"] = _topk_rows(layers, rows, opts.attention_topk)
+        heads["attn_topk_index"] = heads["attn_topk_weight"] = layers[0].shape[1]
     if hidden is not None:
         h = torch.stack(hidden)  # (layer + 1, batch, token, d_model)
-        arrays["hidden"] = h.reshape(h.shape[0], -1, h.shape[-1]).index_select(1, real).to(dtype).cpu().numpy()
-    return arrays
+        h = h.reshape(h.shape[0], -1, h.shape[-1])
+        arrays["hidden"] = (h if rows.real is None else h.index_select(1, rows.real)).to(getattr(torch, np_dtype.name))
+    return arrays, heads
+
+
+class _Staged:
+    """One batch's arrays on their way to host memory; `arrays()` waits for them and hands them to the store."""
+
+    def __init__(self, host: dict[str, Any], heads: dict[str, int], done: Any = None):
+        self.host, self.heads, self.done = host, heads, done
+        self.extra: dict[str, np.ndarray] = {}  # arrays made on the host (processed images)
+
+    def arrays(self) -> dict[str, Any]:
+        if self.done is not None:
+            self.done.synchronize()  # long done by now: the next batch's forward pass ran meanwhile
+        return {**{key: rows.numpy() if key == "hidden" else _HeadRows(rows, self.heads[key])
+                   for key, rows in self.host.items()}, **self.extra}
+
+
+class _HostCopies:
+    """Device-to-host copies that overlap compute: each array of a batch, (layer, real_token, width) rows, is
+    copied layer by layer into one pinned host tensor on a stream of its own, so the forward pass of the next
+    batch runs meanwhile; the copies are waited for one batch later (see _pipelined). Host memory holds at
+    most two batches of rows (this one and the one being stored), whatever the corpus. On the CPU the rows are
+    already in host memory and are used as they are, unless `copy` asks for the copying path anyway (tests)."""
+
+    def __init__(self, device: torch.device, copy: bool | None = None):
+        self.copy = device.type != "cpu" if copy is None else copy
+        self.cuda, self.device = device.type == "cuda", device
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def start(self, arrays: dict[str, Any], heads: dict[str, int]) -> _Staged:
+        if not self.copy:
+            return _Staged(arrays, heads)
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # copies start once the rows are made
+        host = {}
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            for key, rows in arrays.items():
+                shape = (len(rows), *rows[0].shape)
+                host[key] = out = torch.empty(shape, dtype=rows[0].dtype, pin_memory=self.cuda)
+                for layer in range(len(rows)):
+                    out[layer].copy_(rows[layer], non_blocking=self.cuda)
+                    if self.cuda:  # the allocator must not hand its memory out again before the copy has read it
+                        rows[layer].record_stream(self.stream)
+        if not self.cuda:
+            return _Staged(host, heads)
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        return _Staged(host, heads, done)
+
+
+def _pipelined(steps):
+    """Yield each batch one step late: a batch's host arrays are waited for only after the next batch's forward
+    pass has been queued, so the device computes while the host stores. Closing this closes `steps` (and so
+    its capture context) at once."""
+    waiting = None
+    try:
+        for step in steps:
+            if waiting is not None:
+                yield _Batch(waiting[0].arrays(), waiting[1], waiting[2]), waiting[3]
+            waiting = step
+        if waiting is not None:
+            yield _Batch(waiting[0].arrays(), waiting[1], waiting[2]), waiting[3]
+    finally:
+        steps.close()
 
 
 def _decode_tokens(tok: Any, token_ids: torch.Tensor, cache: dict[int, str]) -> list[str]:
@@ -329,7 +405,14 @@ def _decode_tokens(tok: Any, token_ids: torch.Tensor, cache: dict[int, str]) -> 
 
 
 def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractOptions, max_len: int,
-                  device: torch.device, np_dtype: np.dtype, recipe: Recipe):
+                  device: torch.device, np_dtype: np.dtype, recipe: Recipe, copies: _HostCopies | None = None):
+    """Batches of `records` as `_Batch`es, each yielded once the next one's forward pass is queued."""
+    batches = _text_steps(loaded, records, opts, max_len, device, np_dtype, recipe, copies or _HostCopies(device))
+    return _pipelined(batches)
+
+
+def _text_steps(loaded: LoadedModel, records: list[TextRecord], opts: ExtractOptions, max_len: int,
+                device: torch.device, np_dtype: np.dtype, recipe: Recipe, copies: _HostCopies):
     tok = loaded.preprocessor
     adapter = loaded.adapter
     first_row = 0
@@ -343,17 +426,20 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
             # A fast tokenizer's offsets and special tokens are read from its encodings below, for real tokens only.
             encoding = tok([r.text for r in batch], padding=True, truncation=True, max_length=max_len,
                            return_tensors="pt", return_special_tokens_mask=not tok.is_fast)
-            enc = {k: encoding[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding}
+            # Where the real tokens are is read off the host's mask: nothing below waits for the device.
+            real = encoding["attention_mask"].bool()
+            rows = _Rows.of(real, first_row, device)
+            enc = {k: _to_device(encoding[k], device) for k in ("input_ids", "attention_mask", "token_type_ids")
+                   if k in encoding}
             valid = enc["attention_mask"].bool()
-            rec.next_batch(valid.reshape(-1).nonzero().squeeze(1), dtype)
+            rec.next_batch(rows.real, dtype)  # None: no padding, every row is kept
             with torch.inference_mode(), _autocast(device, opts.precision):
                 out = loaded.model(**enc, output_hidden_states=opts.hidden_states)
             recipe.observe(rec.layers, valid, image=False)
-            arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None,
-                              np_dtype)
-            real = valid.cpu()
+            staged = copies.start(*_compact(rec.layers, rows, opts, out.hidden_states if opts.hidden_states else None,
+                                            np_dtype))
             lengths = real.sum(1).tolist()
-            token_ids = enc["input_ids"].cpu()[real]  # (real_token,) in sequence order
+            token_ids = encoding["input_ids"][real]  # (real_token,) in sequence order
             total = len(token_ids)
             if tok.is_fast:  # padding is on the right: each sequence's first n entries are its real tokens
                 kept = list(zip(encoding.encodings, lengths))
@@ -388,7 +474,7 @@ def _text_batches(loaded: LoadedModel, records: list[TextRecord], opts: ExtractO
                 "window": np.asarray([r.window for r in batch], np.int64),
                 "n_windows": np.asarray([r.n_windows for r in batch], np.int64), "truncated": np.asarray(cut, dtype=bool)})
             first_row += int(sum(lengths))
-            yield _Batch(arrays, tokens, sequences), len(batch)
+            yield staged, tokens, sequences, len(batch)
 
 
 def _spare_core(device: torch.device) -> bool:
@@ -428,7 +514,13 @@ def _image_pixels(pre: Any, pixel_values: torch.Tensor) -> np.ndarray:
 
 
 def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: ExtractOptions,
-                   device: torch.device, np_dtype: np.dtype, recipe: Recipe):
+                   device: torch.device, np_dtype: np.dtype, recipe: Recipe, copies: _HostCopies | None = None):
+    """Batches of `records` as `_Batch`es, each yielded once the next one's forward pass is queued."""
+    return _pipelined(_image_steps(loaded, records, opts, device, np_dtype, recipe, copies or _HostCopies(device)))
+
+
+def _image_steps(loaded: LoadedModel, records: list[ImageRecord], opts: ExtractOptions,
+                 device: torch.device, np_dtype: np.dtype, recipe: Recipe, copies: _HostCopies):
     pre = loaded.preprocessor
     patch, prefix = _image_geometry(loaded)
     adapter = loaded.adapter
@@ -443,16 +535,19 @@ def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: Extrac
             B, H, W, _ = pixels.shape
             rows_, cols_ = H // patch, W // patch
             n = len(prefix) + rows_ * cols_
+            real = torch.ones(B, n, dtype=torch.bool)
+            rows = _Rows.of(real, first_row, device)
             valid = torch.ones(B, n, dtype=torch.bool, device=device)
             rec.next_batch(None, getattr(torch, np_dtype.name))  # no padding: every row is kept
             with torch.inference_mode(), _autocast(device, opts.precision):
-                out = loaded.model(pixel_values=pixel_values.to(device), output_hidden_states=opts.hidden_states)
+                out = loaded.model(pixel_values=_to_device(pixel_values, device), output_hidden_states=opts.hidden_states)
             got = rec.layers[0].shape[2]
             if got != n:
                 raise ModelError(f"The model saw {got} tokens per image, expected {n} ({len(prefix)} + {rows_}x{cols_} patches).")
             recipe.observe(rec.layers, valid, image=True)
-            arrays = _compact(rec.layers, valid, first_row, opts, out.hidden_states if opts.hidden_states else None, np_dtype)
-            arrays["images"] = np.rint(pixels * 255).astype(np.uint8)
+            staged = copies.start(*_compact(rec.layers, rows, opts, out.hidden_states if opts.hidden_states else None,
+                                            np_dtype))
+            staged.extra["images"] = np.rint(pixels * 255).astype(np.uint8)
             frames, seqs = [], []
             for b, record in enumerate(batch):
                 seq_id = start + b
@@ -475,7 +570,7 @@ def _image_batches(loaded: LoadedModel, records: list[ImageRecord], opts: Extrac
                 first_row += n
             tokens = pd.concat(frames, ignore_index=True)
             sequences = pd.DataFrame(seqs, columns=["sequence", "source", "text", "n_tokens", "grid_rows", "grid_cols", "image_size"])
-            yield _Batch(arrays, tokens, sequences), len(batch)
+            yield staged, tokens, sequences, len(batch)
 
 
 def _clamp_topk(opts: ExtractOptions, longest: int, attrs: dict[str, Any]) -> ExtractOptions:
@@ -550,7 +645,7 @@ def extract(
     attrs["input"] = provenance  # where the corpus came from: file, folder or dataset, and which rows
     if loaded.model_id in OFFLINE_MODELS:
         attrs["description"] = OFFLINE_MODELS[loaded.model_id].description
-    recipe = Recipe(config.model_type, n_layers, adapter.causal, adapter.window_hint, adapter.window_rule)
+    recipe = Recipe(config.model_type, n_layers, adapter.causal, adapter.window_hint, adapter.window_rule, defer=True)
 
     if text_records is not None:
         tok = loaded.preprocessor
@@ -605,8 +700,9 @@ def extract(
         specs["values"] = per_head(n_kv, d_head, opts.dtype)
     if opts.attention_topk:
         K = opts.attention_topk
-        specs["attn_topk_index"] = per_head(n_heads, K, "int32", compress=True)
-        specs["attn_topk_weight"] = per_head(n_heads, K, "float16", compress=True)
+        # Uncompressed, as q and k, so they take the same direct path to their shard files: 6 bytes a key.
+        specs["attn_topk_index"] = per_head(n_heads, K, "int32")
+        specs["attn_topk_weight"] = per_head(n_heads, K, "float16")
     if opts.hidden_states:
         d_model = attrs["d_model"]
         specs["hidden"] = ArraySpec((n_layers + 1, n_tokens, d_model), opts.dtype, 1, (1, min(tokens_per_chunk(d_model), n_tokens), d_model))
@@ -616,6 +712,18 @@ def extract(
 
     started = time.perf_counter()
     atlas = atlas or Atlas.open(atlas_path, create=True)
+    try:
+        _write_model(atlas, name, n_tokens, specs, attrs, overwrite, device, batches, n_items, adapter, opts, recipe,
+                     started)
+    except torch.cuda.OutOfMemoryError:  # the writer has removed what it wrote
+        raise ModelError(f"The {device.type.upper()} device ran out of memory with --batch-size {opts.batch_size}: use "
+                         "a smaller --batch-size (or --max-tokens), or --device cpu.") from None
+    return name
+
+
+def _write_model(atlas: Atlas, name: str, n_tokens: int, specs: dict[str, ArraySpec], attrs: dict[str, Any],
+                 overwrite: bool, device: torch.device, batches: Any, n_items: int, adapter: Adapter,
+                 opts: ExtractOptions, recipe: Recipe, started: float) -> None:
     with atlas.model_writer(name, n_tokens, specs, attrs, overwrite=overwrite, background=_spare_core(device)) as writer:
         # closing(): a failed write ends the batch generator, and so its capture context, at once.
         with tqdm(total=n_items, desc=f"extract {name}", unit="seq" if adapter.modality == "text" else "img",
@@ -627,6 +735,7 @@ def extract(
                 if i - trimmed[0] >= TRIM_EVERY and time.perf_counter() - trimmed[1] >= TRIM_SECONDS:
                     _release_free_heap()
                     trimmed = (i, time.perf_counter())
+        recipe.finish()
         # What besides q.k shapes attention (attnatlas.attention recomputes it from this alone).
         writer.attrs["attention"] = recipe.to_attrs()
         for key, data in recipe.arrays().items():  # tables the recipe points to (DeBERTa's position tables)
@@ -634,4 +743,3 @@ def extract(
         writer.attrs["scaling"] = recipe.scaling
         writer.attrs["extract_seconds"] = round(time.perf_counter() - started, 3)
         writer.commit(overwrite=overwrite)
-    return name

@@ -36,11 +36,16 @@ class Recipe:
     """Accumulates per-layer attention facts over the batches of one extraction."""
 
     def __init__(self, model_type: str, n_layers: int, causal: bool, window_hint: list[int | None],
-                 window_rule: str, check_masks: bool = True):
+                 window_rule: str, check_masks: bool = True, defer: bool = False):
         self.model_type, self.n_layers, self.causal = model_type, n_layers, causal
         self.window_rule = window_rule  # "causal": 0 <= i - j < W; "bidirectional": |i - j| <= W
         self.window: list[int | None] = list(window_hint)
         self.check_masks = check_masks
+        # With `defer`, a mask no longer than one already read is checked on its device without waiting for it
+        # (nothing new can be learnt from it, only a mismatch), and `finish` reads every such check at once.
+        self.defer = defer
+        self._read: dict[int, int] = {}  # layer -> longest mask read on the host so far
+        self._deferred: dict[int, torch.Tensor] = {}  # layer -> device bool: every deferred check held
         self.scaling: list[float | None] = [None] * n_layers
         self.softcap: list[float | None] = [None] * n_layers
         self.rel: dict[int, torch.Tensor] = {}  # layer -> (head, 2 * span - 1) bias by offset j - i, NaN = unseen
@@ -84,6 +89,13 @@ class Recipe:
                     self._observe_relative
                 observe(layer, cap.bias, valid)
 
+    def finish(self) -> None:
+        """Read the deferred mask checks (one wait for the device, at the end of an extraction)."""
+        for layer, ok in sorted(self._deferred.items()):
+            if not bool(ok):
+                raise self._refuse(layer, "uses an attention mask that is not padding, causal and a sliding window")
+        self._deferred.clear()
+
     # ---- masks and windows ---------------------------------------------------------------------------
 
     def _expected(self, n: int, window: int | None, device) -> torch.Tensor:
@@ -99,16 +111,27 @@ class Recipe:
     def _check_mask(self, layer: int, mask: torch.Tensor, valid: torch.Tensor) -> int | None:
         """The model's bool mask (batch, 1|head, query, key) on real query rows must be padding + causal +
         this layer's window; a window the hint missed is read off the mask. Returns the window."""
-        allowed = mask.all(1)
-        if not torch.equal(allowed, mask.any(1)):
-            raise self._refuse(layer, "masks heads differently")
+        every_head = mask.all(1)
         B, T = valid.shape
-        allowed = allowed[:, -T:, -T:]
+        allowed = every_head[:, -T:, -T:]
         rows = valid[:, :, None].expand(B, T, T)
 
-        def matches(window):
+        def held(window) -> torch.Tensor:  # a bool on the mask's device
             exp = self._expected(T, window, mask.device)[None] & valid[:, None, :]
-            return bool(((exp == allowed) | ~rows).all())
+            return ((exp == allowed) | ~rows).all()
+
+        if self.defer and T <= self._read.get(layer, 0):
+            ok = held(self.window[layer])
+            if mask.shape[1] > 1:
+                ok = ok & (every_head == mask.any(1)).all()
+            self._deferred[layer] = ok if layer not in self._deferred else self._deferred[layer] & ok
+            return self.window[layer]
+        self._read[layer] = max(T, self._read.get(layer, 0))
+        if mask.shape[1] > 1 and not torch.equal(every_head, mask.any(1)):
+            raise self._refuse(layer, "masks heads differently")
+
+        def matches(window):
+            return bool(held(window))
 
         if matches(self.window[layer]):
             return self.window[layer]
