@@ -8,7 +8,6 @@ Hovering a point shows the head's grid thumbnail and scores; clicking it opens t
 
 from __future__ import annotations
 
-import functools
 import html
 import logging
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from bokeh.plotting import figure
 from attnatlas.analyze.head_types import TYPE_COLOURS
 from attnatlas.app.data import AppData
 from attnatlas.app.head_map import thumbnails
+from attnatlas.app.view import guarded
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,6 @@ class HeadScatter:
         self.panel = column(self.info, row(self.x_select, self.y_select, self.legend), self.fig,
                             sizing_mode="stretch_width", name="head_scatter_panel")
 
-    def _guard(fn: Callable) -> Callable:  # noqa: N805 - a decorator used inside the class body
-        @functools.wraps(fn)
-        def wrapper(self: "HeadScatter", *a: Any, **kw: Any) -> Any:
-            try:
-                return fn(self, *a, **kw)
-            except Exception as exc:  # noqa: BLE001 - reported to this session only
-                log.exception("head scatter callback %s failed", fn.__name__)
-                self.on_error(str(exc))
-                return None
-
-        return wrapper
-
     def show(self, model: str, method: str) -> None:
         self.model, self.method = model, method
         table = self.data.head_table(model, method)
@@ -97,7 +85,7 @@ class HeadScatter:
             self._quiet = False
         self._draw()
 
-    @_guard
+    @guarded
     def _on_change(self, attr: str, old: Any, new: Any) -> None:
         if not self._quiet and self.model is not None:
             self._draw()
@@ -134,7 +122,7 @@ class HeadScatter:
                           + (f" ({missing} heads without both scores left out)" if missing else "")
                           + ". Hover a point for the head's thumbnail, click it to open the head.")
 
-    @_guard
+    @guarded
     def _on_tap(self, attr: str, old: list[int], new: list[int]) -> None:
         if not new:
             return

@@ -78,8 +78,8 @@ def guarded_build(key: str, build: Callable, *args: Any, **kw: Any) -> Any:
 
 
 def guarded(fn: Callable) -> Callable:
-    """A failing callback reports through its object's `report_error` (this session's status line) and
-    leaves the other sessions alone."""
+    """A failing callback reports through its object's `report_error` or `on_error` (this session's status
+    line) and leaves the other sessions alone."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, *a: Any, **kw: Any) -> Any:
@@ -87,7 +87,7 @@ def guarded(fn: Callable) -> Callable:
             return fn(self, *a, **kw)
         except Exception as exc:  # noqa: BLE001 - shown to this session only
             log.exception("dashboard callback %s failed", fn.__name__)
-            self.report_error(str(exc))
+            (getattr(self, "report_error", None) or self.on_error)(str(exc))
             return None
 
     return wrapper
