@@ -9,7 +9,6 @@ Hovering a point shows the head's grid thumbnail and scores; clicking it opens t
 from __future__ import annotations
 
 import html
-import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -22,7 +21,6 @@ from attnatlas.app.data import AppData
 from attnatlas.app.head_map import thumbnails
 from attnatlas.app.view import guarded
 
-log = logging.getLogger(__name__)
 
 UNTYPED = "#e4e4e4"  # lighter than the sink type's grey
 DEFAULT_AXES = (("induction", "previous_token"), ("sink", "broad"), ("local", "positional"),
