@@ -341,8 +341,10 @@ class GridView:
         tall = L * 100 > 1.1 * H * 100
         # A tall grid fills more than the window: the mouse wheel must scroll the page, not zoom.
         self.fig.toolbar.active_scroll = None if tall else self.wheel
-        self.x_range.update(start=0, end=H, bounds=(0, H))
-        self.y_range.update(start=0, end=L, bounds=(0, L))
+        # Bounds first (BokehJS clamps a new end to the old bounds), and the reset tool's target with them
+        # (BokehJS resets to the first range it saw unless told): nothing of the last model's ranges survives.
+        self.x_range.update(bounds=(0, H), start=0, end=H, reset_start=0, reset_end=H)
+        self.y_range.update(bounds=(0, L), start=0, end=L, reset_start=0, reset_end=L)
         self.fig.xaxis.ticker = FixedTicker(ticks=[h + 0.5 for h in range(H)])
         self.fig.yaxis.ticker = FixedTicker(ticks=[L - 1 - i + 0.5 for i in range(L)])
         self.fig.yaxis.major_label_overrides = {L - 1 - i + 0.5: f"L{i}" for i in range(L)}

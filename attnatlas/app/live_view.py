@@ -36,6 +36,7 @@ MAX_TEXT_CHARS = 5_000  # characters sent from the box (the model truncates to i
 MAX_IMAGE_BYTES = 20 << 20
 MIN_LINE_WEIGHT = 0.05  # attention lines below this weight are not drawn (they would only be noise)
 MAX_FIT_ROWS = 60  # tokens listed in the fit table
+PANEL_W = 370  # px: the third column of the head view, beside its controls, in a 1600 px window
 OFF_TEXT = ("Live placement is off. Start the dashboard with <code>attnatlas serve ATLAS --live</code> to place "
             "your own text (or image, for image models) into every head: a worker process runs the atlas's model "
             "and the new tokens appear here on top of the corpus.")
@@ -60,15 +61,15 @@ class LiveView:
     # ---- construction -------------------------------------------------------------------------------------
     def _build(self) -> None:
         self.title = _div("<b>Your text</b>", name="live_title")
-        self.text = TextAreaInput(placeholder="Type a sentence to place into every head", rows=3, width=400,
+        self.text = TextAreaInput(placeholder="Type a sentence to place into every head", rows=3, width=370,
                                   max_length=MAX_TEXT_CHARS, name="live_text")
-        self.button = Button(label="Place into every head", button_type="primary", width=200, name="live_place")
+        self.button = Button(label="Place into every head", button_type="primary", width=180, name="live_place")
         self.button.on_click(self._on_place)
-        self.upload = FileInput(accept="image/*", width=300, name="live_image")
+        self.upload = FileInput(accept="image/*", width=230, name="live_image")
         self.upload.on_change("value", self._on_upload)
-        self.status = _div("", width=420, name="live_status")
+        self.status = _div("", width=PANEL_W, name="live_status", styles={"overflow-wrap": "anywhere"})
         self.timing = _div("", visible=False, render_as_text=True, name="live_timing")  # for scripts/bench_live.py
-        self.fit_table = _div("", width=420, name="live_fit")
+        self.fit_table = _div("", width=PANEL_W, name="live_fit", styles={"overflow-wrap": "anywhere"})
         self.src = ColumnDataSource(data=_empty_points(), name="live_points")
         self.line_src = ColumnDataSource(data=dict(x0=[], y0=[], x1=[], y1=[], alpha=[]), name="live_lines")
         fig = self.dash.fig
@@ -91,7 +92,7 @@ class LiveView:
                                                                      ("head", "@where"), ("fit", "@fit{0.00}")]))
         self._set_mode()
         self.panel = column(self.title, self.text, row(self.button, self.upload), self.status, self.fit_table,
-                            self.timing, name="live_panel", width=430)
+                            self.timing, name="live_panel", width=PANEL_W + 10)
 
     def _set_mode(self) -> None:
         image = self.dash.data.modality(self.dash.model) == "image"
@@ -114,10 +115,23 @@ class LiveView:
         self._request({"text": text[:MAX_TEXT_CHARS]})
 
     def _on_upload(self, attr: str, old: Any, new: Any) -> None:
-        value = self.upload.value
-        name = str(self.upload.filename or "upload")
+        # BokehJS sends value, filename and mime_type in one message, value first: read them once the whole
+        # message is applied (the next tick), never the filename of the previous upload or an unset one.
+        ctx = getattr(self.doc, "session_context", None) if self.doc is not None else None
+        if ctx is None:
+            self._read_upload()
+        else:
+            self.doc.add_next_tick_callback(self._read_upload)
+
+    def _read_upload(self) -> None:
+        value, name = _prop(self.upload, "value"), _prop(self.upload, "filename")
         if isinstance(value, list):  # multiple files: the first one
-            value, name = (value[0] if value else ""), str((self.upload.filename or ["upload"])[0])
+            value = value[0] if value else ""
+        if isinstance(name, list):
+            name = name[0] if name else ""
+        if not value:
+            return  # the input was cleared
+        name = str(name or "upload")
         try:
             data = base64.b64decode(value or "", validate=True)
         except (binascii.Error, ValueError):
@@ -309,6 +323,16 @@ class LiveView:
                 f"= far outside the corpus, its position is a guess).<table style='border-collapse:collapse'>"
                 f"<tr><th>token</th><th>query fit</th><th>nearest</th><th>key fit</th><th>nearest</th></tr>"
                 f"{''.join(rows)}</table>{more}</div>")
+
+
+def _prop(model: Any, name: str) -> Any:
+    """A property the browser sets (FileInput's value and filename), or None while it is still unset."""
+    from bokeh.core.property.descriptors import UnsetValueError
+
+    try:
+        return getattr(model, name)
+    except UnsetValueError:
+        return None
 
 
 def _empty_points() -> dict[str, list]:

@@ -184,7 +184,7 @@ class TopSequences:
         self.data = data
         self.key: tuple[str, str, int, int] | None = None
         self.button = Button(label="Top sequences of this head", width=200, name="top_sequences_button")
-        self.div = Div(text="", width=420, disable_math=True, name="top_sequences")
+        self.div = Div(text="", width=410, disable_math=True, name="top_sequences", styles={"overflow-wrap": "anywhere"})
         self.button.on_click(self.fill)
         self.panel = column(self.button, self.div, name="top_sequences_panel")
 
