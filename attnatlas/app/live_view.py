@@ -201,7 +201,8 @@ class LiveView:
         notes = "".join(f"<br><i>{html.escape(str(x))}</i>" for x in reply.get("notes", []))
         load = f"; first request: model loaded in {secs.get('load', 0):.1f} s" if reply.get("first_load") else ""
         n_far = int(np.asarray(cols["far"]).sum())
-        self._say(f"Placed {n} tokens into {heads} heads ({html.escape(reply['method'])}): model "
+        what = f"{html.escape(str(payload['image_name']))}: " if payload.get("image_name") else ""
+        self._say(f"Placed {what}{n} tokens into {heads} heads ({html.escape(reply['method'])}): model "
                   f"{secs.get('model', 0):.2f} s, placement {secs.get('place', 0):.2f} s{load}. "
                   f"{n_far} of {len(cols['far'])} points lie far outside the corpus (fit &gt; {FAR:g}).{notes}", raw=True)
         self.timing.text = json.dumps({"model": secs.get("model"), "place": secs.get("place"), "load": secs.get("load"),
