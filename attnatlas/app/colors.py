@@ -24,6 +24,19 @@ IMAGE_MODES = [("kind", "query / key"), ("position", "position"), ("patch", "pat
                ("brightness", "brightness"), ("norm", "vector norm")]
 
 
+def token_style(rgb: str, alpha: float, special: bool) -> str:
+    """CSS of a token shaded with colour "r,g,b" at `alpha` (0: unshaded). Dark shading takes white text, and
+    special tokens ([CLS], [SEP]) are grey and small only when unshaded: shaded, they stay readable."""
+    style = f"background:rgba({rgb},{alpha:.2f});" if alpha > 0 else ""
+    if alpha > 0.5:
+        style += "color:#fff;"
+    elif special:
+        style += "color:#888;" if alpha <= 0 else "color:#000;"
+    if special:
+        style += "font-size:smaller;padding:0 2px;border-radius:3px;"
+    return style
+
+
 def modes(modality: str) -> list[tuple[str, str]]:
     return IMAGE_MODES if modality == "image" else TEXT_MODES
 

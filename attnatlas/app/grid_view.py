@@ -274,7 +274,7 @@ class GridView:
         box = BoxZoomTool(match_aspect=True)
         self.fig = figure(width=900, height=900, sizing_mode="scale_width", x_range=self.x_range, y_range=self.y_range,
                           tools=[PanTool(), self.wheel, box, ResetTool(), SaveTool()], toolbar_location="above",
-                          name="grid_figure", min_border=4)
+                          name="grid_figure", min_border=4, x_axis_location="above")  # head labels in the first view
         self.fig.grid.visible = False
         self.fig.outline_line_color = None
         # Images first, then the cell frames (and the fade of filtered heads) on top of them.
@@ -299,8 +299,9 @@ class GridView:
         self.fig.on_change("inner_width", self._on_width)  # the browser reports the real size once drawn
 
         self.metric_select = Select(title="Head metric", width=220, name="grid_metric")
-        self.metric_opts = CheckboxGroup(labels=["colour frames", "sort heads in each layer"], active=[0],
-                                         name="grid_metric_opts")
+        # Both options act on a metric: shown once one is chosen, not checked while they would do nothing.
+        self.metric_opts = CheckboxGroup(labels=["colour frames by the metric", "sort heads in each layer"], active=[0],
+                                         name="grid_metric_opts", visible=False)
         self.metric_filter = RangeSlider(title="show heads with the metric in", start=0, end=1, value=(0, 1), step=0.001,
                                          width=280, visible=False, name="grid_filter")
         self.metric_select.on_change("value", self._on_metric)
@@ -333,6 +334,7 @@ class GridView:
             if self.metric_select.value not in labels:
                 self.metric_select.value = "none"
                 self.metric_filter.visible = False
+                self.metric_opts.visible = False
                 self.legend.text = ""
         finally:
             self._quiet = False
@@ -440,6 +442,7 @@ class GridView:
         if self.model is None or self._quiet:
             return
         metric = self._metric()
+        self.metric_opts.visible = metric is not None
         if metric is None:
             self.metric_filter.visible = False
             self.legend.text = ""

@@ -114,11 +114,12 @@ def sequence_html(data: Any, model: str, seq: int, row_: int, weights: dict[int,
                                      toks["char_start"] if has_offsets else [-1] * len(toks),
                                      toks["char_end"] if has_offsets else [-1] * len(toks)):
         w = min(max(weights.get(int(r), 0.0), 0.0), 1.0)
-        style = f"background:rgba({r_},{g_},{b_},{w:.2f});" if w > 0 else ""
+        plain_piece = has_offsets and a is not None and a >= 0 and b >= a and not special
+        style = colors.token_style(f"{r_},{g_},{b_}", w, not plain_piece)
         if int(r) == row_:
             style += "outline:2px solid #000;"
         title = f' title="weight {weights[int(r)]:.3f}"' if int(r) in weights else ""
-        if has_offsets and a is not None and a >= 0 and b >= a and not special:
+        if plain_piece:
             if a > cursor:
                 out.append(html.escape(text[cursor:a]))
             # Byte-level pieces of one character share its offsets: show each character once.
@@ -128,7 +129,6 @@ def sequence_html(data: Any, model: str, seq: int, row_: int, weights: dict[int,
                 continue
         else:
             piece = str(tok)
-            style += "color:#888;font-size:smaller;"
             out.append(" ")
         out.append(f'<span style="{style}"{title}>{html.escape(piece)}</span>')
     rest = text[cursor:] if has_offsets else ""
