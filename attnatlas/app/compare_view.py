@@ -167,6 +167,7 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     fig_a.name, fig_b.name = "compare-grid-a", "compare-grid-b"  # stable handles for tests and the host app
     bar = ColorBar(color_mapper=mapper, width=10, title=field_label(metric), title_standoff=6)
     fig_b.add_layout(bar, "right")
+    fig_b.width += 90  # room for the bar and its title: the grid keeps its cell size
 
     # heat map of the (a, b) block of both measures, row-major in a's (layer, head) order
     pat, pro = res.block("pattern", a, b), res.block("profile", a, b)
@@ -179,8 +180,8 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     })
     heat_mapper = LinearColorMapper(palette=list(reversed(RdBu11)), low=-1 if measure == "pattern" else 0, high=1,
                                     nan_color="#eeeeee")
-    hf = figure(title=f"head-to-head similarity: rows {a}, columns {b}", width=min(900, max(360, 3 * nb + 160)),
-                height=min(700, max(280, 4 * na + 90)), x_range=(-0.5, nb - 0.5), y_range=(na - 0.5, -0.5),
+    hf = figure(title=f"head-to-head similarity: rows {a}, columns {b}", width=min(1100, max(560, 8 * nb + 200)),
+                height=min(800, max(320, 6 * na + 90)), x_range=(-0.5, nb - 0.5), y_range=(na - 0.5, -0.5),
                 tools="hover,box_zoom,wheel_zoom,pan,reset", tooltips=[("", "@a ~ @b"), ("similarity", "@sim{0.000}")],
                 x_axis_label=f"{b}: heads by layer", y_axis_label=f"{a}: heads by layer", name="compare-heat")
     hf.rect("jb", "ia", 1, 1, source=heat, fill_color={"field": "sim", "transform": heat_mapper}, line_color=None)

@@ -236,7 +236,7 @@ class HeadView:
         self.size_norm = CheckboxGroup(labels=["size by norm"], active=[])
         self.size_norm.on_change("active", self._on_colour)
         self.legend = Div(text="", width=PANEL_W, name="colour_legend", disable_math=True)
-        self.search = TextInput(title="Search the text", placeholder="word, text or pattern, then Enter", width=190, name="search")
+        self.search = TextInput(title="Search the text", placeholder="word or pattern, Enter", width=190, name="search")
         self.search_mode = RadioButtonGroup(labels=list(search.MODES), active=0, name="search_mode")
         self.search.on_change("value", self._on_search)
         self.search_mode.on_change("active", self._on_search)
@@ -298,7 +298,7 @@ class HeadView:
         self.img_fig.visible = image
         # Images have no text to search: their file names are searched instead, and the box says so.
         self.search.title = "Search image names" if image else "Search the text"
-        self.search.placeholder = "file name, or part of it, then Enter" if image else "word, text or pattern, then Enter"
+        self.search.placeholder = "file name or part, Enter" if image else "word or pattern, Enter"
         show_layout_note(self.layout_note, self.data.atlas, self.place.model)
 
     def update(self) -> None:
@@ -349,6 +349,8 @@ class HeadView:
                 lo, hi = np.percentile(v, [0.5, 99.5])
                 pad = 0.05 * (hi - lo or 1.0)
                 rng.start, rng.end = float(lo - pad), float(hi + pad)
+        self.fig.xaxis.axis_label = f"{p.method} layout of this head's queries and keys: axis 1"
+        self.fig.yaxis.axis_label = "axis 2"
         self.head_title.text = self._title(h, ok, t)
         self.similar.text = similar_heads_html(self.data, p.model, p.layer, p.head, p.method)
         self.top.show(p.model, p.method, p.layer, p.head)
