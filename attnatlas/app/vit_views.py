@@ -12,7 +12,7 @@ import numpy as np
 from bokeh.layouts import column, row
 from bokeh.models import ColorBar, ColumnDataSource, Div, HoverTool, LinearColorMapper, Select, Slider
 from bokeh.transform import transform
-from bokeh.palettes import Category10_10, Viridis256
+from bokeh.palettes import Category10_10, Category20_20, Viridis256
 from bokeh.plotting import figure
 
 from attnatlas.analyze import embeddings, neurons, overview, rollout, similarity
@@ -203,7 +203,9 @@ def build_layer_embeddings(atlas: Atlas, model: str):
         t = tok.iloc[rows]
         if mode in lab:
             names = np.asarray(lab[mode]).astype(str)
-            classes = {c: Category10_10[i % 10] for i, c in enumerate(np.unique(names))}
+            uniq = sorted(np.unique(names), key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+            pal = Category10_10 if len(uniq) <= 10 else Category20_20
+            classes = {c: pal[i % len(pal)] for i, c in enumerate(uniq)}
             color, value, shown = [classes[c] for c in names], np.zeros(len(rows)), names.tolist()
         else:
             value = t.hue.to_numpy(float) if mode == "hue" else t.position.to_numpy(float)
