@@ -29,10 +29,11 @@ from attnatlas.app.data import AppData
 log = logging.getLogger(__name__)
 
 THUMB_PX = 48
-ASPECT = 2.2  # columns per row of the map's lattice: a wide map that fits one screen at 1280-1920 px
+ASPECT = 2.6  # columns per row of the map's lattice: a wide map that fits one screen at 1280-1920 px
 SPARE = 1.3  # lattice cells per head: room for the placement's shape
 MAX_SNAP = 3000  # heads snapped onto the lattice (an assignment of n x 1.3 n); more keep their placement
-FIG_W = 1000  # px the map is laid out for; it scales with the window width
+FIG_W = 1000  # px the map is laid out for; it scales with the window width ...
+MAX_W = 1400  # ... up to this, so its height stays within a 1920 x 1080 screen
 MEASURES = (("pattern", "attention pattern (compare)"), ("profile", "compare's profile"), ("metrics", "metric profile"))
 
 
@@ -131,7 +132,7 @@ class HeadMap:
                                               label=[], layer=[], head=[], colour=[]), name="head_map_points")
         # Explicit ranges: the first view frames every head, and reset returns to that.
         self.x_range, self.y_range = Range1d(0, 1, name="head_map_x"), Range1d(0, 1, name="head_map_y")
-        self.fig = figure(width=FIG_W, height=500, sizing_mode="scale_width", name="head_map_figure", min_border=0,
+        self.fig = figure(width=FIG_W, height=500, sizing_mode="scale_width", max_width=MAX_W, name="head_map_figure", min_border=0,
                           x_range=self.x_range, y_range=self.y_range,
                           tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above")
         self.fig.grid.visible = False
