@@ -299,12 +299,16 @@ class LiveView:
         return dict(label=text, lx=lx, ly=ly)
 
     def _on_ranges(self, event: RangesUpdate) -> None:
-        if None in (event.x0, event.x1, event.y0, event.y1) or not len(self.src.data.get("x", [])):
+        if None not in (event.x0, event.x1, event.y0, event.y1):
+            self.relabel((event.x0, event.x1, event.y0, event.y1))
+
+    def relabel(self, ranges: tuple | None = None) -> None:
+        """Place the labels again for the view (a zoom, or the next head's ranges)."""
+        if not len(self.src.data.get("x", [])):
             return
         try:
             d = self.src.data
-            self.src.data.update(self._labels(np.asarray(d["x"]), np.asarray(d["y"]), list(d["token"]),
-                                              (event.x0, event.x1, event.y0, event.y1)))
+            self.src.data.update(self._labels(np.asarray(d["x"]), np.asarray(d["y"]), list(d["token"]), ranges))
         except Exception:  # noqa: BLE001 - labels only: the markers stay
             log.exception("live labels could not be placed")
 
@@ -431,6 +435,8 @@ def compose(dash: Any, doc: Any = None) -> LiveView:
         except Exception:  # noqa: BLE001
             log.exception("live markers could not be drawn in the grid")
 
+    # The head view sets its ranges after the head (y end last): the labels follow the new view.
+    dash.head_view.yr.on_change("end", lambda attr, old, new: view.relabel())
     cells = getattr(getattr(dash, "grid", None), "cell_src", None)
     if cells is not None:
         cells.on_change("data", regrid)  # the grid was redrawn: another model, projection or head order

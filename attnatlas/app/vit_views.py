@@ -10,7 +10,7 @@ import html
 
 import numpy as np
 from bokeh.layouts import column, row
-from bokeh.models import ColorBar, ColumnDataSource, Div, HoverTool, LinearColorMapper, Select, Slider
+from bokeh.models import ColorBar, ColumnDataSource, Div, FixedTicker, HoverTool, LinearColorMapper, Select, Slider
 from bokeh.transform import transform
 from bokeh.palettes import Category10_10, Category20_20, Viridis256
 from bokeh.plotting import figure
@@ -238,7 +238,9 @@ def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
     tops, labels = neurons.read_neurons(atlas, model)
     summary = neurons.kind_summary(labels)
     kinds = list(summary.columns)
-    bar = figure(width=460, height=280, title="label kinds per layer (share of neurons)", x_axis_label="layer", tools="hover")
+    bar = figure(width=600, height=360, title="label kinds per layer (share of neurons)", x_axis_label="layer (0 = first block)",
+                 y_axis_label="share of the layer's neurons", tools="hover")
+    bar.xaxis.ticker = FixedTicker(ticks=[int(v) for v in summary.index])  # layers are whole numbers
     bar.vbar_stack(kinds, x="layer", width=0.8, source=ColumnDataSource(summary.reset_index()),
                    color=[Category10_10[i] for i in range(len(kinds))], legend_label=kinds)
     _legend_outside(bar)
@@ -247,7 +249,8 @@ def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
     detail = Div(text="")
     is_image = atlas.info(model).modality == "image"
     thumb_src = ColumnDataSource(dict(image=[], x=[], y=[], dw=[], dh=[]))
-    thumbs = figure(width=460, height=80, x_range=(0, top), y_range=(0, 1), tools="", visible=is_image)
+    thumbs = figure(width=560, height=110, x_range=(0, top), y_range=(0, 1), tools="", visible=is_image,
+                    title="patches that excite this neuron most (strongest first)")
     thumbs.axis.visible = False
     thumbs.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=thumb_src)
     tok = atlas.tokens(model)
