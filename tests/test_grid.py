@@ -526,3 +526,17 @@ def test_head_view_lists_top_sequences_on_demand(data):
     assert dash.top.div.disable_math
     dash._step("next_head")
     assert dash.top.div.text == ""
+
+
+def test_grid_says_heads_above_and_offers_metric_options_only_with_a_metric(data):
+    """Issue 26 item 8: head labels in the first view (above the grid); the metric options appear with a metric."""
+    from bokeh.models import LinearAxis
+
+    dash, _ = dash_for(data)
+    grid = dash.grid
+    assert any(isinstance(r, LinearAxis) for r in grid.fig.above) and not any(isinstance(r, LinearAxis) for r in grid.fig.below)
+    assert grid.metric_select.value == "none" and not grid.metric_opts.visible
+    grid.metric_select.value = "trustworthiness"
+    assert grid.metric_opts.visible and grid.metric_filter.visible
+    grid.metric_select.value = "none"
+    assert not grid.metric_opts.visible
