@@ -432,7 +432,7 @@ def test_head_map_places_heads_by_attention_pattern_similarity(two_models):
     labels, sim = data.head_similarity(("m1", "m2"), "pattern")
     assert sim.shape == (10, 10) and np.isfinite(sim).all()
     # Map distances follow the stored dissimilarity (classical MDS keeps the largest part of it).
-    xy = np.c_[d["cx"], d["cy"]]
+    xy = np.c_[d["mx"], d["my"]]  # the placement (drawn snapped to a lattice: cx, cy)
     iu = np.triu_indices(10, 1)
     mapped = np.linalg.norm(xy[:, None] - xy[None], axis=2)[iu]
     assert correlation(mapped, (1 - sim)[iu]) > 0.6
@@ -473,8 +473,44 @@ def test_head_map_of_indistinguishable_heads_is_the_grid_lattice(tmp_path):
     dash, _ = dash_for(AppData(tmp_path / "a"))
     dash.grid.mode.active = 1
     d = dash.grid.head_map.src.data
-    assert list(zip(d["cx"], d["cy"])) == [(h, -layer) for layer in range(2) for h in range(3)]
+    assert list(zip(d["mx"], d["my"])) == [(h, -layer) for layer in range(2) for h in range(3)]
     assert "do not tell these heads apart" in dash.grid.head_map.info.text
+
+
+def test_head_map_of_270_heads_keeps_thumbnails_apart_and_frames_them_all(tmp_path):
+    from attnatlas.app.head_map import lattice, snap
+
+    atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=30, n_heads=9, n_seq=3, seq_len=6)
+    testing.random_layouts(atlas, "synthetic", "pca")
+    dash, _ = dash_for(AppData(tmp_path / "a"))
+    dash.grid.mode.active = 1
+    hm = dash.grid.head_map
+    d = hm.src.data
+    x, y, w, h = (np.asarray(d[k], float) for k in ("x", "y", "w", "h"))
+    assert len(x) == 270
+    # No two thumbnails (x, y is the top-left corner) overlap ...
+    dx = np.abs(x[:, None] - x[None]) < w[:, None]
+    dy = np.abs(y[:, None] - y[None]) < h[:, None]
+    np.fill_diagonal(dx, False)
+    assert not (dx & dy).any()
+    # ... and the first view (and reset) frames every one of them, in a figure about twice as wide as tall.
+    xr, yr = hm.fig.x_range, hm.fig.y_range
+    assert xr.start <= x.min() and (x + w).max() <= xr.end and yr.start <= (y - h).min() and y.max() <= yr.end
+    assert (xr.reset_start, xr.reset_end, yr.reset_start, yr.reset_end) == (xr.start, xr.end, yr.start, yr.end)
+    assert 1.5 < (xr.end - xr.start) / (yr.end - yr.start) < 3.5
+    # A dense blob and a few outliers: each head its own cell, the blob spread out, the order along each axis
+    # and most of each head's neighbours kept.
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    pts = np.r_[rng.normal(0, 0.05, (250, 2)), rng.normal(0, 3, (20, 2))]
+    cols, rows = lattice(len(pts))
+    cells = snap(pts, cols, rows)
+    assert len({tuple(c) for c in cells}) == 270 and cols * rows >= 270
+    assert spearmanr(cells[:, 0], pts[:, 0])[0] > 0.9 and spearmanr(cells[:, 1], pts[:, 1])[0] > 0.9
+    near = lambda p, k: np.argsort(np.linalg.norm(p[:, None] - p[None], axis=2), 1)[:, 1:k + 1]  # noqa: E731
+    kept = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(near(pts, 5), near(cells, 15))])
+    assert kept > 0.5, kept
 
 
 # ---- top sequences --------------------------------------------------------------------------------------------
@@ -533,3 +569,17 @@ def test_head_view_lists_top_sequences_on_demand(data):
     assert dash.top.div.disable_math
     dash._step("next_head")
     assert dash.top.div.text == ""
+
+
+def test_grid_says_heads_above_and_offers_metric_options_only_with_a_metric(data):
+    """Issue 26 item 8: head labels in the first view (above the grid); the metric options appear with a metric."""
+    from bokeh.models import LinearAxis
+
+    dash, _ = dash_for(data)
+    grid = dash.grid
+    assert any(isinstance(r, LinearAxis) for r in grid.fig.above) and not any(isinstance(r, LinearAxis) for r in grid.fig.below)
+    assert grid.metric_select.value == "none" and not grid.metric_opts.visible
+    grid.metric_select.value = "trustworthiness"
+    assert grid.metric_opts.visible and grid.metric_filter.visible
+    grid.metric_select.value = "none"
+    assert not grid.metric_opts.visible

@@ -531,3 +531,21 @@ def test_live_view_places_an_uploaded_image_and_refuses_a_broken_one(tmp_path):
     upload(view, "broken <b>.png", png.read_bytes()[:100])
     assert "not a readable image" in view.status.text and "broken &lt;b&gt;.png" in view.status.text
     assert "patch 0,0" in view.src.data["token"]  # the last placement stays drawn
+
+
+def test_live_labels_never_overlap_and_sparse_ones_all_show():
+    """Issue 26 item 5: labels of placed tokens in a dense spot move around their markers or are left out."""
+    from attnatlas.app.live_view import label_offsets
+
+    rng = np.random.default_rng(0)
+    sx, sy = rng.normal(300, 15, 40), rng.normal(300, 15, 40)  # 40 markers within about 30 px
+    texts = ["because", "fit", "was", "in", "the"] * 8
+    t, dx, dy = label_offsets(sx, sy, texts)
+    boxes = [(a + x, b + y - 13, a + x + 7 * len(s), b + y) for a, b, s, x, y in zip(sx, sy, t, dx, dy) if s]
+    assert 0 < len(boxes) < 40
+    for i, p in enumerate(boxes):
+        for q in boxes[i + 1:]:
+            assert not (p[0] < q[2] and q[0] < p[2] and p[1] < q[3] and q[1] < p[3]), (p, q)
+    # Far apart: every label shows, to the right of its marker.
+    t, dx, _ = label_offsets(np.arange(5) * 200.0, np.full(5, 100.0), texts[:5])
+    assert t == texts[:5] and all(x > 0 for x in dx)

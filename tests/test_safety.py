@@ -564,6 +564,33 @@ def test_sequence_panel_shows_a_character_split_into_byte_tokens_once():
     assert shown == text, shown
 
 
+def test_shaded_special_tokens_stay_readable():
+    """Issue 26 item 7: [CLS] and [SEP] shaded by a weight are black text on the shading, not grey on it."""
+    import re
+
+    import pandas as pd
+
+    from attnatlas.app.head_view import sequence_html
+
+    toks = pd.DataFrame({"row": range(4), "token": ["[CLS]", "hi", "there", "[SEP]"], "is_special": [True, False, False, True],
+                         "char_start": [-1, 0, 3, -1], "char_end": [-1, 2, 8, -1]})
+
+    class Data:
+        def sequence_tokens(self, model, seq):
+            return toks
+
+        def sequence_info(self, model, seq):
+            return {"text": "hi there"}
+
+    out = sequence_html(Data(), "m", 0, 1, {0: 0.95, 3: 0.3})
+    style = {m.group(2): m.group(1) for m in re.finditer(r'<span style="([^"]*)"[^>]*>([^<]*)</span>', out)}
+    assert "background:rgba(217,69,142,0.95)" in style["[CLS]"] and "color:#000" in style["[CLS]"]
+    assert "color:#000" in style["[SEP]"] and "#888" not in style["[SEP]"]  # light shading: dark text
+    assert "#888" not in style["[CLS]"]
+    plain = sequence_html(Data(), "m", 0, 1, {})
+    assert "color:#888" in plain  # unshaded specials are still grey and small
+
+
 def test_a_lost_object_store_is_one_message():
     pytest.importorskip("s3fs")
     with __import__("socket").socket() as s:  # a port nothing listens on

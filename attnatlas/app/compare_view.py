@@ -19,6 +19,7 @@ from bokeh.models import (
     CustomJS,
     DataTable,
     Div,
+    FixedTicker,
     HoverTool,
     LinearColorMapper,
     NumberFormatter,
@@ -29,11 +30,19 @@ from bokeh.models import (
 from bokeh.palettes import RdBu11, Viridis256
 from bokeh.plotting import figure
 
+from attnatlas.app.data import METRIC_LABELS
 from attnatlas.app.safe import JS_ESCAPE, seal
 from attnatlas.compare.metrics import HEAD_FIELDS
 from attnatlas.compare.run import CompareResult, load
 
 CELL = 14  # pixels per head in the grids
+# Words for compare's fields wherever they are shown (menus, colour bars, the table); the data keep the names.
+FIELD_LABELS = {**METRIC_LABELS, "entropy_std": "entropy spread (std, nats)"}
+MEASURE_LABELS = {"pattern": "attention pattern", "profile": "metric profile"}
+
+
+def field_label(field: str) -> str:
+    return FIELD_LABELS.get(field, field.replace("_", " "))
 
 HIGHLIGHT_JS = JS_ESCAPE + """
 // sim: (heads of this grid) x (heads of the other grid), row-major, for the measure chosen
@@ -59,7 +68,7 @@ if (i >= 0) {
     lines.push(`${r + 1}. L${d.layer[j]}H${d.head[j]} (${row[r][0].toFixed(3)})`)
   }
   const s = src.data
-  text = `<b>${esc(name)} L${s.layer[i]}H${s.head[i]}</b>: nearest in ${esc(other_name)} by ${esc(col)}<br>` + lines.join('<br>')
+  text = `<b>${esc(name)} L${s.layer[i]}H${s.head[i]}</b>: nearest in ${esc(other_name)} by ${esc(measure_labels[col])}<br>` + lines.join('<br>')
 }
 d.width = width
 d.score = score
@@ -79,7 +88,8 @@ if (!Number.isFinite(lo)) { lo = 0; hi = 1 }
 if (hi === lo) hi = lo + 1
 mapper.low = lo; mapper.high = hi
 slider.start = lo; slider.end = hi; slider.value = [lo, hi]; slider.step = (hi - lo) / 100
-slider.title = 'filter ' + m
+slider.title = 'table: heads with ' + labels[m]
+bar.title = labels[m]
 """
 
 FILTER_JS = """
@@ -98,6 +108,7 @@ heat.data.sim = heat.data[col]
 heat.change.emit()
 mapper.low = col === 'pattern' ? -1 : 0
 mapper.high = 1
+bar.title = 'similarity (' + measure_labels[col] + ')'
 """
 
 
@@ -120,9 +131,20 @@ def _grid_figure(model: str, src: ColumnDataSource, mapper: LinearColorMapper) -
     p.rect("head", "layer", 0.92, 0.92, source=src, fill_color={"field": "value", "transform": mapper},
            line_color="#d62728", line_width="width",
            selection_line_color="black", selection_line_width=3, nonselection_fill_alpha=0.8)
-    p.add_tools(HoverTool(tooltips=[("head", "@label"), ("metric", "@value{0.000}"), ("similarity", "@score{0.000}")]))
+    p.add_tools(HoverTool(tooltips=[("head", "@label"), ("colour", "@value{0.000}"), ("similarity", "@score{0.000}")]))
     p.grid.visible = False
     return p
+
+
+def _layer_ticks(axis, layers: np.ndarray) -> None:
+    """Ticks of a heads-by-layer axis: one per layer at the middle of its heads, labelled L0, L1, ... (every
+    second or more layer when there are many)."""
+    layers = np.asarray(layers, int)
+    n = int(layers.max()) + 1 if len(layers) else 0
+    every = max(1, int(np.ceil(n / 16)))
+    mids = {int(lay): float(np.flatnonzero(layers == lay).mean()) for lay in range(0, n, every) if (layers == lay).any()}
+    axis.ticker = FixedTicker(ticks=list(mids.values()))
+    axis.major_label_overrides = {v: f"L{k}" for k, v in mids.items()}
 
 
 def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult | None = None,
@@ -143,8 +165,9 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     mapper = LinearColorMapper(palette=Viridis256, low=lo, high=hi, nan_color="#dddddd")
     fig_a, fig_b = _grid_figure(a, src_a, mapper), _grid_figure(b, src_b, mapper)
     fig_a.name, fig_b.name = "compare-grid-a", "compare-grid-b"  # stable handles for tests and the host app
-    bar = ColorBar(color_mapper=mapper, width=10)
+    bar = ColorBar(color_mapper=mapper, width=10, title=field_label(metric), title_standoff=6)
     fig_b.add_layout(bar, "right")
+    fig_b.width += 90  # room for the bar and its title: the grid keeps its cell size
 
     # heat map of the (a, b) block of both measures, row-major in a's (layer, head) order
     pat, pro = res.block("pattern", a, b), res.block("profile", a, b)
@@ -157,23 +180,28 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     })
     heat_mapper = LinearColorMapper(palette=list(reversed(RdBu11)), low=-1 if measure == "pattern" else 0, high=1,
                                     nan_color="#eeeeee")
-    hf = figure(title=f"head-to-head similarity: rows {a}, columns {b}", width=min(900, max(300, 3 * nb + 120)),
-                height=min(700, max(250, 4 * na + 80)), x_range=(-0.5, nb - 0.5), y_range=(na - 0.5, -0.5),
+    hf = figure(title=f"head-to-head similarity: rows {a}, columns {b}", width=min(1100, max(560, 8 * nb + 200)),
+                height=min(800, max(320, 6 * na + 90)), x_range=(-0.5, nb - 0.5), y_range=(na - 0.5, -0.5),
                 tools="hover,box_zoom,wheel_zoom,pan,reset", tooltips=[("", "@a ~ @b"), ("similarity", "@sim{0.000}")],
-                x_axis_label=f"{b} head (layer-major)", y_axis_label=f"{a} head (layer-major)", name="compare-heat")
+                x_axis_label=f"{b}: heads by layer", y_axis_label=f"{a}: heads by layer", name="compare-heat")
     hf.rect("jb", "ia", 1, 1, source=heat, fill_color={"field": "sim", "transform": heat_mapper}, line_color=None)
-    hf.add_layout(ColorBar(color_mapper=heat_mapper, width=10), "right")
+    heat_bar = ColorBar(color_mapper=heat_mapper, width=10, title=f"similarity ({MEASURE_LABELS[measure]})", title_standoff=6)
+    hf.add_layout(heat_bar, "right")
     hf.grid.visible = False
+    _layer_ticks(hf.xaxis[0], src_b.data["layer"])
+    _layer_ticks(hf.yaxis[0], src_a.data["layer"])
 
-    metric_sel = Select(title="colour grids by", value=metric, options=list(HEAD_FIELDS))
-    measure_sel = Select(title="similarity", value=measure, options=["pattern", "profile"])
+    labels = {f: field_label(f) for f in HEAD_FIELDS}
+    metric_sel = Select(title="colour the grids by", value=metric, options=[(f, labels[f]) for f in HEAD_FIELDS])
+    measure_sel = Select(title="similarity measure", value=measure, options=list(MEASURE_LABELS.items()))
     info = Div(text="Click a head in either grid to outline its nearest heads in the other.", width=300,
                name="compare-nearest")
     for src, other, name, other_name, is_row in ((src_a, src_b, a, b, True), (src_b, src_a, b, a, False)):
         src.selected.js_on_change("indices", CustomJS(
             args=dict(src=src, other=other, heat=heat, measure=measure_sel, info=info, k=top_k, a_is_row=is_row,
-                      n_b=nb, name=name, other_name=other_name), code=HIGHLIGHT_JS))
-    heat_cb = CustomJS(args=dict(heat=heat, measure=measure_sel, mapper=heat_mapper), code=HEAT_JS)
+                      n_b=nb, name=name, other_name=other_name, measure_labels=MEASURE_LABELS), code=HIGHLIGHT_JS))
+    heat_cb = CustomJS(args=dict(heat=heat, measure=measure_sel, mapper=heat_mapper, bar=heat_bar,
+                                 measure_labels=MEASURE_LABELS), code=HEAT_JS)
     measure_sel.js_on_change("value", heat_cb)
 
     # table of every head of both models
@@ -187,17 +215,18 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     # Each column as wide as its header (7 px a character), the table scrolling sideways: no header is cut.
     columns = [TableColumn(field="model", title="model", width=110), TableColumn(field="layer", title="layer", width=50),
                TableColumn(field="head", title="head", width=50)]
-    columns += [TableColumn(field=f, title=f, formatter=fmt, width=max(60, 7 * len(f) + 16)) for f in HEAD_FIELDS]
+    columns += [TableColumn(field=f, title=labels[f], formatter=fmt, width=max(60, 7 * len(labels[f]) + 16)) for f in HEAD_FIELDS]
     columns += [TableColumn(field="note", title="note", width=200)]
     table = DataTable(source=table_src, columns=columns, view=view, sortable=True, width=1200, height=300,
                       autosize_mode="none", index_position=None, reorderable=False, name="compare-table")
-    slider = RangeSlider(title=f"filter {metric}", start=lo, end=hi, value=(lo, hi), step=(hi - lo) / 100, width=300)
-    which = Select(title="model", value="both", options=["both", a, b])
+    slider = RangeSlider(title=f"table: heads with {labels[metric]}", start=lo, end=hi, value=(lo, hi), step=(hi - lo) / 100,
+                         width=300, format="0.00")
+    which = Select(title="table: model", value="both", options=["both", a, b])
     filt = CustomJS(args=dict(table_src=table_src, metric=metric_sel, slider=slider, which=which, view=view), code=FILTER_JS)
     slider.js_on_change("value", filt)
     which.js_on_change("value", filt)
     metric_sel.js_on_change("value", CustomJS(args=dict(metric=metric_sel, sources=[src_a, src_b], mapper=mapper,
-                                                        slider=slider), code=METRIC_JS))
+                                                        slider=slider, bar=bar, labels=labels), code=METRIC_JS))
     metric_sel.js_on_change("value", filt)
     controls = row(metric_sel, measure_sel, which, slider)
     shared = type_agreement(atlas, a, b, pat)

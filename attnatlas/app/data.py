@@ -251,6 +251,13 @@ class AppData:
             tok = self.atlas.tokens(model)
             seqs = self.atlas.sequences(model)
             texts = dict(zip(seqs["sequence"].astype(int), seqs["text"].astype(str)))
+            if self.modality(model) == "image":
+                # Images have no text: each image's file name stands for it, every token of the image spans
+                # the whole name, so a search finds the images by name (case folded).
+                names = {s: image_name(t) for s, t in texts.items()}
+                seq = tok["sequence"].to_numpy()
+                ends = np.array([len(names.get(int(x), "")) for x in seq], np.int64)
+                return build_index(names, seq, np.zeros(len(seq), np.int64), ends, True)
             has = "char_start" in tok
             return build_index(texts, tok["sequence"].to_numpy(),
                                tok["char_start"].to_numpy().astype(np.int64) if has else None,
@@ -462,6 +469,11 @@ class AppData:
             return pd.concat(parts, ignore_index=True)
 
         return self._results.get(("near", model, layer, head, k), make)
+
+
+def image_name(path: str) -> str:
+    """The file name of an image's path ("/" only: a backslash may be part of a file name)."""
+    return path.rstrip("/").rsplit("/", 1)[-1] or path
 
 
 def _decoded_pieces(t: pd.DataFrame, seqs: pd.DataFrame) -> np.ndarray:

@@ -279,7 +279,7 @@ class GridView:
         box = BoxZoomTool(match_aspect=True)
         self.fig = figure(width=900, height=900, sizing_mode="scale_width", x_range=self.x_range, y_range=self.y_range,
                           tools=[PanTool(), self.wheel, box, ResetTool(), SaveTool()], toolbar_location="above",
-                          name="grid_figure", min_border=4)
+                          name="grid_figure", min_border=4, x_axis_location="above")  # head labels in the first view
         self.fig.grid.visible = False
         self.fig.outline_line_color = None
         # Images first, then the cell frames (and the fade of filtered heads) on top of them.
@@ -309,8 +309,9 @@ class GridView:
         self.fig.on_change("inner_width", self._on_width)  # the browser reports the real size once drawn
 
         self.metric_select = Select(title="Head metric", width=220, name="grid_metric")
-        self.metric_opts = CheckboxGroup(labels=["colour frames", "sort heads in each layer"], active=[0],
-                                         name="grid_metric_opts")
+        # Both options act on a metric: shown once one is chosen, not checked while they would do nothing.
+        self.metric_opts = CheckboxGroup(labels=["colour frames by the metric", "sort heads in each layer"], active=[0],
+                                         name="grid_metric_opts", visible=False)
         self.metric_filter = RangeSlider(title="show heads with the metric in", start=0, end=1, value=(0, 1), step=0.001,
                                          width=280, visible=False, name="grid_filter")
         self.metric_select.on_change("value", self._on_metric)
@@ -352,6 +353,7 @@ class GridView:
             if self.metric_select.value not in labels:
                 self.metric_select.value = "none"
                 self.metric_filter.visible = False
+                self.metric_opts.visible = False
                 self.legend.text = ""
         finally:
             self._quiet = False
@@ -360,8 +362,10 @@ class GridView:
         tall = L * 100 > 1.1 * H * 100
         # A tall grid fills more than the window: the mouse wheel must scroll the page, not zoom.
         self.fig.toolbar.active_scroll = None if tall else self.wheel
-        self.x_range.update(start=0, end=H, bounds=(0, H))
-        self.y_range.update(start=0, end=L, bounds=(0, L))
+        # Bounds first (BokehJS clamps a new end to the old bounds), and the reset tool's target with them
+        # (BokehJS resets to the first range it saw unless told): nothing of the last model's ranges survives.
+        self.x_range.update(bounds=(0, H), start=0, end=H, reset_start=0, reset_end=H)
+        self.y_range.update(bounds=(0, L), start=0, end=L, reset_start=0, reset_end=L)
         self.fig.xaxis.ticker = FixedTicker(ticks=[h + 0.5 for h in range(H)])
         self.fig.yaxis.ticker = FixedTicker(ticks=[L - 1 - i + 0.5 for i in range(L)])
         self.fig.yaxis.major_label_overrides = {L - 1 - i + 0.5: f"L{i}" for i in range(L)}
@@ -529,6 +533,7 @@ class GridView:
         if self.model is None or self._quiet:
             return
         metric = self._metric()
+        self.metric_opts.visible = metric is not None
         if metric is None:
             self.metric_filter.visible = False
             self.legend.text = ""

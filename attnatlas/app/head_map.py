@@ -4,7 +4,9 @@ in 2-D so similar heads lie close. Placement: classical MDS of 1 - similarity fr
 head opens it.
 
 `HeadMap(data, on_open, on_error)` builds the Bokeh models; the grid view places `.panel` and calls
-`.show(model, method)`. Thumbnails come from grid_view's rasteriser, from all of each head's points.
+`.show(model, method)`. Thumbnails come from grid_view's rasteriser, from all of each head's points. Each
+head is drawn in a lattice cell of its own nearest its placement (`snap`), so hundreds of heads never pile
+up; the placement itself is kept in the source as mx, my.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 from bokeh.layouts import column, row
-from bokeh.models import CheckboxGroup, ColumnDataSource, Div, HoverTool, RadioButtonGroup, TapTool
+from bokeh.models import CheckboxGroup, ColumnDataSource, Div, HoverTool, RadioButtonGroup, Range1d, TapTool
 from bokeh.palettes import Category10
 from bokeh.plotting import figure
 
@@ -28,6 +30,11 @@ from attnatlas.app.data import AppData
 log = logging.getLogger(__name__)
 
 THUMB_PX = 48
+ASPECT = 2.6  # columns per row of the map's lattice: a wide map that fits one screen at 1280-1920 px
+SPARE = 1.3  # lattice cells per head: room for the placement's shape
+MAX_SNAP = 3000  # heads snapped onto the lattice (an assignment of n x 1.3 n); more keep their placement
+FIG_W = 1000  # px the map is laid out for; it scales with the window width ...
+MAX_W = 1400  # ... up to this, so its height stays within a 1920 x 1080 screen
 MEASURES = (("pattern", "attention pattern (compare)"), ("profile", "compare's profile"), ("metrics", "metric profile"))
 
 
@@ -66,6 +73,34 @@ def metric_pca(table: pd.DataFrame) -> np.ndarray:
     return xy * np.where(flip == 0, 1, flip)
 
 
+def lattice(n: int, aspect: float = ASPECT) -> tuple[int, int]:
+    """(columns, rows) of a lattice with about SPARE * n cells, `aspect` times as wide as tall."""
+    cells = max(int(np.ceil(SPARE * n)), 1)
+    rows = max(int(np.ceil(np.sqrt(cells / aspect))), 1)
+    return int(np.ceil(cells / rows)), rows
+
+
+def snap(xy: np.ndarray, cols: int, rows: int) -> np.ndarray:
+    """(n, 2) placement -> (n, 2) centres of distinct lattice cells, as close to the placement as an optimal
+    assignment gets: no two thumbnails overlap. Each axis goes onto the lattice by rank, so a dense cluster
+    spreads over the cells instead of crowding into a few, and the order along each axis is kept."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.stats import rankdata
+
+    n = len(xy)
+    ranks = np.c_[rankdata(xy[:, 0]), rankdata(xy[:, 1])] - 1  # ties share a rank: equal heads stay together
+    u = ranks / max(n - 1, 1) * [cols - 1, rows - 1] + 0.5  # (n, 2) in lattice units
+    cx, cy = np.meshgrid(np.arange(cols) + 0.5, np.arange(rows) + 0.5)
+    centres = np.c_[cx.ravel(), cy.ravel()]  # (cells, 2)
+    if n > MAX_SNAP or n > len(centres):
+        return u
+    cost = ((u[:, None, :] - centres[None]) ** 2).sum(-1)  # (n, cells)
+    head, cell = linear_sum_assignment(cost)
+    out = np.empty_like(u)
+    out[head] = centres[cell]
+    return out
+
+
 def thumbnails(data: AppData, model: str, method: str) -> list[str]:
     """A PNG data URL per head of `model`, (layer, head) order, cached for every session."""
     def make() -> list[str]:
@@ -94,9 +129,12 @@ class HeadMap:
         self.model: str | None = None
         self.method: str | None = None
         self._quiet = False
-        self.src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[], cx=[], cy=[], model=[], label=[],
-                                              layer=[], head=[], colour=[], type=[]), name="head_map_points")
-        self.fig = figure(width=1000, height=760, sizing_mode="scale_width", match_aspect=True, name="head_map_figure",
+        self.src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[], cx=[], cy=[], mx=[], my=[], model=[],
+                                              label=[], layer=[], head=[], colour=[], type=[]), name="head_map_points")
+        # Explicit ranges: the first view frames every head, and reset returns to that.
+        self.x_range, self.y_range = Range1d(0, 1, name="head_map_x"), Range1d(0, 1, name="head_map_y")
+        self.fig = figure(width=FIG_W, height=500, sizing_mode="scale_width", max_width=MAX_W, name="head_map_figure", min_border=0,
+                          x_range=self.x_range, y_range=self.y_range,
                           tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above")
         self.fig.grid.visible = False
         self.fig.axis.visible = False
@@ -178,8 +216,15 @@ class HeadMap:
     def _draw(self) -> None:
         models = self.models()
         labels, xy, how = self._placement(models)
-        span = float(np.ptp(xy, 0).max()) if len(xy) else 1.0
-        size = (span or 1.0) / max(np.sqrt(len(xy)), 1) * 0.9
+        # Each head in a lattice cell of its own, near its placement: thumbnails never pile up, and the map,
+        # as wide as the window, frames them all.
+        cols, rows = lattice(len(xy))
+        mx, my = (xy[:, 0], xy[:, 1]) if len(xy) else (np.zeros(0), np.zeros(0))
+        xy = snap(xy, cols, rows) if len(xy) else xy
+        size = 0.9
+        self.fig.height = int(round(FIG_W * rows / cols)) + 30  # the toolbar's 30 px above the frame
+        self.x_range.update(bounds=None, start=0, end=cols, reset_start=0, reset_end=cols)
+        self.y_range.update(bounds=None, start=0, end=rows, reset_start=0, reset_end=rows)
         urls: list[str] = []
         for m in models:
             urls += thumbnails(self.data, m, self.data.method(m, self.method))
@@ -188,7 +233,7 @@ class HeadMap:
         kinds = self._kinds(models, labels)
         cx, cy = xy[:, 0], xy[:, 1]
         self.src.data = dict(url=urls, x=cx - size / 2, y=cy + size / 2, w=[size] * len(cx), h=[size] * len(cx),
-                             cx=cx, cy=cy, model=labels["model"].tolist(),
+                             cx=cx, cy=cy, mx=mx, my=my, model=labels["model"].tolist(),
                              label=[f"L{a}H{b}" for a, b in zip(labels["layer"], labels["head"])],
                              layer=labels["layer"].astype(int).tolist(), head=labels["head"].astype(int).tolist(),
                              colour=[colour[m] for m in labels["model"]] if kinds is None else

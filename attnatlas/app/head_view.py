@@ -55,7 +55,11 @@ MAX_LIST = 20  # search results listed
 MAX_THUMBS = 300  # image patches drawn as thumbnails when at most this many are in view
 CUT_PREVIEW_CHARS = 200  # characters shown of the part of a truncated sequence the model did not see
 LINE_MIN_WEIGHT = 0.05  # attention lines are drawn from this weight up; weaker ones would only add noise
-SHADE = (217, 69, 142)  # the key colour, as the shading of weights in the sequence panel
+SHADE = (217, 69, 142)
+# The controls column and "Your text" beside a 720 px figure fit a 1600 px window; every Div has a width and
+# wraps long words, so no text (a long match, an error) widens the column and pushes the page sideways.
+PANEL_W = 410
+WRAP = {"overflow-wrap": "anywhere"}  # the key colour, as the shading of weights in the sequence panel
 DOWNLOAD_JS = """
 const d = cb_obj.data
 if (!d.html || d.html.length == 0) { return }
@@ -110,11 +114,12 @@ def sequence_html(data: Any, model: str, seq: int, row_: int, weights: dict[int,
                                      toks["char_start"] if has_offsets else [-1] * len(toks),
                                      toks["char_end"] if has_offsets else [-1] * len(toks)):
         w = min(max(weights.get(int(r), 0.0), 0.0), 1.0)
-        style = f"background:rgba({r_},{g_},{b_},{w:.2f});" if w > 0 else ""
+        plain_piece = has_offsets and a is not None and a >= 0 and b >= a and not special
+        style = colors.token_style(f"{r_},{g_},{b_}", w, not plain_piece)
         if int(r) == row_:
             style += "outline:2px solid #000;"
         title = f' title="weight {weights[int(r)]:.3f}"' if int(r) in weights else ""
-        if has_offsets and a is not None and a >= 0 and b >= a and not special:
+        if plain_piece:
             if a > cursor:
                 out.append(html.escape(text[cursor:a]))
             # Byte-level pieces of one character share its offsets: show each character once.
@@ -124,7 +129,6 @@ def sequence_html(data: Any, model: str, seq: int, row_: int, weights: dict[int,
                 continue
         else:
             piece = str(tok)
-            style += "color:#888;font-size:smaller;"
             out.append(" ")
         out.append(f'<span style="{style}"{title}>{html.escape(piece)}</span>')
     rest = text[cursor:] if has_offsets else ""
@@ -179,6 +183,7 @@ class HeadView:
         self._colour_index = np.zeros(0, np.int32)  # palette index of every point in the current colour mode
         self._palette: tuple = (colors.QUERY, colors.KEY)
         self._matches = np.zeros(0, np.int64)  # point indices of the current search matches
+        self._search_failed = False  # the search box holds a query that cannot run: nothing is greyed
         self._build()
 
     # ---- construction ---------------------------------------------------------------------------------------
@@ -214,9 +219,9 @@ class HeadView:
         self.src.selected.on_change("indices", self._on_tap)
         self.fig.on_event(RangesUpdate, self._on_ranges)
 
-        self.head_title = Div(text="", width=460, name="head_title", disable_math=True)  # long notes wrap
-        self.layout_note = layout_note_div("layout_note", 460)  # the layout is of q.k: said where attention is more
-        self.similar = Div(text="", width=420, name="similar_heads", disable_math=True)
+        self.head_title = Div(text="", width=PANEL_W, name="head_title", disable_math=True)  # long notes wrap
+        self.layout_note = layout_note_div("layout_note", PANEL_W)  # the layout is of q.k: said where attention is more
+        self.similar = Div(text="", width=PANEL_W, name="similar_heads", disable_math=True, styles=WRAP)
         self.layer_select = Select(title="Layer", width=80, name="layer_select")
         self.head_select = Select(title="Head", width=80, name="head_select")
         self.layer_select.on_change("value", self._on_layer_head)
@@ -230,16 +235,16 @@ class HeadView:
         self.colour_select.on_change("value", self._on_colour)
         self.size_norm = CheckboxGroup(labels=["size by norm"], active=[])
         self.size_norm.on_change("active", self._on_colour)
-        self.legend = Div(text="", name="colour_legend", disable_math=True)
-        self.search = TextInput(title="Search the text", placeholder="word, text or pattern, then Enter", width=220, name="search")
+        self.legend = Div(text="", width=PANEL_W, name="colour_legend", disable_math=True)
+        self.search = TextInput(title="Search the text", placeholder="word or pattern, Enter", width=190, name="search")
         self.search_mode = RadioButtonGroup(labels=list(search.MODES), active=0, name="search_mode")
         self.search.on_change("value", self._on_search)
         self.search_mode.on_change("active", self._on_search)
-        self.search_count = Div(text="", name="search_count", disable_math=True)
-        self.search_results = Div(text="", width=420, name="search_results", disable_math=True)
-        self.attention_legend = Div(text=attention_legend_html(), width=420, name="attention_legend", disable_math=True)
-        self.sequence = Div(text="Click a point to see its sequence and where it attends.", width=420, name="sequence_panel",
-                            disable_math=True)
+        self.search_count = Div(text="", width=PANEL_W, name="search_count", disable_math=True, styles=WRAP)
+        self.search_results = Div(text="", width=PANEL_W, name="search_results", disable_math=True, styles=WRAP)
+        self.attention_legend = Div(text=attention_legend_html(), width=PANEL_W, name="attention_legend", disable_math=True)
+        self.sequence = Div(text="Click a point to see its sequence and where it attends.", width=PANEL_W, name="sequence_panel",
+                            disable_math=True, styles=WRAP)
         self.img_src = ColumnDataSource(data=dict(image=[], x=[], y=[], dw=[], dh=[]))
         self.heat_src = ColumnDataSource(data=dict(EMPTY_HEAT), name="heat_map")
         self.img_fig = figure(width=320, height=320, tools="save", toolbar_location="above", x_range=Range1d(0, 1),
@@ -273,7 +278,8 @@ class HeadView:
             self.export_btn,
             self.top.panel,
         )
-        self.root = row(self.fig, controls)
+        # Wraps: "Your text" (live_view) goes below when the window is too narrow for three columns.
+        self.root = row(self.fig, controls, styles={"flex-wrap": "wrap"}, name="head_panel")
         self.set_model()
 
     def set_model(self) -> None:
@@ -288,7 +294,11 @@ class HeadView:
         self.colour_select.options = list(modes)
         if self.colour_select.value not in [k for k, _ in modes]:
             self.colour_select.value = "kind"
-        self.img_fig.visible = self.data.modality(self.place.model) == "image"
+        image = self.data.modality(self.place.model) == "image"
+        self.img_fig.visible = image
+        # Images have no text to search: their file names are searched instead, and the box says so.
+        self.search.title = "Search image names" if image else "Search the text"
+        self.search.placeholder = "file name or part, Enter" if image else "word or pattern, Enter"
         show_layout_note(self.layout_note, self.data.atlas, self.place.model)
 
     def update(self) -> None:
@@ -339,6 +349,8 @@ class HeadView:
                 lo, hi = np.percentile(v, [0.5, 99.5])
                 pad = 0.05 * (hi - lo or 1.0)
                 rng.start, rng.end = float(lo - pad), float(hi + pad)
+        self.fig.xaxis.axis_label = f"{p.method} layout of this head's queries and keys: axis 1"
+        self.fig.yaxis.axis_label = "axis 2"
         self.head_title.text = self._title(h, ok, t)
         self.similar.text = similar_heads_html(self.data, p.model, p.layer, p.head, p.method)
         self.top.show(p.model, p.method, p.layer, p.head)
@@ -385,7 +397,7 @@ class HeadView:
         """The "c" column: each point's palette index (+0.5: the middle of its colour's band), non-matches grey
         while a search is on (the clicked point, drawn by the selection glyph, keeps the same mapping)."""
         c = self._colour_index.astype(np.float32) + 0.5
-        if (self.search.value or "").strip() and len(c):
+        if (self.search.value or "").strip() and not self._search_failed and len(c):
             keep = np.zeros(len(c), bool)
             keep[self._matches] = True
             c[~keep] = len(self._palette) + 0.5
@@ -432,27 +444,27 @@ class HeadView:
             self.show(self.place.layer, self.place.head)
         self.apply_search()
 
-    def _matching_points(self, query: str) -> tuple[np.ndarray, str]:
-        """Point indices (queries then keys) of the tokens overlapping a match, and the counting sentence."""
+    def _matching_points(self, query: str) -> tuple[np.ndarray | None, str]:
+        """Point indices (queries then keys) of the tokens overlapping a match, and the counting sentence;
+        None and the reason when the query cannot run."""
         p = self.place
         t = self.data.tokens(p.model, p.method)
         n = len(t.rows)
         mode = search.MODES[self.search_mode.active] if 0 <= (self.search_mode.active or 0) < len(search.MODES) else "substring"
         q = html.escape(query)
-        if self.data.modality(p.model) == "image":
-            # Images have no text: match the patch names as before ("patch 3,4", file names in the context).
-            toks = np.asarray(t.columns["token"][:n], dtype=object)
-            hit = np.array([query.lower() in str(s).lower() for s in toks], bool)
-            pts = np.flatnonzero(hit)
-            return np.concatenate([pts, pts + n]), f"{len(pts)} matching tokens for \u201c{q}\u201d"
         found = search.find(self.data.text_index(p.model), query, mode)
         if found.error and not len(found.rows):
-            return np.zeros(0, np.int64), f'<span style="color:#b00">{html.escape(found.error)}</span>'
+            return None, f'<span style="color:#b00">{html.escape(found.error)}</span>'
         pts = t.point_of_row[found.rows]
         pts = pts[pts >= 0]  # rows outside this (sampled) layout have no point
-        fold = " (case and accents folded, as the tokenizer does)" if self.data.text_index(p.model).uncased else ""
-        msg = (f"{len(pts)} matching tokens for \u201c{q}\u201d: {found.n_matches:,} "
-               f"match{'es' if found.n_matches != 1 else ''} in the text{fold}")
+        if self.data.modality(p.model) == "image":
+            n_img = len(np.unique(t.seq_of_row[found.rows]))
+            msg = (f"{len(pts)} matching patches for \u201c{q}\u201d: {n_img} image{'s' if n_img != 1 else ''} "
+                   "whose file name matches (case folded)")
+        else:
+            fold = " (case and accents folded, as the tokenizer does)" if self.data.text_index(p.model).uncased else ""
+            msg = (f"{len(pts)} matching tokens for \u201c{q}\u201d: {found.n_matches:,} "
+                   f"match{'es' if found.n_matches != 1 else ''} in the text{fold}")
         if found.error or found.capped:
             msg += f'<br><span style="color:#b00">{html.escape(found.error or "stopped at the match limit")}</span>'
         return np.concatenate([pts, pts + n]), msg
@@ -463,6 +475,7 @@ class HeadView:
         n2 = len(cols["token"])
         if not query:
             self._matches = np.zeros(0, np.int64)
+            self._search_failed = False
             self.src.data.update(alpha=np.full(n2, BASE_ALPHA, np.float32))
             self.match_src.data = dict(x=[], y=[], c=[], token=[])
             self.src.data.update(c=self._shown_colours())
@@ -470,6 +483,16 @@ class HeadView:
             self.search_results.text = ""
             return
         pts, msg = self._matching_points(query)
+        self._search_failed = pts is None
+        if pts is None:
+            # A query that cannot run (a bad pattern, too long): the message only, nothing greyed, since
+            # every point greyed reads as "no matches".
+            self._matches = np.zeros(0, np.int64)
+            self.src.data.update(alpha=np.full(n2, BASE_ALPHA, np.float32), c=self._shown_colours())
+            self.match_src.data = dict(x=[], y=[], c=[], token=[])
+            self.search_count.text = msg
+            self.search_results.text = ""
+            return
         self._matches = pts
         alpha = np.full(n2, DIM_ALPHA, np.float32)
         alpha[pts] = 1.0

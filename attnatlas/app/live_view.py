@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+from bokeh.events import RangesUpdate
 from bokeh.layouts import column, row
 from bokeh.models import Button, ColumnDataSource, Div, FileInput, HoverTool, TextAreaInput
 
@@ -37,6 +38,8 @@ MAX_TEXT_CHARS = 5_000  # characters sent from the box (the model truncates to i
 MAX_IMAGE_BYTES = 20 << 20
 MIN_LINE_WEIGHT = 0.05  # attention lines below this weight are not drawn (they would only be noise)
 MAX_FIT_ROWS = 60  # tokens listed in the fit table
+MAX_LABELS = 400  # markers given a label (placed apart); the rest are named by their tooltip
+PANEL_W = 370  # px: the third column of the head view, beside its controls, in a 1600 px window
 OFF_TEXT = ("Live placement is off. Start the dashboard with <code>attnatlas serve ATLAS --live</code> to place "
             "your own text (or image, for image models) into every head: a worker process runs the atlas's model "
             "and the new tokens appear here on top of the corpus.")
@@ -61,15 +64,15 @@ class LiveView:
     # ---- construction -------------------------------------------------------------------------------------
     def _build(self) -> None:
         self.title = _div("<b>Your text</b>", name="live_title")
-        self.text = TextAreaInput(placeholder="Type a sentence to place into every head", rows=3, width=400,
+        self.text = TextAreaInput(placeholder="Type a sentence to place into every head", rows=3, width=370,
                                   max_length=MAX_TEXT_CHARS, name="live_text")
-        self.button = Button(label="Place into every head", button_type="primary", width=200, name="live_place")
+        self.button = Button(label="Place into every head", button_type="primary", width=180, name="live_place")
         self.button.on_click(self._on_place)
-        self.upload = FileInput(accept="image/*", width=300, name="live_image")
+        self.upload = FileInput(accept="image/*", width=230, name="live_image")
         self.upload.on_change("value", self._on_upload)
-        self.status = _div("", width=420, name="live_status")
+        self.status = _div("", width=PANEL_W, name="live_status", styles={"overflow-wrap": "anywhere"})
         self.timing = _div("", visible=False, render_as_text=True, name="live_timing")  # for scripts/bench_live.py
-        self.fit_table = _div("", width=420, name="live_fit")
+        self.fit_table = _div("", width=PANEL_W, name="live_fit", styles={"overflow-wrap": "anywhere"})
         self.src = ColumnDataSource(data=_empty_points(), name="live_points")
         self.line_src = ColumnDataSource(data=dict(x0=[], y0=[], x1=[], y1=[], alpha=[]), name="live_lines")
         fig = self.dash.fig
@@ -79,9 +82,12 @@ class LiveView:
                                    line_color="outline", line_width=2, fill_alpha=0.95, name="live_markers")
         self.far_marks = fig.scatter("x", "y", source=self.src, marker="x", size="far_size", line_color="#d00000",
                                      line_width=2, name="live_far")
-        self.labels = fig.text("x", "y", text="token", source=self.src, x_offset=8, y_offset=-6, text_font_size="11px",
+        # Labels placed apart (label_offsets): in dense spots a label moves around its marker, or is left out
+        # (the marker's tooltip still names it); placed again after each zoom.
+        self.labels = fig.text("x", "y", text="label", source=self.src, x_offset="lx", y_offset="ly", text_font_size="11px",
                                text_color="#111", text_font_style="bold", name="live_labels")
         fig.add_tools(HoverTool(renderers=[self.markers], tooltips=TOOLTIPS))
+        fig.on_event(RangesUpdate, self._on_ranges)
         # The grid: every placed point of every head as a small marker in its head's cell.
         self.grid_src = ColumnDataSource(data=_empty_grid(), name="live_grid_points")
         grid = getattr(self.dash, "grid", None)
@@ -92,7 +98,7 @@ class LiveView:
                                                                      ("head", "@where"), ("fit", "@fit{0.00}")]))
         self._set_mode()
         self.panel = column(self.title, self.text, row(self.button, self.upload), self.status, self.fit_table,
-                            self.timing, name="live_panel", width=430)
+                            self.timing, name="live_panel", width=PANEL_W + 10)
 
     def _set_mode(self) -> None:
         image = self.dash.data.modality(self.dash.model) == "image"
@@ -115,10 +121,23 @@ class LiveView:
         self._request({"text": text[:MAX_TEXT_CHARS]})
 
     def _on_upload(self, attr: str, old: Any, new: Any) -> None:
-        value = self.upload.value
-        name = str(self.upload.filename or "upload")
+        # BokehJS sends value, filename and mime_type in one message, value first: read them once the whole
+        # message is applied (the next tick), never the filename of the previous upload or an unset one.
+        ctx = getattr(self.doc, "session_context", None) if self.doc is not None else None
+        if ctx is None:
+            self._read_upload()
+        else:
+            self.doc.add_next_tick_callback(self._read_upload)
+
+    def _read_upload(self) -> None:
+        value, name = _prop(self.upload, "value"), _prop(self.upload, "filename")
         if isinstance(value, list):  # multiple files: the first one
-            value, name = (value[0] if value else ""), str((self.upload.filename or ["upload"])[0])
+            value = value[0] if value else ""
+        if isinstance(name, list):
+            name = name[0] if name else ""
+        if not value:
+            return  # the input was cleared
+        name = str(name or "upload")
         try:
             data = base64.b64decode(value or "", validate=True)
         except (binascii.Error, ValueError):
@@ -190,7 +209,8 @@ class LiveView:
         notes = "".join(f"<br><i>{html.escape(str(x))}</i>" for x in reply.get("notes", []))
         load = f"; first request: model loaded in {secs.get('load', 0):.1f} s" if reply.get("first_load") else ""
         n_far = int(np.asarray(cols["far"]).sum())
-        self._say(f"Placed {n} tokens into {heads} heads ({html.escape(reply['method'])}): model "
+        what = f"{html.escape(str(payload['image_name']))}: " if payload.get("image_name") else ""
+        self._say(f"Placed {what}{n} tokens into {heads} heads ({html.escape(reply['method'])}): model "
                   f"{secs.get('model', 0):.2f} s, placement {secs.get('place', 0):.2f} s{load}. "
                   f"{n_far} of {len(cols['far'])} points lie far outside the corpus (fit &gt; {FAR:g}).{notes}", raw=True)
         self.timing.text = json.dumps({"model": secs.get("model"), "place": secs.get("place"), "load": secs.get("load"),
@@ -265,10 +285,35 @@ class LiveView:
             nearest=np.asarray(r["nearest_token"], dtype=object)[idx].tolist(),
             marker=np.where(is_query, "triangle", "square").tolist(),
             colour=np.where(is_query, colors.QUERY, colors.KEY).tolist(),
-            outline=np.where(far, "#d00000", "#000000").tolist(), far_size=np.where(far, 22.0, 0.0))
+            outline=np.where(far, "#d00000", "#000000").tolist(), far_size=np.where(far, 22.0, 0.0),
+            **self._labels(x, y, tokens[tok].tolist()))
         self.line_src.data = self._lines(r, int(d.layer), int(d.head), tok, is_query, x, y)
         self.fit_table.text = self._fit_html(r, tok, is_query, cols["fit"][idx], far,
                                              np.asarray(r["nearest_token"], dtype=object)[idx])
+
+    def _labels(self, x: np.ndarray, y: np.ndarray, tokens: list[str], ranges: tuple | None = None) -> dict[str, Any]:
+        """Label text and offsets of the markers at (x, y) for the head figure's current view."""
+        fig = self.dash.fig
+        x0, x1, y0, y1 = ranges or (fig.x_range.start, fig.x_range.end, fig.y_range.start, fig.y_range.end)
+        w, h = (_prop(fig, "inner_width") or fig.width or 720), (_prop(fig, "inner_height") or fig.height or 680)
+        sx = (np.asarray(x, np.float64) - x0) / ((x1 - x0) or 1.0) * w
+        sy = (y1 - np.asarray(y, np.float64)) / ((y1 - y0) or 1.0) * h
+        text, lx, ly = label_offsets(sx, sy, [str(t) for t in tokens])
+        return dict(label=text, lx=lx, ly=ly)
+
+    def _on_ranges(self, event: RangesUpdate) -> None:
+        if None not in (event.x0, event.x1, event.y0, event.y1):
+            self.relabel((event.x0, event.x1, event.y0, event.y1))
+
+    def relabel(self, ranges: tuple | None = None) -> None:
+        """Place the labels again for the view (a zoom, or the next head's ranges)."""
+        if not len(self.src.data.get("x", [])):
+            return
+        try:
+            d = self.src.data
+            self.src.data.update(self._labels(np.asarray(d["x"]), np.asarray(d["y"]), list(d["token"]), ranges))
+        except Exception:  # noqa: BLE001 - labels only: the markers stay
+            log.exception("live labels could not be placed")
 
     def _lines(self, r: dict[str, Any], layer: int, head: int, tok: np.ndarray, is_query: np.ndarray,
                x: np.ndarray, y: np.ndarray) -> dict[str, list]:
@@ -314,9 +359,51 @@ class LiveView:
                 f"{''.join(rows)}</table>{more}</div>")
 
 
+def _prop(model: Any, name: str) -> Any:
+    """A property the browser sets (FileInput's value and filename), or None while it is still unset."""
+    from bokeh.core.property.descriptors import UnsetValueError
+
+    try:
+        return getattr(model, name)
+    except UnsetValueError:
+        return None
+
+
+def label_offsets(sx: np.ndarray, sy: np.ndarray, texts: list[str], char_px: float = 7.0, line_px: float = 13.0,
+                  marker_px: float = 13.0, max_labels: int = MAX_LABELS) -> tuple[list[str], list[float], list[float]]:
+    """Greedy label placement in screen pixels (y down): each label tries right, left, above and below its
+    marker and takes the first spot that overlaps no label placed before it and no other marker; with none
+    free (or past `max_labels`) it is left out (""). Returns (text, x offset, y offset) per marker, for a
+    left-aligned text whose baseline is at the offset."""
+    n = len(texts)
+    half = marker_px / 2
+    sx, sy = np.asarray(sx, np.float64), np.asarray(sy, np.float64)
+    boxes = np.empty((n + min(n, max_labels), 4))  # markers, then the labels placed: x0, y0, x1, y1
+    boxes[:n] = np.c_[sx - half, sy - half, sx + half, sy + half]
+    used = n
+    out_t, out_x, out_y = [""] * n, [0.0] * n, [0.0] * n
+    for i in range(min(n, max_labels)):
+        a, b, t = sx[i], sy[i], texts[i]
+        if not np.isfinite(a) or not np.isfinite(b):
+            continue
+        wpx = char_px * max(len(t), 1)
+        for dx, dy in ((half + 2, line_px / 2), (-half - 2 - wpx, line_px / 2), (-wpx / 2, -half - 2),
+                       (-wpx / 2, half + line_px + 2)):
+            x0, y0, x1, y1 = a + dx, b + dy - line_px, a + dx + wpx, b + dy
+            c = boxes[:used]
+            hit = (x0 < c[:, 2]) & (c[:, 0] < x1) & (y0 < c[:, 3]) & (c[:, 1] < y1)
+            hit[i] = False  # its own marker
+            if not hit.any():
+                boxes[used] = (x0, y0, x1, y1)
+                used += 1
+                out_t[i], out_x[i], out_y[i] = t, float(dx), float(dy)
+                break
+    return out_t, out_x, out_y
+
+
 def _empty_points() -> dict[str, list]:
     return {k: [] for k in ("x", "y", "token", "kind", "position", "fit", "far_text", "nearest", "marker", "colour",
-                            "outline", "far_size")}
+                            "outline", "far_size", "label", "lx", "ly")}
 
 
 def _empty_grid() -> dict[str, list]:
@@ -351,6 +438,8 @@ def compose(dash: Any, doc: Any = None) -> LiveView:
         except Exception:  # noqa: BLE001
             log.exception("live markers could not be drawn in the grid")
 
+    # The head view sets its ranges after the head (y end last): the labels follow the new view.
+    dash.head_view.yr.on_change("end", lambda attr, old, new: view.relabel())
     cells = getattr(getattr(dash, "grid", None), "cell_src", None)
     if cells is not None:
         cells.on_change("data", regrid)  # the grid was redrawn: another model, projection or head order

@@ -135,17 +135,17 @@ def sequence_html(data: AppData, model: str, e: Entry) -> str:
                                      toks["char_start"] if has_offsets else [-1] * len(toks),
                                      toks["char_end"] if has_offsets else [-1] * len(toks)):
         v = e.shade.get(int(r), 0.0)
-        style = f"background:rgba({e.colour},{0.15 + 0.7 * v:.2f});" if v > 0 else ""
+        plain_piece = has_offsets and a is not None and a >= 0 and b >= a and not special
+        style = colors.token_style(e.colour, 0.15 + 0.7 * v if v > 0 else 0.0, not plain_piece)
         if e.mark is not None and int(r) == e.mark:
             style += "outline:2px solid #000;"
-        if has_offsets and a is not None and a >= 0 and b >= a and not special:
+        if plain_piece:
             if a > cursor:
                 out.append(html.escape(text[cursor:a]))
             piece = text[a:b]
             cursor = max(cursor, b)
         else:
             piece = str(tok)
-            style += "color:#888;font-size:smaller;"
             out.append(" ")
         out.append(f'<span style="{style}">{html.escape(piece)}</span>')
     if has_offsets and cursor < len(text):
@@ -184,7 +184,7 @@ class TopSequences:
         self.data = data
         self.key: tuple[str, str, int, int] | None = None
         self.button = Button(label="Top sequences of this head", width=200, name="top_sequences_button")
-        self.div = Div(text="", width=420, disable_math=True, name="top_sequences")
+        self.div = Div(text="", width=410, disable_math=True, name="top_sequences", styles={"overflow-wrap": "anywhere"})
         self.button.on_click(self.fill)
         self.panel = column(self.button, self.div, name="top_sequences_panel")
 

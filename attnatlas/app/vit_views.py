@@ -10,8 +10,9 @@ import html
 
 import numpy as np
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, Div, HoverTool, LinearColorMapper, Select, Slider
-from bokeh.palettes import Category10_10, Viridis256
+from bokeh.models import ColorBar, ColumnDataSource, Div, FixedTicker, HoverTool, LinearColorMapper, Select, Slider
+from bokeh.transform import transform
+from bokeh.palettes import Category10_10, Category20_20, Viridis256
 from bokeh.plotting import figure
 
 from attnatlas.analyze import embeddings, neurons, overview, rollout, similarity
@@ -20,6 +21,7 @@ from attnatlas.app.safe import plain
 from attnatlas.store import Atlas
 
 ALPHA = 0.6
+IMAGE_PX = 520  # an image with its heat map: patches large enough to read
 
 
 def _rgba(img: np.ndarray) -> np.ndarray:
@@ -36,7 +38,8 @@ def _image_figure(atlas: Atlas, model: str, title: str) -> tuple[figure, ColumnD
     info = atlas.info(model)
     H, W = info.attrs["image_size"]
     p = int(info.attrs["patch_size"])
-    fig = figure(width=360, height=360, x_range=(0, W), y_range=(0, H), title=title, tools="tap,reset", match_aspect=True)
+    fig = figure(width=IMAGE_PX + 110, height=IMAGE_PX, x_range=(0, W), y_range=(0, H), title=title, tools="tap,reset",
+                 match_aspect=True)
     fig.axis.visible = False
     img_src = ColumnDataSource(dict(image=[], x=[], y=[], dw=[], dh=[]))
     fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=img_src)
@@ -46,11 +49,14 @@ def _image_figure(atlas: Atlas, model: str, title: str) -> tuple[figure, ColumnD
     return fig, img_src, cells, p
 
 
-def _heat(fig: figure, cells: ColumnDataSource, p: int, low: float | None = None, high: float | None = None) -> LinearColorMapper:
+def _heat(fig: figure, cells: ColumnDataSource, p: int, what: str, low: float | None = None,
+          high: float | None = None) -> LinearColorMapper:
+    """The patch heat map over the image, with its colour bar titled `what`."""
     mapper = LinearColorMapper(palette=Viridis256, low=low, high=high)
     fig.rect(x="x", y="y", width=p, height=p, source=cells, fill_color={"field": "value", "transform": mapper},
              fill_alpha=ALPHA, line_alpha=0)
-    fig.add_tools(HoverTool(tooltips=[("patch", "@row,@col"), ("value", "@value{0.000}")]))
+    fig.add_tools(HoverTool(tooltips=[("patch", "@row,@col"), (what, "@value{0.000}")]))
+    fig.add_layout(ColorBar(color_mapper=mapper, width=12, title=what, title_standoff=6), "right")
     return mapper
 
 
@@ -88,7 +94,7 @@ def build_patch_similarity(atlas: Atlas, model: str, sequence: int = 0, position
     require_image(atlas, model, "Patch similarity")
     require_hidden(atlas, model, "Patch similarity")
     fig, img_src, cells, p = _image_figure(atlas, model, "cosine similarity to the clicked patch")
-    _heat(fig, cells, p, -1.0, 1.0)
+    _heat(fig, cells, p, "cosine similarity", -1.0, 1.0)
     select = _image_select(atlas, model)
     select.value = str(sequence)
     n_hidden = atlas.array(model, "hidden").shape[0]
@@ -137,8 +143,8 @@ def build_rollout(atlas: Atlas, model: str, sequence: int = 0):
     figs = []
     for title in ("attention rollout from [CLS]", "raw [CLS] attention (mean of heads)"):
         figs.append(_image_figure(atlas, model, title))
-    for fig, _, cells, p in figs:
-        _heat(fig, cells, p)
+    for (fig, _, cells, p), what in zip(figs, ("rollout weight", "attention weight")):
+        _heat(fig, cells, p, what)
     select = _image_select(atlas, model)
     select.value = str(sequence)
     slider = Slider(title="up to layer", start=0, end=n_layers - 1, value=n_layers - 1, step=1)
@@ -159,38 +165,64 @@ def build_rollout(atlas: Atlas, model: str, sequence: int = 0):
 
 
 def build_layer_embeddings(atlas: Atlas, model: str):
-    """Per-layer 2-D layout of hidden states, coloured by a label; beside it, cluster quality against depth."""
+    """Per-layer 2-D layout of hidden states, coloured by a label (a legend) or a number (a colour bar); beside
+    it, cluster quality against depth."""
     layout, quality = embeddings.read_embeddings(atlas, model)
     tok = atlas.tokens(model)
     layers = sorted(layout.layer.unique())
     labels = sorted(quality.label.unique())
-    colour_by = Select(title="colour by", value=labels[-1], options=[*labels, "position", "hue"])
-    slider = Slider(title="layer (0 = embeddings)", start=int(layers[0]), end=int(layers[-1]), value=int(layers[0]), step=1)
-    src = ColumnDataSource(dict(x=[], y=[], color=[], token=[], label=[]))
-    fig = figure(width=420, height=420, title="hidden states", tools="pan,wheel_zoom,reset,hover",
-                 tooltips=[("token", "@token"), ("label", "@label")])
-    fig.scatter("x", "y", source=src, color="color", size=4, alpha=ALPHA)
+    method = str(quality["method"].iloc[0]).upper() if "method" in quality and len(quality) else "2-D layout"
+    numeric = ["position", "hue"] if "hue" in tok else ["position"]
+    colour_by = Select(title="colour by", value=labels[-1], options=[*labels, *numeric], width=160)
+    slider = Slider(title="layer (0 = embeddings)", start=int(layers[0]), end=int(layers[-1]), value=int(layers[0]),
+                    step=1, width=300)
+    src = ColumnDataSource(dict(x=[], y=[], color=[], value=[], token=[], label=[]))
+    fig = figure(width=720, height=620, title=f"hidden states of a token sample, {method} per layer",
+                 tools="pan,wheel_zoom,box_zoom,reset,hover", tooltips=[("token", "@token"), ("colour", "@label")],
+                 x_axis_label=f"{method} 1 of the layer's hidden states", y_axis_label=f"{method} 2",
+                 name="embedding_figure")
+    # A label colours through a legend (one entry per class); a number through a colour mapper and its bar.
+    by_class = fig.scatter("x", "y", source=src, color="color", size=5, alpha=ALPHA, legend_field="label",
+                           name="embedding_classes")
+    mapper = LinearColorMapper(palette=Viridis256, low=0, high=1)
+    by_value = fig.scatter("x", "y", source=src, color=transform("value", mapper), size=5, alpha=ALPHA,
+                           name="embedding_values", visible=False)
+    bar = ColorBar(color_mapper=mapper, width=12, title="", title_standoff=6, visible=False)
+    fig.add_layout(bar, "right")
+    legend = fig.legend[0]
+    fig.center = [r for r in fig.center if r is not legend]
+    legend.update(location="top_left", label_text_font_size="10px", title="", click_policy="hide")
+    fig.add_layout(legend, "right")
     rows0 = layout[layout.layer == layers[0]].token.to_numpy()
     lab = embeddings.token_labels(atlas, model, rows0)
-
-    def colours(rows: np.ndarray) -> tuple[list[str], list[str]]:
-        mode = colour_by.value
-        t = tok.iloc[rows]
-        if mode in lab:
-            names = lab[mode]
-            classes = {c: Category10_10[i % 10] for i, c in enumerate(np.unique(names))}
-            return [classes[c] for c in names], names.tolist()
-        v = t.position.to_numpy(float) if mode == "position" else np.nan_to_num(t.hue.to_numpy(float)) if "hue" in t else t.position.to_numpy(float)
-        v = (v - v.min()) / max(np.ptp(v), 1e-9)
-        return [Viridis256[int(x * 255)] for x in v], [f"{x:.2f}" for x in v]
 
     def redraw(attr, old, new) -> None:
         sub = layout[layout.layer == slider.value]
         rows = sub.token.to_numpy()
-        c, names = colours(rows)
-        src.data = dict(x=sub.x.to_numpy(), y=sub.y.to_numpy(), color=c, token=tok.token.to_numpy()[rows].astype(str), label=names)
+        mode = colour_by.value
+        t = tok.iloc[rows]
+        if mode in lab:
+            names = np.asarray(lab[mode]).astype(str)
+            uniq = sorted(np.unique(names), key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+            pal = Category10_10 if len(uniq) <= 10 else Category20_20
+            classes = {c: pal[i % len(pal)] for i, c in enumerate(uniq)}
+            color, value, shown = [classes[c] for c in names], np.zeros(len(rows)), names.tolist()
+        else:
+            value = t.hue.to_numpy(float) if mode == "hue" else t.position.to_numpy(float)
+            value = np.nan_to_num(value)
+            lo, hi = (float(value.min()), float(value.max())) if len(value) else (0.0, 1.0)
+            mapper.update(low=lo, high=hi if hi > lo else lo + 1)
+            color, shown = ["#000000"] * len(rows), [f"{v:.2f}" for v in value]
+        categorical = mode in lab
+        by_class.visible, legend.visible = categorical, categorical
+        by_value.visible, bar.visible = not categorical, not categorical
+        legend.title = mode if categorical else ""
+        bar.title = "token position" if mode == "position" else "patch hue (0-1)"
+        src.data = dict(x=sub.x.to_numpy(), y=sub.y.to_numpy(), color=color, value=value,
+                        token=tok.token.to_numpy()[rows].astype(str), label=shown)
 
-    q = figure(width=420, height=300, title="cluster quality by depth", x_axis_label="layer", tools="hover")
+    q = figure(width=460, height=360, title="cluster quality by depth", x_axis_label="layer (0 = embeddings)",
+               y_axis_label="score (higher: clearer clusters)", tools="hover")
     for i, (name, metric) in enumerate((lb, m) for lb in labels for m in ("silhouette", "purity")):
         g = quality[quality.label == name].sort_values("layer")
         q.line(g.layer, g[metric], color=Category10_10[i], legend_label=f"{metric} ({name})", line_dash="solid" if metric == "purity" else "dashed")
@@ -198,7 +230,7 @@ def build_layer_embeddings(atlas: Atlas, model: str):
     slider.on_change("value", redraw)
     colour_by.on_change("value", redraw)
     redraw(None, None, None)
-    return row(column(row(slider, colour_by), fig), q, name="layer_embeddings")
+    return column(row(slider, colour_by), row(fig, q), name="layer_embeddings")
 
 
 def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
@@ -206,7 +238,9 @@ def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
     tops, labels = neurons.read_neurons(atlas, model)
     summary = neurons.kind_summary(labels)
     kinds = list(summary.columns)
-    bar = figure(width=460, height=280, title="label kinds per layer (share of neurons)", x_axis_label="layer", tools="hover")
+    bar = figure(width=600, height=360, title="label kinds per layer (share of neurons)", x_axis_label="layer (0 = first block)",
+                 y_axis_label="share of the layer's neurons", tools="hover")
+    bar.xaxis.ticker = FixedTicker(ticks=[int(v) for v in summary.index])  # layers are whole numbers
     bar.vbar_stack(kinds, x="layer", width=0.8, source=ColumnDataSource(summary.reset_index()),
                    color=[Category10_10[i] for i in range(len(kinds))], legend_label=kinds)
     _legend_outside(bar)
@@ -215,7 +249,8 @@ def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
     detail = Div(text="")
     is_image = atlas.info(model).modality == "image"
     thumb_src = ColumnDataSource(dict(image=[], x=[], y=[], dw=[], dh=[]))
-    thumbs = figure(width=460, height=80, x_range=(0, top), y_range=(0, 1), tools="", visible=is_image)
+    thumbs = figure(width=560, height=110, x_range=(0, top), y_range=(0, 1), tools="", visible=is_image,
+                    title="patches that excite this neuron most (strongest first)")
     thumbs.axis.visible = False
     thumbs.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=thumb_src)
     tok = atlas.tokens(model)
