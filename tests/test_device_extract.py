@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 
@@ -111,7 +112,8 @@ def test_bench_gpu_tiny_runs_on_cpu_and_refuses_cuda_without_it(tmp_path, repo_r
     out = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, str(repo_root / "scripts" / "bench_gpu.py"), "--tiny", "--models", "bert",
                           "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "PYTHONPATH": str(repo_root)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(repo_root), *filter(None, [os.environ.get("PYTHONPATH")])])})
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     (r,) = report["runs"]
@@ -123,7 +125,8 @@ def test_bench_gpu_tiny_runs_on_cpu_and_refuses_cuda_without_it(tmp_path, repo_r
     bad = tmp_path / "bad.json"
     run = subprocess.run([sys.executable, str(repo_root / "scripts" / "bench_gpu.py"), "--tiny", "--device", "cuda",
                           "--out", str(bad)], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PYTHONPATH": str(repo_root)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(repo_root), *filter(None, [os.environ.get("PYTHONPATH")])])})
     assert run.returncode == 2 and "no CUDA" in run.stderr and "Traceback" not in run.stderr
     assert not bad.exists()
 
