@@ -98,6 +98,7 @@ def test_a_native_crash_on_dask_fails_only_its_head_and_is_retried(tmp_path):
     """On a Dask cluster a segfault kills the worker process; its head comes back as KilledWorker (no failure
     allowed here) and is retried on the safe backends, while the other heads are laid out as usual."""
     import dask
+    import distributed  # noqa: F401  (its config defaults first: dask.config.set would drop them on exit)
 
     from attnatlas.scale.distributed import dask_client, project_distributed
 
