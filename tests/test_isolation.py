@@ -94,20 +94,14 @@ def test_signal_cause_words():
     assert "code 3" in signal_cause(3)
 
 
-def test_a_native_crash_on_dask_fails_only_its_head_and_is_retried(tmp_path):
-    """On a Dask cluster a segfault kills the worker process; its head comes back as KilledWorker (no failure
-    allowed here) and is retried on the safe backends, while the other heads are laid out as usual."""
-    import dask
-    import distributed  # noqa: F401  (its config defaults first: dask.config.set would drop them on exit)
-
+def test_a_native_crash_on_dask_fails_only_its_head(tmp_path):
+    """On a Dask cluster a segfault kills the worker process; the nanny starts a new one, the scheduler runs the
+    head again, and every other head is laid out as usual: no head is lost and the run ends normally."""
     from attnatlas.scale.distributed import dask_client, project_distributed
 
     a = synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=3, n_seq=6, seq_len=10)
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        with dask_client("local", workers=2, threads_per_worker=1, processes=True) as client:
-            s = project_distributed(client, a, M, methods="crashing", progress=False,
-                                    reducer_params=crashing(tmp_path, "segv"))
-    # Dask counts every task the dead worker held (queued ones too) as failed: each is retried, none is lost.
-    assert s["failed"] == [] and 1 <= len(s["fallbacks"]) < 3
-    assert all("KilledWorker" in why for *_, why in s["fallbacks"])
-    assert a.layout_done(M, "crashing").all()
+    with dask_client("local", workers=2, threads_per_worker=1, processes=True) as client:
+        s = project_distributed(client, a, M, methods="crashing", progress=False,
+                                reducer_params=crashing(tmp_path, "segv"))
+    assert (tmp_path / "claim-segv").exists()  # the crash happened
+    assert s["failed"] == [] and a.layout_done(M, "crashing").all()
