@@ -497,9 +497,16 @@ def _project_model(
         if dispatch is not None:
             yield from dispatch(fn, calls)
         elif in_process:  # memory:// atlases live in this process only: no isolation possible
-            for call in calls:
-                res = fn(*call)
-                yield from (res if isinstance(res, list) else [res])
+            from attnatlas.project import reducers
+
+            saved = reducers.THREADS
+            reducers.set_threads(max(1, (os.cpu_count() or 1) // workers))  # as a worker has them: same layouts
+            try:
+                for call in calls:
+                    res = fn(*call)
+                    yield from (res if isinstance(res, list) else [res])
+            finally:
+                reducers.set_threads(saved)
         else:
             for i, res in run_in_children(fn, calls, workers, head_timeout, setup=worker_setup):
                 if isinstance(res, Died):
