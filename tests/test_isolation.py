@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import attnatlas.testing  # noqa: F401  (registers the "crashing" reducer)
