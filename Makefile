@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 PIN := $(if $(wildcard $(CONSTRAINTS)),-c $(CONSTRAINTS))
 
-.PHONY: install demo test test-fast test-latest lock browser-deps bench clean
+.PHONY: install demo test lint test-fast test-latest lock browser-deps bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile $(wildcard $(CONSTRAINTS))
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,12 @@ browser-deps:
 	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null; } || \
 	  echo "chromium not installed (needs root + apt): browser tests will be skipped"
 
-test: install browser-deps
+test: install browser-deps lint
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# ruff's small rule set (pyproject.toml), kept clean; the architecture rules are tests/test_architecture.py.
+lint: install
+	$(VENV)/bin/ruff check attnatlas tests scripts
 
 # The real-size tier again over 131k tokens (1,600 paragraphs): heads of 20,000 points, 242k placed.
 test-scale: install

@@ -2,6 +2,7 @@
 
     python scripts/bench_app.py [--atlas DIR] [--layers 12 --heads 12 --tokens 5000] [--sessions 20]
     python scripts/bench_app.py --grid-only --tokens 10000 [--demo atlases/demo] [--old-rev REV]
+    python scripts/bench_app.py --before REV --tokens 10000 [--rounds 2]
 
 Builds (or reuses) a synthetic atlas with `tokens` tokens, so 2 x tokens query+key points per head, serves it
 with `attnatlas serve` on 127.0.0.1, and drives it with headless Chromium (Debian's chromium + chromedriver).
@@ -9,7 +10,9 @@ with `attnatlas serve` on 127.0.0.1, and drives it with headless Chromium (Debia
 The grid section measures the global grid (request to drawn: document idle and its image decoded and painted;
 bytes received over the websocket) for the synthetic atlas and for the SmolLM2 demo grid, against the grid of
 `--old-rev` (the 100-token scatter grid before the full-density grid), served from a `git archive` of that
-revision in the same run. Targets from issue 13: grid drawn <= 1.5 s and <= 3 MB for 144 heads x 20,000 points
+revision in the same run. `--before REV` instead serves this tree and REV's tree in alternating rounds and compares
+page load, grid drawn, head switch and the head map with the same measure, so "no slower than before" is one run's
+ratio. Targets from issue 13: grid drawn <= 1.5 s and <= 3 MB for 144 heads x 20,000 points
 and for SmolLM2's 270 heads; head switch <= 0.2 s median.
 """
 
@@ -91,11 +94,18 @@ def ws_bytes(driver) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def serve_rev(atlas: Path, rev: str, timeout: float = 180.0):
-    """`attnatlas serve` from the code of git revision `rev` (a `git archive` in a temporary folder)."""
+def rev_tree(rev: str):
+    """A temporary folder holding the `attnatlas` package of git revision `rev` (a `git archive`)."""
     with tempfile.TemporaryDirectory(prefix="attnatlas-old-") as tree:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "attnatlas"], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        yield tree
+
+
+@contextlib.contextmanager
+def serve_rev(atlas: Path, rev: str, timeout: float = 180.0):
+    """`attnatlas serve` from the code of git revision `rev`."""
+    with rev_tree(rev) as tree:
         # cwd = the old tree: `python -m` puts the working folder first on sys.path
         with serve(atlas.resolve(), timeout, cwd=tree, env={**os.environ, "PYTHONPATH": tree}) as url:
             yield url
@@ -178,6 +188,48 @@ def grid_section(a: argparse.Namespace) -> None:
               f"median {statistics.median(map_s):.2f} s, first {map_s[0]:.2f} s, max {max(map_s):.2f} s")
 
 
+def build_atlas_at_rev(rev: str, path: Path, layers: int, heads: int, tokens: int) -> None:
+    """A synthetic atlas written by REV's code, so both trees can read it (newer code reads older atlases)."""
+    if (path / "zarr.json").exists():
+        return
+    with rev_tree(rev) as tree:
+        code = ("import sys; from attnatlas import testing; "
+                f"a = testing.synthetic_atlas({str(path)!r}, n_layers={layers}, n_heads={heads}, n_seq={tokens // 20}, "
+                "seq_len=20, d_head=32, topk=8); testing.random_layouts(a, 'synthetic', 'pca')")
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=tree, env={**os.environ, "PYTHONPATH": tree})
+
+
+def before_section(a: argparse.Namespace) -> None:
+    """This tree against `a.before`, alternating rounds so both see the same machine load. The atlases are
+    synthetic and written by REV's code: the grid of 144 heads x 2 * tokens points, and a model shaped like the
+    demo's SmolLM2 (30 x 9 heads, 2,860 points each) for the 270-head grid and the head map."""
+    trees = {"now": None, "before": a.before}
+    got: dict[str, dict[str, list[float]]] = {k: {} for k in trees}
+    big = a.atlas.with_name(a.atlas.name + f"-{a.before}")
+    wide = a.atlas.with_name(a.atlas.name + f"-270-{a.before}")
+    build_atlas_at_rev(a.before, big, a.layers, a.heads, a.tokens)
+    build_atlas_at_rev(a.before, wide, 30, 9, 1430)
+
+    def add(tree: str, key: str, values: list[float]) -> None:
+        got[tree].setdefault(key, []).extend(values)
+
+    for r in range(a.rounds):
+        for tree, rev in (trees.items() if r % 2 == 0 else reversed(list(trees.items()))):
+            ctx = (lambda atlas: serve(atlas, timeout=300)) if rev is None else (lambda atlas, rev=rev: serve_rev(atlas, rev, timeout=300))
+            with ctx(big) as url:
+                b = bench_browser(url, a.loads, a.switches)
+                add(tree, "head map, 144 heads: button to thumbnails painted", bench_head_map(url, a.loads)[0])
+            add(tree, f"page: request to grid drawn, 144 heads x {2 * a.tokens:,} points", b["grid_load_s"])
+            add(tree, "head switch", [s for s in b["switch_s"] if s >= 0])
+            with ctx(wide) as url:
+                add(tree, "page: request to grid drawn, 270 heads", bench_grid(url, GRID_DRAWN, a.loads)["s"])
+            print(f"round {r + 1}/{a.rounds}: {tree} done", flush=True)
+    print(f"this tree vs {a.before}, {a.rounds} alternating rounds, {a.tokens * 2:,} points per synthetic head:")
+    for key in got["now"]:
+        now, before = statistics.median(got["now"][key]), statistics.median(got["before"][key])
+        print(f"  {key}: median {now:.3f} s now vs {before:.3f} s before (n={len(got['now'][key])}), ratio {now / before:.2f}x")
+
+
 def bench_browser(url: str, loads: int, switches: int) -> dict[str, object]:
     out: dict[str, object] = {}
     driver = make_driver(1500, 1300, perf_log=True)
@@ -231,7 +283,7 @@ def one_session(url: str, switches: int, out: list, errors: list) -> None:
             deadline = t0 + 60
             # Run this client's loop until the server's data patch has been applied (private API: the public
             # request/reply calls drop patches that arrive while they wait).
-            session._connection._loop_until(lambda: src.data["x"] is not old or time.perf_counter() > deadline)
+            session._connection._loop_until(lambda old=old, deadline=deadline: src.data["x"] is not old or time.perf_counter() > deadline)
             lat.append(time.perf_counter() - t0)
             if src.data["x"] is old:
                 errors.append("head switch did not arrive within 60 s")
@@ -266,7 +318,12 @@ def main() -> None:
     ap.add_argument("--demo", type=Path, default=ROOT / "atlases" / "demo", help="demo atlas for the SmolLM2 grid")
     ap.add_argument("--old-rev", default=OLD_REV, help="git revision of the old grid to compare with")
     ap.add_argument("--grid-only", action="store_true", help="only the grid section, then the head switch")
+    ap.add_argument("--before", metavar="REV", help="compare page load, grid, head switch and head map with REV's tree")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds for --before")
     a = ap.parse_args()
+    if a.before:
+        before_section(a)
+        return
     build_atlas(a.atlas, a.layers, a.heads, a.tokens)
     grid_section(a)
     with serve(a.atlas, timeout=180) as url:

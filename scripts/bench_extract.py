@@ -22,6 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,9 +42,30 @@ def plain_forward(loaded, texts: list[str], batch_size: int, max_len: int) -> No
             loaded.model(**enc)
 
 
-def _rss_mib() -> float:
+def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+@contextmanager
+def rss_peak(into: dict[str, float]) -> Iterator[None]:
+    """Host RSS just before the block ("before") and its peak during it ("peak", sampled every 10 ms), in MiB."""
+    before = rss_mib()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+        into["before"], into["peak"] = before, max(peak[0], rss_mib())
 
 
 def child(args: argparse.Namespace) -> None:
@@ -59,25 +82,16 @@ def child(args: argparse.Namespace) -> None:
         folder = out.parent / "dataset"
         datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(folder))
         source = {"dataset": str(folder)}
-    before = _rss_mib()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.01):
-            peak[0] = max(peak[0], _rss_mib())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t = time.perf_counter()
-    extract(out, loaded, **source, options=ExtractOptions(batch_size=args.batch_size, progress=False))
-    seconds = time.perf_counter() - t
-    done.set()
-    sampler.join()
+    rss: dict[str, float] = {}
+    with rss_peak(rss):
+        t = time.perf_counter()
+        extract(out, loaded, **source, options=ExtractOptions(batch_size=args.batch_size, progress=False))
+        seconds = time.perf_counter() - t
+    before, peak = rss["before"], rss["peak"]
     stored = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     shutil.rmtree(out.parent)
-    print(json.dumps({"sequences": len(texts), "before_mib": round(before, 1), "peak_mib": round(peak[0], 1),
-                      "growth_mib": round(peak[0] - before, 1), "stored_mib": round(stored, 1),
+    print(json.dumps({"sequences": len(texts), "before_mib": round(before, 1), "peak_mib": round(peak, 1),
+                      "growth_mib": round(peak - before, 1), "stored_mib": round(stored, 1),
                       "seconds": round(seconds, 2)}))
 
 
@@ -139,7 +153,6 @@ def bench_model(model: str, texts: list[str], args: argparse.Namespace) -> dict:
     print(f"  ratio extract/forward  wall {o / p:.3f}x, cpu {oc / pc:.3f}x, fastest runs {min(ours) / min(plain):.3f}x,"
           f" median of pairs {paired:.3f}x  (target <= 1.15x)"
           + (f"; waited {waited:.0f} s for a quiet machine" if args.wait_quiet else ""), flush=True)
-    del loaded
     return {"model": model, "plain_s": plain, "extract_s": ours, "plain_cpu_s": plain_cpu, "extract_cpu_s": ours_cpu,
             "ratio": o / p, "ratio_cpu": oc / pc, "ratio_fastest": min(ours) / min(plain), "ratio_paired": paired}
 
@@ -184,7 +197,8 @@ def memory(args: argparse.Namespace, corpus: int) -> None:
                               "--batch-size", str(args.batch_size), "--memory-source", args.memory_source],
                              capture_output=True, text=True, check=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"{args.memory_source:>8} {r['sequences']:7d} sequences ({n / corpus:5.1f}x corpus), {r['stored_mib']:8.1f} MiB stored: RSS grew by "
+        print(f"{args.memory_source:>8} {r['sequences']:7d} sequences ({n / corpus:5.1f}x corpus), "
+              f"{r['stored_mib']:8.1f} MiB stored: RSS grew by "
               f"{r['growth_mib']:6.1f} MiB during extraction ({r['before_mib']:.0f} -> {r['peak_mib']:.0f} MiB), "
               f"{r['seconds']:.1f} s", flush=True)
 

@@ -23,13 +23,11 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,36 +100,22 @@ def build_model(kind: str, tok: Any, tiny: bool) -> Any:
 
 # ---- measuring ---------------------------------------------------------------------------------------------
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 @contextmanager
 def peaks(device: Any, into: dict[str, Any]):
     """Peak host RSS (sampled every 10 ms) and peak GPU memory allocated by torch, in MiB, over the block."""
     import torch
+    from bench_extract import rss_peak  # this folder is on sys.path when a script runs
 
-    before = _rss_mib()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.01):
-            peak[0] = max(peak[0], _rss_mib())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    rss: dict[str, float] = {}
     try:
-        yield
+        with rss_peak(rss):
+            yield
     finally:
-        done.set()
-        sampler.join()
-        into["host_rss_before_mib"] = round(before, 1)
-        into["host_rss_peak_mib"] = round(max(peak[0], _rss_mib()), 1)
+        into["host_rss_before_mib"] = round(rss["before"], 1)
+        into["host_rss_peak_mib"] = round(rss["peak"], 1)
         if device.type == "cuda":
             into["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
@@ -162,7 +146,7 @@ def plain_forward(loaded: Any, texts: list[str], batch_size: int, max_len: int, 
     """Seconds for the model alone over the same batches, inputs moved as extraction moves them."""
     import torch
 
-    from attnatlas.extract.extractor import _autocast, _to_device
+    from attnatlas.extract.device import autocast, to_device
 
     tok = loaded.preprocessor
     sync(device)
@@ -170,8 +154,8 @@ def plain_forward(loaded: Any, texts: list[str], batch_size: int, max_len: int, 
     for start in range(0, len(texts), batch_size):
         enc = tok(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_len,
                   return_tensors="pt")
-        enc = {k: _to_device(v, device) for k, v in enc.items()}
-        with torch.inference_mode(), _autocast(device, precision):
+        enc = {k: to_device(v, device) for k, v in enc.items()}
+        with torch.inference_mode(), autocast(device, precision):
             loaded.model(**enc)
     sync(device)
     return time.perf_counter() - t
@@ -349,7 +333,7 @@ def main() -> None:
     import torch
 
     from attnatlas.errors import ModelError
-    from attnatlas.extract.extractor import resolve_device
+    from attnatlas.extract.device import resolve_device
 
     try:
         device = resolve_device(args.device)

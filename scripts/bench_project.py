@@ -26,9 +26,9 @@ warnings.filterwarnings("ignore")
 
 
 def recipe_head(atlas, model, L, h, rows, seed=0):
+    import umap
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
-    import umap
 
     from attnatlas.project import joint_points, layout_quality
 

@@ -4,18 +4,18 @@ layer-wise embeddings, the CLI, and clear errors for text models and missing inp
 from __future__ import annotations
 
 import numpy as np
-import zarr
 import pytest
 import torch
 import transformers as tf
+import zarr
 from PIL import Image
+from tiny_models import _tokenizer, eager_attentions, save_image_model, save_text_model, write_images
 
 from attnatlas.analyze import embeddings, neurons, overview, rollout, similarity
 from attnatlas.cli import main as cli
 from attnatlas.errors import AtlasError, StoreError
 from attnatlas.extract import ExtractOptions, extract
 from attnatlas.store import open_atlas
-from tiny_models import _tokenizer, eager_attentions, save_image_model, save_text_model, write_images
 
 
 @pytest.fixture(scope="module")
@@ -232,16 +232,16 @@ def test_views_build_and_respond(vit_atlas):
     from bokeh.document import Document
     from bokeh.models import ColumnDataSource, Slider
 
-    from attnatlas.app import vit_views
+    from attnatlas.app.views import model_math, vit
 
     atlas, name, *_ = vit_atlas
     rollout.compute_rollout(atlas, name)
     embeddings.compute_embeddings(atlas, name, "pca", max_points=40)
     neurons.compute_neurons(atlas, name, top=4)
-    for build in (vit_views.build_patch_similarity, vit_views.build_rollout, vit_views.build_layer_embeddings,
-                  vit_views.build_neurons, vit_views.build_overview):
+    for build in (vit.build_patch_similarity, vit.build_rollout, vit.build_layer_embeddings,
+                  vit.build_neurons, model_math.build_overview):
         Document().add_root(build(atlas, name))
-    lay = vit_views.build_patch_similarity(atlas, name, sequence=3)
+    lay = vit.build_patch_similarity(atlas, name, sequence=3)
     cells = next(s for s in lay.select({"type": ColumnDataSource}) if "value" in s.data)
     cells.selected.indices = [0]  # click patch (0, 0): it is identical to itself
     assert cells.data["value"][0] == pytest.approx(1.0, abs=1e-5)
@@ -251,10 +251,10 @@ def test_views_build_and_respond(vit_atlas):
 
 
 def test_views_refuse_text_models(text_atlas):
-    from attnatlas.app import vit_views
+    from attnatlas.app.views import vit
 
     atlas, name = text_atlas
-    for build in (vit_views.build_patch_similarity, vit_views.build_rollout):
+    for build in (vit.build_patch_similarity, vit.build_rollout):
         with pytest.raises(AtlasError, match="needs an image model"):
             build(atlas, name)
 
@@ -263,7 +263,7 @@ def test_views_import_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, attnatlas.app.vit_views; print('torch' in sys.modules)"
+    code = "import sys, attnatlas.app.views.vit; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
@@ -304,7 +304,7 @@ def test_head_math_shows_the_recorded_scaling_softcap_and_window(tmp_path):
     from bokeh.models import Div
 
     from attnatlas import testing
-    from attnatlas.app.vit_views import build_overview
+    from attnatlas.app.views.model_math import build_overview
 
     rec = dict(causal=True, scaling=[1.0, 0.25], softcap=[None, 2.0], window=[None, 3], window_rule="causal", bias=None)
     atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=2, n_heads=2, n_seq=3, seq_len=8, d_head=8,

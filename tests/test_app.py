@@ -18,9 +18,10 @@ from bokeh.models import Div
 from attnatlas import testing
 from attnatlas.app import APP_DIR
 from attnatlas.app.dashboard import TOOLTIPS
-from attnatlas.app.data import AppData, token_category
-from attnatlas.app.head_view import LINE_MIN_WEIGHT
+from attnatlas.app.data import AppData
+from attnatlas.app.views.head import LINE_MIN_WEIGHT
 from attnatlas.errors import AtlasError
+from attnatlas.inputs.tokens import token_category, token_class
 
 XSS = "<img src=x onerror=alert(1)>"
 
@@ -206,6 +207,9 @@ def test_colour_modes_and_size_by_norm(data):
 def test_token_categories():
     assert [token_category(t, s) for t, s in [(",", False), ("[CLS]", True), ("##ing", False), ("42", False), ("cat", False)]] == [0, 1, 2, 3, 4]
     assert token_category("\u0120the", False) == 4 and token_category("ing", False, continues_word=True) == 2
+    # The analyses label by the finer class of the same classifier; the dashboard folds them into five.
+    assert [token_class(t, False) for t in ("\u0120The", "the", "\u0120", "##s", "3.5", "!")] == [
+        "capitalised", "word", "space", "subword", "number", "punctuation"]
 
 
 def test_token_text_is_escaped_everywhere(data):
@@ -395,6 +399,32 @@ def test_tabs_are_built_on_first_open_only(data):
     assert dash.view_built == {"math"} and "overview" in {m.name for m in doc.models}
 
 
+def test_every_tab_comes_from_the_registry(data, monkeypatch):
+    from attnatlas.app.views import registry
+    from attnatlas.app.views.base import ViewSpec
+
+    keys = [v.key for v in registry.VIEWS]
+    assert len(set(keys)) == len(keys)  # each is a URL's view=
+    dash, _ = dash_for(data)
+    assert dash.view_keys == [v.key for v in registry.shown(data)] == keys  # two models: compare too
+    assert [t.title for t in dash.tabs.tabs] == [v.title for v in registry.shown(data)]
+
+    class Note:  # a view added by one entry: a tab, a URL key, rebuilt for each model
+        def __init__(self, data, place):
+            self.root = Div(text=place.model, name="note_view")
+
+        def update(self) -> None:
+            """Per model only."""
+
+    note = ViewSpec("note", "Note", lambda data, place, host: Note(data, place), per_model=True, modality="text")
+    monkeypatch.setattr(registry, "VIEWS", (*registry.VIEWS, note))
+    dash, _ = dash_for(data, view="note")
+    assert dash.tabs.tabs[-1].title == "Note" and dash.url.text.endswith("&view=note")
+    assert dash.view_boxes["note"].children[0].text == "synthetic" and "note" in dash.view_built
+    dash.model_select.value = "synthetic-vit"  # shown, so built again at once: an image model gets the reason
+    assert "text models only" in dash.view_boxes["note"].children[0].text
+
+
 def test_compare_tab_without_stored_results_names_the_command(data):
     dash, doc = dash_for(data, view="compare")
     assert dash.view_keys[dash.tabs.active] == "compare" and dash.url.text.endswith("&view=compare")
@@ -408,7 +438,7 @@ def test_compare_tab_without_stored_results_names_the_command(data):
 
 
 def views_similar(data, model):
-    from attnatlas.app.views import similar_heads_html
+    from attnatlas.app.similar import similar_heads_html
 
     return similar_heads_html(data, model, 0, 0)
 
@@ -520,7 +550,7 @@ def test_image_tabs_on_a_text_model_and_missing_results_say_so(data):
 
 
 def test_a_failing_tab_stays_in_its_session(data, monkeypatch):
-    from attnatlas.app import vit_views
+    from attnatlas.analyze import neurons
 
     a, _ = dash_for(data)
     b, _ = dash_for(data)
@@ -528,7 +558,7 @@ def test_a_failing_tab_stays_in_its_session(data, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError(XSS)
 
-    monkeypatch.setattr(vit_views, "build_neurons", boom)
+    monkeypatch.setattr(neurons, "read_neurons", boom)  # the neurons tab's first step fails
     msg = tab(a, "neurons")
     assert "could not be built" in msg.text and XSS not in msg.text and html.escape(XSS) in msg.text
     monkeypatch.undo()
@@ -547,7 +577,7 @@ def test_head_view_says_when_its_layout_is_a_sample(tmp_path):
 
 
 def test_similar_heads_hint_never_suggests_comparing_across_modalities(tmp_path):
-    from attnatlas.app.views import similar_heads_html
+    from attnatlas.app.similar import similar_heads_html
 
     atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=2)
     testing.write_synthetic_image_model(atlas, name="vit")

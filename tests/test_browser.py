@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,7 +80,17 @@ def make_driver(width: int = 1500, height: int = 1300, perf_log: bool = False):
         opts.add_argument(flag)
     if perf_log:
         opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    quit_browser = driver.quit
+
+    def quit_and_remove_profile() -> None:  # a fresh profile per driver, so it goes with the driver
+        try:
+            quit_browser()
+        finally:
+            shutil.rmtree(profile, ignore_errors=True)
+
+    driver.quit = quit_and_remove_profile
+    return driver
 
 
 def wait_js(driver, expr: str, timeout: float = 30.0, poll: float = 0.02):

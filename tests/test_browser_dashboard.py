@@ -181,7 +181,8 @@ def test_a_bad_regex_greys_nothing_and_image_models_search_file_names(atlas3):
             wait_js(driver, f"{MODEL.format('search')}.title == 'Search image names'")
             click_button(driver, "search_mode", "substring")
             type_into(driver, "search", "CAT")
-            count = wait_js(driver, f"{MODEL.format('search_count')}.text.includes('patches') && {MODEL.format('search_count')}.text")
+            # The count of this query (the model switch first re-runs the old one, "sat|mat", on the image model).
+            count = wait_js(driver, f"{MODEL.format('search_count')}.text.includes('patches for “CAT”') && {MODEL.format('search_count')}.text")
             assert "2 images" in count, count
             n = driver.execute_script(f"return {MODEL.format('search_matches')}.data_source.data.x.length")
             assert n == 2 * 2 * (4 * 4 + 1), n  # two images of 16 patches and [CLS], as queries and keys
@@ -192,17 +193,9 @@ def test_a_bad_regex_greys_nothing_and_image_models_search_file_names(atlas3):
 @pytest.fixture(scope="module")
 def vit_atlas(tmp_path_factory):
     """A tiny random ViT extracted from three images and projected: the live worker can place a new one."""
-    from tiny_models import save_image_model, write_images
+    from tiny_models import projected_vit_atlas
 
-    from attnatlas.extract import ExtractOptions, extract
-    from attnatlas.project import project_model
-
-    root = tmp_path_factory.mktemp("upload")
-    vit = save_image_model("vit", root / "vit")
-    imgs = write_images(root / "imgs", n=3)
-    atlas = root / "atlas"
-    extract(atlas, str(vit), images=str(imgs), name="vit", options=ExtractOptions(progress=False))
-    project_model(atlas, "vit", methods="pca", progress=False)
+    atlas, imgs = projected_vit_atlas(tmp_path_factory.mktemp("upload"))
     return atlas, sorted(imgs.glob("*.png"))
 
 

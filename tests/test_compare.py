@@ -125,7 +125,10 @@ def write_pattern_model(atlas: Atlas, name: str, texts: list[str], heads: list[s
     w = np.array(widx, dtype=float)
     first = (tokens["position"] == 0).to_numpy()
     theta, c = np.pi / 16, 30.0  # word-index angles; c^2 (1 - cos theta) ~ 17 logits between neighbours
-    ang = lambda x: np.c_[np.cos(theta * x), np.sin(theta * x), np.zeros_like(x), np.zeros_like(x)]
+
+    def ang(x: np.ndarray) -> np.ndarray:
+        return np.c_[np.cos(theta * x), np.sin(theta * x), np.zeros_like(x), np.zeros_like(x)]
+
     q = np.zeros((1, len(heads), T, d), np.float32)
     k = np.zeros((1, len(heads), T, d), np.float32)
     for h, kind in enumerate(heads):
@@ -220,7 +223,7 @@ def test_cli_outputs_and_store(tmp_path, capsys):
 def test_compare_view_builds_and_says_when_nothing_stored(pattern_atlas, tmp_path):
     from bokeh.models import Div
 
-    from attnatlas.app.compare_view import build_compare_view
+    from attnatlas.app.views.compare import build_compare_view
 
     compare_models(pattern_atlas, ["wordy", "piecey"])
     view = build_compare_view(pattern_atlas, "wordy", "piecey")
@@ -275,6 +278,6 @@ def test_two_image_models_align_on_the_patch_grid(tmp_path):
 
 
 def test_no_torch_in_compare_or_view():
-    code = ("import sys, attnatlas.compare.run, attnatlas.compare.report, attnatlas.app.compare_view, "
+    code = ("import sys, attnatlas.compare.run, attnatlas.compare.report, attnatlas.app.views.compare, attnatlas.render.compare_html, "
             "attnatlas.cli.compare; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

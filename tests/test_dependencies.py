@@ -3,7 +3,6 @@ refusal names (adapters.TESTED_TRANSFORMERS) include the locked one."""
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 

@@ -1,6 +1,6 @@
 """Extraction's device path: rows gathered per batch on the model's device, copied to pinned host memory on a
 stream of its own and waited for one batch later, mask checks deferred to the device. On CPU the same gather and
-copy code runs when forced (`_HostCopies(copy=True)`); tests marked `gpu` run it on CUDA and check exactness."""
+copy code runs when forced (`HostCopies(copy=True)`); tests marked `gpu` run it on CUDA and check exactness."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from tiny_models import eager_attentions, save_image_model, save_text_model, write_images
 
-import attnatlas.extract.extractor as extractor
+import attnatlas.extract.batches as batches
 from attnatlas import attention_from_atlas
 from attnatlas.errors import ModelError
 from attnatlas.extract import ExtractOptions, extract
 from attnatlas.extract.capture import LayerCapture
 from attnatlas.extract.recipe import Recipe
 from attnatlas.store import open_atlas
-from tiny_models import eager_attentions, save_image_model, save_text_model, write_images
 
 TEXTS = ["the cat sat on a mat .", "anna said hello world !", "bank", "x = f ( y ) + 1",
          "the river bank ran dark and the money ran fast , said anna in london ?", "light", "1 2 3 42"]
@@ -47,7 +47,7 @@ def test_forced_device_copies_on_cpu_store_what_the_host_path_stores(tmp_path, m
     folder = save_text_model(family, tmp_path / "m")
     opts = ExtractOptions(batch_size=3, attention_topk=4, values=True, hidden_states=True, progress=False)
     extract(tmp_path / "host", str(folder), texts=TEXTS, options=opts)
-    monkeypatch.setattr(extractor, "_HostCopies", functools.partial(extractor._HostCopies, copy=True))
+    monkeypatch.setattr(batches, "HostCopies", functools.partial(batches.HostCopies, copy=True))
     extract(tmp_path / "copied", str(folder), texts=TEXTS, options=opts)
     _same_atlas(open_atlas(tmp_path / "host"), open_atlas(tmp_path / "copied"))
 
@@ -57,7 +57,7 @@ def test_forced_device_copies_on_cpu_for_images(tmp_path, monkeypatch):
     images = write_images(tmp_path / "img", n=5)
     opts = ExtractOptions(batch_size=2, progress=False)
     extract(tmp_path / "host", str(folder), images=images, options=opts)
-    monkeypatch.setattr(extractor, "_HostCopies", functools.partial(extractor._HostCopies, copy=True))
+    monkeypatch.setattr(batches, "HostCopies", functools.partial(batches.HostCopies, copy=True))
     extract(tmp_path / "copied", str(folder), images=images, options=opts)
     _same_atlas(open_atlas(tmp_path / "host"), open_atlas(tmp_path / "copied"))
 
@@ -187,7 +187,7 @@ def test_out_of_device_memory_names_what_to_change_and_leaves_the_atlas(tmp_path
     texts = tmp_path / "t.txt"
     texts.write_text("\n".join(TEXTS))
     extract(tmp_path / "a", str(folder), texts=TEXTS, options=ExtractOptions(progress=False))
-    original = extractor._compact
+    original = batches._compact
 
     def out_of_memory(*args, **kwargs):
         if out_of_memory.calls:
@@ -196,7 +196,7 @@ def test_out_of_device_memory_names_what_to_change_and_leaves_the_atlas(tmp_path
         return original(*args, **kwargs)
 
     out_of_memory.calls = 0
-    monkeypatch.setattr(extractor, "_compact", out_of_memory)
+    monkeypatch.setattr(batches, "_compact", out_of_memory)
     code = cli(["extract", "--model", str(folder), "--texts", str(texts), "--out", str(tmp_path / "a"), "--name", "big",
                 "--batch-size", "2", "--no-progress"])
     err = capsys.readouterr().err

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from tiny_models import eager_attentions, save_image_model, save_text_model, write_images
 
 from attnatlas import attention_from_atlas
 from attnatlas.cli import main as cli
 from attnatlas.extract import ExtractOptions, extract
 from attnatlas.store import open_atlas
-from tiny_models import eager_attentions, save_image_model, save_text_model, write_images
 
 TEXTS = [
     "the cat sat on a mat .",
@@ -110,7 +110,7 @@ def test_padding_never_reaches_the_table(tmp_path):
     assert len(tokens) == sum(len(tok(t)["input_ids"]) for t in TEXTS)
     assert tok.pad_token_id not in set(tokens.token_id)
     assert atlas.array("m", "queries").shape[2] == len(tokens)
-    for s, g in tokens.groupby("sequence"):
+    for _, g in tokens.groupby("sequence"):
         assert list(g.position) == list(range(len(g)))
     # Offsets point into the source text for every non-special token.
     seqs = atlas.sequences("m").set_index("sequence")

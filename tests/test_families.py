@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from tiny_models import _tokenizer, write_images
 
 import attnatlas
 from attnatlas.attention import layout_note
 from attnatlas.extract import ExtractOptions, extract, prepare_model
-from tiny_models import _tokenizer, write_images
 
 TEXTS = [
     "the cat sat on a mat .",
@@ -384,7 +384,7 @@ def test_what_cannot_be_captured_is_refused_with_one_message(tmp_path, capsys):
                                window_size=4)).save_pretrained(swin)
     t5 = _save(tmp_path / "t5", tf.T5Model(tf.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=48,
                                                          vocab_size=64)), tok)
-    headless = _save(tmp_path / "headless", tf.BertModel(tf.BertConfig(**D)), tok)
+    _save(tmp_path / "headless", tf.BertModel(tf.BertConfig(**D)), tok)
     import json
 
     cfg = json.loads((tmp_path / "headless" / "config.json").read_text())
@@ -477,11 +477,12 @@ def _unreadable_weights(folder) -> None:
 
 @pytest.mark.parametrize("family", ["bloom", "deberta-v2", "falcon", "llama"])
 def test_a_family_lacking_what_its_capture_reads_is_refused_naming_the_versions(tmp_path, capsys, monkeypatch, family):
-    from attnatlas.cli import main as cli
-    from attnatlas.extract.adapters import TESTED_TRANSFORMERS
     from transformers.models.bloom import modeling_bloom
     from transformers.models.deberta_v2 import modeling_deberta_v2
     from transformers.models.falcon import modeling_falcon
+
+    from attnatlas.cli import main as cli
+    from attnatlas.extract.adapters import TESTED_TRANSFORMERS
 
     folder = tmp_path / family
     _save(folder, TEXT[family](), _tokenizer(tmp_path))

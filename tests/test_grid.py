@@ -1,4 +1,5 @@
-"""The global grid (attnatlas/app/grid_view.py) and `attnatlas export --grid`, on tiny synthetic atlases."""
+"""The global grid (attnatlas/app/views/grid.py, drawn by attnatlas/render/raster.py) and `attnatlas export --grid`,
+on tiny synthetic atlases."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from bokeh.events import ButtonClick, RangesUpdate
 from PIL import Image
 
 from attnatlas import testing
-from attnatlas.app import grid_view as gv
-from attnatlas.app.data import AppData, robust_range
+from attnatlas.app.data import AppData
+from attnatlas.app.views import grid as grid_view
 from attnatlas.cli import main as cli
+from attnatlas.render import raster
+from attnatlas.render.raster import robust_range
 
 N_LAYERS, N_HEADS = 3, 4
 BINS = 24  # histogram bins per axis for comparing a cell with its layout
@@ -97,10 +100,10 @@ def cell_channels(dash, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
     """(query levels, key levels) of one head's cell, cut from the base image the browser gets."""
     index = decode(dash.grid.base_src.data["url"][0])
     px = dash.grid._cell_px
-    gap = max(1, int(round(gv.MARGIN * px)))
+    gap = max(1, int(round(raster.MARGIN * px)))
     col = int(dash.grid.columns[layer, head])
     cell = index[layer * px + gap:(layer + 1) * px - gap, col * px + gap:(col + 1) * px - gap]
-    return cell // gv.LEVELS, cell % gv.LEVELS
+    return cell // raster.LEVELS, cell % raster.LEVELS
 
 
 # ---- faithfulness ---------------------------------------------------------------------------------------------
@@ -124,9 +127,9 @@ def test_each_cell_matches_its_own_heads_layout(data):
         assert correlation(both, layout_histogram(xy, BINS)) > max(others)
         # The same measure fails a cell drawn from 100 of the head's tokens, as the old grid drew them.
         take = rng.choice(n, 100, replace=False)
-        sample = gv.cell_counts(np.concatenate([xy[take], xy[n + take]]), 100, *robust_range(xy),
+        sample = raster.cell_counts(np.concatenate([xy[take], xy[n + take]]), 100, *robust_range(xy),
                                 q_lev.shape[1], q_lev.shape[0])
-        sampled_q = correlation(block_means(gv.shade(sample) // gv.LEVELS, BINS), layout_histogram(xy[:n], BINS))
+        sampled_q = correlation(block_means(raster.shade(sample) // raster.LEVELS, BINS), layout_histogram(xy[:n], BINS))
         assert sampled_q < own_q - 0.1, (layer, head, sampled_q, own_q)
     assert correlation(block_means(np.zeros_like(q_lev), BINS), layout_histogram(xy[:n], BINS)) == 0.0
 
@@ -145,9 +148,9 @@ def test_sink_outliers_are_clamped_to_the_edge_and_do_not_squash_the_cell(data):
 
 
 def test_overlapping_queries_and_keys_blend():
-    pal = gv.palette()
-    top = gv.LEVELS - 1
-    q, k, both = pal[top * gv.LEVELS, :3].astype(int), pal[top, :3].astype(int), pal[top * gv.LEVELS + top, :3].astype(int)
+    pal = raster.palette()
+    top = raster.LEVELS - 1
+    q, k, both = pal[top * raster.LEVELS, :3].astype(int), pal[top, :3].astype(int), pal[top * raster.LEVELS + top, :3].astype(int)
     assert pal[0, 3] == 0 and (pal[1:, 3] == 255).all()  # empty pixels are transparent
     assert both.sum() < min(q.sum(), k.sum())  # darker than either alone
     assert not np.array_equal(both, q) and not np.array_equal(both, k)
@@ -161,7 +164,7 @@ def test_grid_fills_the_width_and_every_cell_is_drawn(data):
     assert dash.grid.panel.sizing_mode == "stretch_width" and dash.grid.fig.sizing_mode == "scale_width"
     index = decode(dash.grid.base_src.data["url"][0])
     px = dash.grid._cell_px
-    assert index.shape == (N_LAYERS * px, N_HEADS * px) and px == gv.MAX_CELL_PX  # few heads: the largest cells
+    assert index.shape == (N_LAYERS * px, N_HEADS * px) and px == raster.MAX_CELL_PX  # few heads: the largest cells
     for layer in range(N_LAYERS):
         for head in range(N_HEADS):
             q, k = cell_channels(dash, layer, head)
@@ -190,8 +193,8 @@ def test_zooming_re_renders_the_visible_cells_sharper(data):
     assert img.shape[0] > 2 * base and img.shape == (img.shape[1], img.shape[1])
     # Sharper means the same picture at more pixels: the zoomed cell agrees with its base cell.
     q_base, _ = cell_channels(dash, 0, 0)
-    assert correlation(block_means(img // gv.LEVELS, BINS), block_means(q_base, BINS)) > 0.8
-    assert grid.detail_src.data["x"][0] == pytest.approx(gv.MARGIN) and grid.detail_src.data["y"][0] == pytest.approx(3 - gv.MARGIN)
+    assert correlation(block_means(img // raster.LEVELS, BINS), block_means(q_base, BINS)) > 0.8
+    assert grid.detail_src.data["x"][0] == pytest.approx(raster.MARGIN) and grid.detail_src.data["y"][0] == pytest.approx(3 - raster.MARGIN)
     # A white square under each sharpened cell hides the blurred base pixels around its points.
     assert (grid.detail_src.data["cx"][0], grid.detail_src.data["cy"][0]) == pytest.approx((0.5, 2.5))
     grid.render_detail(0.0, N_HEADS, 0.0, N_LAYERS, N_HEADS * base)  # zoomed out, as wide as the base image
@@ -235,7 +238,7 @@ def test_hover_without_compare_results_shows_faithfulness_only(tmp_path):
 def test_frames_sort_and_filter_by_a_metric(data):
     dash, _ = dash_for(data, method="tsne")
     grid = dash.grid
-    assert set(grid.cell_src.data["frame"]) == {gv.FRAME}
+    assert set(grid.cell_src.data["frame"]) == {raster.FRAME}
     grid.metric_select.value = "entropy_mean"  # grows with the head index
     frames = grid.cell_src.data["frame"]
     assert frames[0] != frames[N_HEADS - 1] and frames[0] == frames[N_HEADS]  # by value, same in every layer
@@ -265,7 +268,7 @@ def test_grid_view_never_imports_the_dashboard():
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(gv))
+    tree = ast.parse(inspect.getsource(grid_view))
     names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "attnatlas.app.dashboard" not in mods and "torch" not in names
@@ -295,7 +298,7 @@ def test_export_writes_the_grid_and_its_boxes(data, atlas_path, tmp_path, capsys
         if (h["layer"], h["head"]) != (2, 3):
             assert correlation(block_means(ink, 8), layout_histogram(xy, 8)) > 0.7
         # A point at the box's data corner (x_max, y_max) is drawn at its top-right pixel.
-        col, row_ = gv.pixel_xy(np.array([[h["x_max"] - 1e-6, h["y_max"] - 1e-6]]), np.array([h["x_min"], h["y_min"]]),
+        col, row_ = raster.pixel_xy(np.array([[h["x_max"] - 1e-6, h["y_max"] - 1e-6]]), np.array([h["x_min"], h["y_min"]]),
                                 np.array([h["x_max"], h["y_max"]]), h["x1"] - h["x0"], h["y1"] - h["y0"])
         assert (int(col[0]), int(row_[0])) == (h["x1"] - h["x0"] - 1, 0)
     assert n and "wrote" in capsys.readouterr().out
@@ -369,7 +372,7 @@ def test_export_draws_a_model_projected_on_two_layers(tmp_path, capsys):
     assert (meta["layers"], meta["head_columns"]) == ([0, 1, 2, 3], [0, 1, 2])
     assert {(h["layer"], h["head"]) for h in meta["heads"]} == {(l, h) for l in (1, 3) for h in range(3)}
     assert {(m["layer"], m["head"]) for m in meta["missing"]} == {(l, h) for l in (0, 2) for h in range(3)}
-    assert img.shape[:2] == (meta["height"], meta["width"]) and meta["height"] == gv.LABEL_TOP + 4 * 60
+    assert img.shape[:2] == (meta["height"], meta["width"]) and meta["height"] == raster.LABEL_TOP + 4 * 60
     for box in meta["heads"]:  # drawn: ink in the box
         assert (img[box["y0"]:box["y1"], box["x0"]:box["x1"]] < 250).any()
     for box in meta["missing"]:  # empty: white inside its frame
@@ -377,13 +380,13 @@ def test_export_draws_a_model_projected_on_two_layers(tmp_path, capsys):
     assert "6 heads, 6 without a 'pca' layout drawn empty" in said and "--layers 1,3 leaves them out" in said
 
     code, said, meta, img = export("--layers", "1,3")
-    assert code == 0 and not meta["missing"] and meta["height"] == gv.LABEL_TOP + 2 * 60
+    assert code == 0 and not meta["missing"] and meta["height"] == raster.LABEL_TOP + 2 * 60
     assert [h["layer"] for h in meta["heads"]] == [1, 1, 1, 3, 3, 3] and "leaves them out" not in said
     top = meta["heads"][0]
-    assert (top["x0"], top["y0"]) == (gv.LABEL_LEFT + 2, gv.LABEL_TOP + 2)  # layer 1 drawn in the first row
+    assert (top["x0"], top["y0"]) == (raster.LABEL_LEFT + 2, raster.LABEL_TOP + 2)  # layer 1 drawn in the first row
 
     code, said, meta, img = export("--layers", "0-1", "--heads", "2")
-    assert code == 0 and meta["width"] == gv.LABEL_LEFT + 60
+    assert code == 0 and meta["width"] == raster.LABEL_LEFT + 60
     assert [(h["layer"], h["head"]) for h in meta["heads"]] == [(1, 2)]
     assert [(m["layer"], m["head"]) for m in meta["missing"]] == [(0, 2)]
     assert "layer 0 has no 'pca' layout; --layers 1 leaves it out" in said
@@ -419,7 +422,7 @@ def two_models(tmp_path_factory):
 
 
 def test_head_map_places_heads_by_attention_pattern_similarity(two_models):
-    from attnatlas.app.head_map import classical_mds
+    from attnatlas.app.views.head_map import classical_mds
 
     data = AppData(two_models)
     dash, _ = dash_for(data, model="m1")
@@ -444,7 +447,7 @@ def test_head_map_places_heads_by_attention_pattern_similarity(two_models):
     # Each thumbnail is the head's own cell, drawn from all its points.
     thumb = decode(d["url"][7])  # m2 L0H1
     g = data.grid_layouts("m2", "pca")
-    np.testing.assert_array_equal(thumb, gv.render_cell(g, 0, 1, thumb.shape[1], thumb.shape[0]))
+    np.testing.assert_array_equal(thumb, raster.render_cell(g, 0, 1, thumb.shape[1], thumb.shape[0]))
     # Clicking a head of the other model opens it there.
     hm.src.selected.indices = [7]
     assert (dash.model, dash.layer, dash.head, dash.tabs.active) == ("m2", 0, 1, 1)
@@ -478,7 +481,7 @@ def test_head_map_of_indistinguishable_heads_is_the_grid_lattice(tmp_path):
 
 
 def test_head_map_of_270_heads_keeps_thumbnails_apart_and_frames_them_all(tmp_path):
-    from attnatlas.app.head_map import lattice, snap
+    from attnatlas.app.views.head_map import lattice, snap
 
     atlas = testing.synthetic_atlas(tmp_path / "a", n_layers=30, n_heads=9, n_seq=3, seq_len=6)
     testing.random_layouts(atlas, "synthetic", "pca")
@@ -556,7 +559,7 @@ def test_typical_sequences_of_each_cluster_and_escaping(tmp_path, monkeypatch):
     assert sizes == [8, 2 * len(rows) - 8]
     small = [entries for _, n, entries in clusters if n == 8][0]
     assert small[0].sequence == 7 and small[0].score == pytest.approx(0.5)  # its 8 queries of its 16 points
-    assert small[0].colour == ",".join(str(int(gv.colors.QUERY[i:i + 2], 16)) for i in (1, 3, 5))
+    assert small[0].colour == ",".join(str(int(raster.QUERY[i:i + 2], 16)) for i in (1, 3, 5))
     page = top_sequences_html(data, "synthetic", "tsne", 0, 0)
     assert xss not in page and html.escape(xss) in page
 

@@ -34,7 +34,7 @@ BACKENDS = [{"tsne": {"backend": "sklearnex"}}, {"tsne": {"backend": "sklearn"}}
 def check(s, atlas, n_layers, n_heads):
     """Every (head, method) is either laid out (finite coordinates) or failed with a one-line message."""
     failed = {(L, h, m) for L, h, m, _ in s["failed"]}
-    for L, h, m, msg in s["failed"]:
+    for *_, msg in s["failed"]:
         assert "\n" not in msg and msg
     for m in METHODS:
         done = atlas.layout_done(M, m)

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 import transformers as tf
+from tiny_models import _tokenizer, save_image_model, save_text_model, write_images
 
 from attnatlas.analyze import head_types as ht
 from attnatlas.attention import attention_from_atlas
 from attnatlas.cli import main as cli
 from attnatlas.extract import ExtractOptions, extract
 from attnatlas.store import open_atlas
-from tiny_models import _tokenizer, save_image_model, save_text_model, write_images
 
 V, P = 64, 64  # vocabulary, positions
 TOK, POS, PREV = 0, V, V + P  # residual blocks; each has a negated mirror at +HALF so every vector has mean 0
@@ -283,8 +283,8 @@ def test_type_menu_in_the_browser_veils_other_heads(hand_atlas):
     pytest.importorskip("selenium")
     import os
 
-    from test_browser import CHROMEDRIVER, CHROMIUM, GRID_DRAWN, MODEL, make_driver, serve, wait_js
     from selenium.webdriver.support.ui import Select
+    from test_browser import CHROMEDRIVER, CHROMIUM, GRID_DRAWN, MODEL, make_driver, serve, wait_js
 
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("needs Debian's chromium and chromium-driver")

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from test_browser import DOC, IDLE, MODEL, click_data_point, make_driver, screenshot_array, serve, wait_js
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +69,7 @@ def set_value(driver, name: str, value) -> None:
 def open_head(driver, url: str, model: str, method: str, layer: int, head: int) -> None:
     driver.get(f"{url}?model={model}&method={method}&layer={layer}&head={head}")
     wait_js(driver, HEAD_READY)
-    wait_js(driver, f"[...Bokeh.index.all_views()].some(v => v.model.name == 'head_scatter')")
+    wait_js(driver, "[...Bokeh.index.all_views()].some(v => v.model.name == 'head_scatter')")
     time.sleep(0.5)  # one paint
 
 
@@ -226,7 +225,7 @@ def test_attention_lines_above_a_threshold_and_absolute_shading(demo_url, driver
 
 
 def _line_alpha(weight: float) -> float:
-    from attnatlas.app.head_view import line_alpha
+    from attnatlas.app.views.head import line_alpha
 
     return float(line_alpha(np.array([weight]))[0])
 
@@ -377,20 +376,19 @@ def test_default_page_and_compare_never_suggest_a_refused_command(demo_url, driv
 
 # ---- structure: no import cycles inside attnatlas.app ---------------------------------------------------------------
 def _app_imports() -> dict[str, set[str]]:
-    """module -> modules of attnatlas.app it imports (at top level or inside functions)."""
+    """module -> modules of attnatlas.app (views/ included) it imports (at top level or inside functions)."""
+    mods = {".".join(p.relative_to(APP.parents[1]).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in APP.rglob("*.py")}
     graph: dict[str, set[str]] = {}
-    for path in APP.glob("*.py"):
-        name = f"attnatlas.app.{path.stem}"
+    for name, path in mods.items():
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.module == "attnatlas.app":
-                    deps |= {f"attnatlas.app.{a.name}" for a in node.names}
-                elif node.module.startswith("attnatlas.app."):
-                    deps.add(node.module)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("attnatlas.app"):
+                named = {f"{node.module}.{a.name}" for a in node.names} & set(mods)  # `from pkg import module`
+                deps |= named or ({node.module} & set(mods))
             elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name.startswith("attnatlas.app.")}
-        graph[name] = {d for d in deps if (APP / f"{d.rsplit('.', 1)[1]}.py").exists()} - {name}
+                deps |= {a.name for a in node.names} & set(mods)
+        graph[name] = deps - {name}
     return graph
 
 
@@ -415,11 +413,12 @@ def test_app_modules_import_each_other_without_cycles():
 
 
 def test_importing_the_views_loads_no_module_that_imports_them_back():
-    code = ("import sys, attnatlas.app.views as v; mods = [m for m in sys.modules if m.startswith('attnatlas.app.')];"
+    code = ("import sys, attnatlas.app.views.registry; mods = [m for m in sys.modules if m.startswith('attnatlas.app.')];"
             "print(' '.join(mods))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
     graph = _app_imports()
-    back = [m for m in out if "attnatlas.app.views" in graph.get(m, set()) and m != "attnatlas.app.views"]
+    assert "attnatlas.app.views.grid" in graph and "attnatlas.app.views.registry" in out
+    back = [m for m in out if "attnatlas.app.views.registry" in graph.get(m, set())]
     assert not back, back
 
 

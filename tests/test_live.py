@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_models import WORDS, save_image_model, save_text_model, write_images
 
 from attnatlas.cli import main as cli
 from attnatlas.project.placement import FAR
 from attnatlas.store import open_atlas
-from tiny_models import WORDS, save_image_model, save_text_model, write_images
 
 SKIP = {"<img", "src", "onerror", "alert", ">"}
 
@@ -307,7 +307,7 @@ def test_worker_module_and_live_view_never_import_torch():
     import sys
 
     code = ("import sys; import attnatlas.live.worker, attnatlas.live.reference, attnatlas.live.probes, "
-            "attnatlas.app.live_view; print('torch' in sys.modules)")
+            "attnatlas.app.views.live; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -450,9 +450,9 @@ def test_live_view_draws_keeps_and_recovers(tiny):
     from bokeh.document import Document
     from bokeh.models import Div
 
-    from attnatlas.app.data import AppData
     from attnatlas.app.dashboard import build_document
-    from attnatlas.app.live_view import OFF_TEXT
+    from attnatlas.app.data import AppData
+    from attnatlas.app.views.live import OFF_TEXT
 
     atlas, _, texts = tiny
     dash = build_document(Document(), AppData(str(atlas)), {"model": [b"tiny"], "layer": [b"1"], "head": [b"2"]})
@@ -509,8 +509,8 @@ def upload(view, name: str, data: bytes) -> None:
 def test_live_view_places_an_uploaded_image_and_refuses_a_broken_one(tmp_path):
     from bokeh.document import Document
 
-    from attnatlas.app.data import AppData
     from attnatlas.app.dashboard import build_document
+    from attnatlas.app.data import AppData
     from attnatlas.extract import ExtractOptions, extract
     from attnatlas.project import project_model
 
@@ -535,7 +535,7 @@ def test_live_view_places_an_uploaded_image_and_refuses_a_broken_one(tmp_path):
 
 def test_live_labels_never_overlap_and_sparse_ones_all_show():
     """Issue 26 item 5: labels of placed tokens in a dense spot move around their markers or are left out."""
-    from attnatlas.app.live_view import label_offsets
+    from attnatlas.app.views.live import label_offsets
 
     rng = np.random.default_rng(0)
     sx, sy = rng.normal(300, 15, 40), rng.normal(300, 15, 40)  # 40 markers within about 30 px

@@ -13,10 +13,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_live import build, fingerprint
+from tiny_models import projected_vit_atlas
 
 from attnatlas.cli import main as cli
-from test_live import build, fingerprint
-from tiny_models import save_image_model, write_images
 
 # Words the tiny tokenizer knows, one distinct sentence: easy to find in an output file.
 LONG = " ".join(["anna said hello to the dark river"] * 40)  # 280 words; the tiny model keeps 64 tokens
@@ -29,16 +29,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit_atlas(tmp_path_factory):
-    from attnatlas.extract import ExtractOptions, extract
-    from attnatlas.project import project_model
-
-    tmp = tmp_path_factory.mktemp("vit")
-    vit = save_image_model("vit", tmp / "vit")
-    imgs = write_images(tmp / "imgs", n=3)
-    atlas = tmp / "a"
-    extract(atlas, str(vit), images=str(imgs), name="vit", options=ExtractOptions(progress=False))
-    project_model(atlas, "vit", methods="pca", progress=False)
-    return atlas, imgs
+    return projected_vit_atlas(tmp_path_factory.mktemp("vit"))
 
 
 # ---- text: once per output, cut before the tokenizer, a budget per call ------------------------------------------
@@ -201,10 +192,10 @@ def bomb_png(width: int, height: int) -> bytes:
 def test_an_image_bomb_is_refused_with_one_message_everywhere(vit_atlas, tmp_path, capsys, size):
     from bokeh.document import Document
 
-    from attnatlas.app.data import AppData
     from attnatlas.app.dashboard import build_document
-    from attnatlas.inputs import load_images
+    from attnatlas.app.data import AppData
     from attnatlas.errors import InputError
+    from attnatlas.inputs import load_images
     from attnatlas.live.worker import LiveError, LiveWorker
 
     atlas, _ = vit_atlas

@@ -39,6 +39,9 @@ def test_quickstart_notebook_executes(executed):
     assert "6 layers x 12 heads" in text and "144 layouts; failed: []" in text, text
     pages = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {}) and "<iframe" in o["data"]["text/html"]]
     assert len(pages) == 2 and 'data-view="grid"' in pages[0] and 'data-view="head"' in pages[1]  # the grid, then a head
+    # The grid's still image, displayed first, was replaced in place by its page: no bare still is left.
+    assert not [o for o in outputs if "drawing the interactive view" in o.get("data", {}).get("text/html", "")
+                and "<iframe" not in o["data"]["text/html"]]
     # The last cell: tokens selected from Python come back as a DataFrame (every "the" of the corpus, query and key).
     last = "".join(o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
     assert re.search(r"key\s+the\s+\d+", last) and re.search(r"query\s+the\s+\d+", last), last
@@ -49,7 +52,6 @@ def test_notebook_html_opens_a_head_from_the_grid(executed, tmp_path):
     from nbconvert import HTMLExporter
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-
     from test_browser import CHROMEDRIVER, CHROMIUM, make_driver, wait_js
 
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
@@ -67,6 +69,11 @@ def test_notebook_html_opens_a_head_from_the_grid(executed, tmp_path):
         driver.switch_to.frame(frame)
         wait_js(driver, f"Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle && "
                         f"Bokeh.index.find_one({model.format('grid_image')}).glyph._images_rendered", 60)
+        # The still grid kept over the iframe while it drew is gone once the page said it is drawn.
+        driver.switch_to.default_content()
+        assert wait_js(driver, "document.querySelectorAll('iframe[data-view]').length == 2 && "
+                               "!document.querySelector('[id^=\"attnatlas-still-\"] img')", 10)
+        driver.switch_to.frame(frame)
 
         def at(fig: str, x: float, y: float) -> tuple:
             """The figure's canvas element and the offset of data point (x, y) from its centre."""
@@ -92,7 +99,8 @@ def test_notebook_html_opens_a_head_from_the_grid(executed, tmp_path):
         xs, ys, toks = driver.execute_script(f"const d = {model.format('head_points')}.data; return [Array.from(d.x), Array.from(d.y), d.token]")
         xy = np.stack([xs, ys], 1) / (np.ptp(np.stack([xs, ys], 1), axis=0) + 1e-9)
         d2 = ((xy[:, None] - xy[None]) ** 2).sum(-1) + np.eye(len(xy)) * 1e9
-        x0, x1, y0, y1 = driver.execute_script(f"const f = {model.format('head_figure')}; return [f.x_range.start, f.x_range.end, f.y_range.start, f.y_range.end]")
+        x0, x1, y0, y1 = driver.execute_script(
+            f"const f = {model.format('head_figure')}; return [f.x_range.start, f.x_range.end, f.y_range.start, f.y_range.end]")
         inside = (np.abs(np.array(xs) - (x0 + x1) / 2) < 0.4 * (x1 - x0)) & (np.abs(np.array(ys) - (y0 + y1) / 2) < 0.4 * (y1 - y0))
         i = int(np.argmax(np.where(inside, d2.min(1), -1)))  # the loneliest point in view: the tooltip's nearest
         px, py, tok = xs[i], ys[i], toks[i]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -51,8 +53,85 @@ def test_selection_from_the_page_comes_back_as_tokens(atlas_path):
     assert sel["token"].tolist() == [tok["token"].iat[3], tok["token"].iat[7]]
     view.widget.set_state({"selection": {"layer": 9, "head": 9, "indices": [1]}})  # no such head: nothing
     assert view.selection.empty
-    bundle = view._repr_mimebundle_()
-    assert "application/vnd.jupyter.widget-view+json" in bundle and "<iframe" in bundle["text/html"]
+    # In IPython: the page as one output (HTML, so a reopened notebook draws it), the widget as a second one.
+    shown = []
+    mp = pytest.MonkeyPatch()
+    mp.setattr("IPython.display.display", lambda *objs, **kw: shown.extend(objs))
+    try:
+        view._ipython_display_()
+    finally:
+        mp.undo()
+    assert "<iframe" in shown[0]["text/html"] and shown[1] is view.widget
+    assert "application/vnd.jupyter.widget-view+json" not in view._repr_mimebundle_()
+    assert view.page.page_id in shown[0]["text/html"] and view.widget.page_id == view.page.page_id
+
+
+@contextlib.contextmanager
+def recorded_displays():
+    """IPython's display replaced by a recorder for the block; yields the list of ("display", obj, kwargs), and
+    ("update", obj, kwargs) for a display_id's handle."""
+    shown: list = []
+
+    class Handle:
+        def update(self, obj, **kw):
+            shown.append(("update", obj, kw))
+
+    def display(*objs, **kw):
+        shown.extend(("display", o, kw) for o in objs)
+        return Handle() if kw.get("display_id") else None
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr("IPython.display.display", display)
+    try:
+        yield shown
+    finally:
+        mp.undo()
+
+
+def test_display_shows_the_still_grid_then_replaces_it_with_the_page(atlas_path):
+    view = attnatlas.show(atlas_path, "synthetic", "pca")
+    with recorded_displays() as shown:
+        view._ipython_display_()
+    (first, still, kw), (second, page, kw2) = shown[:2]
+    # First the grid as a still image, in an output that can be updated; then that same output becomes the page.
+    assert first == "display" and kw["display_id"] is True and "<iframe" not in still["text/html"]
+    assert f'<img src="{view.page.still}"' in still["text/html"] and view.page.still.startswith("data:image/png;base64,")
+    assert second == "update" and "<iframe" in page["text/html"] and view.page.page_id in page["text/html"]
+    if view.widget is not None:  # the bridge is a second output, linked to the page by its id
+        assert shown[2] == ("display", view.widget, {}) and view.widget.page_id == view.page.page_id
+    # A head, or a page already built, is shown at once: nothing to wait for.
+    for v in (attnatlas.show(atlas_path, "synthetic", "pca", layer=0, head=1), view):
+        with recorded_displays() as shown:
+            v._ipython_display_()
+        assert shown[0][0] == "display" and "display_id" not in shown[0][2] and "<iframe" in shown[0][1]["text/html"]
+
+
+def test_still_grid_is_shown_before_bokeh_is_imported(atlas_path):
+    import json
+    import subprocess
+    import sys
+
+    # In a fresh process: other tests have imported Bokeh already.
+    code = f"""
+import json, sys
+import IPython.display
+import attnatlas
+seen = []
+class Handle:
+    def update(self, obj, **kw):
+        seen.append(["update", "bokeh" in sys.modules, "<iframe" in obj["text/html"]])
+def display(*objs, **kw):
+    for o in objs:
+        seen.append(["display", "bokeh" in sys.modules or "anywidget" in sys.modules,
+                     "<img" in o["text/html"] if isinstance(o, dict) else type(o).__name__])
+    return Handle() if kw.get("display_id") else None
+IPython.display.display = display
+attnatlas.show({str(atlas_path)!r}, "synthetic", "pca")._ipython_display_()
+print(json.dumps(seen))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    seen = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else out.stderr
+    assert seen[:2] == [["display", False, True], ["update", True, True]], seen
 
 
 def test_page_holds_every_head_under_the_size_rule(atlas_path):
@@ -113,6 +192,17 @@ def test_page_text_is_escaped(tmp_path):
     assert 'sandbox="allow-scripts allow-downloads"' in view._iframe()
 
 
+def test_cell_output_without_scripts_shows_a_note_and_the_still_grid(atlas_path):
+    grid, head = attnatlas.show(atlas_path, "synthetic"), attnatlas.show(atlas_path, "synthetic", layer=0, head=1)
+    out = grid._iframe()
+    # Before the iframe (which is 0 px high until the script sizes it): a note, and the grid image for a grid.
+    assert out.index("attnatlas-still-") < out.index("<iframe") and "height:0" in out
+    assert '<img src="data:image/png;base64,' in out and "does not run the notebook's scripts" in out
+    assert "<img" not in head._iframe() and "attnatlas-still-" in head._iframe()
+    a, b = grid.page.block
+    assert grid.page.html[a:b] in out  # the block as it is, posted into the page once it has loaded
+
+
 def test_export_html(atlas_path, tmp_path, capsys):
     from attnatlas.cli import main
 
@@ -138,3 +228,56 @@ def test_show_never_imports_torch(atlas_path):
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def vit_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nbvit") / "atlas"
+    atlas = testing.synthetic_atlas(path, n_layers=1, n_heads=2, n_seq=4, seq_len=6)
+    testing.random_layouts(atlas, "synthetic", "pca")
+    testing.write_synthetic_image_model(atlas, name="vit", n_images=2, grid=4, patch=4)
+    testing.random_layouts(atlas, "vit", "pca")
+    return path
+
+
+def test_image_head_embeds_the_apps_patch_thumbnails(vit_path):
+    from attnatlas.app.data import AppData
+    from attnatlas.app.views.head import patch_thumbnail
+
+    view = attnatlas.show(vit_path, "vit", "pca", layer=1, head=0)
+    assert "page_thumbnails" in view.page.html
+    data = AppData(vit_path)
+    tok = data.atlas.tokens("vit")
+    got = [patch_thumbnail(data, "vit", tok, int(r)) for r in view.page.rows]
+    assert sum(g is not None for g in got) == 2 * 16 and got[1].shape == (4, 4)  # 16 patches an image; [CLS] has none
+    assert "page_thumbnails" not in attnatlas.show(vit_path, "synthetic", "pca").page.html  # text: nothing to crop
+
+
+@pytest.mark.browser
+def test_image_head_draws_thumbnails_when_zoomed_in(vit_path, tmp_path):
+    import os
+
+    from test_browser import CHROMEDRIVER, CHROMIUM, make_driver, wait_js
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    page = attnatlas.show(vit_path, "vit", "pca", layer=1, head=0).save(tmp_path / "vit.html")
+    fig = "Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('head_figure'))"
+    driver = make_driver(1400, 1000)
+    try:
+        driver.get(page.as_uri())
+        wait_js(driver, f"Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle && {fig} != null", 60)
+        assert wait_js(driver, "Bokeh.documents[0].get_model_by_name('head_points').data.x.length", 20) == 2 * 34
+        # Zoom out over every point (68, under MAX_THUMBS): each patch point gets its thumbnail, as in the app.
+        driver.execute_script(f"""const v = {fig}, d = Bokeh.documents[0].get_model_by_name('head_points').data;
+            const x = Array.from(d.x), y = Array.from(d.y);
+            v.model.x_range.setv({{start: Math.min(...x) - 1, end: Math.max(...x) + 1}});
+            v.model.y_range.setv({{start: Math.min(...y) - 1, end: Math.max(...y) + 1}});
+            v.trigger_ranges_update_event()""")
+        drawn = wait_js(driver, f"""(() => {{ const r = [...{fig}.renderer_views.values()].find((r) => r.model.name == 'thumbnails');
+            const imgs = r.model.data_source.data.image, got = r.glyph.image_data;
+            return imgs.length && got && got.filter((i) => i != null).length == imgs.length
+                   ? [imgs.length, Array.from(imgs[0].shape)] : null }})()""", 20)
+        assert drawn == [2 * 2 * 16, [4, 4]]  # queries and keys of 32 patches, 4 x 4 pixels each
+    finally:
+        driver.quit()

@@ -10,7 +10,14 @@ import pytest
 from attnatlas.cli import main
 from attnatlas.errors import InputError, StoreError
 from attnatlas.project import (
-    REDUCERS, Reducer, get_reducer, joint_points, knn_graph, layout_quality, normalise_head, project_model,
+    REDUCERS,
+    Reducer,
+    get_reducer,
+    joint_points,
+    knn_graph,
+    layout_quality,
+    normalise_head,
+    project_model,
     register_reducer,
 )
 from attnatlas.store import Atlas

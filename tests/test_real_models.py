@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from test_extract import recomputed
 
 from attnatlas.extract import ExtractOptions, extract, load_model
 from attnatlas.inputs import load_images
 from attnatlas.store import open_atlas
-from test_extract import recomputed
 
 pytestmark = pytest.mark.slow
 

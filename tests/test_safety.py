@@ -295,7 +295,7 @@ def test_a_projection_starting_during_an_overwrite_stops_one_or_the_other(tmp_pa
     real_commit = store_mod.ModelWriter.commit
 
     def commit(self, overwrite=False):
-        with self.atlas.claim_layout("synthetic", "pca", "{}"):
+        with atlas.claim_layout("synthetic", "pca", "{}"):
             return real_commit(self, overwrite)
 
     store_mod.ModelWriter.commit = commit
@@ -543,7 +543,7 @@ def test_object_store_overwrite_killed_between_renames_is_recovered(s3_url):
 def test_sequence_panel_shows_a_character_split_into_byte_tokens_once():
     import pandas as pd
 
-    from attnatlas.app.head_view import sequence_html
+    from attnatlas.app.views.head import sequence_html
 
     text = "a 東京 b"
     # Byte-level BPE: the three byte tokens of 東 all carry the offsets of the whole character.
@@ -570,7 +570,7 @@ def test_shaded_special_tokens_stay_readable():
 
     import pandas as pd
 
-    from attnatlas.app.head_view import sequence_html
+    from attnatlas.app.views.head import sequence_html
 
     toks = pd.DataFrame({"row": range(4), "token": ["[CLS]", "hi", "there", "[SEP]"], "is_special": [True, False, False, True],
                          "char_start": [-1, 0, 3, -1], "char_end": [-1, 2, 8, -1]})
@@ -608,7 +608,7 @@ def test_sequence_panel_marks_the_cut_part_and_the_window():
 
     import pandas as pd
 
-    from attnatlas.app.head_view import CUT_PREVIEW_CHARS, sequence_html
+    from attnatlas.app.views.head import CUT_PREVIEW_CHARS, sequence_html
 
     text = "seen part " + "x" * 2700
     toks = pd.DataFrame({"row": [0, 1], "token": ["seen", "part"], "is_special": [False, False],

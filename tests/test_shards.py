@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import zarr
 
-import attnatlas.store.atlas as atlas_mod
+import attnatlas.store.writer as writer_mod
 from attnatlas.store import ArraySpec, Atlas, shards
 
 TOKENS, TC = 50, 16  # four chunk columns, the last cut short by the array's end
@@ -46,10 +46,10 @@ def _data(dtype: str) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("dtype", ["float16", "float32", "int32"])
 def test_shard_files_are_byte_for_byte_zarrs_own(tmp_path, monkeypatch, dtype, background):
     data = _data(dtype)
-    monkeypatch.setattr(atlas_mod, "block_rows", lambda tc, token_bytes: 6)  # blocks that straddle the columns
+    monkeypatch.setattr(writer_mod, "block_rows", lambda tc, token_bytes: 6)  # blocks that straddle the columns
     used = _write(tmp_path / "direct", data, background)
     assert used == {"queries": True, "keys": True}
-    monkeypatch.setattr(atlas_mod, "shard_files", lambda array: None)
+    monkeypatch.setattr(writer_mod, "shard_files", lambda array: None)
     assert _write(tmp_path / "zarr", data, background) == {"queries": False, "keys": False}
     for key, expected in data.items():
         direct, reference = (tmp_path / "direct" / "models" / "m" / key), (tmp_path / "zarr" / "models" / "m" / key)
@@ -88,7 +88,7 @@ def test_a_failed_self_check_leaves_writing_to_zarr(tmp_path, monkeypatch):
 
 def test_an_interrupted_write_leaves_no_file_open(tmp_path, monkeypatch):
     open_files = len(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(atlas_mod, "block_rows", lambda tc, token_bytes: 4)
+    monkeypatch.setattr(writer_mod, "block_rows", lambda tc, token_bytes: 4)
     with pytest.raises(RuntimeError, match="stopped"):
         atlas = Atlas.open(tmp_path / "a", create=True)
         data = _data("float16")

@@ -74,3 +74,17 @@ def eager_attentions(folder: Path, family: str, **inputs) -> tuple[torch.Tensor,
     model = MODEL_CLASSES[family].from_pretrained(folder, attn_implementation="eager").eval()
     with torch.no_grad():
         return model(**inputs, output_attentions=True).attentions
+
+
+def projected_vit_atlas(root: Path) -> tuple[Path, Path]:
+    """A tiny random ViT extracted from three images and projected with PCA, so the live worker can place a new
+    image: (atlas folder, images folder)."""
+    from attnatlas.extract import ExtractOptions, extract
+    from attnatlas.project import project_model
+
+    vit = save_image_model("vit", root / "vit")
+    imgs = write_images(root / "imgs", n=3)
+    atlas = root / "atlas"
+    extract(atlas, str(vit), images=str(imgs), name="vit", options=ExtractOptions(progress=False))
+    project_model(atlas, "vit", methods="pca", progress=False)
+    return atlas, imgs

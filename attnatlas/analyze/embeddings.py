@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from attnatlas.analyze.common import require_hidden
 from attnatlas.errors import AtlasError, StoreError
+from attnatlas.inputs.tokens import token_class
 from attnatlas.store import Atlas
 
 log = logging.getLogger(__name__)
@@ -43,29 +44,12 @@ def colour_class(hue: np.ndarray, saturation: np.ndarray, brightness: np.ndarray
     return out.astype(str)
 
 
-def token_category(token: str, special: bool) -> str:
-    if special:
-        return "special"
-    t = token.strip().lstrip("#").lstrip("\u0120\u2581")
-    if token.startswith("##"):
-        return "subword"
-    if not t:
-        return "space"
-    if all(not c.isalnum() for c in t):
-        return "punctuation"
-    if t.isdigit():
-        return "number"
-    if t[0].isupper():
-        return "capitalised"
-    return "word"
-
-
 def token_labels(atlas: Atlas, model: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     tok = atlas.tokens(model).iloc[rows]
     if atlas.info(model).modality == "image":
         col = colour_class(tok.hue.to_numpy(float), tok.saturation.to_numpy(float), tok.brightness.to_numpy(float))
         return {"image": tok.sequence.to_numpy().astype(str), "colour": col}
-    cats = [token_category(t, bool(s)) for t, s in zip(tok.token, tok.is_special)]
+    cats = [token_class(t, bool(s)) for t, s in zip(tok.token, tok.is_special)]
     return {"sequence": tok.sequence.to_numpy().astype(str), "category": np.array(cats)}
 
 

@@ -145,11 +145,20 @@ def scores_with_types(atlas: Any, model: str) -> pd.DataFrame | None:
     return s.merge(head_types(s), on=["layer", "head"], how="left")
 
 
+def types_by_head(atlas: Any, models: tuple[str, ...]) -> tuple[list[str], ...] | None:
+    """Each model's head types ("," joined, "" for none) in (layer, head) order, for compare's layout; None
+    unless every model has stored scores."""
+    typed = [scores_with_types(atlas, m) for m in models]
+    if any(t is None for t in typed):
+        return None
+    return tuple(t.sort_values(["layer", "head"])["types"].fillna("").tolist() for t in typed)
+
+
 def type_summary(typed: pd.DataFrame, limit: int = 8) -> list[str]:
     """Lines for `attnatlas info`: per type, how many heads and the strongest few."""
     lines = []
     for name in TYPE_RULES:
-        has = typed[typed["types"].str.split(",").apply(lambda ts: name in ts)]
+        has = typed[typed["types"].str.split(",").apply(lambda ts, name=name: name in ts)]
         if not len(has):
             continue
         col = TYPE_RULES[name][0]

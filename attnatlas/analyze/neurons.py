@@ -28,8 +28,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from attnatlas.analyze.common import require_image
-from attnatlas.analyze.embeddings import HUE_NAMES, colour_class, token_category
+from attnatlas.analyze.embeddings import HUE_NAMES, colour_class
 from attnatlas.errors import AtlasError, StoreError
+from attnatlas.inputs.tokens import token_class
 from attnatlas.store import Atlas
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class TopN:
         self.rows = torch.gather(r, 0, idx)
 
 
-def _image_batches(atlas: Atlas, model: str, pre: Any, batch_size: int):
+def _stored_image_batches(atlas: Atlas, model: str, pre: Any, batch_size: int):
     """(pixel_values, global rows of ranked tokens, rows per image) rebuilt from the stored processed images."""
     import torch
 
@@ -91,14 +92,17 @@ def _image_batches(atlas: Atlas, model: str, pre: Any, batch_size: int):
         yield torch.from_numpy(px).permute(0, 3, 1, 2).contiguous(), keep, patch
 
 
-def _text_batches(atlas: Atlas, model: str, tok_: Any, batch_size: int):
+def _stored_text_batches(atlas: Atlas, model: str, tok_: Any, batch_size: int):
+    """(encoding, global rows of each sequence's tokens) of the stored texts, tokenized as extract did."""
+    from attnatlas.extract.batches import tokenize
+
     info = atlas.info(model)
     seqs = atlas.sequences(model)
     seq_of = atlas.tokens(model).sequence.to_numpy()
     max_len = int(info.attrs.get("max_tokens") or 512)
     for start in range(0, len(seqs), batch_size):
         part = seqs.iloc[start : start + batch_size]
-        enc = tok_(part.text.tolist(), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        enc = tokenize(tok_, part.text.tolist(), max_len)
         keep = [np.flatnonzero(seq_of == s) for s in part.sequence]
         for b, rows in enumerate(keep):
             if int(enc["attention_mask"][b].sum()) != len(rows):
@@ -112,8 +116,10 @@ def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, de
     """Run the model over the atlas's inputs; (layer, neuron, rank, token, activation) of the top-N per neuron."""
     import torch
 
-    from attnatlas.extract import load_model
-    from attnatlas.extract.extractor import split_stack
+    from attnatlas.extract.adapters import split_stack
+    from attnatlas.extract.batches import model_inputs
+    from attnatlas.extract.device import resolve_device
+    from attnatlas.extract.loading import load_model
 
     info = atlas.info(model)
     source = info.attrs.get("source")
@@ -124,7 +130,8 @@ def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, de
     # The source is the folder or hub id without the stack: a CLIP/SigLIP tower or T5's encoder keeps its
     # "#vision"/"#text"/"#encoder" only in model_id.
     stack = split_stack(str(info.attrs.get("model_id") or ""))[1]
-    loaded = load_model(f"{source}#{stack}" if stack else str(source), device)
+    dev = resolve_device(device)
+    loaded = load_model(f"{source}#{stack}" if stack else str(source), dev)
     mods = mlp_modules(loaded.model)
     if sorted(mods) != list(range(info.n_layers)):
         raise AtlasError(f"Found MLPs for layers {sorted(mods)} in {source}, expected 0..{info.n_layers - 1}; "
@@ -144,19 +151,19 @@ def collect_top(atlas: Atlas, model: str, top: int = 16, batch_size: int = 8, de
     try:
         with torch.inference_mode():
             if info.modality == "image":
-                for px, keep, patch in _image_batches(atlas, model, loaded.preprocessor, batch_size):
+                for px, keep, patch in _stored_image_batches(atlas, model, loaded.preprocessor, batch_size):
                     mask = torch.tensor(np.stack([patch[r] for r in keep]))  # (batch, seq) patches only
                     current["mask"] = mask
                     current["rows"] = torch.from_numpy(np.concatenate([r[patch[r]] for r in keep]))
-                    out = loaded.model(pixel_values=px.to(device))
+                    out = loaded.model(pixel_values=px.to(dev))
                     bar.update(len(keep))
                     if out.last_hidden_state.shape[1] != mask.shape[1]:
                         raise StoreError("The model now sees a different number of tokens per image than the atlas holds.")
             else:
-                for enc, keep in _text_batches(atlas, model, loaded.preprocessor, batch_size):
+                for enc, keep in _stored_text_batches(atlas, model, loaded.preprocessor, batch_size):
                     current["mask"] = enc["attention_mask"].bool()
                     current["rows"] = torch.from_numpy(np.concatenate(keep))
-                    loaded.model(**{k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+                    loaded.model(**model_inputs(enc, dev))
                     bar.update(len(keep))
     finally:
         bar.close()
@@ -230,7 +237,7 @@ def label_image_neurons(atlas: Atlas, model: str, top: pd.DataFrame, share: floa
 def label_text_neurons(atlas: Atlas, model: str, top: pd.DataFrame, share: float = 0.75) -> pd.DataFrame:
     tok = atlas.tokens(model)
     text = tok.token.to_numpy().astype(str)
-    cats = np.array([token_category(t, bool(s)) for t, s in zip(text, tok.is_special)])
+    cats = np.array([token_class(t, bool(s)) for t, s in zip(text, tok.is_special)])
     pos, seq = tok.position.to_numpy(), tok.sequence.to_numpy()
     out = []
     for (layer, neuron), g in top.groupby(["layer", "neuron"], sort=True):

@@ -6,8 +6,8 @@ import logging
 import os
 import sys
 
-from attnatlas.app import grid_view, head_map
 from attnatlas.app.data import AppData
+from attnatlas.app.views import grid, head_map
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def on_server_loaded(server_context) -> None:
     # token columns, so the first visitor waits no longer than later ones.
     first = data.models[0]
     for model in data.models:
-        grid_view.warm(data, model, data.method(model, None))
+        grid.warm(data, model, data.method(model, None))
         head_map.warm(data, model, data.method(model, None))
     data.tokens(first, data.method(first, None))
     server_context.attnatlas_data = data

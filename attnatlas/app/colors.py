@@ -9,10 +9,9 @@ import html
 import numpy as np
 from bokeh.palettes import Category10, Greens9, Greys256, Plasma256, RdPu9, Viridis256, interp_palette
 
-from attnatlas.app.data import CATEGORIES
+from attnatlas.inputs.tokens import CATEGORIES
+from attnatlas.render.raster import KEY, QUERY  # noqa: F401 - the inks, one source for the grid and the views
 
-QUERY = "#1b9e77"
-KEY = "#d9458e"
 Q_RAMP = tuple(interp_palette(Greens9[::-1][2:], 128))
 K_RAMP = tuple(interp_palette(RdPu9[::-1][2:], 128))
 HUE = tuple("#%02x%02x%02x" % tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / 256, 0.85, 0.9)) for i in range(256))
@@ -60,9 +59,11 @@ def colour(mode: str, cols: dict[str, np.ndarray], norm: np.ndarray) -> tuple[np
     if mode == "norm":
         finite = norm[np.isfinite(norm)]
         lo, hi = (np.percentile(finite, [2, 98]) if len(finite) else (0.0, 1.0))
-        return norm.astype(np.float32), tuple(Viridis256), float(lo), float(max(hi, lo + 1e-6)), _swatch(Viridis256[0], f"norm {lo:.2f}") + _swatch(Viridis256[-1], f"norm {hi:.2f}")
+        leg = _swatch(Viridis256[0], f"norm {lo:.2f}") + _swatch(Viridis256[-1], f"norm {hi:.2f}")
+        return norm.astype(np.float32), tuple(Viridis256), float(lo), float(max(hi, lo + 1e-6)), leg
     if mode == "length":
-        return np.minimum(cols["length"], 12).astype(np.float32), tuple(Plasma256), 0.0, 12.0, _swatch(Plasma256[0], "1 char") + _swatch(Plasma256[-1], "12+ chars")
+        leg = _swatch(Plasma256[0], "1 char") + _swatch(Plasma256[-1], "12+ chars")
+        return np.minimum(cols["length"], 12).astype(np.float32), tuple(Plasma256), 0.0, 12.0, leg
     if mode == "hue" and "hue" in cols:
         return cols["hue"].astype(np.float32), HUE, 0.0, 1.0, _swatch(HUE[0], "hue 0") + _swatch(HUE[128], "hue 0.5")
     if mode == "brightness" and "brightness" in cols:

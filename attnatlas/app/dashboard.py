@@ -1,10 +1,11 @@
 """One browser session of the dashboard: the header, the tabs and the URL, composing the views.
 
 `Dashboard(data, args)` builds fresh Bokeh models for one document; nothing here is shared between
-sessions except the read-only `AppData`. Each view lives in its own module (grid_tab, head_view,
-compare_tab, vit_tab, math_view) behind `view.View`; they share the session's `view.Place` and call back
-here, and no view imports this module. Every value that arrives from the browser (URL arguments, widget
-values) is checked against the atlas's own lists before use.
+sessions except the read-only `AppData`. Every tab comes from `views.registry` (one `ViewSpec` each: key,
+title, when it is built and rebuilt, which models it serves); the views share the session's `Place` and call
+back here through `views.base.Host`, and no view imports this module. The grid and the single head are the
+two views this module routes between by name (a click in one opens the other). Every value that arrives
+from the browser (URL arguments, widget values) is checked against the atlas's own lists before use.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from bokeh.document import Document
 from bokeh.layouts import column, row
 from bokeh.models import CustomJS, Div, Select, TabPanel, Tabs
 
-from attnatlas.app import views
 from attnatlas.app.data import AppData
-from attnatlas.app.grid_tab import GridTab
-from attnatlas.app.head_view import CUT_PREVIEW_CHARS, HeadView, sequence_html  # noqa: F401 - importable from here
 from attnatlas.app.hover import TOOLTIPS  # noqa: F401 - importable from here
-from attnatlas.app.view import Place, View, guarded
+from attnatlas.app.views import registry
+from attnatlas.app.views.base import Place, View, ViewSpec, guarded, guarded_build, message, placeholder
+from attnatlas.app.views.head import CUT_PREVIEW_CHARS, sequence_html  # noqa: F401 - importable from here
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,15 @@ class Dashboard:
         self.place = Place(model, data.method(model, arg(args, "method")), layer, head)
         self.notice = "" if arg(args, "model") in (None, model) else f"Unknown model in the URL; showing {model}."
         self._busy = False
+        self.specs: dict[str, ViewSpec] = {v.key: v for v in registry.shown(data)}  # in tab order
+        self.views: dict[str, View] = {}  # the eager views, built with the page
         self.tab_views: dict[str, View] = {}  # lazy tabs built so far
         self._stale: set[str] = set()  # built tabs to bring up to the place when next shown
         self._build()
         view = arg(args, "view")
         if arg(args, "layer") is not None or arg(args, "head") is not None or view == "head":
             self.open_head(self.layer, self.head)
-        if view in self.view_keys and view not in ("grid", "head"):
+        if view in self.view_boxes:
             self.tabs.active = self.view_keys.index(view)
             self._open_view(view)
         self._sync_url()
@@ -107,19 +109,20 @@ class Dashboard:
         self.url = Div(text="", visible=False, render_as_text=True, name="url_state", disable_math=True)
         self.url.js_on_change("text", CustomJS(code=URL_JS))
 
-        self.grid_tab = GridTab(d, self.place, on_open=self.open_head, on_open_model=self.open_model_head,
-                                on_error=self.report_error)
+        self.view_keys = list(self.specs)
+        self.view_boxes: dict[str, Any] = {}  # the lazy tabs' boxes, holding a placeholder until first opened
+        panels = []
+        for key, spec in self.specs.items():
+            if spec.eager:
+                self.views[key] = spec.build(d, self.place, self)
+                # A waiting view joins the document when first opened: a smaller first page that draws sooner.
+                child = self.views[key].root if spec.waiting is None else Div(text=spec.waiting, disable_math=True)
+            else:
+                child = self.view_boxes[key] = column(placeholder(spec.title), name=f"view_box_{key}")
+            panels.append(TabPanel(child=child, title=spec.title))
+        self.grid_tab, self.head_view = self.views["grid"], self.views["head"]
         self.grid, self.grid_panel = self.grid_tab.grid, self.grid_tab.root
-        self.head_view = HeadView(d, self.place, on_change=self._on_head_change, on_error=self.report_error)
         self.head_panel = self.head_view.root
-        # The head view joins the document when first opened: a smaller first page that draws sooner.
-        placeholder = Div(text="Click a cell of the grid to open a head.", disable_math=True)
-        many = len(d.atlas.models) >= 2
-        self.view_keys = [k for k, _ in views.VIEWS if k != "compare" or many]
-        titles = dict(views.VIEWS)
-        self.view_boxes = {k: column(views.placeholder(titles[k]), name=f"view_box_{k}") for k in self.view_keys[2:]}
-        panels = [TabPanel(child=self.grid_panel, title="All heads"), TabPanel(child=placeholder, title="Single head")]
-        panels += [TabPanel(child=self.view_boxes[k], title=titles[k]) for k in self.view_keys[2:]]
         self.tabs = Tabs(tabs=panels, name="tabs", sizing_mode="stretch_width")  # the grid fills the window width
         self.tabs.on_change("active", self._on_tab)
         header = row(Div(text="<b>attnatlas</b>", styles={"font-size": "18px", "margin-top": "24px"}, disable_math=True),
@@ -130,8 +133,12 @@ class Dashboard:
         self.status.text = f'<span style="color:#b00">Error: {html.escape(message)}</span>'
 
     # ---- the head view ------------------------------------------------------------------------------------
+    @property
+    def _head_tab(self) -> int:
+        return self.view_keys.index("head")
+
     def open_head(self, layer: int, head: int) -> None:
-        self.tabs.active = 1
+        self.tabs.active = self._head_tab
         self.show_head(layer, head)
         self._mount_head()
 
@@ -146,22 +153,27 @@ class Dashboard:
         self.open_head(layer, head)
 
     def _mount_head(self) -> None:
-        if self.tabs.tabs[1].child is not self.head_panel:
+        i = self._head_tab
+        if self.tabs.tabs[i].child is not self.head_panel:
             # A new tabs list, not a new child: BokehJS redraws Tabs on `tabs` changes only.
-            self.tabs.tabs = [self.tabs.tabs[0], TabPanel(child=self.head_panel, title="Single head"), *self.tabs.tabs[2:]]
+            panel = TabPanel(child=self.head_panel, title=self.specs["head"].title)
+            self.tabs.tabs = [*self.tabs.tabs[:i], panel, *self.tabs.tabs[i + 1:]]
 
     def _step(self, which: str) -> None:
         self.head_view.step(which)
 
-    def _on_head_change(self, what: str) -> None:
-        """The head or the clicked point changed: the math tab follows, now if shown, else when next opened."""
+    def head_changed(self, what: str) -> None:
+        """The head ("head") or the clicked point ("selection") changed: the tabs that follow the head follow,
+        now if shown, else when next opened."""
         if what == "head":
             self._sync_url()
-        if "math" in self.tab_views:
-            if self._active_key() == "math":
-                self.tab_views["math"].update()
-            else:
-                self._stale.add("math")
+        active = self._active_key()
+        for key, view in self.tab_views.items():
+            if self.specs[key].follows_head:
+                if key == active:
+                    view.update()
+                else:
+                    self._stale.add(key)
 
     # ---- tabs ---------------------------------------------------------------------------------------------
     def _active_key(self) -> str:
@@ -169,9 +181,9 @@ class Dashboard:
 
     @guarded
     def _on_tab(self, attr: str, old: int, new: int) -> None:
-        if new == 1 and not self.head_view.loaded:
+        if new == self._head_tab and not self.head_view.loaded:
             self.show_head(self.layer, self.head)
-        if new == 1:
+        if new == self._head_tab:
             self._mount_head()
         key = self._active_key()
         if key in self.view_boxes:
@@ -179,10 +191,13 @@ class Dashboard:
         self._sync_url()
 
     def _open_view(self, key: str) -> None:
-        """Build a lazy tab on first open; bring a built one up to the place when it fell behind."""
+        """Build a lazy tab on first open; bring a built one up to the place when it fell behind. A model the
+        view does not serve gets the reason in its place."""
         if key not in self.tab_views:
             self._stale.discard(key)
-            view = views.guarded_build(key, views.build_view, key, self.data, self.place)
+            spec = self.specs[key]
+            refusal = spec.refusal(self.data, self.model)
+            view = message(refusal) if refusal else guarded_build(key, spec.build, self.data, self.place, self)
             if hasattr(view, "update"):
                 self.tab_views[key] = view
             self.view_boxes[key].children = [getattr(view, "root", view)]
@@ -192,13 +207,13 @@ class Dashboard:
 
     def _reset_views(self) -> None:
         """After a model change the per-model tabs are built again when next opened (now, if one is shown)."""
-        titles = dict(views.VIEWS)
-        for key in views.PER_MODEL:
+        per_model = [k for k, spec in self.specs.items() if spec.per_model and not spec.eager]
+        for key in per_model:
             if key in self.tab_views:
                 del self.tab_views[key]
-                self.view_boxes[key].children = [views.placeholder(titles[key])]
+                self.view_boxes[key].children = [placeholder(self.specs[key].title)]
         active = self._active_key()
-        if active in views.PER_MODEL:
+        if active in per_model:
             self._open_view(active)
 
     @guarded
@@ -215,7 +230,7 @@ class Dashboard:
         self.head_view.set_model()
         self.grid_tab.update()
         p.layer, p.head = 0, 0
-        if self.tabs.active == 1:
+        if self.tabs.active == self._head_tab:
             self.show_head(0, 0)
         self._reset_views()
         self._sync_url()
@@ -229,7 +244,7 @@ class Dashboard:
         p.selected = None
         self.head_view.src.selected.indices = []
         self.grid_tab.update()
-        if self.tabs.active == 1 or self.head_view.loaded:
+        if self.tabs.active == self._head_tab or self.head_view.loaded:
             self.show_head(p.layer, p.head)
         self._sync_url()
 
@@ -238,11 +253,11 @@ class Dashboard:
         if "tabs" not in self.__dict__:
             return  # still building
         q: dict[str, Any] = {"model": self.model, "method": self.method}
-        key = self._active_key()
-        if key in ("head", "math"):
+        spec = self.specs[self._active_key()]
+        if spec.follows_head:
             q.update(layer=self.layer, head=self.head)
-        if key not in ("grid", "head"):
-            q["view"] = key
+        if not spec.eager:  # the grid is the default; the head view is named by layer and head
+            q["view"] = spec.key
         self.url.text = "?" + urlencode(q)
 
     def attach(self, doc: Document) -> None:
@@ -253,7 +268,7 @@ class Dashboard:
 def build_document(doc: Document, data: AppData, args: dict[str, Any] | None = None) -> Dashboard:
     """Fill `doc` with a fresh dashboard; used by main.py and by tests."""
     dash = Dashboard(data, args)
-    from attnatlas.app.live_view import compose
-    compose(dash, doc)  # the "Your text" box and its markers in the head view (serve --live)
+    for add_on in registry.ADD_ONS:  # e.g. the "Your text" box and its markers in the head view (serve --live)
+        add_on(dash, doc)
     dash.attach(doc)
     return dash

@@ -10,20 +10,22 @@ from __future__ import annotations
 import functools
 import html
 import threading
-import unicodedata
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from attnatlas.analyze import head_types
 from attnatlas.errors import StoreError
+from attnatlas.inputs.tokens import token_category
+from attnatlas.render.labels import METRIC_LABELS
+from attnatlas.render.raster import GridLayouts, robust_range
 from attnatlas.store import Atlas
 
-CATEGORIES = ("punctuation", "special", "word piece", "number", "word")
 CONTEXT_CHARS = 30  # characters either side of a token in the hover context
 
 
@@ -48,20 +50,6 @@ class _LRU:
         return value
 
 
-def token_category(tok: str, special: bool, continues_word: bool = False) -> int:
-    """Index into CATEGORIES. `continues_word`: the previous token of the sequence is in the same word."""
-    if special:
-        return 1
-    t = tok.replace("\u0120", " ").replace("\u2581", " ").strip()  # GPT-2 / SentencePiece space markers
-    if t and all(unicodedata.category(c)[0] in "PS" for c in t):
-        return 0
-    if t and t.replace(".", "", 1).replace(",", "").isdigit():
-        return 3
-    if tok.startswith("##") or continues_word:
-        return 2
-    return 4
-
-
 @dataclass(frozen=True)
 class Tokens:
     """Per-point static columns of one (model, method): the layout rows, queries then keys."""
@@ -72,42 +60,10 @@ class Tokens:
     point_of_row: np.ndarray  # (T,) index into rows, -1 when a token row is not in the layout
 
 
-@dataclass(frozen=True)
-class GridLayouts:
-    """Every stored layout point of every head of one (model, method), for the global grid."""
-
-    coords: np.ndarray  # (layer, head, point, 2) float32: queries first, then keys; NaN where not projected
-    n_queries: int  # points [0, n_queries) of a head are queries, the rest keys
-    done: np.ndarray  # (layer, head) bool: heads with a finished layout
-    lo: np.ndarray  # (layer, head, 2) robust lower corner (x, y) of each head's points
-    hi: np.ndarray  # (layer, head, 2) robust upper corner
-
-
-# A grid cell's range: the 0.5-99.5% quantiles, cut further to 3 interquartile ranges beyond the quartiles.
-# A sink token (a decoder's first token: one in ten points of short sequences) far from the rest would
-# otherwise shrink the head's structure into a band; its points are drawn on the cell's edge instead.
-GRID_QUANTILE = 0.005
-GRID_FENCE = 3.0
-
-
-def robust_range(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(point, 2) finite coordinates -> (lo, hi), each (2,): the range a grid cell maps."""
-    a, q1, q3, b = np.quantile(xy, [GRID_QUANTILE, 0.25, 0.75, 1 - GRID_QUANTILE], axis=0)
-    iqr = q3 - q1
-    lo, hi = np.maximum(a, q1 - GRID_FENCE * iqr), np.minimum(b, q3 + GRID_FENCE * iqr)
-    flat = ~(hi > lo)  # every point on one line: centre it instead of dividing by zero
-    return np.where(flat, lo - 0.5, lo).astype(np.float32), np.where(flat, hi + 0.5, hi).astype(np.float32)
 # Per-head numbers shown and sortable in the grid, in menu order; compare's table adds its own.
 HEAD_SCORES = head_types.TABLE
 TYPE_COLUMNS = ["types", "type", "confidence", "type_text"]
 QUALITY_LABELS = {"trustworthiness": "trustworthiness", "knn_kept": "10-NN kept"}
-METRIC_LABELS = {"entropy_mean": "entropy (nats)", "first_share": "sink share (first token)",
-                 "prev_share": "previous-token share", "distance_mean": "mean distance (tokens)",
-                 "special_share": "special-token share", "self_share": "self share", "next_share": "next-token share",
-                 "punct_share": "punctuation share", "entropy_norm_mean": "entropy / log(keys)",
-                 "distance_rel_mean": "relative distance", "keys90_mean": "keys holding 90%",
-                 "frac90_mean": "share of keys holding 90%", "layout_positional": "layout positional R\u00b2",
-                 "qk_separation": "query/key separation"}
 
 
 @dataclass(frozen=True)
@@ -311,7 +267,7 @@ class AppData:
         return GridLayouts(out, P // 2, done, lo, hi)
 
     def grid_image(self, key: tuple, make: Callable[[], Any]) -> Any:
-        """A rendered grid image (made by grid_view from grid_layouts), cached for every session."""
+        """A rendered grid image (made by render.raster from grid_layouts), cached for every session."""
         return self._grid_images.get(key, make)
 
     def head_table(self, model: str, method: str) -> pd.DataFrame:

@@ -15,8 +15,8 @@ from bokeh.transform import transform
 from attnatlas.app import colors
 from attnatlas.app.data import AppData
 from attnatlas.app.hover import nearest_hover
-from attnatlas.app.safe import plain, seal
 from attnatlas.attention import layout_note
+from attnatlas.render.safe import plain, seal
 
 
 def head_layout(data: AppData, model: str, method: str, layer: int, head: int, mode: str = "kind"):

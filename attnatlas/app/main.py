@@ -11,7 +11,7 @@ from bokeh.models import Div
 
 from attnatlas.app.dashboard import build_document
 from attnatlas.app.data import AppData
-from attnatlas.app.safe import seal
+from attnatlas.render.safe import seal
 
 doc = curdoc()
 ctx = doc.session_context

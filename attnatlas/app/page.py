@@ -1,15 +1,17 @@
-"""A standalone page of the dashboard's own views: the grid (grid_view.GridView) and the single head
-(head_view.HeadView), with BokehJS inlined and CustomJS in place of the server callbacks, so it works
+"""A standalone page of the dashboard's own views: the grid (views.grid.GridView) and the single head
+(views.head.HeadView), with BokehJS inlined and CustomJS in place of the server callbacks, so it works
 with no server: inline in a notebook (attnatlas.show) and as one file (`attnatlas export --html`).
 
 The views are built exactly as a session builds them; this module only adds what a page without a
 server needs: every embedded head's points in one data source (`store`), and JS that opens a head from
 the grid (click a cell, or zoom into one), switches colour modes, searches tokens, draws attention lines
-on a click, and posts the selected points to the embedding notebook widget (attnatlas.notebook).
+on a click, and posts the selected points to the notebook around it (attnatlas.notebook's widget listens).
 
 Size rule: every embedded head keeps the same token rows, whole sequences picked in a seeded order, as
-many as fit `budget` bytes of point data (each row costs, per head, 2 points x 14 bytes plus its top-k
-attention at 5 bytes a weight), at most `max_rows`. Heads the layout sampled keep only rows with a point.
+many as fit `budget` bytes of point data (each row costs, per head, 2 points x 8 bytes plus its top-k
+attention at 3 bytes a weight), at most `max_rows`. Heads the layout sampled keep only rows with a point.
+Coordinates and norms travel as uint16 steps of each head's own range (1/65,534 of it: finer than a pixel at
+any zoom the figure allows), attention weights as uint8 (1/255 steps).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import base64
 import html
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,20 +41,32 @@ from bokeh.resources import INLINE
 
 from attnatlas.app import colors
 from attnatlas.app.data import AppData, stack_counts
-from attnatlas.app.grid_view import HAND_OVER, GridView
-from attnatlas.app.head_view import DIM_ALPHA, DIM_COLOUR, BASE_ALPHA, LINE_MIN_WEIGHT, MAX_LIST, HeadView
-from attnatlas.app.safe import JS_ESCAPE, seal
-from attnatlas.app.view import Place
+from attnatlas.app.still import INLINE_BUDGET, check, check_grid, grid_cell
+from attnatlas.app.views.base import Place
+from attnatlas.app.views.grid import HAND_OVER, GridView
+from attnatlas.app.views.head import (
+    BASE_ALPHA,
+    DIM_ALPHA,
+    DIM_COLOUR,
+    LINE_MIN_WEIGHT,
+    MAX_LIST,
+    MAX_THUMBS,
+    THUMB_SPAN,
+    HeadView,
+    patch_thumbnail,
+)
 from attnatlas.errors import InputError
+from attnatlas.render.safe import JS_ESCAPE, seal
 
-BLOB_COLUMNS = (("x", np.float32), ("y", np.float32), ("norm", np.float32), ("tk_idx", np.int32), ("stack", np.uint16),
+# 2-byte columns first, so every typed view into the block is aligned.
+BLOB_COLUMNS = (("x", np.uint16), ("y", np.uint16), ("norm", np.uint16), ("stack", np.uint16), ("tk_idx", np.uint16),
                 ("tk_w", np.uint8))
-POINT_BYTES = 14  # x, y, norm (float32) and stack count (uint16) of one point
-WEIGHT_BYTES = 5  # a top-k entry: key row (int32) and weight (uint8, 1/255 steps)
+QUANT = 65534  # steps of a head's range; 65535 stands for NaN (x, y, norm) and for "no key" (tk_idx)
+POINT_BYTES = 8  # x, y, norm (uint16 steps) and stack count (uint16) of one point
+WEIGHT_BYTES = 3  # a top-k entry: key row (uint16, so at most 65,534 rows) and weight (uint8, 1/255 steps)
 STATIC_ROW_BYTES = 260  # token, context and the other per-row columns, as JSON, both points of a row
-INLINE_BUDGET = 6 << 20  # notebook output: the 270-head SmolLM2 grid keeps 340 of 1,199 tokens a head
 EXPORT_BUDGET = 34 << 20  # `export --html`: x 4/3 for base64, + 3 MB of BokehJS and grid image: under 50 MB
-MAX_ROWS = 50_000  # one head of 100,000 points stays smooth on canvas and WebGL
+MAX_ROWS = 50_000  # one head of 100,000 points stays smooth on canvas and WebGL; under QUANT for uint16 key rows
 MIN_ROWS = 200  # below this a head is not worth drawing: fewer heads are embedded instead
 
 
@@ -64,11 +79,14 @@ class Page:
     model: str
     method: str
     rows: np.ndarray  # (R,) atlas token rows of the embedded points: point i < R is the query of rows[i], R + i its key
+    block: tuple[int, int]  # where in `html` the heads' base64 block lies: a notebook posts it in after the page loads
     heads: list[tuple[int, int]]  # embedded (layer, head) pairs
     total_rows: int  # token rows of the layout
     data_bytes: int  # point and attention bytes embedded (before base64)
     height: int  # px the page needs
     single: bool  # one head, no grid
+    still: str = ""  # the grid image (data URL) a viewer that runs no scripts can show instead
+    still_px: int = 0  # its width as the page shows it (it is drawn at twice that)
 
 
 def _pick_rows(data: AppData, model: str, method: str, n_rows: int, seed: int = 0) -> np.ndarray:
@@ -102,36 +120,9 @@ def plan(data: AppData, model: str, method: str, heads: list[tuple[int, int]], b
     return rows, min(n_heads, len(heads))
 
 
-def check(data: AppData, model: Any, method: Any = None, layer: Any = None, head: Any = None) -> tuple[str, str]:
-    """Validate what a caller asked for; InputError names what exists."""
-    have = list(data.models)
-    if model is None:
-        model = data.default_model
-    if model not in have:
-        missing = [m for m in data.atlas.models if m not in have]
-        if model in missing:
-            raise InputError(f"Model {model!r} has no layouts yet; run `attnatlas project {data.shown_path} --model {model}`.")
-        raise InputError(f"No model {model!r} in {data.shown_path}; models with layouts: {', '.join(have)}.")
-    methods = data.methods[model]
-    if method is None:
-        method = data.method(model, None)
-    if method not in methods:
-        raise InputError(f"Model {model!r} has no {method!r} layouts; it has: {', '.join(methods)} "
-                         f"(make more with `attnatlas project {data.shown_path} --model {model} --method {method}`).")
-    info = data.infos[model]
-    if (layer is None) != (head is None):
-        raise InputError("Give both layer= and head= for one head, or neither for the grid.")
-    if layer is not None:
-        for name, v, n in (("layer", layer, info.n_layers), ("head", head, info.n_heads)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < n:
-                raise InputError(f"{name} {v!r} does not exist: {model!r} has {name}s 0-{n - 1} "
-                                 f"({info.n_layers} layers x {info.n_heads} heads).")
-    return model, method
-
-
 def build(data: AppData, model: str | None = None, method: str | None = None, layer: int | None = None,
           head: int | None = None, budget: int = INLINE_BUDGET, max_rows: int = MAX_ROWS,
-          title: str | None = None) -> Page:
+          title: str | None = None, page_id: str | None = None) -> Page:
     """The page of `model`'s grid (layer and head None) or of one head. Arguments are validated here."""
     model, method = check(data, model, method, layer, head)
     info = data.infos[model]
@@ -141,10 +132,8 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
     if single:
         wanted = [(int(layer), int(head))]
     else:
+        check_grid(data, model, method)
         wanted = [(a, b) for a in range(L) for b in range(H) if g.done[a, b]]
-        if not wanted:
-            raise InputError(f"Model {model!r} has no finished {method!r} layout; run "
-                             f"`attnatlas project {data.shown_path} --model {model} --method {method}`.")
     n_rows, n_heads = plan(data, model, method, wanted, budget, max_rows)
     heads = wanted[:n_heads]
     keep = _pick_rows(data, model, method, n_rows)  # indices into the layout's rows
@@ -153,67 +142,33 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
     R = len(keep)
     pts = np.concatenate([keep, keep + n_all])  # the kept points: queries, then keys
 
-    place = Place(model, method, *(heads[0] if heads else (0, 0)))
-    hv = HeadView(data, place, on_change=lambda what: None, on_error=_raise)
-    hv.show(place.layer, place.head)  # the app's own drawing of the first head, cut to the kept points below
-    static = {k: np.asarray(v)[pts] for k, v in hv.src.data.items()}
-    hv.src.data = static
-    hv.src.selected.indices = []
-    hv.fig.add_tools(LassoSelectTool(), BoxSelectTool())
-
-    # Every embedded head in one source: a row per head, its points' arrays in the kept order.
+    # The heads' arrays are read and packed on a second thread while this one builds the Bokeh document
+    # (reads and numpy release the GIL): the two took about the same time one after the other.
     k = int(info.attrs.get("attention_topk", 0) or 0) if data.has_attention(model) else 0
-    point_of_kept = np.full(n_all, -1, np.int64)
-    point_of_kept[keep] = np.arange(R)
-    kept_of_row = np.full(len(t.point_of_row), -1, np.int64)  # atlas row -> kept index
-    ok_rows = t.point_of_row >= 0
-    kept_of_row[ok_rows] = point_of_kept[t.point_of_row[ok_rows]]
-    cols: dict[str, list] = {k_: [] for k_ in ("layer", "head", "x", "y", "norm", "stack", "tk_idx", "tk_w", "trust", "knn")}
+    with ThreadPoolExecutor(1) as pool:
+        packing = pool.submit(_pack_heads, data, model, t, heads, g.coords, keep, k)
+        place = Place(model, method, *(heads[0] if heads else (0, 0)))
+        hv = HeadView(data, place, on_change=lambda what: None, on_error=_raise)
+        hv.show(place.layer, place.head)  # the app's own drawing of the first head, cut to the kept points below
+        static = {k_: np.asarray(v)[pts] for k_, v in hv.src.data.items()}
+        hv.src.data = static
+        hv.src.selected.indices = []
+        hv.fig.add_tools(LassoSelectTool(), BoxSelectTool())
+        if not single:
+            gv = GridView(data, on_open=lambda a, b: None, on_error=_raise)
+            cell = grid_cell(L, H)
+            gv.show(model, method, cell_px=2 * cell)  # twice the shown size: sharp on high-density screens
+            gv.fig.sizing_mode = "fixed"
+            gv.fig.width, gv.fig.height = H * cell + 60, L * cell + 50
+        blob, offsets, scales, nbytes = packing.result()
     where = np.full(L * H, -1, np.int32)
+    for j, (a, b) in enumerate(heads):
+        where[a * H + b] = j
     table = data.head_table(model, method)
-    sel_rows = t.rows[keep]
-    nbytes = 0
-    atlas = data.atlas
-    for a in sorted({a for a, _ in heads}):
-        # One read per layer (not per head): a 270-head page is 30 reads of each array.
-        qs = np.asarray(atlas.array(model, "queries")[a])  # (head, token, d_head)
-        ks = np.asarray(atlas.array(model, "keys")[a])  # (kv_head, token, d_head)
-        if k:
-            tk_i = np.asarray(atlas.array(model, "attn_topk_index")[a])  # (head, token, k)
-            tk_w = np.asarray(atlas.array(model, "attn_topk_weight")[a], dtype=np.float32)
-        for b in [b for a_, b in heads if a_ == a]:
-            j = len(cols["layer"])
-            xy = g.coords[a, b]  # (2 n_all, 2): queries then keys
-            qn = np.linalg.norm(qs[b][sel_rows].astype(np.float32), axis=1)
-            kn = np.linalg.norm(ks[info.kv_head(b)][sel_rows].astype(np.float32), axis=1)
-            cols["layer"].append(a), cols["head"].append(b)
-            cols["x"].append(np.ascontiguousarray(xy[pts, 0], np.float32))
-            cols["y"].append(np.ascontiguousarray(xy[pts, 1], np.float32))
-            cols["norm"].append(np.nan_to_num(np.concatenate([qn, kn])).astype(np.float32))
-            cols["stack"].append(np.minimum(stack_counts(xy)[pts], 65535).astype(np.uint16))
-            if k:
-                idx, w = tk_i[b][sel_rows], np.nan_to_num(tk_w[b][sel_rows])
-                mapped = np.where(idx >= 0, kept_of_row[np.clip(idx, 0, None)], -1)
-                cols["tk_idx"].append(mapped.astype(np.int32).reshape(-1))
-                cols["tk_w"].append(np.round(np.clip(w, 0, 1) * 255).astype(np.uint8).reshape(-1))
-            else:
-                cols["tk_idx"].append(np.zeros(0, np.int32)), cols["tk_w"].append(np.zeros(0, np.uint8))
-            q = table.iloc[a * H + b]
-            cols["trust"].append(float(q.get("trustworthiness", np.nan))), cols["knn"].append(float(q.get("knn_kept", np.nan)))
-            where[a * H + b] = j
-            nbytes += 2 * R * POINT_BYTES + R * k * WEIGHT_BYTES
-    # The heads' arrays go into the page as one base64 block beside the document, not through Bokeh's
-    # serialiser: the grid draws without waiting for them, and the page reads them when a head opens.
-    # Column c holds head j at [j * size, (j + 1) * size); 4-byte columns first, so every view is aligned.
-    blob, offsets = [], {}
-    pos = 0
-    for c, dtype in BLOB_COLUMNS:
-        arr = np.concatenate(cols[c]).astype(dtype) if cols[c] else np.zeros(0, dtype)
-        offsets[c] = pos
-        blob.append(arr.tobytes())
-        pos += arr.nbytes
+    quality = {c: [float(table[c].iat[a * H + b]) if c in table else float("nan") for a, b in heads]
+               for c in ("trustworthiness", "knn_kept")}
     blob_id = f"attnatlas-heads-{uuid.uuid4().hex[:12]}"
-    store = ColumnDataSource(data=dict(trust=cols["trust"], knn=cols["knn"]), name="page_heads")
+    store = ColumnDataSource(data=dict(trust=quality["trustworthiness"], knn=quality["knn_kept"], **scales), name="page_heads")
 
     # Colour modes: head-independent palette indices, from the app's own colour code (norm is per head, in JS).
     modes = colors.modes(data.modality(model))
@@ -226,16 +181,20 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
         mcols["key"].append(key), mcols["index"].append(index.astype(np.int32))
         mcols["palette"].append(list(pal)), mcols["legend"].append(legend)
     mode_src = ColumnDataSource(data=mcols, name="page_colour_modes")
+    # Image models: every kept patch's thumbnail, drawn (as the app draws them) when a zoom shows few points.
+    thumbs = _thumbnails(data, model, t.rows[keep]) if data.modality(model) == "image" else None
 
-    page_id = uuid.uuid4().hex
+    page_id = page_id or uuid.uuid4().hex
     meta = dict(blob=blob_id, offsets=offsets, R=R, k=k, L=L, H=H, model=model, method=method, page=page_id, single=single,
                 shown=f"{R:,} of {n_all:,} tokens" if R < n_all else f"all {n_all:,} tokens",
                 viridis=list(Viridis256), dim=DIM_COLOUR, dim_alpha=DIM_ALPHA, base_alpha=BASE_ALPHA,
-                line_min=LINE_MIN_WEIGHT, max_list=MAX_LIST, hand_over=HAND_OVER)
+                line_min=LINE_MIN_WEIGHT, max_list=MAX_LIST, hand_over=HAND_OVER, max_thumbs=MAX_THUMBS, thumb_span=THUMB_SPAN,
+                query=colors.QUERY, key=colors.KEY)
     args = dict(store=store, src=hv.src, line_src=hv.line_src, match_src=hv.match_src, mapper=hv.mapper,
                 modes=mode_src, colour=hv.colour_select, legend=hv.legend, search=hv.search, search_mode=hv.search_mode,
                 search_count=hv.search_count, search_results=hv.search_results, seq=hv.sequence, title=hv.head_title,
-                lsel=hv.layer_select, hsel=hv.head_select, xr=hv.xr, yr=hv.yr, where=where, meta=json.dumps(meta))
+                lsel=hv.layer_select, hsel=hv.head_select, xr=hv.xr, yr=hv.yr, where=where, meta=json.dumps(meta),
+                thumb_src=hv.thumb_src, thumbs=thumbs)
 
     def js(action: str, **extra: Any) -> CustomJS:
         return CustomJS(args=dict(args, action=action, **extra), code=JS_ESCAPE + PAGE_JS)
@@ -250,6 +209,8 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
     hv.head_select.js_on_change("value", js("select"))
     hv.src.selected.js_on_change("indices", js("tap"))
     hv.fig.js_on_event("selectiongeometry", js("geometry"))
+    if thumbs is not None:
+        hv.fig.js_on_event("rangesupdate", js("thumbs"))
     hv.sequence.text = "Click a point to see where it attends; lasso or box-select points to hand them to Python."
     note = Div(text=f"<small>This page holds {html.escape(meta['shown'])} per head (whole sequences), "
                     f"{len(heads)} of {L * H} heads; search matches token text. "
@@ -259,15 +220,11 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
                       hv.sequence, note)
     head_panel = row(hv.fig, controls, name="page_head")
     ready = js("init")
+    still, still_px = "", 0
     if single:
         root = head_panel
         height = 780
     else:
-        gv = GridView(data, on_open=lambda a, b: None, on_error=_raise)
-        cell = int(np.clip(min(880 / H, 880 / L), 28, 100))
-        gv.show(model, method, cell_px=2 * cell)  # twice the shown size: sharp on high-density screens
-        gv.fig.sizing_mode = "fixed"
-        gv.fig.width, gv.fig.height = H * cell + 60, L * cell + 50
         if n_heads < len(wanted):
             gv.info.text += (f"<br><b>This page embeds {n_heads} of {len(wanted)} heads</b> (layers in order) to stay "
                              f"under its size; the others open with <code>attnatlas serve</code>.")
@@ -278,6 +235,8 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
         gv.fig.js_on_event("rangesupdate", js("zoom", **grid_args))
         root = column(tabs, name="page_root")
         height = max(gv.fig.height + 180, 800)
+        still = str(gv.base_src.data["url"][0]) if len(gv.base_src.data.get("url", [])) else ""
+        still_px = H * cell
     root.tags = [ready]  # part of the document; run once BokehJS has built it
     seal(root)
     doc_title = title or f"attnatlas \u2013 {model} ({method})"
@@ -289,31 +248,125 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
     # The views' server callbacks are inert on a page; the CustomJS above stands in for them.
     page = file_html(doc, INLINE, title=doc_title, suppress_callback_warning=True)
     block = base64.b64encode(b"".join(blob)).decode("ascii")  # only [A-Za-z0-9+/=]: nothing to escape
+    at = page.index("<head>") + len("<head>")  # the first one: the page's own, before BokehJS
+    page = page[:at] + BLOCK_LISTENER.replace("PAGE_ID", page_id) + page[at:]
     end = page.rindex("</body>")  # the last one: BokehJS's own source holds the string too
-    page = page[:end] + f'<script type="application/octet-stream" id="{blob_id}">{block}</script>\n' + page[end:]
-    return Page(page, page_id, model, method, np.asarray(t.rows[keep]), heads, n_all, nbytes, height, single)
+    before = page[:end] + f'<script type="application/octet-stream" id="{blob_id}">'
+    page = before + block + "</script>\n" + page[end:]
+    return Page(page, page_id, model, method, np.asarray(t.rows[keep]), (len(before), len(before) + len(block)), heads, n_all,
+                nbytes, height, single, still, still_px)
+
+
+def _thumbnails(data: AppData, model: str, rows: np.ndarray) -> ColumnDataSource:
+    """The patch thumbnails of the kept token rows, from the head view's own cropping (1 x 1 and ok 0 where a
+    token is no patch)."""
+    tok = data.atlas.tokens(model)
+    images, ok = [], []
+    for r in rows:
+        img = patch_thumbnail(data, model, tok, int(r))
+        images.append(img if img is not None else np.zeros((1, 1), np.uint32))
+        ok.append(int(img is not None))
+    return ColumnDataSource(data=dict(image=images, ok=ok), name="page_thumbnails")
+
+
+def _quantise(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(head, point) values -> uint16 steps of each head's finite range (NaN -> QUANT + 1), each head's low end
+    and step."""
+    v = np.asarray(v, np.float64)
+    ok = np.isfinite(v)
+    lo = np.where(ok, v, np.inf).min(axis=1)
+    hi = np.where(ok, v, -np.inf).max(axis=1)
+    none = ~ok.any(axis=1)
+    lo[none], hi[none] = 0.0, QUANT
+    step = (hi - lo) / QUANT
+    step[step <= 0] = 1.0
+    q = np.clip(np.round((np.where(ok, v, lo[:, None]) - lo[:, None]) / step[:, None]), 0, QUANT).astype(np.uint16)
+    q[~ok] = QUANT + 1
+    return q, lo, step
+
+
+def _pack_heads(data: AppData, model: str, t: Any, heads: list[tuple[int, int]], coords: np.ndarray, keep: np.ndarray,
+                k: int) -> tuple[list[bytes], dict[str, int], dict[str, list[float]], int]:
+    """Every embedded head's arrays in the kept order, column by column (BLOB_COLUMNS; column c holds head j at
+    [j * size, (j + 1) * size)): the block's parts, each column's byte offset, each head's scale of x, y and
+    norm, and the bytes of point data."""
+    info = data.infos[model]
+    n_all, R = len(t.rows), len(keep)
+    pts = np.concatenate([keep, keep + n_all])
+    point_of_kept = np.full(n_all, -1, np.int64)
+    point_of_kept[keep] = np.arange(R)
+    kept_of_row = np.full(len(t.point_of_row) + 1, -1, np.int64)  # atlas row -> kept index; the last entry for -1
+    ok_rows = t.point_of_row >= 0
+    kept_of_row[:-1][ok_rows] = point_of_kept[t.point_of_row[ok_rows]]
+    sel_rows = t.rows[keep]
+    cols: dict[str, list] = {c: [] for c, _ in BLOB_COLUMNS}
+    scales: dict[str, list[float]] = {f"{c}_{w}": [] for c in ("x", "y", "norm") for w in ("lo", "step")}
+    atlas = data.atlas
+    for a in sorted({a for a, _ in heads}):
+        bs = [b for a_, b in heads if a_ == a]
+        # One read per layer (not per head): a 270-head page is 30 reads of each array; every head of it at once.
+        qs = np.asarray(atlas.array(model, "queries")[a])  # (head, token, d_head)
+        ks = np.asarray(atlas.array(model, "keys")[a])  # (kv_head, token, d_head)
+        qn = np.linalg.norm(qs[bs][:, sel_rows].astype(np.float32), axis=-1)
+        kn = np.linalg.norm(ks[[info.kv_head(b) for b in bs]][:, sel_rows].astype(np.float32), axis=-1)
+        xy = coords[a, bs]  # (head, 2 n_all, 2): queries then keys
+        for c, v in (("x", xy[:, pts, 0]), ("y", xy[:, pts, 1]), ("norm", np.nan_to_num(np.concatenate([qn, kn], axis=1)))):
+            q, lo, step = _quantise(v)
+            cols[c].append(q), scales[f"{c}_lo"].extend(lo.tolist()), scales[f"{c}_step"].extend(step.tolist())
+        cols["stack"] += [np.minimum(stack_counts(xy[i])[pts], 65535).astype(np.uint16) for i in range(len(bs))]
+        if k:
+            idx = np.asarray(atlas.array(model, "attn_topk_index")[a])[bs][:, sel_rows]  # (head, R, k)
+            w = np.nan_to_num(np.asarray(atlas.array(model, "attn_topk_weight")[a], dtype=np.float32)[bs][:, sel_rows])
+            mapped = kept_of_row[np.where(idx >= 0, idx, -1)]
+            cols["tk_idx"].append(np.where(mapped >= 0, mapped, QUANT + 1).astype(np.uint16).reshape(-1))
+            cols["tk_w"].append(np.round(np.clip(w, 0, 1) * 255).astype(np.uint8).reshape(-1))
+    blob, offsets, pos = [], {}, 0
+    for c, dtype in BLOB_COLUMNS:
+        arr = np.concatenate([np.asarray(x).reshape(-1) for x in cols[c]]).astype(dtype) if cols[c] else np.zeros(0, dtype)
+        offsets[c] = pos
+        blob.append(arr.tobytes())
+        pos += arr.nbytes
+    return blob, offsets, scales, len(heads) * (2 * R * POINT_BYTES + R * k * WEIGHT_BYTES)
 
 
 def _raise(message: str) -> None:
     raise InputError(message)
 
 
+# A notebook output loads the page without its heads' block, so the grid draws sooner, and posts the block in
+# once the page has loaded; this listener, first in the page, keeps it for PAGE_JS. Saved pages hold the block.
+BLOCK_LISTENER = """<script>window.addEventListener('message', (e) => {
+  const d = e.data
+  if (e.source !== window.parent || !d || d.attnatlas_block !== 'PAGE_ID' || typeof d.text !== 'string') { return }
+  window.__attnatlas_block = d.text
+  window.dispatchEvent(new Event('attnatlas-block'))
+})</script>"""
+
 # One script for every action, so the page's behaviour reads in one place. Strings from the atlas reach the
 # DOM only through esc() or as Bokeh data (which Bokeh escapes); `ctx` is escaped by AppData (only <b> is markup).
 PAGE_JS = r"""
 const M = JSON.parse(meta), R = M.R, K = M.k
 const P = 2 * R
-const TYPES = {x: Float32Array, y: Float32Array, norm: Float32Array, tk_idx: Int32Array, stack: Uint16Array, tk_w: Uint8Array}
-function heads() {  // the heads' arrays, decoded from the page's block the first time a head opens
+const NONE = 65535  // uint16 code of NaN (x, y, norm) and of "no key" (tk_idx)
+function heads() {  // the heads' arrays, decoded from the page's block the first time a head opens; null until it is here
   if (src.__heads == null) {
-    const text = document.getElementById(M.blob).textContent.trim()
+    const el = document.getElementById(M.blob)
+    const text = (el && el.textContent.trim()) || window.__attnatlas_block
+    if (text == null) { return null }
     const bin = atob(text), bytes = new Uint8Array(bin.length)
     for (let i = 0; i < bin.length; i++) { bytes[i] = bin.charCodeAt(i) }
-    const S = {trust: store.data.trust, knn: store.data.knn}
-    for (const [c, T] of Object.entries(TYPES)) {
-      const n = (c == 'tk_idx' || c == 'tk_w') ? R * K : P, at = M.offsets[c]
-      S[c] = new Proxy({}, {get: (_, j) => new T(bytes.buffer, at + (+j) * n * T.BYTES_PER_ELEMENT, n)})
+    const view = (c, j, n, T) => new T(bytes.buffer, M.offsets[c] + j * n * T.BYTES_PER_ELEMENT, n)
+    const steps = (c, j) => {  // uint16 steps of head j's range -> Float32Array
+      const q = view(c, j, P, Uint16Array), lo = store.data[c + '_lo'][j], st = store.data[c + '_step'][j]
+      const out = new Float32Array(P)
+      for (let i = 0; i < P; i++) { out[i] = q[i] == NONE ? NaN : lo + q[i] * st }
+      return out
     }
+    const S = {trust: store.data.trust, knn: store.data.knn}
+    for (const c of ['x', 'y', 'norm']) { S[c] = new Proxy({}, {get: (_, j) => steps(c, +j)}) }
+    S.stack = new Proxy({}, {get: (_, j) => view('stack', +j, P, Uint16Array)})
+    S.tk_idx = new Proxy({}, {get: (_, j) => view('tk_idx', +j, R * K, Uint16Array)})
+    S.tk_w = new Proxy({}, {get: (_, j) => view('tk_w', +j, R * K, Uint8Array)})
     src.__heads = S
   }
   return src.__heads
@@ -395,11 +448,18 @@ function open(l, h) {
     return
   }
   const S = heads()
+  if (S == null) {  // a notebook output whose block is not posted in yet: open once it is
+    title.text = `<b>${esc(M.model)} L${l}H${h}</b>: loading the heads' data\u2026`
+    window.addEventListener('attnatlas-block', () => open(l, h), {once: true})
+    return
+  }
   src.selected.indices = []
+  thumb_src.data = {image: [], x: [], y: [], cx: [], cy: [], dw: [], dh: [], border: []}
   line_src.data = {x0: [], y0: [], x1: [], y1: [], alpha: [], width: [], weight: [], token: []}
-  src.data = Object.assign({}, src.data, {x: S.x[j], y: S.y[j], norm: S.norm[j], stack: S.stack[j]})
+  const x = S.x[j], y = S.y[j]
+  src.data = Object.assign({}, src.data, {x: x, y: y, norm: S.norm[j], stack: S.stack[j]})
   colours(j)
-  for (const [rng, v] of [[xr, S.x[j]], [yr, S.y[j]]]) {
+  for (const [rng, v] of [[xr, x], [yr, y]]) {
     const lo = pct(v, 0.005), hi = pct(v, 0.995), pad = 0.05 * ((hi - lo) || 1)
     rng.start = lo - pad; rng.end = hi + pad
   }
@@ -429,7 +489,10 @@ function tap() {
   const pairs = []  // [other point, weight]
   if (K) {
     if (isq) {
-      for (let m = 0; m < K; m++) { const o = idx[r * K + m]; if (o >= 0 && w[r * K + m] > 0) { pairs.push([R + o, w[r * K + m] / 255]) } }
+      for (let m = 0; m < K; m++) {
+        const o = idx[r * K + m]
+        if (o != NONE && w[r * K + m] > 0) { pairs.push([R + o, w[r * K + m] / 255]) }
+      }
     } else {
       for (let q = 0; q < R; q++) { for (let m = 0; m < K; m++) { if (idx[q * K + m] == r && w[q * K + m] > 0) { pairs.push([q, w[q * K + m] / 255]) } } }
     }
@@ -453,6 +516,8 @@ function open_cell(l, h) {
 }
 
 if (action == 'init') {
+  // The notebook output keeps its still grid image over this page until the page is drawn.
+  try { window.parent.postMessage({attnatlas_ready: M.page}, '*') } catch (e) {}
   if (!window.__attnatlas_listen) {  // the notebook widget may set the selection from Python
     window.__attnatlas_listen = true
     window.addEventListener('message', (e) => {
@@ -473,6 +538,22 @@ if (action == 'init') {
 } else if (action == 'select') {
   const [l, h] = cur()
   if (!store.__busy && Number.isFinite(l) && Number.isFinite(h)) { open(l, h) }
+} else if (action == 'thumbs') {
+  // The app's thumbnails: each patch in view drawn at its point once a zoom shows at most max_thumbs points.
+  const {x0, x1, y0, y1} = cb_obj, x = src.data.x, y = src.data.y, vis = []
+  for (let i = 0; i < x.length && vis.length <= M.max_thumbs; i++) {
+    if (x[i] >= x0 && x[i] <= x1 && y[i] >= y0 && y[i] <= y1) { vis.push(i) }
+  }
+  const d = {image: [], x: [], y: [], cx: [], cy: [], dw: [], dh: [], border: []}
+  if (vis.length <= M.max_thumbs) {
+    const dw = (x1 - x0) / M.thumb_span, dh = (y1 - y0) / M.thumb_span
+    for (const i of vis) {
+      if (!thumbs.data.ok[i % R]) { continue }
+      d.image.push(thumbs.data.image[i % R]); d.x.push(x[i] - dw / 2); d.y.push(y[i] - dh / 2)
+      d.cx.push(x[i]); d.cy.push(y[i]); d.dw.push(dw); d.dh.push(dh); d.border.push(i < R ? M.query : M.key)
+    }
+  }
+  thumb_src.data = d
 } else if (action == 'tap') {
   tap()
 } else if (action == 'geometry') {

@@ -6,7 +6,7 @@ import html
 from typing import Any
 from urllib.parse import urlencode
 
-from attnatlas.app.view import partner
+from attnatlas.app.views.base import partner
 
 
 def head_link(model: str, layer: int, head: int, method: str | None = None) -> str:

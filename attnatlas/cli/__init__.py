@@ -12,8 +12,8 @@ import logging
 import sys
 import warnings
 
-from attnatlas import __version__
 from attnatlas.errors import AtlasError
+from attnatlas.version import __version__
 
 # Each module defines register(subparsers) and sets a `func(args) -> int | None` default.
 COMMANDS = ["extract", "info", "project", "serve", "demo", "compare", "analyze", "build", "export", "place"]

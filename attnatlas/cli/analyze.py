@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the repeated random tokens (default 0)")
     p.add_argument("--probe-length", type=int, default=32, help="random tokens per copy (default 32)")
     p.add_argument("--probe-count", type=int, default=8, help="repeated-token sequences (default 8)")
-    p.add_argument("--layout", help="layout method the colour and brightness scores read (default tsne, umap, pca)")
+    p.add_argument("--layout", help="layout method the colour and brightness scores read "
+                                         "(default: the first of tsne, umap, pca the model has)")
     p.add_argument("--top", type=int, default=16, help="top activations kept per neuron (default 16)")
     p.add_argument("--share", type=float, default=0.75, help="share of top items that must agree for a label (default 0.75)")
     p.add_argument("--method", default="pca", help="reducer of the projection stage for embedding layouts (default pca)")

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from attnatlas.analyze.head_types import types_by_head
     from attnatlas.compare.report import write_outputs
     from attnatlas.compare.run import check_models, compare_models
     from attnatlas.errors import InputError
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     res = compare_models(atlas, list(args.models), layout_method=args.layout,
                          max_sequences=args.max_sequences or None, top_k=args.top, store=not args.no_store,
                          progress=not args.quiet)
-    files = write_outputs(atlas, res, out)
+    files = write_outputs(atlas, res, out, types_by_head(atlas, res.models))
     a, b = res.models
     print(f"compared {a} ({len(res.metrics[a].heads)} heads) with {b} ({len(res.metrics[b].heads)} heads) "
           f"over {res.n_sequences} common sequences in {res.seconds:.1f} s")

@@ -64,11 +64,11 @@ def _image_subset(folder: str, n: int) -> list[str]:
 
 
 def build_demo_atlas(args: argparse.Namespace) -> Path:
+    from attnatlas.errors import SettingsChanged
     from attnatlas.extract import ExtractOptions, extract, load_model
     from attnatlas.extract.extractor import hash_images, hash_texts
     from attnatlas.inputs import load_images, load_texts
     from attnatlas.project import project_model
-    from attnatlas.errors import SettingsChanged
     from attnatlas.store import Atlas
 
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from attnatlas.cli import export_html
+from attnatlas.cli.files import atomic_write
 from attnatlas.errors import InputError, StoreError
 
 FORMATS = {".png": "PNG", ".pdf": "PDF"}
@@ -21,12 +21,14 @@ MIN_CELL_PX, MAX_CELL_PX = 16, 1024
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from attnatlas.project.reducers import REDUCERS
+
     p = sub.add_parser("export", help="write the global grid of a model as an image for papers",
                        description="Write the global grid of one model's layouts as the dashboard draws it (PNG or PDF), "
                                    "and beside it OUT.json: every head's pixel box and the data range it maps.")
     p.add_argument("atlas", metavar="ATLAS")
     p.add_argument("--model", required=True, help="model name in the atlas")
-    p.add_argument("--method", default=None, help="projection method (tsne, umap, pca, ...); needed with --grid")
+    p.add_argument("--method", default=None, help="projection method (" + ", ".join(sorted(REDUCERS)) + "); needed with --grid")
     p.add_argument("--grid", default=None, metavar="OUT.png", help="output image: .png or .pdf")
     p.add_argument("--layers", help="layers to draw, e.g. 0,2,5-7 (default: all)")
     p.add_argument("--heads", help="heads to draw, e.g. 0-3 (default: all)")
@@ -34,21 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"pixels per cell ({MIN_CELL_PX}-{MAX_CELL_PX}; default: the dashboard's, for a 1600 px window)")
     export_html.add_arguments(p)
     p.set_defaults(func=run)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, renamed into place: no half-written output."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an exported figure is an ordinary file
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("Give --grid or --html, one at a time.")
         return export_html.run(args)
     if args.method is None:
-        raise InputError("--grid needs --method (tsne, umap, pca, ...).")
+        from attnatlas.project.reducers import REDUCERS
+
+        raise InputError("--grid needs --method (" + ", ".join(sorted(REDUCERS)) + ").")
     out = Path(args.grid).expanduser()
     fmt = FORMATS.get(out.suffix.lower())
     if fmt is None:
@@ -73,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.access(parent, os.W_OK):
         raise StoreError(f"--grid {out}: the folder {parent} is not writable.")
     from attnatlas.app.data import AppData
-    from attnatlas.app.grid_view import base_cell_px, grid_figure
+    from attnatlas.render.raster import base_cell_px, grid_figure
 
     data = AppData(args.atlas)  # read-only; a path that is not an atlas is a StoreError here
     if "://" not in str(args.atlas):
@@ -86,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method not in data.methods[args.model]:
         have = ", ".join(data.methods[args.model])
         raise InputError(f"Model {args.model!r} has no {args.method!r} layouts (has: {have}); run `attnatlas project`.")
-    from attnatlas.project.runner import parse_list
+    from attnatlas.project.jobs import parse_list
 
     g = data.grid_layouts(args.model, args.method)
     L, H = g.done.shape
@@ -120,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
                                     for p in str(r["type_text"]).split(", ") if p}
             h["scores"] = {c: float(r[c]) for c in SCORE_LABELS if c in r and np.isfinite(r[c])}
     try:
-        _atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **({"resolution": 150.0} if fmt == "PDF" else {})))
-        _atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **({"resolution": 150.0} if fmt == "PDF" else {})))
+        atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     except OSError as exc:
         raise StoreError(f"Could not write {out}: {exc.strerror or exc}.") from None
     n_missing = len(meta["missing"])

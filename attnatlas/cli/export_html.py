@@ -1,8 +1,8 @@
 """attnatlas export ATLAS --model M --html OUT.html: the grid and every head's view in one file, no server.
 
 The page is attnatlas.app.page's (the dashboard's own views with CustomJS); its size rule keeps the same
-whole sequences for every head, as many as fit the budget (default 40 MB of point data, which with BokehJS
-and base64 keeps the file under about 55 MB; --budget-mb to change it)."""
+whole sequences for every head, as many as fit the budget (default 34 MB of point data, which with BokehJS
+and base64 keeps the file under 50 MB; --budget-mb to change it)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", metavar="OUT.html", default=None,
                    help="write one self-contained page with the grid and every head's view (opens offline, no server)")
     p.add_argument("--budget-mb", type=float, default=None,
-                   help=f"--html: MB of point data the page may hold ({MIN_BUDGET_MB}-{MAX_BUDGET_MB}; default 40); "
+                   help=f"--html: MB of point data the page may hold ({MIN_BUDGET_MB}-{MAX_BUDGET_MB}; default 34); "
                         "every head keeps the same whole sequences, as many as fit")
 
 
 def run(args: argparse.Namespace) -> int:
     from attnatlas.app import page as page_mod
     from attnatlas.app.data import AppData
-    from attnatlas.cli.export import _atomic_write
+    from attnatlas.cli.files import atomic_write
 
     out = Path(args.html).expanduser()
     if out.suffix.lower() not in (".html", ".htm"):
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     budget = page_mod.EXPORT_BUDGET if mb is None else int(mb * (1 << 20))
     page = page_mod.build(data, args.model, args.method, budget=budget)
     try:
-        _atomic_write(out, lambda tmp: Path(tmp).write_text(page.html, encoding="utf-8"))
+        atomic_write(out, lambda tmp: Path(tmp).write_text(page.html, encoding="utf-8"))
     except OSError as exc:
         raise StoreError(f"Could not write {out}: {exc.strerror or exc}.") from None
     L, H = data.infos[page.model].n_layers, data.infos[page.model].n_heads

@@ -9,6 +9,7 @@ from attnatlas.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from attnatlas.project.reducers import REDUCERS
     from attnatlas.project.runner import DEFAULT_METHODS, HEAD_TIMEOUT, MAX_POINTS
 
     p = subparsers.add_parser("project", help="project each head's queries and keys together to 2-D",
@@ -16,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "the layouts and their faithfulness in the atlas.")
     p.add_argument("atlas", help="atlas folder")
     p.add_argument("--model", help="model in the atlas (default: the only one)")
-    p.add_argument("--method", default=",".join(DEFAULT_METHODS), help="comma list of tsne, umap, pca")
+    p.add_argument("--method", default=",".join(DEFAULT_METHODS),
+                   help="comma list of " + ", ".join(sorted(REDUCERS)) + f" (default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--layers", help="e.g. 0,2,5-7 (default: all)")
     p.add_argument("--heads", help="e.g. 0-3 (default: all)")
     p.add_argument("--workers", type=int, default=1, help="worker processes, one head each (default 1)")
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--max-points must be at least 10.")
     if not args.head_timeout > 0:
         raise InputError("--head-timeout must be a positive number of seconds.")
-    kwargs = dict(reducer_params=parse_reducer_options(args.reducer_options), methods=args.method, layers=args.layers, heads=args.heads, metric=args.metric, seed=args.seed,
+    kwargs = dict(reducer_params=parse_reducer_options(args.reducer_options), methods=args.method, layers=args.layers,
+                  heads=args.heads, metric=args.metric, seed=args.seed,
                   force=args.force, normalise={"translate": not args.no_translate, "scale": not args.no_scale},
                   max_points=args.max_points, progress=not args.quiet, place=not args.no_place)
     if args.scheduler == "none":

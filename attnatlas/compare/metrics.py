@@ -72,7 +72,7 @@ class Batch:
     def lengths(self) -> np.ndarray:
         return self.valid.sum(1)
 
-    def subset(self, keep: np.ndarray) -> "Batch":
+    def subset(self, keep: np.ndarray) -> Batch:
         rc = None if self.patch_rc is None else self.patch_rc[keep]
         return Batch(self.sequence[keep], self.rows[keep], self.special[keep], self.punct[keep], rc)
 

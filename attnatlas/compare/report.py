@@ -11,7 +11,9 @@ from bokeh.layouts import column
 from bokeh.models import Div
 from bokeh.resources import INLINE
 
+from attnatlas.compare.metrics import HEAD_FIELDS
 from attnatlas.compare.run import CompareResult
+from attnatlas.render.safe import seal
 
 # (column, title, largest first?) for the "heads that stand out" summary
 HIGHLIGHTS = [
@@ -36,7 +38,9 @@ def token_sparsity_table(atlas, model: str, keys90: pd.DataFrame) -> pd.DataFram
     return pd.concat([keys90[["token"]].rename(columns={"token": "row"}), info, summary, heads], axis=1)
 
 
-def write_outputs(atlas, res: CompareResult, out: Path) -> list[Path]:
+def write_outputs(atlas, res: CompareResult, out: Path, types: tuple[list[str], list[str]] | None = None) -> list[Path]:
+    """The CSV tables and report.html under `out`; `types`: both models' head types for the report (see
+    report_html)."""
     out = Path(out)
     files = []
     for m in res.models:
@@ -51,7 +55,7 @@ def write_outputs(atlas, res: CompareResult, out: Path) -> list[Path]:
         df.to_csv(out / name, index=False, float_format="%.5g")
         files.append(out / name)
     f = out / "report.html"
-    f.write_text(report_html(atlas, res), encoding="utf-8")
+    f.write_text(report_html(atlas, res, types), encoding="utf-8")
     files.append(f)
     return files
 
@@ -93,12 +97,13 @@ def summary_html(res: CompareResult) -> str:
     )
 
 
-def report_html(atlas, res: CompareResult) -> str:
-    from attnatlas.app.compare_view import build_compare_view
-    from attnatlas.app.safe import seal
+def report_html(atlas, res: CompareResult, types: tuple[list[str], list[str]] | None = None) -> str:
+    """The standalone page. `types`: each model's head types in (layer, head) order
+    (analyze.head_types.types_by_head; analyze sits above compare, so the caller reads them), None for none."""
+    from attnatlas.render.compare_html import compare_layout  # Bokeh's figures load with the report only
 
     a, b = res.models
-    view = build_compare_view(atlas, a, b, result=res)
+    view = compare_layout(atlas, res, HEAD_FIELDS, types)
     page = column(Div(text=summary_html(res), width=1200, disable_math=True), view)
     seal(page)  # model names and tokens are shown as written, never typeset
     return file_html(page, INLINE, title=f"attnatlas compare {a} {b}")

@@ -1,6 +1,7 @@
 """Corpus and image loaders: everything a user can feed to an atlas enters through here."""
 
-from attnatlas.inputs.dataset import load_corpus, load_dataset_records
+from attnatlas.inputs.corpus import load_corpus
+from attnatlas.inputs.dataset import load_dataset_records
 from attnatlas.inputs.images import (
     IMAGE_EXTENSIONS,
     ImageRecord,

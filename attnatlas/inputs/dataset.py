@@ -1,8 +1,8 @@
-"""Corpora from the ecosystem: Parquet files and Hugging Face `datasets` (saved folders, image folders, hub ids),
-with row selection (--limit, --sample/--seed) and a provenance record that goes into the atlas.
+"""Corpora from Hugging Face `datasets` (saved folders, image folders, hub ids), with row selection (--limit,
+--sample/--seed) and a provenance record that goes into the atlas.
 
-Every loader returns records of the same kinds as the .txt/.jsonl/.csv and image-folder loaders
-(TextRecord, ImageRecord), so extraction does not care where a corpus came from.
+The records are of the same kinds as the .txt/.jsonl/.csv/.parquet and image-folder loaders give (TextRecord,
+ImageRecord), so extraction does not care where a corpus came from.
 """
 
 from __future__ import annotations
@@ -12,57 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from attnatlas.errors import InputError
 from attnatlas.inputs.images import ImageRecord, to_rgb
-from attnatlas.inputs.text import DEFAULT_COLUMN, TextRecord
+from attnatlas.inputs.selection import select_rows
+from attnatlas.inputs.text import DEFAULT_COLUMN, TextRecord, text_records
 
 log = logging.getLogger(__name__)
 IMAGE_FOLDER_BUILDER = "imagefolder"
-
-
-def select_rows(n_rows: int, limit: int | None, sample: int | None, seed: int, what: str) -> np.ndarray:
-    """Row indices to use: the first `limit`, then `sample` of those drawn with `seed` (kept in corpus order)."""
-    for name, value in (("--limit", limit), ("--sample", sample)):
-        if value is not None and value < 1:
-            raise InputError(f"{name} must be a positive number of rows, not {value}.")
-    rows = np.arange(n_rows if limit is None else min(limit, n_rows))
-    if sample is not None:
-        if sample >= len(rows):
-            if sample > len(rows):
-                log.warning("--sample %d is more than the %d rows of %s; using all of them.", sample, len(rows), what)
-        else:
-            rows = np.sort(np.random.default_rng(seed).choice(rows, sample, replace=False))
-    return rows
-
-
-def load_parquet_texts(path: str | os.PathLike, column: str | None = None) -> tuple[list[TextRecord], int]:
-    """(records, blank rows skipped) from one text column of a Parquet file; sources are "file:row N" (1-based)."""
-    import pyarrow.parquet as pq
-
-    name = os.fspath(path)
-    column = column or DEFAULT_COLUMN
-    try:
-        schema = pq.read_schema(name)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{name} is not a readable Parquet file ({exc}).") from None
-    if column not in schema.names:
-        raise InputError(f"{name}: no column {column!r}; available columns: {', '.join(map(repr, schema.names))}")
-    values = pq.read_table(name, columns=[column]).column(column).to_pylist()
-    return _text_records(values, lambda i: f"{name}:row {i + 1}", f"{name} column {column!r}")
-
-
-def _text_records(values: list[Any], source, what: str) -> tuple[list[TextRecord], int]:
-    records, blank = [], 0
-    for i, v in enumerate(values):
-        if v is None or (isinstance(v, str) and not v.strip()):
-            blank += 1
-            continue
-        if not isinstance(v, str):
-            raise InputError(f"{what}: row {i + 1} holds a {type(v).__name__}, not text; choose a text column.")
-        records.append(TextRecord(v, source(i)))
-    return records, blank
 
 
 def _open_dataset(spec: str, split: str | None) -> tuple[Any, str, str]:
@@ -145,7 +101,7 @@ def load_dataset_records(spec: str, split: str | None = None, text_column: str |
             records.append(ImageRecord(to_rgb(img), f"{where}:{os.path.basename(name)}"))
         blank = len(rows) - len(records)
     else:  # text is cheap to read whole: empty rows are dropped first, so --sample N gives N sequences
-        everything, blank = _text_records(list(ds[column]), lambda i: f"{where}:row {i + 1}", f"{spec} column {column!r}")
+        everything, blank = text_records(list(ds[column]), lambda i: f"{where}:row {i + 1}", f"{spec} column {column!r}")
         records = [everything[i] for i in select_rows(len(everything), limit, sample, seed, spec)]
     if blank:
         log.info("%s: skipped %d empty row(s)", spec, blank)
@@ -158,33 +114,3 @@ def load_dataset_records(spec: str, split: str | None = None, text_column: str |
     return records, provenance
 
 
-def load_corpus(texts: Any = None, images: Any = None, dataset: str | None = None, text_column: str | None = None,
-                image_column: str | None = None, split: str | None = None, limit: int | None = None,
-                sample: int | None = None, seed: int = 0) -> tuple[list[TextRecord] | None, list[ImageRecord] | None,
-                                                                 dict[str, Any]]:
-    """(text records, image records, provenance) from exactly one of `texts`, `images` or `dataset`; one of
-    the two record lists is None. --limit and --sample work the same on every kind of input."""
-    from attnatlas.inputs.images import load_images
-    from attnatlas.inputs.text import load_texts
-
-    if sum(x is not None for x in (texts, images, dataset)) != 1:
-        raise InputError("Give exactly one of --texts, --images or --dataset.")
-    if dataset is None and (split is not None or image_column is not None):
-        raise InputError("--split and --image-column choose from a --dataset.")
-    if dataset is not None:
-        records, provenance = load_dataset_records(dataset, split, text_column, image_column, limit, sample, seed)
-        is_text = isinstance(records[0], TextRecord)
-        return (records, None, provenance) if is_text else (None, records, provenance)
-    if texts is not None:
-        all_records: list = load_texts(texts, column=text_column)
-        where = os.fspath(texts) if isinstance(texts, (str, os.PathLike)) else "list"
-    else:
-        all_records = load_images(images)
-        where = os.fspath(images) if isinstance(images, (str, os.PathLike)) else "list"
-    rows = select_rows(len(all_records), limit, sample, seed, where)
-    records = [all_records[i] for i in rows] if len(rows) < len(all_records) else all_records
-    kind = "list" if where == "list" else ("folder" if os.path.isdir(where) else Path(where).suffix.lower().lstrip(".") or "file")
-    provenance = {"kind": kind, "path": where if where == "list" else str(Path(where).expanduser().absolute()),
-                  "column": text_column, "rows_total": len(all_records), "rows_used": len(records),
-                  "limit": limit, "sample": sample, "seed": seed if sample is not None else None}
-    return (records, None, provenance) if texts is not None else (None, records, provenance)

@@ -1,4 +1,4 @@
-"""Load a text corpus (one sequence per line, JSON Lines, CSV, or a Python list) into records."""
+"""Load a text corpus (one sequence per line, JSON Lines, CSV, a Parquet column, or a Python list) into records."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from attnatlas.errors import InputError
 
@@ -60,8 +61,6 @@ def load_texts(
             "other files are read as one sequence per line"
         )
     if suffix in PARQUET_EXTENSIONS:
-        from attnatlas.inputs.dataset import load_parquet_texts
-
         if not path.is_file():
             raise InputError(f"corpus file not found: {name}")
         records, blank = load_parquet_texts(name, column)
@@ -76,6 +75,36 @@ def load_texts(
     if not records:
         raise InputError(f"no non-empty sequences in {name}")
     return records
+
+
+def load_parquet_texts(path: str | os.PathLike, column: str | None = None) -> tuple[list[TextRecord], int]:
+    """(records, blank rows skipped) from one text column of a Parquet file; sources are "file:row N" (1-based)."""
+    import pyarrow.parquet as pq
+
+    name = os.fspath(path)
+    column = column or DEFAULT_COLUMN
+    try:
+        schema = pq.read_schema(name)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{name} is not a readable Parquet file ({exc}).") from None
+    if column not in schema.names:
+        raise InputError(f"{name}: no column {column!r}; available columns: {', '.join(map(repr, schema.names))}")
+    values = pq.read_table(name, columns=[column]).column(column).to_pylist()
+    return text_records(values, lambda i: f"{name}:row {i + 1}", f"{name} column {column!r}")
+
+
+def text_records(values: list[Any], source: Callable[[int], str], what: str) -> tuple[list[TextRecord], int]:
+    """(records, blank rows skipped) of a column's values; `source(row)` names each record, `what` the column
+    in messages. A value that is not text is an InputError."""
+    records, blank = [], 0
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            blank += 1
+            continue
+        if not isinstance(v, str):
+            raise InputError(f"{what}: row {i + 1} holds a {type(v).__name__}, not text; choose a text column.")
+        records.append(TextRecord(v, source(i)))
+    return records, blank
 
 
 def _from_list(items: Sequence[str]) -> list[TextRecord]:

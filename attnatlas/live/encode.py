@@ -41,7 +41,8 @@ class Encoded:
 def load_atlas_model(atlas: Atlas, model: str, device: str = "cpu", purpose: str = "nothing can be placed") -> Any:
     """The stored model's weights loaded here (extract's loader), checked to be the model of the atlas;
     `purpose` ends the refusal's first clause ("cannot be loaded here, so <purpose>")."""
-    from attnatlas.extract.extractor import load_model, split_stack
+    from attnatlas.extract.adapters import split_stack
+    from attnatlas.extract.loading import load_model
 
     info = atlas.info(model)  # StoreError names the models it holds
     attrs = info.attrs
@@ -68,7 +69,7 @@ def load_atlas_model(atlas: Atlas, model: str, device: str = "cpu", purpose: str
 
 
 def _options(attrs: dict[str, Any], device: str) -> Any:
-    from attnatlas.extract.extractor import ExtractOptions
+    from attnatlas.extract.options import ExtractOptions
 
     return ExtractOptions(dtype=str(attrs.get("dtype", "float16")), batch_size=PLACE_BATCH,
                           max_tokens=attrs.get("max_tokens"), attention_topk=int(attrs.get("attention_topk") or 8),
@@ -95,16 +96,17 @@ def encode_texts(loaded: Any, attrs: dict[str, Any], records: list[Any], chunk: 
     keep before the tokenizer sees it (the token limit, or with `chunk` the call's token budget), and texts
     or windows past the budget (`bounds.token_budget`: at most `bounds.MAX_PLACE_POINTS` placed points over
     every head and `n_methods` methods) are left out, with a note."""
-    from attnatlas.extract.extractor import DEFAULT_MAX_TOKENS, _text_batches, resolve_device
+    from attnatlas.extract.batches import text_batches
+    from attnatlas.extract.device import resolve_device
+    from attnatlas.extract.options import token_limits
     from attnatlas.extract.windows import window_documents
     from attnatlas.live.bounds import CHARS_PER_TOKEN, token_budget
 
     if loaded.adapter.modality != "text":
         raise InputError(f"{loaded.model_id!r} is an image model; give an image, not text.")
     opts = _options(attrs, device)
-    tok, config = loaded.preprocessor, loaded.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or DEFAULT_MAX_TOKENS
-    max_len = int(opts.max_tokens or min(limit, DEFAULT_MAX_TOKENS))
+    tok = loaded.preprocessor
+    max_len = token_limits(loaded.config, opts.max_tokens)[1]
     a = loaded.adapter
     budget = token_budget(a.n_layers * a.n_heads, n_methods, max_len)
     notes: list[str] = []
@@ -140,8 +142,8 @@ def encode_texts(loaded: Any, attrs: dict[str, Any], records: list[Any], chunk: 
                      f"takes at most {budget:,} tokens into {a.n_layers * a.n_heads} heads x {n_methods} method(s) "
                      f"(a bound on memory); place the rest in another call.")
         records = records[:kept]
-    batches = _text_batches(loaded, records, opts, max_len, resolve_device(device), np.dtype(opts.dtype),
-                            _recipe(loaded))
+    batches = text_batches(loaded, records, opts, max_len, resolve_device(device), np.dtype(opts.dtype),
+                           _recipe(loaded))
     return _collect([b for b, _ in batches], [r.text for r in records], notes)
 
 
@@ -175,12 +177,13 @@ def read_image_bytes(data: bytes, name: str) -> list[Any]:
 
 def encode_images(loaded: Any, attrs: dict[str, Any], records: list[Any], device: str = "cpu") -> Encoded:
     """q and k of every head for each image record (`read_images`)."""
-    from attnatlas.extract.extractor import _image_batches, resolve_device
+    from attnatlas.extract.batches import image_batches
+    from attnatlas.extract.device import resolve_device
 
     if loaded.adapter.modality != "image":
         raise InputError(f"{loaded.model_id!r} is a text model; give text, not an image.")
     opts = _options(attrs, device)
-    batches = _image_batches(loaded, records, opts, resolve_device(device), np.dtype(opts.dtype), _recipe(loaded))
+    batches = image_batches(loaded, records, opts, resolve_device(device), np.dtype(opts.dtype), _recipe(loaded))
     return _collect([b for b, _ in batches], [Path(r.source).name for r in records], [])
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pandas as pd
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from attnatlas.project.normalize import apply_normalisation, joint_points
+from attnatlas.project.quality import layout_quality, quality_sample
+
 PLACE_K = 10
 # Above this many reference points an inverted-file index (approximate) answers the neighbour queries: exact
 # search of 180,000 new points against 20,000 references cost more than the layout itself. Measured on real
@@ -103,3 +106,44 @@ def place(new: np.ndarray, ref: np.ndarray, ref_xy: np.ndarray, metric: str = "c
     mean = dist.mean(1).astype(np.float32)
     scale = typical if typical is not None else typical_distance(ref, metric, k)
     return Placement(xy, idx, mean, (mean / max(scale, 1e-12)).astype(np.float32))
+
+
+class Placer:
+    """The tokens a capped layout left out, placed into each of the head's layouts from their neighbours
+    among the laid-out points (one neighbour search per head, shared by every method)."""
+
+    def __init__(self, X: np.ndarray, q_all: np.ndarray, k_all: np.ndarray, rows: np.ndarray, applied: dict,
+                 metric: str, exact: bool = False):
+        self.n, self.rows = len(q_all), rows
+        self.rest = np.setdiff1d(np.arange(self.n), rows)
+        qr, kr = apply_normalisation(q_all[self.rest], k_all[self.rest], applied)
+        self.X = joint_points(qr, kr)  # (2 * rest, d): queries, then keys
+        self.idx, self.dist = knn_query(X, self.X, PLACE_K, metric, use_faiss=not exact)
+        self.metric = metric
+
+    @classmethod
+    def of(cls, X: np.ndarray, q_all: np.ndarray, k_all: np.ndarray, rows: np.ndarray, applied: dict, metric: str,
+           exact: bool = False) -> Placer | None:
+        """The placer of a head laid out from `rows` (None when that is every token); ValueError on NaN/inf."""
+        if len(rows) >= len(q_all):
+            return None
+        bad = int((~np.isfinite(q_all)).sum() + (~np.isfinite(k_all)).sum())
+        if bad:
+            raise ValueError(f"{bad} NaN/inf values in the query/key vectors of tokens outside the layout sample")
+        return cls(X, q_all, k_all, rows, applied, metric, exact)
+
+    def coords(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(2 * n_tokens, 2) coordinates of every token (queries, then keys, in token order) and the
+        placed points' own (2 * rest, 2)."""
+        Yr = positions(self.idx, self.dist, Y)
+        full = np.empty((2 * self.n, 2), np.float32)
+        S, R = len(self.rows), len(self.rest)
+        full[self.rows], full[self.n + self.rows] = Y[:S], Y[S:]
+        full[self.rest], full[self.n + self.rest] = Yr[:R], Yr[R:]
+        return full, Yr
+
+    def quality(self, Yr: np.ndarray, seed: int) -> dict[str, float]:
+        """Faithfulness of the placed points, by the same measure as the laid-out ones (a seeded subsample)."""
+        sub = quality_sample(len(self.X), seed)
+        q = layout_quality(self.X[sub], Yr[sub], self.metric, seed=seed)
+        return {**q, "points": float(len(self.X))}

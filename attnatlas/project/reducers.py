@@ -18,7 +18,7 @@ import numpy as np
 from attnatlas.errors import InputError
 
 METRICS = ("cosine", "euclidean")
-REDUCERS: dict[str, type["Reducer"]] = {}
+REDUCERS: dict[str, type[Reducer]] = {}
 # Threads a reducer may use; None = the library's default. Set by the runner when heads run in parallel
 # (threadpoolctl covers OpenMP/BLAS, but not oneDAL's TBB pool).
 THREADS: int | None = None
@@ -36,13 +36,13 @@ def set_threads(n: int | None) -> None:
         daal4py.daalinit(n or cores or 1)
 
 
-def register_reducer(cls: type["Reducer"]) -> type["Reducer"]:
+def register_reducer(cls: type[Reducer]) -> type[Reducer]:
     """Class decorator: make `cls` available under `cls.name` to the runner and the CLI."""
     REDUCERS[cls.name] = cls
     return cls
 
 
-def get_reducer(name: str, **kwargs: Any) -> "Reducer":
+def get_reducer(name: str, **kwargs: Any) -> Reducer:
     if name not in REDUCERS:
         raise InputError(f"Unknown projection method {name!r}; choose from {', '.join(sorted(REDUCERS))}.")
     return REDUCERS[name](**kwargs)
@@ -87,7 +87,7 @@ class Reducer:
         self.adapted: dict[str, Any] = {}
         self.safe = False
 
-    def make_safe(self) -> "Reducer":
+    def make_safe(self) -> Reducer:
         """Switch to the backend without known native crashes: the retry of a head whose process died."""
         self.safe = True
         return self
@@ -109,7 +109,7 @@ class Reducer:
     def fit_transform(self, X: np.ndarray, init: np.ndarray | None = None, knn: tuple | None = None) -> np.ndarray:
         raise NotImplementedError
 
-    def init_reducer(self, n_points: int | None = None) -> "Reducer | None":
+    def init_reducer(self, n_points: int | None = None) -> Reducer | None:
         """The reducer whose layout starts this one, computed here when `init` is not given. The runner
         runs it first and hands its layout over only when its params match, so results never depend
         on which methods share a job."""
@@ -153,7 +153,7 @@ class _Backends(Reducer):
 
     safe_backend: ClassVar[str] = ""
 
-    def make_safe(self) -> "Reducer":
+    def make_safe(self) -> Reducer:
         super().make_safe()
         for k in self.batched_defaults:
             self.options.pop(k, None)

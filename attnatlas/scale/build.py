@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from attnatlas.errors import InputError
 from attnatlas.scale.config import BuildConfig, Corpus, ModelSpec
@@ -33,7 +34,7 @@ def choose_compute(device: str, precision: str, batch_size: int | str) -> Comput
     on CPU float32 (autocast on CPU is slower here and only changes the stored values)."""
     import torch
 
-    from attnatlas.extract.extractor import resolve_device
+    from attnatlas.extract.device import resolve_device
 
     dev = resolve_device(device).type
     if precision == "auto":
@@ -113,7 +114,7 @@ def run_build(cfg: BuildConfig, stages: tuple[str, ...] = STAGES, scheduler: str
 
 
 def _extract_all(cfg: BuildConfig, atlas: Any, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
-    from attnatlas.extract.extractor import ExtractOptions, extract, load_model
+    from attnatlas.extract import ExtractOptions, extract, load_model
 
     out: dict[str, Any] = {}
     for spec in cfg.models:

@@ -18,10 +18,11 @@ Every error names the offending key and its line in the file.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from attnatlas.errors import InputError
 

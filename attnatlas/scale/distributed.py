@@ -16,7 +16,8 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from attnatlas.errors import AtlasError, InputError
 from attnatlas.project.pool import THREAD_VARS

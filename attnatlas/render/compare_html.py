@@ -1,13 +1,16 @@
-"""Compare view: two models' head grids side by side, a sortable and filterable head table, and a
+"""The compare layout: two models' head grids side by side, a sortable and filterable head table, and a
 heat map of head-to-head similarity. Clicking a head in one grid outlines its nearest heads in the other.
 
-All interaction runs in the browser (CustomJS), so the same layout works in the server app and in the
-standalone report. It reads results stored by `attnatlas compare`; it never computes them (no torch).
+All interaction runs in the browser (CustomJS), so the same layout works in the dashboard's Compare tab and
+in compare's standalone report. It draws a comparison it is given (a `compare.run.CompareResult`, passed in,
+not imported: compare sits above this package); it never computes one (no torch).
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from bokeh.layouts import column, row
@@ -30,10 +33,8 @@ from bokeh.models import (
 from bokeh.palettes import RdBu11, Viridis256
 from bokeh.plotting import figure
 
-from attnatlas.app.data import METRIC_LABELS
-from attnatlas.app.safe import JS_ESCAPE, seal
-from attnatlas.compare.metrics import HEAD_FIELDS
-from attnatlas.compare.run import CompareResult, load
+from attnatlas.render.labels import METRIC_LABELS
+from attnatlas.render.safe import JS_ESCAPE, seal
 
 CELL = 14  # pixels per head in the grids
 # Words for compare's fields wherever they are shown (menus, colour bars, the table); the data keep the names.
@@ -43,6 +44,7 @@ MEASURE_LABELS = {"pattern": "attention pattern", "profile": "metric profile"}
 
 def field_label(field: str) -> str:
     return FIELD_LABELS.get(field, field.replace("_", " "))
+
 
 HIGHLIGHT_JS = JS_ESCAPE + """
 // sim: (heads of this grid) x (heads of the other grid), row-major, for the measure chosen
@@ -112,12 +114,12 @@ bar.title = 'similarity (' + measure_labels[col] + ')'
 """
 
 
-def _grid_source(res: CompareResult, model: str, metric: str) -> ColumnDataSource:
+def _grid_source(res: Any, model: str, metric: str, fields: Sequence[str]) -> ColumnDataSource:
     h = res.metrics[model].heads.sort_values(["layer", "head"]).reset_index(drop=True)
     data = {"layer": h["layer"].to_numpy(), "head": h["head"].to_numpy(),
             "label": [f"L{L}H{k}" for L, k in zip(h["layer"], h["head"])],
             "value": h[metric].to_numpy(float), "width": np.zeros(len(h)), "score": np.full(len(h), np.nan)}
-    for f in HEAD_FIELDS:
+    for f in fields:
         data[f] = h[f].to_numpy(float)
     return ColumnDataSource(data)
 
@@ -147,18 +149,22 @@ def _layer_ticks(axis, layers: np.ndarray) -> None:
     axis.major_label_overrides = {v: f"L{k}" for k, v in mids.items()}
 
 
-def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult | None = None,
-                       metric: str = "entropy_norm_mean", measure: str = "pattern", top_k: int = 5):
-    """Bokeh layout comparing two models; a note instead when `attnatlas compare` has not been run."""
-    res = result if result is not None else load(atlas, model_a, model_b)
-    if res is None:
-        return Div(disable_math=True, text=f"No comparison of <b>{html.escape(model_a)}</b> and <b>{html.escape(model_b)}</b> is stored. "
-                        f"Run <code>attnatlas compare ATLAS --models {html.escape(model_a)} {html.escape(model_b)} "
-                        f"--out DIR</code> first.")
-    if metric not in HEAD_FIELDS:
+def not_stored(model_a: str, model_b: str) -> Div:
+    """The note in place of the layout when `attnatlas compare` has not been run for the pair."""
+    return Div(disable_math=True, text=f"No comparison of <b>{html.escape(model_a)}</b> and <b>{html.escape(model_b)}</b> is stored. "
+                    f"Run <code>attnatlas compare ATLAS --models {html.escape(model_a)} {html.escape(model_b)} "
+                    f"--out DIR</code> first.")
+
+
+def compare_layout(atlas: Any, res: Any, fields: Sequence[str], types: tuple[list[str], list[str]] | None = None,
+                   metric: str = "entropy_norm_mean", measure: str = "pattern", top_k: int = 5) -> Any:
+    """Bokeh layout of a stored comparison `res` (compare.run.CompareResult) of two models of `atlas`.
+    `fields`: the per-head metric columns (compare.metrics.HEAD_FIELDS); `types`: each model's head types in
+    (layer, head) order when both have them (analyze --head-types), else None."""
+    if metric not in fields:
         metric = "entropy_norm_mean"
     a, b = res.models
-    src_a, src_b = _grid_source(res, a, metric), _grid_source(res, b, metric)
+    src_a, src_b = _grid_source(res, a, metric, fields), _grid_source(res, b, metric, fields)
     vals = np.concatenate([src_a.data["value"], src_b.data["value"]])
     lo, hi = (float(np.nanmin(vals)), float(np.nanmax(vals))) if np.isfinite(vals).any() else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1
@@ -191,8 +197,8 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     _layer_ticks(hf.xaxis[0], src_b.data["layer"])
     _layer_ticks(hf.yaxis[0], src_a.data["layer"])
 
-    labels = {f: field_label(f) for f in HEAD_FIELDS}
-    metric_sel = Select(title="colour the grids by", value=metric, options=[(f, labels[f]) for f in HEAD_FIELDS])
+    labels = {f: field_label(f) for f in fields}
+    metric_sel = Select(title="colour the grids by", value=metric, options=[(f, labels[f]) for f in fields])
     measure_sel = Select(title="similarity measure", value=measure, options=list(MEASURE_LABELS.items()))
     info = Div(text="Click a head in either grid to outline its nearest heads in the other.", width=300,
                name="compare-nearest")
@@ -207,7 +213,7 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     # table of every head of both models
     rows_a = res.metrics[a].heads.assign(model=a)
     rows_b = res.metrics[b].heads.assign(model=b)
-    tbl = {c: np.concatenate([rows_a[c].to_numpy(), rows_b[c].to_numpy()]) for c in ["model", "layer", "head", *HEAD_FIELDS]}
+    tbl = {c: np.concatenate([rows_a[c].to_numpy(), rows_b[c].to_numpy()]) for c in ["model", "layer", "head", *fields]}
     tbl["note"] = np.concatenate([rows_a["note"].to_numpy(), rows_b["note"].to_numpy()]).astype(str)
     table_src = ColumnDataSource(tbl)
     view = CDSView(filter=BooleanFilter([True] * len(tbl["model"])))
@@ -215,7 +221,7 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     # Each column as wide as its header (7 px a character), the table scrolling sideways: no header is cut.
     columns = [TableColumn(field="model", title="model", width=110), TableColumn(field="layer", title="layer", width=50),
                TableColumn(field="head", title="head", width=50)]
-    columns += [TableColumn(field=f, title=labels[f], formatter=fmt, width=max(60, 7 * len(labels[f]) + 16)) for f in HEAD_FIELDS]
+    columns += [TableColumn(field=f, title=labels[f], formatter=fmt, width=max(60, 7 * len(labels[f]) + 16)) for f in fields]
     columns += [TableColumn(field="note", title="note", width=200)]
     table = DataTable(source=table_src, columns=columns, view=view, sortable=True, width=1200, height=300,
                       autosize_mode="none", index_position=None, reorderable=False, name="compare-table")
@@ -229,7 +235,7 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
                                                         slider=slider, bar=bar, labels=labels), code=METRIC_JS))
     metric_sel.js_on_change("value", filt)
     controls = row(metric_sel, measure_sel, which, slider)
-    shared = type_agreement(atlas, a, b, pat)
+    shared = None if types is None else type_agreement(a, b, *types, pat, atlas.info(a).n_heads, atlas.info(b).n_heads)
     if shared is not None:  # head types of both models: do similar heads share a type?
         ta, tb, text = shared
         heat.data.update(ta=np.repeat(ta, nb), tb=np.tile(tb, na))
@@ -241,20 +247,14 @@ def build_compare_view(atlas, model_a: str, model_b: str, result: CompareResult 
     return view_layout
 
 
-def type_agreement(atlas, a: str, b: str, pattern: np.ndarray, shown: int = 12) -> tuple[list[str], list[str], str] | None:
+def type_agreement(a: str, b: str, ta: list[str], tb: list[str], pattern: np.ndarray, ha: int, hb: int,
+                   shown: int = 12) -> tuple[list[str], list[str], str] | None:
     """(types of a's heads, of b's heads, in (layer, head) order, and HTML saying how many of a's typed heads have
-    a most similar head in b (by attention pattern) that shares a type, with the strongest pairs); None unless
-    both models have head types (attnatlas analyze --head-types)."""
-    from attnatlas.analyze.head_types import scores_with_types
-
-    typed = [scores_with_types(atlas, m) for m in (a, b)]
-    if any(t is None for t in typed):
-        return None
-    ta, tb = (t.sort_values(["layer", "head"])["types"].fillna("").tolist() for t in typed)
+    a most similar head in b (by attention pattern) that shares a type, with the strongest pairs); None when the
+    types do not match the (a heads, b heads) `pattern`. `ha`, `hb`: heads per layer of a and b."""
     if len(ta) != pattern.shape[0] or len(tb) != pattern.shape[1]:
         return None
     names = lambda m, i, n_heads: f"L{i // n_heads}H{i % n_heads}"  # noqa: E731
-    ha, hb = atlas.info(a).n_heads, atlas.info(b).n_heads
     rows, same_n, typed_n = [], 0, 0
     sim = np.where(np.isfinite(pattern), pattern, -np.inf)
     for i, kinds in enumerate(ta):

@@ -7,10 +7,15 @@ import html
 
 import numpy as np
 from bokeh.layouts import column, row
-from bokeh.models import Div, Select
+from bokeh.models import ColumnDataSource, Div, Select
+from bokeh.palettes import Category10_10
+from bokeh.plotting import figure
 
 from attnatlas.app.data import AppData
-from attnatlas.app.view import Place, guarded_build, layout_note_div, show_layout_note
+from attnatlas.app.views.base import Host, Place, ViewSpec, guarded_build, layout_note_div, show_layout_note
+from attnatlas.app.views.vit import ALPHA, legend_outside
+from attnatlas.render.safe import plain
+from attnatlas.store import Atlas
 
 
 def math_target(data: AppData, place: Place) -> tuple[int, int, int, str]:
@@ -44,7 +49,7 @@ def math_target(data: AppData, place: Place) -> tuple[int, int, int, str]:
 
 
 class MathView:
-    key, title = "math", "Model & head math"
+    """The model overview and one head's math, following the session's head and clicked token."""
 
     def __init__(self, data: AppData, place: Place):
         self.data = data
@@ -82,8 +87,6 @@ class MathView:
     refresh = update
 
     def _draw(self, i: int, j: int) -> None:
-        from attnatlas.app.vit_views import build_overview  # the analyses load on first use, not with the page
-
         p = self.place
         self.body.children = [guarded_build("math", build_overview, self.data.atlas, p.model, p.layer, p.head, self.seq, i, j)]
 
@@ -95,3 +98,51 @@ class MathView:
         except (TypeError, ValueError):
             return
         self._draw(i, j)
+
+
+def build_overview(atlas: Atlas, model: str, layer: int = 0, head: int = 0, seq: int = 0, i: int = 0, j: int = 0):
+    """Architecture table and the numbers of one head for query token i and key token j."""
+    from attnatlas.analyze import overview  # the analyses load on first use, not with the page
+
+    arch = overview.architecture(atlas, model)
+    rows_html = "".join(f"<tr><td><b>{html.escape(s)}</b></td><td>{html.escape(w)}</td><td><code>{html.escape(o)}</code></td></tr>"
+                        for s, w, o in zip(arch.stage, arch.what, arch.output))
+    arch_div = Div(text=f"<table>{rows_html}</table>", width=700)
+    m = overview.head_math(atlas, model, layer, head, seq, i, j)
+    d = len(m.q)
+    vec = ColumnDataSource(dict(dim=np.arange(d), q=m.q, k=m.k, qk=m.qk))
+    fig = figure(width=460, height=260, title=f"L{layer} H{head}: q, k and q x k per dimension", tools="hover",
+                 tooltips=[("dim", "@dim"), ("q", "@q{0.000}"), ("k", "@k{0.000}"), ("q x k", "@qk{0.000}")])
+    fig.line("dim", "q", source=vec, color=Category10_10[0], legend_label="q")
+    fig.line("dim", "k", source=vec, color=Category10_10[1], legend_label="k")
+    fig.vbar(x="dim", top="qk", width=0.8, source=vec, color=Category10_10[2], alpha=ALPHA, legend_label="q x k")
+    legend_outside(fig)
+    n = len(m.softmax)
+    raw = [str(t) for t in m.tokens]  # plot titles and plain hover fields are text: Bokeh escapes them
+    toks = [html.escape(t) for t in raw]  # for the Div below, which is HTML
+    srow = ColumnDataSource(dict(m=np.arange(n), p=m.softmax, logit=np.where(np.isfinite(m.logits), m.logits, np.nan), token=raw))
+    sfig = figure(width=460, height=200, tools="hover,tap",
+                  tooltips=[("key", "@token"), ("logit", "@logit{0.000}"), ("weight", "@p{0.0000}")])
+    sfig.title.text = plain(f"softmax row of query {i} ({raw[i]})")  # a token: shown as written, never as TeX
+    sfig.vbar(x="m", top="p", width=0.8, source=srow)
+    # Each step the model takes from q·k to the weight, with this layer's recorded numbers.
+    steps = [f"q·k = Σ q×k = <b>{m.dot:.4f}</b>"]
+    if m.position is not None:
+        steps.append(f"+ content-position terms {m.position:.4f} = <b>{m.dot + m.position:.4f}</b>")
+    steps.append(f"× scaling {html.escape(overview.scaling_text(m.scaling, d))} = <b>{m.scaled:.4f}</b>")
+    if m.softcap:
+        steps.append(f"softcap {m.softcap:g}·tanh(x/{m.softcap:g}) = <b>{m.capped:.4f}</b>")
+    if m.bias is not None and np.isfinite(m.bias):
+        steps.append(f"+ bias {m.bias:.4f}")
+    steps.append(f"masked (key {j} is outside what query {i} may attend to): logit −∞" if m.masked else
+                 f"logit <b>{m.logit:.4f}</b>")
+    text = Div(text="; ".join(steps) + f"; softmax over the {n} keys of sequence {seq}: weight of key {j} ({toks[j]}) = "
+                                       f"<b>{m.weight:.4f}</b>")
+    return column(arch_div, row(fig, sfig), text, name="overview")
+
+
+def build(data: AppData, place: Place, host: Host) -> MathView:
+    return MathView(data, place)
+
+
+VIEW = ViewSpec("math", "Model & head math", build, per_model=True, follows_head=True)

@@ -4,17 +4,15 @@ in 2-D so similar heads lie close. Placement: classical MDS of 1 - similarity fr
 head opens it.
 
 `HeadMap(data, on_open, on_error)` builds the Bokeh models; the grid view places `.panel` and calls
-`.show(model, method)`. Thumbnails come from grid_view's rasteriser, from all of each head's points. Each
+`.show(model, method)`. Thumbnails come from the grid's rasteriser (render.raster), from all of each head's points. Each
 head is drawn in a lattice cell of its own nearest its placement (`snap`), so hundreds of heads never pile
 up; the placement itself is kept in the source as mx, my.
 """
 
 from __future__ import annotations
 
-import functools
 import html
-import logging
-from typing import Any, Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -24,10 +22,9 @@ from bokeh.palettes import Category10
 from bokeh.plotting import figure
 
 from attnatlas.analyze.head_types import TYPE_COLOURS
-from attnatlas.app import grid_view as gv
 from attnatlas.app.data import AppData
-
-log = logging.getLogger(__name__)
+from attnatlas.app.views.base import HeadPanel
+from attnatlas.render.raster import data_url, render_cell
 
 THUMB_PX = 48
 ASPECT = 2.6  # columns per row of the map's lattice: a wide map that fits one screen at 1280-1920 px
@@ -106,7 +103,7 @@ def thumbnails(data: AppData, model: str, method: str) -> list[str]:
     def make() -> list[str]:
         g = data.grid_layouts(model, method)
         L, H = g.done.shape
-        return [gv.data_url(gv.render_cell(g, a, b, THUMB_PX, THUMB_PX)) for a in range(L) for b in range(H)]
+        return [data_url(render_cell(g, a, b, THUMB_PX, THUMB_PX)) for a in range(L) for b in range(H)]
 
     return data.grid_image(("thumbs", model, method, THUMB_PX), make)
 
@@ -119,16 +116,11 @@ def warm(data: AppData, model: str, method: str) -> None:
     data.head_similarity(models, "pattern")
 
 
-class HeadMap:
+class HeadMap(HeadPanel):
     """Bokeh models and callbacks of one session's head map. `on_open(model, layer, head)` opens a head."""
 
     def __init__(self, data: AppData, on_open: Callable[[str, int, int], None], on_error: Callable[[str], None]):
-        self.data = data
-        self.on_open = on_open
-        self.on_error = on_error
-        self.model: str | None = None
-        self.method: str | None = None
-        self._quiet = False
+        super().__init__(data, on_open, on_error)
         self.src = ColumnDataSource(data=dict(url=[], x=[], y=[], w=[], h=[], cx=[], cy=[], mx=[], my=[], model=[],
                                               label=[], layer=[], head=[], colour=[], type=[]), name="head_map_points")
         # Explicit ranges: the first view frames every head, and reset returns to that.
@@ -157,18 +149,6 @@ class HeadMap:
         self.panel = column(self.info, row(self.measure, self.with_models, self.colour_by), self.fig,
                             sizing_mode="stretch_width", name="head_map_panel")
 
-    def _guard(fn: Callable) -> Callable:  # noqa: N805 - a decorator used inside the class body
-        @functools.wraps(fn)
-        def wrapper(self: "HeadMap", *a: Any, **kw: Any) -> Any:
-            try:
-                return fn(self, *a, **kw)
-            except Exception as exc:  # noqa: BLE001 - reported to this session only
-                log.exception("head map callback %s failed", fn.__name__)
-                self.on_error(str(exc))
-                return None
-
-        return wrapper
-
     def show(self, model: str, method: str) -> None:
         self.model, self.method = model, method
         others = self.data.compared_models(model)
@@ -184,11 +164,6 @@ class HeadMap:
 
     def models(self) -> tuple[str, ...]:
         return (self.model, *[self._others[i] for i in self.with_models.active if i < len(self._others)])
-
-    @_guard
-    def _on_change(self, attr: str, old: Any, new: Any) -> None:
-        if not self._quiet and self.model is not None:
-            self._draw()
 
     def _placement(self, models: tuple[str, ...]) -> tuple[pd.DataFrame, np.ndarray, str]:
         """(labels, (head, 2) coordinates, what placed them)."""
@@ -255,12 +230,3 @@ class HeadMap:
             if "type" in t:
                 out.update({(m, int(a), int(b)): str(k) for a, b, k in zip(t["layer"], t["head"], t["type"])})
         return [out.get((m, int(a), int(b)), "") for m, a, b in zip(labels["model"], labels["layer"], labels["head"])]
-
-    @_guard
-    def _on_tap(self, attr: str, old: list[int], new: list[int]) -> None:
-        if not new:
-            return
-        i = int(new[0])
-        self.src.selected.indices = []
-        d = self.src.data
-        self.on_open(str(d["model"][i]), int(d["layer"][i]), int(d["head"][i]))

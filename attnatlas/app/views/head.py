@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import html
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from bokeh.events import RangesUpdate
@@ -45,7 +46,7 @@ from attnatlas.app.data import AppData
 from attnatlas.app.hover import nearest_hover
 from attnatlas.app.similar import similar_heads_html
 from attnatlas.app.top_sequences import TopSequences
-from attnatlas.app.view import Place, guarded, layout_note_div, show_layout_note
+from attnatlas.app.views.base import Host, Place, ViewSpec, guarded, layout_note_div, show_layout_note
 
 BASE_ALPHA = 0.6
 DIM_ALPHA = 0.06  # non-matches while searching: grey, so even a stack of 120 reads as grey, not as a match
@@ -53,6 +54,7 @@ DIM_COLOUR = "#9a9a9a"
 MATCH_SIZE = 7.0
 MAX_LIST = 20  # search results listed
 MAX_THUMBS = 300  # image patches drawn as thumbnails when at most this many are in view
+THUMB_SPAN = 25  # a thumbnail is 1/25 of the visible range wide and high
 CUT_PREVIEW_CHARS = 200  # characters shown of the part of a truncated sequence the model did not see
 LINE_MIN_WEIGHT = 0.05  # attention lines are drawn from this weight up; weaker ones would only add noise
 SHADE = (217, 69, 142)
@@ -170,8 +172,6 @@ def attention_of(data: AppData, model: str, layer: int, head: int, row_: int, is
 class HeadView:
     """The single-head tab of one session. `place` is shared with the dashboard; `on_change(what)` tells it
     that the head ("head") or the clicked point ("selection") changed; `on_error` reports a failure."""
-
-    key, title = "head", "Single head"
 
     def __init__(self, data: AppData, place: Place, on_change: Callable[[str], None], on_error: Callable[[str], None]):
         self.data = data
@@ -603,22 +603,13 @@ class HeadView:
         t = self.data.tokens(p.model, p.method)
         tok = self.data.atlas.tokens(p.model)
         n = len(t.rows)
-        dw, dh = (x1 - x0) / 25, (y1 - y0) / 25
+        dw, dh = (x1 - x0) / THUMB_SPAN, (y1 - y0) / THUMB_SPAN
         imgs, xs, ys, cx, cy, border = [], [], [], [], [], []
         for pt in vis:
-            r = int(t.rows[pt % n])
-            info = tok.iloc[r]
-            if int(info.get("patch_row", -1)) < 0:
+            thumb = patch_thumbnail(self.data, p.model, tok, int(t.rows[pt % n]))
+            if thumb is None:
                 continue
-            seq = int(info["sequence"])
-            img = self.data.image(p.model, seq)
-            if img is None:
-                continue
-            s = self.data.sequence_info(p.model, seq)
-            gr, gc = int(s.get("grid_rows", 1) or 1), int(s.get("grid_cols", 1) or 1)
-            ph, pw = img.shape[0] // gr, img.shape[1] // gc
-            pr, pc = int(info["patch_row"]), int(info["patch_col"])
-            imgs.append(_rgba(img[pr * ph:(pr + 1) * ph, pc * pw:(pc + 1) * pw][::-1]))
+            imgs.append(thumb)
             xs.append(float(x[pt] - dw / 2)), ys.append(float(y[pt] - dh / 2))  # image_rgba anchors at a corner
             cx.append(float(x[pt])), cy.append(float(y[pt]))
             border.append(colors.QUERY if pt < n else colors.KEY)
@@ -635,6 +626,23 @@ class HeadView:
         self.export_src.data = dict(html=[page], name=[name])
 
 
+def patch_thumbnail(data: AppData, model: str, tok: Any, row: int) -> np.ndarray | None:
+    """The image patch of token `row` (tok: the atlas's token table) as image_rgba draws it, or None when the
+    token is no patch or its image is not stored. The standalone page (app.page) embeds these too."""
+    info = tok.iloc[row]
+    if int(info.get("patch_row", -1)) < 0:
+        return None
+    seq = int(info["sequence"])
+    img = data.image(model, seq)
+    if img is None:
+        return None
+    s = data.sequence_info(model, seq)
+    gr, gc = int(s.get("grid_rows", 1) or 1), int(s.get("grid_cols", 1) or 1)
+    ph, pw = img.shape[0] // gr, img.shape[1] // gc
+    pr, pc = int(info["patch_row"]), int(info["patch_col"])
+    return _rgba(img[pr * ph:(pr + 1) * ph, pc * pw:(pc + 1) * pw][::-1])
+
+
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
 
@@ -646,3 +654,11 @@ def _rgba(img: np.ndarray) -> np.ndarray:
     out[..., :3] = img[..., :3]
     out[..., 3] = 255
     return out.view(np.uint32).reshape(h, w)
+
+
+def build(data: AppData, place: Place, host: Host) -> HeadView:
+    return HeadView(data, place, on_change=host.head_changed, on_error=host.report_error)
+
+
+VIEW = ViewSpec("head", "Single head", build, eager=True, follows_head=True,
+                waiting="Click a cell of the grid to open a head.")

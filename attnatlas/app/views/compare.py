@@ -1,5 +1,6 @@
-"""The Compare tab: two model selects and the stored comparison of the chosen pair (compare_view draws it).
-Never suggests a command that would be refused: an image and a text model are said not to be comparable."""
+"""The Compare tab: two model selects and the stored comparison of the chosen pair, drawn by
+`attnatlas.render.compare_html` (the layout compare's report shows too). Never suggests a command that would
+be refused: an image and a text model are said not to be comparable."""
 
 from __future__ import annotations
 
@@ -9,11 +10,25 @@ from bokeh.layouts import column, row
 from bokeh.models import Select
 
 from attnatlas.app.data import AppData
-from attnatlas.app.view import Place, guarded_build, message, partner
+from attnatlas.app.views.base import Host, Place, ViewSpec, guarded_build, message, partner
+
+
+def build_compare_view(atlas: Any, model_a: str, model_b: str, result: Any = None, **kw: Any) -> Any:
+    """The layout comparing two models (CompareResult `result`, else the stored one); a note instead when
+    `attnatlas compare` has not been run. `kw`: compare_layout's metric, measure, top_k."""
+    from attnatlas.analyze.head_types import types_by_head
+    from attnatlas.compare.metrics import HEAD_FIELDS
+    from attnatlas.compare.run import load
+    from attnatlas.render.compare_html import compare_layout, not_stored  # its figures load on first use
+
+    res = result if result is not None else load(atlas, model_a, model_b)
+    if res is None:
+        return not_stored(model_a, model_b)
+    return compare_layout(atlas, res, HEAD_FIELDS, types_by_head(atlas, tuple(res.models)), **kw)
 
 
 class CompareTab:
-    key, title = "compare", "Compare"
+    """Two model selects over the comparison of the chosen pair."""
 
     def __init__(self, data: AppData, place: Place):
         self.data = data
@@ -45,8 +60,6 @@ class CompareTab:
         if res is None:
             return message(f"No comparison of {a} and {b} is stored in this atlas. Run `attnatlas compare "
                            f"{self.data.shown_path} --models {a} {b} --out DIR`, then open this tab again.")
-        from attnatlas.app.compare_view import build_compare_view  # its figures load on first use
-
         return guarded_build("compare", build_compare_view, self.data.atlas, a, b, result=res)
 
     def _on_change(self, attr: str, old: str, new: str) -> None:
@@ -56,3 +69,10 @@ class CompareTab:
             self.body.children = [message("Unknown model.")]
             return
         self.body.children = [self._view(a, b)]
+
+
+def build(data: AppData, place: Place, host: Host) -> CompareTab:
+    return CompareTab(data, place)
+
+
+VIEW = ViewSpec("compare", "Compare", build, min_models=2)

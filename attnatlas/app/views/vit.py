@@ -1,23 +1,27 @@
-"""Bokeh views of the ViT analyses (patch similarity, rollout, layer-wise embeddings, neurons, model overview).
+"""The ViT analysis tabs (patch similarity, rollout, layer embeddings, neurons): one stored result each,
+drawn when the tab is first opened.
 
 Each builder reads only stored results (no torch) and returns a self-contained Bokeh layout whose widgets
-update it through Python callbacks (Bokeh server). Image-only views raise AtlasError for text models.
+update it through Python callbacks (Bokeh server). Each imports its analysis when it runs, so scikit-learn
+and the analyses load with the tab, not with the page.
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from bokeh.layouts import column, row
 from bokeh.models import ColorBar, ColumnDataSource, Div, FixedTicker, HoverTool, LinearColorMapper, Select, Slider
-from bokeh.transform import transform
 from bokeh.palettes import Category10_10, Category20_20, Viridis256
 from bokeh.plotting import figure
+from bokeh.transform import transform
 
-from attnatlas.analyze import embeddings, neurons, overview, rollout, similarity
 from attnatlas.analyze.common import require_hidden, require_image
-from attnatlas.app.safe import plain
+from attnatlas.app.data import AppData
+from attnatlas.app.views.base import Place, ViewSpec, guarded_build
 from attnatlas.store import Atlas
 
 ALPHA = 0.6
@@ -76,7 +80,7 @@ def _patch_index(atlas: Atlas, model: str, sequence: int) -> np.ndarray:
     return t.position.to_numpy()[order]
 
 
-def _legend_outside(fig, width: int = 150) -> None:
+def legend_outside(fig, width: int = 150) -> None:
     """The legend to the right of the plot, never over its bars and lines; the figure widens to make room."""
     if not fig.legend:
         return
@@ -91,6 +95,8 @@ def _legend_outside(fig, width: int = 150) -> None:
 
 def build_patch_similarity(atlas: Atlas, model: str, sequence: int = 0, position: int | None = None):
     """Click a patch: cosine similarity of its hidden state to every patch of the image; slider = layer."""
+    from attnatlas.analyze import similarity
+
     require_image(atlas, model, "Patch similarity")
     require_hidden(atlas, model, "Patch similarity")
     fig, img_src, cells, p = _image_figure(atlas, model, "cosine similarity to the clicked patch")
@@ -138,6 +144,8 @@ def build_patch_similarity(atlas: Atlas, model: str, sequence: int = 0, position
 
 def build_rollout(atlas: Atlas, model: str, sequence: int = 0):
     """Attention rollout over the image, beside the raw head-averaged [CLS] attention of the same layer."""
+    from attnatlas.analyze import rollout
+
     df = rollout.read_rollout(atlas, model)
     n_layers = atlas.info(model).n_layers
     figs = []
@@ -167,6 +175,8 @@ def build_rollout(atlas: Atlas, model: str, sequence: int = 0):
 def build_layer_embeddings(atlas: Atlas, model: str):
     """Per-layer 2-D layout of hidden states, coloured by a label (a legend) or a number (a colour bar); beside
     it, cluster quality against depth."""
+    from attnatlas.analyze import embeddings
+
     layout, quality = embeddings.read_embeddings(atlas, model)
     tok = atlas.tokens(model)
     layers = sorted(layout.layer.unique())
@@ -226,7 +236,7 @@ def build_layer_embeddings(atlas: Atlas, model: str):
     for i, (name, metric) in enumerate((lb, m) for lb in labels for m in ("silhouette", "purity")):
         g = quality[quality.label == name].sort_values("layer")
         q.line(g.layer, g[metric], color=Category10_10[i], legend_label=f"{metric} ({name})", line_dash="solid" if metric == "purity" else "dashed")
-    _legend_outside(q)
+    legend_outside(q)
     slider.on_change("value", redraw)
     colour_by.on_change("value", redraw)
     redraw(None, None, None)
@@ -235,6 +245,8 @@ def build_layer_embeddings(atlas: Atlas, model: str):
 
 def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
     """Label kinds by layer, and for a chosen neuron its top patches (thumbnails) or tokens."""
+    from attnatlas.analyze import neurons
+
     tops, labels = neurons.read_neurons(atlas, model)
     summary = neurons.kind_summary(labels)
     kinds = list(summary.columns)
@@ -243,7 +255,7 @@ def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
     bar.xaxis.ticker = FixedTicker(ticks=[int(v) for v in summary.index])  # layers are whole numbers
     bar.vbar_stack(kinds, x="layer", width=0.8, source=ColumnDataSource(summary.reset_index()),
                    color=[Category10_10[i] for i in range(len(kinds))], legend_label=kinds)
-    _legend_outside(bar)
+    legend_outside(bar)
     layer_sel = Slider(title="layer", start=0, end=int(labels.layer.max()), value=layer, step=1)
     neuron_sel = Select(title="neuron", options=[], value="")
     detail = Div(text="")
@@ -283,40 +295,24 @@ def build_neurons(atlas: Atlas, model: str, layer: int = 0, top: int = 8):
     return row(bar, column(row(layer_sel, neuron_sel), thumbs, detail), name="neurons")
 
 
-def build_overview(atlas: Atlas, model: str, layer: int = 0, head: int = 0, seq: int = 0, i: int = 0, j: int = 0):
-    """Architecture table and the numbers of one head for query token i and key token j."""
-    arch = overview.architecture(atlas, model)
-    rows_html = "".join(f"<tr><td><b>{html.escape(s)}</b></td><td>{html.escape(w)}</td><td><code>{html.escape(o)}</code></td></tr>"
-                        for s, w, o in zip(arch.stage, arch.what, arch.output))
-    arch_div = Div(text=f"<table>{rows_html}</table>", width=700)
-    m = overview.head_math(atlas, model, layer, head, seq, i, j)
-    d = len(m.q)
-    vec = ColumnDataSource(dict(dim=np.arange(d), q=m.q, k=m.k, qk=m.qk))
-    fig = figure(width=460, height=260, title=f"L{layer} H{head}: q, k and q x k per dimension", tools="hover",
-                 tooltips=[("dim", "@dim"), ("q", "@q{0.000}"), ("k", "@k{0.000}"), ("q x k", "@qk{0.000}")])
-    fig.line("dim", "q", source=vec, color=Category10_10[0], legend_label="q")
-    fig.line("dim", "k", source=vec, color=Category10_10[1], legend_label="k")
-    fig.vbar(x="dim", top="qk", width=0.8, source=vec, color=Category10_10[2], alpha=ALPHA, legend_label="q x k")
-    _legend_outside(fig)
-    n = len(m.softmax)
-    raw = [str(t) for t in m.tokens]  # plot titles and plain hover fields are text: Bokeh escapes them
-    toks = [html.escape(t) for t in raw]  # for the Div below, which is HTML
-    srow = ColumnDataSource(dict(m=np.arange(n), p=m.softmax, logit=np.where(np.isfinite(m.logits), m.logits, np.nan), token=raw))
-    sfig = figure(width=460, height=200, tools="hover,tap",
-                  tooltips=[("key", "@token"), ("logit", "@logit{0.000}"), ("weight", "@p{0.0000}")])
-    sfig.title.text = plain(f"softmax row of query {i} ({raw[i]})")  # a token: shown as written, never as TeX
-    sfig.vbar(x="m", top="p", width=0.8, source=srow)
-    # Each step the model takes from q·k to the weight, with this layer's recorded numbers.
-    steps = [f"q·k = Σ q×k = <b>{m.dot:.4f}</b>"]
-    if m.position is not None:
-        steps.append(f"+ content-position terms {m.position:.4f} = <b>{m.dot + m.position:.4f}</b>")
-    steps.append(f"× scaling {html.escape(overview.scaling_text(m.scaling, d))} = <b>{m.scaled:.4f}</b>")
-    if m.softcap:
-        steps.append(f"softcap {m.softcap:g}·tanh(x/{m.softcap:g}) = <b>{m.capped:.4f}</b>")
-    if m.bias is not None and np.isfinite(m.bias):
-        steps.append(f"+ bias {m.bias:.4f}")
-    steps.append(f"masked (key {j} is outside what query {i} may attend to): logit −∞" if m.masked else
-                 f"logit <b>{m.logit:.4f}</b>")
-    text = Div(text="; ".join(steps) + f"; softmax over the {n} keys of sequence {seq}: weight of key {j} ({toks[j]}) = "
-                                       f"<b>{m.weight:.4f}</b>")
-    return column(arch_div, row(fig, sfig), text, name="overview")
+class AnalysisTab:
+    """One analysis of the session's model, drawn once: the dashboard builds the tab again after a model switch."""
+
+    def __init__(self, key: str, draw: Callable[[Atlas, str], Any], data: AppData, place: Place):
+        self.root = guarded_build(key, draw, data.atlas, place.model)
+
+    def update(self) -> None:
+        """Nothing follows the head: these analyses are per model."""
+
+
+def _analysis(key: str, title: str, draw: Callable[[Atlas, str], Any], modality: str | None = None) -> ViewSpec:
+    return ViewSpec(key, title, lambda data, place, host: AnalysisTab(key, draw, data, place), per_model=True,
+                    modality=modality)
+
+
+VIEWS = (
+    _analysis("patches", "Patch similarity", build_patch_similarity, modality="image"),
+    _analysis("rollout", "Rollout", build_rollout),
+    _analysis("embeddings", "Layer embeddings", build_layer_embeddings),
+    _analysis("neurons", "Neurons", build_neurons),
+)

@@ -1,6 +1,7 @@
 """"Your text": the user's own sentence (or image) placed into every head, drawn over the corpus.
 
-The dashboard composes this with one call (`compose(dash, doc)`). A request goes to the live worker
+The dashboard composes this with one call (`compose(dash, doc)`, listed in the registry's ADD_ONS: it joins
+the head view and the grid rather than having a tab of its own). A request goes to the live worker
 (`attnatlas.live.worker`, a separate process started by `serve --live`; this module never imports torch)
 and asks for every head of the current model and method at once, so stepping through heads redraws from
 what came back, without a new request; the grid shows every head's placed points in its cell. Placed tokens are distinct markers (triangles for queries,
@@ -31,6 +32,7 @@ from bokeh.models import Button, ColumnDataSource, Div, FileInput, HoverTool, Te
 from attnatlas.app import colors
 from attnatlas.live.bounds import upload_refusal
 from attnatlas.project.placement import FAR
+from attnatlas.render.raster import MARGIN
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +239,6 @@ class LiveView:
     def show_grid(self) -> None:
         """Every head's placed points in the grid, each mapped into its cell as the grid maps the corpus
         (the cell's robust range, points outside it on the edge)."""
-        from attnatlas.app.grid_view import MARGIN
-
         r, grid = self.result, getattr(self.dash, "grid", None)
         g = getattr(grid, "g", None)
         if r is None or g is None or (getattr(grid, "model", None), getattr(grid, "method", None)) != (r["model"], r["method"]):

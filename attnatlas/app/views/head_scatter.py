@@ -9,7 +9,7 @@ Hovering a point shows the head's grid thumbnail and scores; clicking it opens t
 from __future__ import annotations
 
 import html
-from typing import Any, Callable
+from collections.abc import Callable
 
 import numpy as np
 from bokeh.layouts import column, row
@@ -18,9 +18,8 @@ from bokeh.plotting import figure
 
 from attnatlas.analyze.head_types import TYPE_COLOURS
 from attnatlas.app.data import AppData
-from attnatlas.app.head_map import thumbnails
-from attnatlas.app.view import guarded
-
+from attnatlas.app.views.base import HeadPanel
+from attnatlas.app.views.head_map import thumbnails
 
 UNTYPED = "#e4e4e4"  # lighter than the sink type's grey
 DEFAULT_AXES = (("induction", "previous_token"), ("sink", "broad"), ("local", "positional"),
@@ -34,16 +33,11 @@ TOOLTIP = """
 """
 
 
-class HeadScatter:
+class HeadScatter(HeadPanel):
     """Bokeh models and callbacks of one session's head scatter. `on_open(model, layer, head)` opens a head."""
 
     def __init__(self, data: AppData, on_open: Callable[[str, int, int], None], on_error: Callable[[str], None]):
-        self.data = data
-        self.on_open = on_open
-        self.on_error = on_error
-        self.model: str | None = None
-        self.method: str | None = None
-        self._quiet = False
+        super().__init__(data, on_open, on_error)
         self.src = ColumnDataSource(data=dict(x=[], y=[], layer=[], head=[], label=[], thumb=[], colour=[],
                                               type_text=[], xname=[], yname=[]), name="head_scatter_points")
         self.fig = figure(width=760, height=620, name="head_scatter_figure", tools="pan,wheel_zoom,box_zoom,reset,save",
@@ -83,11 +77,6 @@ class HeadScatter:
             self._quiet = False
         self._draw()
 
-    @guarded
-    def _on_change(self, attr: str, old: Any, new: Any) -> None:
-        if not self._quiet and self.model is not None:
-            self._draw()
-
     def _draw(self) -> None:
         model, method = self.model, self.method
         table = self.data.head_table(model, method)
@@ -119,12 +108,3 @@ class HeadScatter:
                           f"{html.escape(labels[yk])}, coloured by their most specific head type"
                           + (f" ({missing} heads without both scores left out)" if missing else "")
                           + ". Hover a point for the head's thumbnail, click it to open the head.")
-
-    @guarded
-    def _on_tap(self, attr: str, old: list[int], new: list[int]) -> None:
-        if not new:
-            return
-        i = int(new[0])
-        self.src.selected.indices = []
-        d = self.src.data
-        self.on_open(self.model, int(d["layer"][i]), int(d["head"][i]))
