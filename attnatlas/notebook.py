@@ -147,6 +147,8 @@ class AtlasView:
                 "window.addEventListener('message', done); setTimeout(done, 20000) }"
                 "const bytes = (s) => { s = atob(s); const b = new Uint8Array(s.length);"
                 "for (let i = 0; i < s.length; i++) { b[i] = s.charCodeAt(i) } return b };"
+                "window.addEventListener('message', (e) => { const d = e.data; if (e.source === f.contentWindow && d && "
+                f"d.attnatlas_height === '{pid}' && d.h > 0 && d.h < 20000) {{ f.style.height = (d.h | 0) + 'px' }} }});"
                 f"const part = (i) => document.getElementById('attnatlas-page-{out}-' + i).textContent;"
                 f"f.addEventListener('load', () => f.contentWindow.postMessage({{attnatlas_block: '{pid}', text: part(1)}}, '*'));"
                 "f.src = URL.createObjectURL(new Blob([bytes(part(0)), bytes(part(2))], {type: 'text/html'})) })()</script>")

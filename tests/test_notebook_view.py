@@ -281,3 +281,35 @@ def test_image_head_draws_thumbnails_when_zoomed_in(vit_path, tmp_path):
         assert drawn == [2 * 2 * 16, [4, 4]]  # queries and keys of 32 patches, 4 x 4 pixels each
     finally:
         driver.quit()
+
+
+@pytest.mark.browser
+def test_head_output_in_a_narrow_column_puts_its_controls_below_and_grows(atlas_path, tmp_path):
+    import os
+
+    from selenium.webdriver.common.by import By
+    from test_browser import CHROMEDRIVER, CHROMIUM, make_driver, wait_js
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    view = attnatlas.show(atlas_path, "synthetic", layer=0, head=1)
+    cell = view._repr_mimebundle_()["text/html"]  # the cell's output, in a column narrower than plot + controls
+    page = tmp_path / "narrow.html"
+    page.write_text(f'<!doctype html><html><body><div style="width:760px">{cell}</div></body></html>', encoding="utf-8")
+    driver = make_driver(1000, 900)
+    try:
+        driver.get(page.as_uri())
+        frame = "document.querySelector('iframe[data-page]')"
+        # The page tells the output its height: the controls wrapped below the plot make it taller than the first guess.
+        height = wait_js(driver, f"(() => {{ const h = parseInt({frame}.style.height); return h > {view.page.height} ? h : null }})()", 60)
+        driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe[data-page]"))
+        box = "(n) => Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(n)).el.getBoundingClientRect()"
+        fig, search, width, inner, body = driver.execute_script(
+            f"const b = {box}; return [b('head_figure').bottom, b('search').top, document.documentElement.scrollWidth,"
+            " window.innerWidth, document.body.scrollHeight]")
+        assert search >= fig  # the controls are below the plot, not cut off to its right
+        assert width <= inner  # nothing wider than the column: no sideways scrolling
+        driver.switch_to.default_content()  # the whole page is inside the output, no inner scroll bar
+        assert wait_js(driver, f"parseInt({frame}.style.height) >= {body} ? parseInt({frame}.style.height) : null", 20) >= height
+    finally:
+        driver.quit()

@@ -218,7 +218,7 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
     controls = column(hv.head_title, row(hv.layer_select, hv.head_select), hv.colour_select, hv.legend,
                       row(hv.search, hv.search_mode), hv.search_count, hv.search_results, hv.attention_legend,
                       hv.sequence, note)
-    head_panel = row(hv.fig, controls, name="page_head")
+    head_panel = row(hv.fig, controls, styles={"flex-wrap": "wrap"}, name="page_head")  # a narrow column: controls below
     ready = js("init")
     still, still_px = "", 0
     if single:
@@ -518,6 +518,12 @@ function open_cell(l, h) {
 if (action == 'init') {
   // The notebook output keeps its still grid image over this page until the page is drawn.
   try { window.parent.postMessage({attnatlas_ready: M.page}, '*') } catch (e) {}
+  if (!window.__attnatlas_sized && window.parent !== window && typeof ResizeObserver !== 'undefined') {
+    // The notebook sizes its iframe to the page: controls wrapped below the plot in a narrow column, or a tab switch.
+    window.__attnatlas_sized = true
+    const tell = () => window.parent.postMessage({attnatlas_height: M.page, h: Math.ceil(document.body.scrollHeight) + 8}, '*')
+    new ResizeObserver(tell).observe(document.body)
+  }
   if (!window.__attnatlas_listen) {  // the notebook widget may set the selection from Python
     window.__attnatlas_listen = true
     window.addEventListener('message', (e) => {
