@@ -119,18 +119,39 @@ def tsne_affinities(dist: torch.Tensor, perplexity: float, metric: str, steps: i
 def tsne_batch(X: np.ndarray, knn_idx: np.ndarray, knn_dist: np.ndarray, metric: str = "cosine",
                perplexity: float = 50.0, max_iter: int = 300, early_iter: int = 250,
                early_exaggeration: float = 12.0, negatives: int = 16, seed: int = 0,
-               init: np.ndarray | None = None, device: str | None = None) -> np.ndarray:
+               init: np.ndarray | None = None, device: str | None = None, learning_rate: float | None = None,
+               exact_below: int = 0) -> np.ndarray:
     """t-SNE of every head: X (head, point, d), knn (head, point, >= k + 1) self first -> (head, point, 2).
 
+    learning_rate None is scikit-learn's "auto" (n / early_exaggeration / 4). Heads of at most `exact_below`
+    points get exact repulsion (every pair, in row blocks) instead of `negatives` samples.
     With `init` (e.g. the neighbouring head's layout) the caller passes a shorter `max_iter`/`early_iter`."""
     dev = _dev(device)
     with _cpu_threads(dev):
         return _tsne(X, knn_idx, knn_dist, metric, perplexity, max_iter, early_iter, early_exaggeration,
-                     negatives, seed, init, dev)
+                     negatives, seed, init, dev, learning_rate, exact_below)
+
+
+def _exact_repulsion(x: torch.Tensor, y: torch.Tensor, H: int, n: int, budget: int = 1 << 25):
+    """Every pair's repulsion: x, y (head * point) -> (rx, ry) (head * point) of sum_j q_ij^2 (y_i - y_j), and
+    Z = sum_ij q_ij (head,), with q unnormalised; in row blocks of about `budget` pair values."""
+    X, Y = x.view(H, n), y.view(H, n)
+    rx, ry = torch.empty_like(X), torch.empty_like(Y)
+    z = torch.zeros(H, dtype=x.dtype, device=x.device)
+    step = max(1, budget // max(1, H * n))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        dx = X[:, a:b, None] - X[:, None, :]  # (head, block, point)
+        dy = Y[:, a:b, None] - Y[:, None, :]
+        q = (dx * dx).add_(dy * dy).add_(1.0).reciprocal_()
+        z += q.sum((1, 2)) - (b - a)  # minus the diagonal (q_ii = 1)
+        q.square_()
+        rx[:, a:b], ry[:, a:b] = (q * dx).sum(2), (q * dy).sum(2)
+    return rx, ry, z
 
 
 def _tsne(X, knn_idx, knn_dist, metric, perplexity, max_iter, early_iter, early_exaggeration, negatives, seed,
-          init, dev) -> np.ndarray:
+          init, dev, learning_rate=None, exact_below=0) -> np.ndarray:
     H, n, _ = X.shape
     k = int(min(3 * perplexity, n - 1))
     perplexity = min(perplexity, max(1.0, k / 3.0))
@@ -147,7 +168,8 @@ def _tsne(X, knn_idx, knn_dist, metric, perplexity, max_iter, early_iter, early_
         Y = torch.from_numpy(np.asarray(init, np.float32)).to(dev)
         Y = Y / Y[:, :, :1].std(1, keepdim=True).clamp_min(1e-12) * 1e-4
     Y = Y.contiguous()
-    lr = max(n / early_exaggeration / 4, 50.0)  # sklearn's learning_rate="auto"
+    lr = max(n / early_exaggeration / 4, 50.0) if learning_rate is None else float(learning_rate)  # None: sklearn's "auto"
+    exact = n <= exact_below
     # Coordinates as two flat (head * point) vectors: torch's CPU kernels reduce a trailing dim of 2 slowly.
     x, y = Y[:, :, 0].reshape(-1).clone(), Y[:, :, 1].reshape(-1).clone()
     ux, uy = torch.zeros_like(x), torch.zeros_like(y)  # momentum updates
@@ -163,15 +185,20 @@ def _tsne(X, knn_idx, knn_dist, metric, perplexity, max_iter, early_iter, early_
         ax, ay = fx.sum(2).view(-1), fy.sum(2).view(-1)  # pull on the near end ...
         ax.index_add_(0, jg, fx.view(-1), alpha=-1.0)  # ... and on the far end
         ay.index_add_(0, jg, fy.view(-1), alpha=-1.0)
-        s = (torch.randint(0, n, (H, n, negatives), generator=g, device=dev) + base).view(-1)
-        rx = x.view(H, n, 1) - x[s].view(H, n, negatives)
-        ry = y.view(H, n, 1) - y[s].view(H, n, negatives)
-        qr = (rx * rx).add_(ry * ry).add_(1.0).reciprocal_().mul_(s.view(H, n, negatives) != rows + base)
-        # Z ~ n (n - 1) mean(q); repulsion_i ~ (n - 1) mean_s(q^2 diff) / Z, so (n - 1) cancels.
-        zs = (qr.sum((1, 2)) / negatives).view(H, 1)  # Z / (n - 1), per head
-        q2 = qr.square_()
-        gx_ = 4.0 * (exag * ax.view(H, n) - (q2 * rx).sum(2) / negatives / zs).view(-1)
-        gy_ = 4.0 * (exag * ay.view(H, n) - (q2 * ry).sum(2) / negatives / zs).view(-1)
+        if exact:
+            rep_x, rep_y, z = _exact_repulsion(x, y, H, n)
+            zs = z.view(H, 1)
+        else:
+            s = (torch.randint(0, n, (H, n, negatives), generator=g, device=dev) + base).view(-1)
+            rx = x.view(H, n, 1) - x[s].view(H, n, negatives)
+            ry = y.view(H, n, 1) - y[s].view(H, n, negatives)
+            qr = (rx * rx).add_(ry * ry).add_(1.0).reciprocal_().mul_(s.view(H, n, negatives) != rows + base)
+            # Z ~ n (n - 1) mean(q); repulsion_i ~ (n - 1) mean_s(q^2 diff) / Z, so (n - 1) cancels.
+            zs = (qr.sum((1, 2)) / negatives).view(H, 1)  # Z / (n - 1), per head
+            q2 = qr.square_()
+            rep_x, rep_y = (q2 * rx).sum(2) / negatives, (q2 * ry).sum(2) / negatives
+        gx_ = 4.0 * (exag * ax.view(H, n) - rep_x / zs).view(-1)
+        gy_ = 4.0 * (exag * ay.view(H, n) - rep_y / zs).view(-1)
         for p_, u_, g_, d_ in ((x, ux, gx, gx_), (y, uy, gy, gy_)):
             inc = (u_ * d_) < 0  # sign change: grow the gain
             g_.copy_(torch.where(inc, g_ + 0.2, g_ * 0.8).clamp_min_(0.01))
