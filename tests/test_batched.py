@@ -91,3 +91,32 @@ def test_runner_batches_layers_skips_nan_head_and_stores_quality_per_head(tmp_pa
     # Resume: nothing left to do.
     s2 = project_model(atlas, M, ("tsne", "umap", "pca"), progress=False, reducer_params=params)
     assert s2["done"] == 0 and s2["skipped"] == 15
+
+
+def test_exact_repulsion_is_every_pairs_force():
+    import torch
+
+    from attnatlas.project.batched import _exact_repulsion
+
+    rng = np.random.default_rng(0)
+    Y = rng.normal(size=(2, 37, 2))
+    x, y = (torch.tensor(Y[:, :, c].reshape(-1), dtype=torch.float32) for c in (0, 1))
+    rx, ry, z = _exact_repulsion(x, y, 2, 37, budget=200)  # row blocks of 2 rows: the block edges are exercised
+    diff = Y[:, :, None, :] - Y[:, None, :, :]  # (head, i, j, 2)
+    q = 1 / (1 + (diff**2).sum(-1))
+    q[:, np.arange(37), np.arange(37)] = 0
+    np.testing.assert_allclose(z.numpy(), q.sum((1, 2)), rtol=1e-5)
+    want = ((q**2)[..., None] * diff).sum(2)
+    np.testing.assert_allclose(np.stack([rx.numpy(), ry.numpy()], -1), want, rtol=1e-4, atol=1e-6)
+
+
+def test_exact_repulsion_below_a_head_size_is_at_least_as_faithful():
+    X = _clusters(H=2, n=240)
+    idx, dist = knn_graph_batch(X, 91, "cosine")
+    sampled = tsne_batch(X, idx, dist, perplexity=30.0, seed=1)
+    exact = tsne_batch(X, idx, dist, perplexity=30.0, seed=1, exact_below=240)
+    assert not np.array_equal(sampled, exact)  # the switch takes effect at n <= exact_below
+    np.testing.assert_array_equal(sampled, tsne_batch(X, idx, dist, perplexity=30.0, seed=1, exact_below=239))
+    for h in range(2):
+        tw = [layout_quality(X[h], Y[h], "cosine")["trustworthiness"] for Y in (sampled, exact)]
+        assert tw[1] >= tw[0] - 0.005 and tw[1] >= 0.9
