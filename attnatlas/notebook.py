@@ -67,6 +67,9 @@ def _widget_class() -> Any:
         selection = traitlets.Dict({}).tag(sync=True)  # from the page: {layer, head, indices}
         request = traitlets.Dict({}).tag(sync=True)  # to the page: select these points
 
+        def __repr__(self) -> str:  # the text/plain of its output: what a viewer with no widget renderer shows
+            return "(attnatlas: links the view above with Python while its kernel runs)"
+
     return AtlasWidget
 
 
@@ -133,9 +136,10 @@ class AtlasView:
         # The iframe gets its height from the script: a viewer without scripts shows the note, not an empty box.
         # With scripts, a grid's still image stays over the iframe (clicks pass through) until the page says it is
         # drawn, laid out as the still output shown first (_still_bundle): no blank box while BokehJS draws.
+        # A white frame: the page is drawn for white, and a dark theme (VS Code's) would show through a transparent one.
         return ('<div style="position:relative">' + still
                 + f'<iframe id="attnatlas-{out}" data-page="{pid}" data-view="{kind}" sandbox="allow-scripts allow-downloads" '
-                'style="width:100%;height:0;border:0"></iframe></div>'
+                'style="width:100%;height:0;border:0;background:#fff"></iframe></div>'
                 + "".join(f'<script type="text/plain" id="attnatlas-page-{out}-{i}">{p}</script>' for i, p in enumerate(parts))
                 + f"<script>(() => {{ const still = document.getElementById('attnatlas-still-{out}');"
                 f"const f = document.getElementById('attnatlas-{out}'); f.style.height = '{self.page.height}px';"

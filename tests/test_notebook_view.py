@@ -286,6 +286,7 @@ def test_image_head_draws_thumbnails_when_zoomed_in(vit_path, tmp_path):
 @pytest.mark.browser
 def test_head_output_in_a_narrow_column_puts_its_controls_below_and_grows(atlas_path, tmp_path):
     import os
+    import time
 
     from selenium.webdriver.common.by import By
     from test_browser import CHROMEDRIVER, CHROMIUM, make_driver, wait_js
@@ -304,12 +305,76 @@ def test_head_output_in_a_narrow_column_puts_its_controls_below_and_grows(atlas_
         height = wait_js(driver, f"(() => {{ const h = parseInt({frame}.style.height); return h > {view.page.height} ? h : null }})()", 60)
         driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe[data-page]"))
         box = "(n) => Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(n)).el.getBoundingClientRect()"
-        fig, search, width, inner, body = driver.execute_script(
+        fig, search, width, inner, bottom = driver.execute_script(
             f"const b = {box}; return [b('head_figure').bottom, b('search').top, document.documentElement.scrollWidth,"
-            " window.innerWidth, document.body.scrollHeight]")
+            " window.innerWidth, b('page_head').bottom]")
         assert search >= fig  # the controls are below the plot, not cut off to its right
         assert width <= inner  # nothing wider than the column: no sideways scrolling
-        driver.switch_to.default_content()  # the whole page is inside the output, no inner scroll bar
-        assert wait_js(driver, f"parseInt({frame}.style.height) >= {body} ? parseInt({frame}.style.height) : null", 20) >= height
+        driver.switch_to.default_content()
+        # The whole page is inside the output (no inner scroll bar), and the output does not keep growing: it
+        # follows the page's content, not the frame's body, which is as tall as the frame itself.
+        time.sleep(1.5)
+        settled = driver.execute_script(f"return parseInt({frame}.style.height)")
+        assert bottom <= settled <= bottom + 40, (bottom, settled, height)
+        time.sleep(1.5)
+        assert driver.execute_script(f"return parseInt({frame}.style.height)") == settled
+    finally:
+        driver.quit()
+
+
+@pytest.mark.browser
+def test_grid_output_in_a_narrow_column_scales_to_fit(tmp_path):
+    import os
+
+    from selenium.webdriver.common.by import By
+    from test_browser import CHROMEDRIVER, CHROMIUM, make_driver, wait_js
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    path = tmp_path / "wide"
+    atlas = testing.synthetic_atlas(path, n_layers=2, n_heads=16, n_seq=6, seq_len=8)  # a grid wider than the column
+    testing.random_layouts(atlas, "synthetic", "pca")
+    cell = attnatlas.show(path, "synthetic")._repr_mimebundle_()["text/html"]
+    page = tmp_path / "narrow.html"
+    # 760 px: the column of JupyterLab at 1280 px with its side bar open (under 720 px the head view's plot, which
+    # does not scale, sets the page's width).
+    page.write_text(f'<!doctype html><html><body><div style="width:760px">{cell}</div></body></html>', encoding="utf-8")
+    driver = make_driver(1000, 900)
+    try:
+        driver.get(page.as_uri())
+        driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe[data-page]"))
+        fig = "Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('grid_figure'))"
+        wait_js(driver, f"typeof Bokeh != 'undefined' && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle && {fig} != null", 60)
+        right, inner, natural = driver.execute_script(
+            f"const f = {fig}; return [f.el.getBoundingClientRect().right, window.innerWidth, f.model.width]")
+        assert natural > inner  # the grid's own size would not fit ...
+        assert right <= inner  # ... so it is scaled down: every head in view, none cut off at the right
+    finally:
+        driver.quit()
+
+
+@pytest.mark.browser
+def test_output_in_a_wide_column_settles_at_the_pages_height(atlas_path, tmp_path):
+    import os
+    import time
+
+    from test_browser import CHROMEDRIVER, CHROMIUM, make_driver, wait_js
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    view = attnatlas.show(atlas_path, "synthetic")  # the grid: its page is shorter than the output's first height
+    cell = view._repr_mimebundle_()["text/html"]
+    page = tmp_path / "wide.html"
+    page.write_text(f'<!doctype html><html><body><div style="width:1300px">{cell}</div></body></html>', encoding="utf-8")
+    driver = make_driver(1400, 900)
+    try:
+        driver.get(page.as_uri())
+        frame = "document.querySelector('iframe[data-page]')"
+        wait_js(driver, f"(() => {{ const h = parseInt({frame}.style.height); return h !== {view.page.height} ? h : null }})()", 60)
+        # Bokeh's page is 100% of its frame's height: a page that told that height grew its frame 8 px a round, without end.
+        time.sleep(2)
+        settled = driver.execute_script(f"return parseInt({frame}.style.height)")
+        time.sleep(2)
+        assert driver.execute_script(f"return parseInt({frame}.style.height)") == settled <= view.page.height
     finally:
         driver.quit()

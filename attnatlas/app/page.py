@@ -158,8 +158,10 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
             gv = GridView(data, on_open=lambda a, b: None, on_error=_raise)
             cell = grid_cell(L, H)
             gv.show(model, method, cell_px=2 * cell)  # twice the shown size: sharp on high-density screens
-            gv.fig.sizing_mode = "fixed"
+            # Its own size where the column allows, scaled down (aspect kept) in a narrower one: no head cut off.
             gv.fig.width, gv.fig.height = H * cell + 60, L * cell + 50
+            gv.fig.sizing_mode, gv.fig.max_width = "scale_width", gv.fig.width
+            gv.info.sizing_mode, gv.info.max_width = "stretch_width", max(gv.fig.width, 600)
         blob, offsets, scales, nbytes = packing.result()
     where = np.full(L * H, -1, np.int32)
     for j, (a, b) in enumerate(heads):
@@ -228,12 +230,12 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
         if n_heads < len(wanted):
             gv.info.text += (f"<br><b>This page embeds {n_heads} of {len(wanted)} heads</b> (layers in order) to stay "
                              f"under its size; the others open with <code>attnatlas serve</code>.")
-        tabs = Tabs(tabs=[TabPanel(child=column(gv.info, gv.fig), title="All heads"),
-                        TabPanel(child=head_panel, title="Single head")], name="page_tabs")
+        tabs = Tabs(tabs=[TabPanel(child=column(gv.info, gv.fig, sizing_mode="stretch_width"), title="All heads"),
+                        TabPanel(child=head_panel, title="Single head")], name="page_tabs", sizing_mode="stretch_width")
         grid_args = dict(cells=gv.cell_src, tabs=tabs, gx=gv.x_range, gy=gv.y_range)
         gv.cell_src.selected.js_on_change("indices", js("cell", **grid_args))
         gv.fig.js_on_event("rangesupdate", js("zoom", **grid_args))
-        root = column(tabs, name="page_root")
+        root = column(tabs, name="page_root", sizing_mode="stretch_width")
         height = max(gv.fig.height + 180, 800)
         still = str(gv.base_src.data["url"][0]) if len(gv.base_src.data.get("url", [])) else ""
         still_px = H * cell
@@ -521,8 +523,11 @@ if (action == 'init') {
   if (!window.__attnatlas_sized && window.parent !== window && typeof ResizeObserver !== 'undefined') {
     // The notebook sizes its iframe to the page: controls wrapped below the plot in a narrow column, or a tab switch.
     window.__attnatlas_sized = true
-    const tell = () => window.parent.postMessage({attnatlas_height: M.page, h: Math.ceil(document.body.scrollHeight) + 8}, '*')
-    new ResizeObserver(tell).observe(document.body)
+    // The root's own box, not the body's: the body is at least as tall as the iframe, so it would only ever grow.
+    const root = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(M.single ? 'page_head' : 'page_root'))
+    const el = root ? root.el : document.body
+    const tell = () => window.parent.postMessage({attnatlas_height: M.page, h: Math.ceil(el.getBoundingClientRect().bottom + window.scrollY) + 24}, '*')
+    new ResizeObserver(tell).observe(el)
   }
   if (!window.__attnatlas_listen) {  // the notebook widget may set the selection from Python
     window.__attnatlas_listen = true
