@@ -120,3 +120,39 @@ def test_exact_repulsion_below_a_head_size_is_at_least_as_faithful():
     for h in range(2):
         tw = [layout_quality(X[h], Y[h], "cosine")["trustworthiness"] for Y in (sampled, exact)]
         assert tw[1] >= tw[0] - 0.005 and tw[1] >= 0.9
+
+
+def test_device_cuda_takes_the_batched_backend_unless_one_is_named(monkeypatch):
+    from attnatlas.project.jobs import plan_jobs, project_device
+
+    jobs = {j.method: j for j in plan_jobs(["tsne", "umap", "pca"], 200, "cosine", 0, {}, 20_000, False,
+                                           {"umap": {"backend": "umap-learn"}}, device="cuda")}
+    assert jobs["tsne"].params["backend"] == "batched" and jobs["tsne"].device == "cuda"
+    assert jobs["umap"].params["backend"] == "umap-learn"  # the user's own choice stands
+    assert jobs["pca"].params["backend"] == "numpy"
+    cpu = {j.method: j.params["backend"] for j in plan_jobs(["tsne", "umap"], 200, "cosine", 0, {}, 20_000, False, device="cpu")}
+    assert cpu["tsne"] != "batched" and cpu["umap"] != "batched"  # the CPU keeps the measured library defaults
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert project_device("auto") == "cpu" and project_device("cpu") == "cpu"
+    with pytest.raises(Exception, match="no CUDA device"):
+        project_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert project_device("auto") == "cuda" and project_device("cpu") == "cpu"
+
+
+def test_cli_device_cuda_without_a_gpu_is_one_message_and_nothing_written(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from attnatlas.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    atlas = synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=2, n_seq=6, seq_len=8)
+    assert main(["project", str(tmp_path / "a"), "--model", M, "--method", "pca", "--device", "cuda", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "Traceback" not in err
+    assert atlas.layout_methods(M) == []
+    assert main(["project", str(tmp_path / "a"), "--model", M, "--method", "tsne,pca", "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "on cpu: tsne " in out and "pca numpy" in out  # the summary says where and on which backends it ran

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"backends (default {HEAD_TIMEOUT:.0f})")
     p.add_argument("--reducer-options", action="append", default=[], metavar="METHOD=JSON",
                    help='a method\'s own options, e.g. tsne=\'{"backend": "sklearn"}\' (repeat per method)')
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where t-SNE and UMAP run: cuda lays out each layer's heads together on the GPU (the batched "
+                        "backend, unless --reducer-options names one); auto is cuda when torch sees a GPU (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--scheduler", default="none", metavar="none|local|tcp://HOST:PORT",
                    help="run heads as Dask tasks: 'local' starts a LocalCluster of --workers, tcp://... joins a cluster")
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(reducer_params=parse_reducer_options(args.reducer_options), methods=args.method, layers=args.layers,
                   heads=args.heads, metric=args.metric, seed=args.seed,
                   force=args.force, normalise={"translate": not args.no_translate, "scale": not args.no_scale},
-                  max_points=args.max_points, progress=not args.quiet, place=not args.no_place)
+                  max_points=args.max_points, progress=not args.quiet, place=not args.no_place, device=args.device)
     if args.scheduler == "none":
         kwargs["head_timeout"] = args.head_timeout
         s = project_model(atlas, model, workers=args.workers, **kwargs)
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     placed = f" + {s['placed_points']} placed" if s.get("placed_points") else ""
     print(f"{model}: {s['done']} layouts made, {s['skipped']} already done (kept), {len(s['failed'])} failed, "
           f"{s['points']} points per head{' (sampled)' if s['sampled'] else ''}{placed}, {s['seconds']:.1f} s "
-          f"({s['heads_per_min']:.1f} heads/min)")
+          f"({s['heads_per_min']:.1f} heads/min) on {s['device']}: "
+          + ", ".join(f"{m} {b}" for m, b in s["backends"].items()))
     for m, changes in s["adapted"].items():
         for key, value in changes.items():
             print(f"  {m}: {key} lowered to {value:g} (too few points for the default)")

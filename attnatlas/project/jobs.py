@@ -31,6 +31,7 @@ class Job:
     adapted: dict[str, Any]
     params: dict[str, Any]
     module: str
+    device: str | None = None  # where a batched backend runs (cpu | cuda; None: CUDA if torch sees it); not stored
 
 
 def parse_list(value: str | Iterable[int] | None, upper: int, what: str) -> list[int] | None:
@@ -73,12 +74,37 @@ def sample_rows(n_tokens: int, max_points: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_tokens, cap, replace=False)).astype(np.int64)
 
 
+def project_device(device: str) -> str:
+    """`--device` of project: auto (CUDA when torch sees it, else the CPU), cpu or cuda; InputError otherwise."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"Unknown device {device!r}: use auto, cpu or cuda.")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise InputError("--device cuda was asked for, but no CUDA device is available (use --device auto or cpu).")
+    return "cpu"
+
+
+def options_on(method: str, options: dict[str, Any], device: str | None) -> dict[str, Any]:
+    """A method's options on `device`: on cuda, the batched backend (every head of a layer in one program on the
+    GPU) for a method that has it, unless the options name a backend."""
+    options = dict(options)
+    if device == "cuda" and "backend" not in options and getattr(REDUCERS.get(method), "has_batched_backend", False):
+        options["backend"] = "batched"
+    return options
+
+
 def plan_jobs(names: list[str], n_points: int, metric: str, seed: int, normalise: dict[str, Any], max_points: int,
-              place: bool, reducer_params: dict[str, dict[str, Any]] | None = None) -> list[Job]:
-    """One job per method for heads of `n_points` points; InputError if a method cannot lay out that few."""
+              place: bool, reducer_params: dict[str, dict[str, Any]] | None = None, device: str | None = None) -> list[Job]:
+    """One job per method for heads of `n_points` points; InputError if a method cannot lay out that few.
+    On `device` cuda, a method that has the batched backend takes it unless its options name a backend."""
     jobs = []
     for name in names:
-        r = get_reducer(name, metric=metric, random_state=seed, **(reducer_params or {}).get(name, {}))
+        r = get_reducer(name, metric=metric, random_state=seed, **options_on(name, (reducer_params or {}).get(name, {}), device))
         r.adapt(n_points)
         params = {**r.params, "normalise": normalise, "max_points": max_points, "quality_sample": QUALITY_SAMPLE}
         safe = get_reducer(name, metric=metric, random_state=seed, **r.options).make_safe()
@@ -86,7 +112,7 @@ def plan_jobs(names: list[str], n_points: int, metric: str, seed: int, normalise
             params["fallback_backend"] = safe.backend()
         if place:
             params["placement"] = {"method": "knn-weighted", "k": PLACE_K}
-        jobs.append(Job(name, r.options, dict(r.adapted), params, type(r).__module__))
+        jobs.append(Job(name, r.options, dict(r.adapted), params, type(r).__module__, device))
     return jobs
 
 
@@ -101,6 +127,7 @@ def reducers_of(jobs: list[Job], metric: str, seed: int, safe: bool = False) -> 
         if safe:
             r.make_safe()
         r.adapted = dict(job.adapted)
+        r.device = job.device
         out.append((r, job.params))
     return out
 

@@ -166,7 +166,8 @@ def run_batched(batch: Batch, reducers: list[tuple[Reducer, dict]], metric: str,
     n = len(batch.heads)
     t0 = time.perf_counter()
     need = max([QUALITY_K + 1] + [r.knn_needed for r, _ in reducers])
-    idx, dist = knn_graph_batch(batch.X, need, metric)  # each (head, point, k)
+    device = reducers[0][0].device  # one per run (Job.device)
+    idx, dist = knn_graph_batch(batch.X, need, metric, device=device)  # each (head, point, k)
     batch.knn = [(idx[i], dist[i]) for i in range(n)]
     share = (time.perf_counter() - t0) / len(reducers) / n
     for r, params in reducers:

@@ -74,6 +74,8 @@ class Reducer:
     knn_needed: ClassVar[int] = 0  # neighbours (self included) it reads from the shared graph
     defaults: ClassVar[dict[str, Any]] = {}
     min_points: ClassVar[int] = 3
+    has_batched_backend: ClassVar[bool] = False  # its `backend` option takes "batched"
+    device: str | None = None  # where `fit_batch` runs a batched backend; None: CUDA when torch sees it (not stored)
 
     def __init__(self, metric: str = "cosine", random_state: int = 0, **params: Any):
         if metric not in METRICS:
@@ -133,6 +135,7 @@ class _Backends(Reducer):
 
     backends: ClassVar[tuple[str, ...]] = ()
     batched_defaults: ClassVar[dict[str, Any]] = {}
+    has_batched_backend = True
 
     def __init__(self, metric: str = "cosine", random_state: int = 0, **params: Any):
         extra = {k: params.pop(k) for k in list(params) if k in self.batched_defaults}
@@ -235,11 +238,11 @@ class TSNEReducer(_Backends):
 
         o = self.options
         if knn is None:
-            knn = knn_graph_batch(X, self.knn_needed, self.metric)
+            knn = knn_graph_batch(X, self.knn_needed, self.metric, device=self.device)
         return tsne_batch(X, knn[0], knn[1], self.metric, perplexity=self.adapted.get("perplexity", o["perplexity"]),
                           max_iter=int(o["batched_max_iter"]), early_iter=int(o["batched_early_iter"]),
                           early_exaggeration=o["early_exaggeration"], negatives=int(o["negatives"]),
-                          seed=self.random_state)
+                          seed=self.random_state, device=self.device)
 
     def adapt(self, n_points):
         super().adapt(n_points)
@@ -378,9 +381,10 @@ class UMAPReducer(_Backends):
 
         o = self.options
         if knn is None:
-            knn = knn_graph_batch(X, self.knn_needed, self.metric)
+            knn = knn_graph_batch(X, self.knn_needed, self.metric, device=self.device)
         return umap_batch(X, knn[0], knn[1], self.metric, n_neighbors=self.knn_needed, min_dist=o["min_dist"],
-                          n_epochs=int(o["batched_epochs"]), negatives=int(o["negatives"]), seed=self.random_state)
+                          n_epochs=int(o["batched_epochs"]), negatives=int(o["negatives"]), seed=self.random_state,
+                          device=self.device)
 
     def adapt(self, n_points):
         super().adapt(n_points)

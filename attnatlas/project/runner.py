@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from attnatlas.errors import InputError, SettingsChanged
-from attnatlas.project.jobs import MAX_POINTS, Job, all_batched, parse_list, parse_methods, plan_jobs, sample_rows
+from attnatlas.project.jobs import MAX_POINTS, Job, all_batched, parse_list, parse_methods, plan_jobs, project_device, sample_rows
 from attnatlas.project.normalize import DEFAULT_NORMALISE
 from attnatlas.project.pipeline import layout_writer, project_heads
 from attnatlas.project.pool import Died, run_in_children
@@ -100,6 +100,7 @@ def _project_model(
     hold: Callable[[Any], Any] = lambda claim: claim,
     place: bool = True,
     head_timeout: float | None = HEAD_TIMEOUT,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """`dispatch(project_head, calls)`, if given, runs each argument tuple elsewhere (e.g. a Dask cluster)
     and yields one result per call; the layout arrays already exist when it is called.
@@ -128,7 +129,8 @@ def _project_model(
     place = bool(place) and len(rows) < n_tokens
     stored_rows = np.arange(n_tokens, dtype=np.int64) if place else rows
 
-    jobs = plan_jobs(names, n_points, metric, seed, norm, max_points, place, reducer_params)
+    dev = project_device(device)  # cuda: t-SNE and UMAP take the batched backend there (plan_jobs)
+    jobs = plan_jobs(names, n_points, metric, seed, norm, max_points, place, reducer_params, dev)
     done = {}
     # One run at a time writes a (model, method): claimed in sorted order, so two runs never deadlock.
     for job in sorted(jobs, key=lambda j: j.method):
@@ -162,6 +164,7 @@ def _project_model(
                                "points": n_points, "sampled": len(rows) < n_tokens,
                                "adapted": {j.method: dict(j.adapted) for j in jobs},
                                "placed_points": 2 * (n_tokens - len(rows)) if place else 0,
+                               "device": dev, "backends": {j.method: j.params.get("backend", "") for j in jobs},
                                "done": 0, "skipped": skipped, "failed": [], "fallbacks": [],
                                "quality": {m: [] for m in names}}
     t0 = time.perf_counter()

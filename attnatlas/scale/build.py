@@ -44,15 +44,13 @@ def choose_compute(device: str, precision: str, batch_size: int | str) -> Comput
     return Compute(dev, precision, int(batch_size))
 
 
-def reducer_backends(methods: list[str]) -> dict[str, str]:
-    """Which library each method will use here (cuML only with CUDA and cuML installed)."""
+def reducer_backends(methods: list[str], device: str = "auto") -> dict[str, str]:
+    """Which backend each method will use here with `device` (project's --device)."""
+    from attnatlas.project.jobs import options_on, project_device
     from attnatlas.project.reducers import get_reducer
 
-    out = {}
-    for m in methods:
-        r = get_reducer(m)
-        out[m] = r.backend() if hasattr(r, "backend") else "numpy"
-    return out
+    dev = project_device(device)
+    return {m: get_reducer(m, **options_on(m, {}, dev)).backend() for m in methods}
 
 
 def _records(corpus: Corpus) -> tuple[str, int]:
@@ -154,14 +152,15 @@ def _project_one(cfg: BuildConfig, atlas: Any, spec: ModelSpec, name: str, clien
     from attnatlas.project.runner import MAX_POINTS, project_model
 
     kw = dict(methods=spec.methods, metric=cfg.metric, seed=cfg.seed, force=force,
-              max_points=cfg.max_points or MAX_POINTS, progress=progress)
+              max_points=cfg.max_points or MAX_POINTS, progress=progress,
+              device=cfg.device if cfg.device in ("auto", "cpu", "cuda") else "cpu")  # mps: the CPU reducers
     if client is None:
         s = project_model(atlas, name, workers=cfg.workers, **kw)
     else:
         from attnatlas.scale.distributed import project_distributed
 
         s = project_distributed(client, atlas, name, **kw)
-    backends = ", ".join(f"{m}: {b}" for m, b in reducer_backends(spec.methods).items())
+    backends = ", ".join(f"{m}: {b}" for m, b in s["backends"].items()) + f" (reducers on {s['device']})"
     say(f"project {name}: {s['done']} layouts made, {s['skipped']} already done, {len(s['failed'])} failed; "
         f"{s['heads_done']} heads in {s['seconds']:.1f} s ({s['heads_per_min']:.1f} heads/min) on {where}; "
         f"{s['points']} points per head{' (sampled, cap ' + str(kw['max_points']) + ')' if s['sampled'] else ''}; {backends}")
