@@ -156,3 +156,42 @@ def test_cli_device_cuda_without_a_gpu_is_one_message_and_nothing_written(tmp_pa
     assert main(["project", str(tmp_path / "a"), "--model", M, "--method", "tsne,pca", "--device", "cpu", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "on cpu: tsne " in out and "pca numpy" in out  # the summary says where and on which backends it ran
+
+
+from attnatlas.project.reducers import Reducer, register_reducer  # noqa: E402
+
+
+@register_reducer
+class OutOfMemoryReducer(Reducer):
+    """A batched reducer whose device holds one head at a time, and not even that for its `poison`-th single head."""
+
+    name = "oom-test"
+    defaults = {"poison": 3}
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.singles = 0
+
+    @property
+    def batched(self) -> bool:
+        return True
+
+    def fit_batch(self, X, knn=None):
+        import torch
+
+        if len(X) == 1:
+            self.singles += 1
+        if len(X) > 1 or self.singles == self.options["poison"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return np.ascontiguousarray(X[:, :, :2], dtype=np.float32)
+
+
+def test_a_batch_out_of_device_memory_is_halved_and_a_head_that_never_fits_is_reported(tmp_path):
+    atlas = synthetic_atlas(tmp_path / "a", n_layers=1, n_heads=4, n_seq=6, seq_len=8)
+    s = project_model(atlas, M, ("oom-test", "pca"), progress=False, place=False)
+    # Halving 4 heads: [0, 2) -> 0, 1 fit; [2, 4) -> head 2 (the third single) does not fit even alone; head 3 fits.
+    assert s["done"] == 4 + 3
+    assert [(L, h, m) for L, h, m, _ in s["failed"]] == [(0, 2, "oom-test")]
+    assert "out of device memory" in s["failed"][0][3] and "--device cpu" in s["failed"][0][3]
+    assert atlas.layout_done(M, "oom-test").tolist() == [[True, True, False, True]]
+    assert atlas.layout_done(M, "pca").all()

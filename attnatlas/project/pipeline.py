@@ -158,31 +158,94 @@ def project_heads(atlas_path: str, model: str, layer: int, heads: list[int], job
     return [out[h].as_dict() for h in heads]
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a device running out of memory (torch's CUDA error, or a RuntimeError that says so)."""
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def in_parts(fit, n: int, lo: int = 0, hi: int | None = None):
+    """`fit(lo, hi)` over heads lo..hi of a batch, halving the part whenever the device runs out of memory; yields
+    (lo, hi, result or the exception). A single head out of memory yields its exception."""
+    hi = n if hi is None else hi
+    try:
+        result = fit(lo, hi)
+    except Exception as exc:
+        if hi - lo > 1 and out_of_memory(exc):
+            _free_device_memory()
+            mid = (lo + hi) // 2
+            yield from in_parts(fit, n, lo, mid)
+            yield from in_parts(fit, n, mid, hi)
+            return
+        yield lo, hi, exc
+        return
+    yield lo, hi, result
+
+
 def run_batched(batch: Batch, reducers: list[tuple[Reducer, dict]], metric: str, safe: bool, out: dict[int, HeadResult]):
     """One batched kNN graph and one `fit_batch` per method over (head, point, d); yields per head and method
-    (index in the batch, reducer, params, (point, 2) layout, seconds)."""
+    (index in the batch, reducer, params, (point, 2) layout, seconds). A part of the batch that does not fit the
+    device's memory is halved until it does; a head that does not fit alone is reported, the others go on."""
     from attnatlas.project.batched import knn_graph_batch
 
-    n = len(batch.heads)
-    t0 = time.perf_counter()
+    n, n_points = len(batch.heads), batch.X.shape[1]
     need = max([QUALITY_K + 1] + [r.knn_needed for r, _ in reducers])
     device = reducers[0][0].device  # one per run (Job.device)
-    idx, dist = knn_graph_batch(batch.X, need, metric, device=device)  # each (head, point, k)
-    batch.knn = [(idx[i], dist[i]) for i in range(n)]
-    share = (time.perf_counter() - t0) / len(reducers) / n
-    for r, params in reducers:
-        try:
-            mark(f"{r.name} ({r.backend()})")
-            t1 = time.perf_counter()
-            Y = r.fit_batch(batch.X, knn=(idx, dist))  # (head, point, 2)
-            secs = (time.perf_counter() - t1) / n + share
-        except Exception as exc:
-            raise_if_storage_failed(exc)
-            for h in batch.heads:
-                out[h].errors.append((r.name, f"{type(exc).__name__}: {exc}"))
+    graphs: list = [None] * n
+    knn_secs = np.zeros(n)
+
+    def knn_part(lo: int, hi: int):
+        t = time.perf_counter()
+        got = knn_graph_batch(batch.X[lo:hi], need, metric, device=device)  # each (head, point, k)
+        knn_secs[lo:hi] = (time.perf_counter() - t) / (hi - lo)
+        return got
+
+    for lo, hi, got in in_parts(knn_part, n):
+        if isinstance(got, BaseException):
+            raise_if_storage_failed(got)
+            for h in batch.heads[lo:hi]:
+                out[h].errors.append(("*", _say(got, n_points, "the kNN graph")))
             continue
-        for i in range(n):
-            yield i, r, params, Y[i], secs
+        for i in range(lo, hi):
+            graphs[i] = (got[0][i - lo], got[1][i - lo])
+    batch.knn = graphs
+    ok = [i for i in range(n) if graphs[i] is not None]
+    if not ok:
+        return
+    X = batch.X[ok]
+    idx, dist = np.stack([graphs[i][0] for i in ok]), np.stack([graphs[i][1] for i in ok])
+    for r, params in reducers:
+        mark(f"{r.name} ({r.backend()})")
+
+        def fit_part(lo: int, hi: int, r=r):
+            t = time.perf_counter()
+            return r.fit_batch(X[lo:hi], knn=(idx[lo:hi], dist[lo:hi])), time.perf_counter() - t  # (head, point, 2)
+
+        for lo, hi, got in in_parts(fit_part, len(ok)):
+            if isinstance(got, BaseException):
+                raise_if_storage_failed(got)
+                for j in range(lo, hi):
+                    out[batch.heads[ok[j]]].errors.append((r.name, _say(got, n_points, r.name)))
+                continue
+            Y, secs = got
+            for j in range(lo, hi):
+                i = ok[j]
+                yield i, r, params, Y[j - lo], secs / (hi - lo) + knn_secs[i] / len(reducers)
+
+
+def _say(exc: BaseException, n_points: int, what: str) -> str:
+    if out_of_memory(exc):
+        return (f"out of device memory for {what} of one head of {n_points} points; project it with --device cpu "
+                f"or a smaller --max-points ({type(exc).__name__})")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def run_each(batch: Batch, reducers: list[tuple[Reducer, dict]], metric: str, safe: bool, out: dict[int, HeadResult]):
