@@ -216,25 +216,38 @@ def bytes_stored(folder: Path) -> int:
 # ---- projection and placement: the lead's section -----------------------------------------------------------
 
 def projection(atlas_path: Path, name: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
-    """Projection and placement timings, where `attnatlas.project.project_model(atlas, model, methods=...,
-    device=...)` exists and --project names methods; else why not."""
+    """`project_model` on `device` (t-SNE and UMAP batched per layer there), then today's CPU default (library
+    backends, one worker per core) over the same heads: seconds, backends, and per method the trustworthiness
+    gap of the device layouts against the CPU's, on every head (mean, worst, heads more than 0.01 behind)."""
     if not args.project:
         return {"skipped": "no --project methods given"}
-    import attnatlas.project as project
+    import numpy as np
 
-    run = getattr(project, "project_model", None)
-    if run is None:
-        return {"skipped": "attnatlas.project.project_model is not in this tree yet"}
+    from attnatlas.project import project_model
     from attnatlas.store import open_atlas
 
-    out: dict[str, Any] = {"methods": args.project}
-    with peaks(device, out), time_limit(args.part_limit_s, "projection"):
-        t = time.perf_counter()
-        result = run(open_atlas(atlas_path), name, methods=args.project.split(","), device=str(device))
-        sync(device)
-        out["seconds"] = round(time.perf_counter() - t, 2)
-    if isinstance(result, dict):  # per-method timings and trustworthiness, as project_model reports them
-        out["result"] = result
+    methods = args.project.split(",")
+    atlas = open_atlas(atlas_path)
+    out: dict[str, Any] = {"methods": methods}
+    quality: dict[str, dict[str, Any]] = {}  # device -> method -> trustworthiness per head
+    for dev in dict.fromkeys([str(device), "cpu"]):
+        part: dict[str, Any] = {}
+        with peaks(device, part), time_limit(args.part_limit_s, f"projection on {dev}"):
+            t = time.perf_counter()
+            s = project_model(atlas, name, methods=methods, device=dev, force=True, progress=False,
+                              workers=1 if dev == "cuda" else (os.cpu_count() or 1))
+            sync(device)
+            part["seconds"] = round(time.perf_counter() - t, 2)
+        part.update(backends=s["backends"], done=s["done"], failed=len(s["failed"]), points=s["points"],
+                    placed_points=s["placed_points"])
+        quality[dev] = {m: atlas.layout_quality(name, m)["trustworthiness"].to_numpy() for m in methods}
+        out[dev] = part
+    if "cuda" in quality:
+        out["trust_gap_cpu_minus_cuda"] = {
+            m: {"mean": round(float(np.nanmean(quality["cpu"][m] - quality["cuda"][m])), 4),
+                "worst": round(float(np.nanmax(quality["cpu"][m] - quality["cuda"][m])), 4),
+                "heads_over_0.01": int(np.sum(quality["cpu"][m] - quality["cuda"][m] > 0.01)),
+                "heads": len(quality["cpu"][m])} for m in methods}
     return out
 
 

@@ -111,7 +111,7 @@ def test_a_mask_no_longer_than_one_read_is_checked_on_its_device_and_refused_at_
 def test_bench_gpu_tiny_runs_on_cpu_and_refuses_cuda_without_it(tmp_path, repo_root):
     out = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, str(repo_root / "scripts" / "bench_gpu.py"), "--tiny", "--models", "bert",
-                          "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          "--device", "cpu", "--project", "pca,tsne", "--out", str(out)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
                              [str(repo_root), *filter(None, [os.environ.get("PYTHONPATH")])])})
     assert run.returncode == 0, run.stderr[-2000:]
@@ -120,6 +120,8 @@ def test_bench_gpu_tiny_runs_on_cpu_and_refuses_cuda_without_it(tmp_path, repo_r
     assert r["tokens"] >= 400 and r["sequences"] > 4  # several batches of 4
     assert r["ratio"] > 0 and r["extract_memory"]["host_rss_peak_mib"] > 0
     assert r["exactness"]["max_abs_diff"] < 1e-4  # float32 on CPU
+    proj = r["projection"]["cpu"]  # the projection section ran: every head laid out, on the CPU's backends
+    assert proj["failed"] == 0 and proj["done"] > 0 and proj["backends"]["pca"] == "numpy"
     if torch.cuda.is_available():
         return
     bad = tmp_path / "bad.json"
