@@ -296,7 +296,7 @@ def test_head_output_in_a_narrow_column_puts_its_controls_below_and_grows(atlas_
     view = attnatlas.show(atlas_path, "synthetic", layer=0, head=1)
     cell = view._repr_mimebundle_()["text/html"]  # the cell's output, in a column narrower than plot + controls
     page = tmp_path / "narrow.html"
-    page.write_text(f'<!doctype html><html><body><div style="width:760px">{cell}</div></body></html>', encoding="utf-8")
+    page.write_text(f'<!doctype html><html><body><div style="width:600px">{cell}</div></body></html>', encoding="utf-8")
     driver = make_driver(1000, 900)
     try:
         driver.get(page.as_uri())
@@ -308,6 +308,8 @@ def test_head_output_in_a_narrow_column_puts_its_controls_below_and_grows(atlas_
         fig, search, width, inner, bottom = driver.execute_script(
             f"const b = {box}; return [b('head_figure').bottom, b('search').top, document.documentElement.scrollWidth,"
             " window.innerWidth, b('page_head').bottom]")
+        plot_right = driver.execute_script(f"return ({box})('head_figure').right")
+        assert plot_right <= inner  # the plot itself fits the column
         assert search >= fig  # the controls are below the plot, not cut off to its right
         assert width <= inner  # nothing wider than the column: no sideways scrolling
         driver.switch_to.default_content()
@@ -336,19 +338,27 @@ def test_grid_output_in_a_narrow_column_scales_to_fit(tmp_path):
     testing.random_layouts(atlas, "synthetic", "pca")
     cell = attnatlas.show(path, "synthetic")._repr_mimebundle_()["text/html"]
     page = tmp_path / "narrow.html"
-    # 760 px: the column of JupyterLab at 1280 px with its side bar open (under 720 px the head view's plot, which
-    # does not scale, sets the page's width).
-    page.write_text(f'<!doctype html><html><body><div style="width:760px">{cell}</div></body></html>', encoding="utf-8")
-    driver = make_driver(1000, 900)
+    # 600 px: narrower than the grid's own size and than the head view's plot (720 px).
+    page.write_text(f'<!doctype html><html><body><div style="width:600px">{cell}</div></body></html>', encoding="utf-8")
+    driver = make_driver(900, 900)
     try:
         driver.get(page.as_uri())
         driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe[data-page]"))
         fig = "Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('grid_figure'))"
         wait_js(driver, f"typeof Bokeh != 'undefined' && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle && {fig} != null", 60)
-        right, inner, natural = driver.execute_script(
-            f"const f = {fig}; return [f.el.getBoundingClientRect().right, window.innerWidth, f.model.width]")
+        right, inner, natural, wide = driver.execute_script(
+            f"const f = {fig}; return [f.el.getBoundingClientRect().right, window.innerWidth, f.model.width,"
+            " document.documentElement.scrollWidth]")
         assert natural > inner  # the grid's own size would not fit ...
-        assert right <= inner  # ... so it is scaled down: every head in view, none cut off at the right
+        assert right <= inner and wide <= inner  # ... so it is scaled down: every head in view, none cut off
+        # The output is as tall as the grid tab, not as its tallest tab; opening the head tab makes it taller.
+        driver.switch_to.default_content()
+        frame = "parseInt(document.querySelector('iframe[data-page]').style.height)"
+        grid_h = wait_js(driver, f"{frame} < 700 ? {frame} : null", 20)
+        driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe[data-page]"))
+        driver.execute_script("Bokeh.documents[0].get_model_by_name('page_tabs').active = 1")
+        driver.switch_to.default_content()
+        assert wait_js(driver, f"{frame} > {grid_h} + 300 ? {frame} : null", 20)
     finally:
         driver.quit()
 

@@ -191,7 +191,7 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
                 shown=f"{R:,} of {n_all:,} tokens" if R < n_all else f"all {n_all:,} tokens",
                 viridis=list(Viridis256), dim=DIM_COLOUR, dim_alpha=DIM_ALPHA, base_alpha=BASE_ALPHA,
                 line_min=LINE_MIN_WEIGHT, max_list=MAX_LIST, hand_over=HAND_OVER, max_thumbs=MAX_THUMBS, thumb_span=THUMB_SPAN,
-                query=colors.QUERY, key=colors.KEY)
+                query=colors.QUERY, key=colors.KEY, fig_w=hv.fig.width, fig_h=hv.fig.height)
     args = dict(store=store, src=hv.src, line_src=hv.line_src, match_src=hv.match_src, mapper=hv.mapper,
                 modes=mode_src, colour=hv.colour_select, legend=hv.legend, search=hv.search, search_mode=hv.search_mode,
                 search_count=hv.search_count, search_results=hv.search_results, seq=hv.sequence, title=hv.head_title,
@@ -234,6 +234,7 @@ def build(data: AppData, model: str | None = None, method: str | None = None, la
                         TabPanel(child=head_panel, title="Single head")], name="page_tabs", sizing_mode="stretch_width")
         grid_args = dict(cells=gv.cell_src, tabs=tabs, gx=gv.x_range, gy=gv.y_range)
         gv.cell_src.selected.js_on_change("indices", js("cell", **grid_args))
+        tabs.js_on_change("active", js("tab"))
         gv.fig.js_on_event("rangesupdate", js("zoom", **grid_args))
         root = column(tabs, name="page_root", sizing_mode="stretch_width")
         height = max(gv.fig.height + 180, 800)
@@ -520,14 +521,31 @@ function open_cell(l, h) {
 if (action == 'init') {
   // The notebook output keeps its still grid image over this page until the page is drawn.
   try { window.parent.postMessage({attnatlas_ready: M.page}, '*') } catch (e) {}
-  if (!window.__attnatlas_sized && window.parent !== window && typeof ResizeObserver !== 'undefined') {
-    // The notebook sizes its iframe to the page: controls wrapped below the plot in a narrow column, or a tab switch.
+  if (!window.__attnatlas_sized && window.parent !== window) {
+    // In a notebook column narrower than the plot, the plot scales down to it (the app draws it at a fixed size),
+    // and the notebook sizes its iframe to what the page shows: controls wrapped below the plot, or a tab switch.
+    // The shown part's own box, not the body's (as tall as the iframe, so it would only grow), nor the tabs' (as
+    // tall as their tallest tab).
     window.__attnatlas_sized = true
-    // The root's own box, not the body's: the body is at least as tall as the iframe, so it would only ever grow.
-    const root = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(M.single ? 'page_head' : 'page_root'))
-    const el = root ? root.el : document.body
-    const tell = () => window.parent.postMessage({attnatlas_height: M.page, h: Math.ceil(el.getBoundingClientRect().bottom + window.scrollY) + 24}, '*')
-    new ResizeObserver(tell).observe(el)
+    const doc = Bokeh.documents[0], tabs_ = doc.get_model_by_name('page_tabs'), fig = doc.get_model_by_name('head_figure')
+    const parts = M.single ? [doc.get_model_by_name('page_head')] : tabs_.tabs.map((t) => t.child)
+    const el = (m) => { const v = m && Bokeh.index.find_one(m); return v ? v.el : document.body }
+    const fit = () => {
+      const w = Math.max(240, Math.min(M.fig_w, window.innerWidth - 16))
+      if (fig.width != w) { fig.width = w; fig.height = Math.round(w * M.fig_h / M.fig_w) }
+    }
+    const tell = () => {
+      const shown = el(M.single ? parts[0] : parts[tabs_.active])
+      window.parent.postMessage({attnatlas_height: M.page, h: Math.ceil(shown.getBoundingClientRect().bottom + window.scrollY) + 24}, '*')
+    }
+    window.__attnatlas_tell = tell
+    fit()
+    window.addEventListener('resize', fit)
+    if (typeof ResizeObserver !== 'undefined') {
+      const watch = new ResizeObserver(tell)
+      parts.forEach((m) => watch.observe(el(m)))
+    }
+    setTimeout(tell, 50)
   }
   if (!window.__attnatlas_listen) {  // the notebook widget may set the selection from Python
     window.__attnatlas_listen = true
@@ -543,6 +561,8 @@ if (action == 'init') {
     const [l, h] = cur()
     open(l, h)
   }
+} else if (action == 'tab') {
+  if (window.__attnatlas_tell) { setTimeout(window.__attnatlas_tell, 30) }  // the notebook output follows the shown tab
 } else if (action == 'colour' || action == 'search') {
   const [l, h] = cur(), j = row_of(l, h)
   if (j >= 0) { colours(j) }
