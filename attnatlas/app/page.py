@@ -539,6 +539,8 @@ if (action == 'init') {
       window.parent.postMessage({attnatlas_height: M.page, h: Math.ceil(shown.getBoundingClientRect().bottom + window.scrollY) + 24}, '*')
     }
     window.__attnatlas_tell = tell
+    // The frame is sized to the shown part; the tabs below it (as tall as the tallest tab) must not scroll inside it.
+    document.documentElement.style.overflowY = 'hidden'
     fit()
     window.addEventListener('resize', fit)
     if (typeof ResizeObserver !== 'undefined') {
