@@ -117,8 +117,8 @@ def tsne_affinities(dist: torch.Tensor, perplexity: float, metric: str, steps: i
 
 
 def tsne_batch(X: np.ndarray, knn_idx: np.ndarray, knn_dist: np.ndarray, metric: str = "cosine",
-               perplexity: float = 50.0, max_iter: int = 300, early_iter: int = 250,
-               early_exaggeration: float = 12.0, negatives: int = 16, seed: int = 0,
+               perplexity: float = 50.0, max_iter: int = 400, early_iter: int = 200,
+               early_exaggeration: float = 12.0, negatives: int = 64, seed: int = 0,
                init: np.ndarray | None = None, device: str | None = None, learning_rate: float | None = None,
                exact_below: int = 0) -> np.ndarray:
     """t-SNE of every head: X (head, point, d), knn (head, point, >= k + 1) self first -> (head, point, 2).

@@ -206,8 +206,10 @@ class TSNEReducer(_Backends):
                 "learning_rate": "n/early_exaggeration", "backend": "auto"}
     backends = ("cuml", "sklearnex", "sklearn")
     safe_backend = "sklearn"
-    # Batched: sampled repulsion converges slower than Barnes-Hut, so it keeps the long schedule.
-    batched_defaults = {"negatives": 16, "batched_max_iter": 300, "batched_early_iter": 250}
+    # Batched: sampled repulsion converges slower than Barnes-Hut, so a longer schedule, and 64 negatives per point
+    # and iteration: on 12 real MiniLM heads of 20,000 points every head was at least as trustworthy as the library
+    # default (+0.004 to +0.046), where 16 negatives and 300 iterations (250 exaggerated) lost up to 0.043.
+    batched_defaults = {"negatives": 64, "batched_max_iter": 400, "batched_early_iter": 200}
     min_points = 5
 
     def __init__(self, metric: str = "cosine", random_state: int = 0, **params: Any):
