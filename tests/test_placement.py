@@ -108,3 +108,17 @@ def test_large_references_use_an_approximate_index_that_still_finds_twins():
                        (ref / np.linalg.norm(ref, axis=1, keepdims=True)).T, axis=1)[:, :10]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact)])
     assert recall > 0.8, recall
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_exact_torch_search_equals_brute_force(metric):
+    from sklearn.neighbors import NearestNeighbors
+
+    from attnatlas.project.placement import knn_query_exact
+
+    rng = np.random.default_rng(0)
+    ref, new = rng.normal(size=(500, 16)).astype(np.float32), rng.normal(size=(333, 16)).astype(np.float32)
+    idx, dist = knn_query_exact(ref, new, 10, metric, device="cpu", block_values=500 * 40)  # blocks of 40 rows
+    want_d, want_i = NearestNeighbors(n_neighbors=10, metric=metric, algorithm="brute").fit(ref).kneighbors(new)
+    np.testing.assert_allclose(dist, want_d, rtol=1e-4, atol=1e-4)
+    assert (idx == want_i).mean() > 0.999  # ties aside, the same neighbours

@@ -78,7 +78,7 @@ class Batch:
 
 
 def read_batch(atlas: Atlas, model: str, layer: int, heads: list[int], rows: np.ndarray, metric: str,
-               normalise: dict, place: bool, safe: bool, out: dict[int, HeadResult]) -> Batch:
+               normalise: dict, place: bool, safe: bool, out: dict[int, HeadResult], device: str | None = None) -> Batch:
     """Read, check and normalise each head; a head that fails is noted in `out` and left out of the batch."""
     good, Xs, scales, placers = [], [], [], []
     for h in heads:
@@ -97,7 +97,7 @@ def read_batch(atlas: Atlas, model: str, layer: int, heads: list[int], rows: np.
                 out[h].errors.append(("*", "all its queries and keys are one and the same point; nothing to lay out"))
                 continue
             mark("placing the tokens outside the sample")
-            placers.append(Placer.of(X, q_all, k_all, rows, applied, metric, exact=safe) if place else None)
+            placers.append(Placer.of(X, q_all, k_all, rows, applied, metric, exact=safe, device=device) if place else None)
             Xs.append(X)
             scales.append(applied["scale"])
             good.append(h)
@@ -139,7 +139,8 @@ def project_heads(atlas_path: str, model: str, layer: int, heads: list[int], job
     out = {h: HeadResult(layer, h) for h in heads}
     try:
         atlas = cached_atlas(atlas_path)
-        batch = read_batch(atlas, model, layer, heads, rows, metric, normalise, place, safe, out)
+        device = jobs[0].device if jobs else None  # cuda: the other tokens are placed by exact search there too
+        batch = read_batch(atlas, model, layer, heads, rows, metric, normalise, place, safe, out, device)
         if batch.heads:
             reducers = reducers_of(jobs, metric, seed, safe)
             batched = not safe and all(r.batched for r, _ in reducers)

@@ -45,9 +45,36 @@ def _unit(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
+def knn_query_exact(ref: np.ndarray, new: np.ndarray, k: int, metric: str = "cosine", device: str = "cuda",
+                    block_values: int = 1 << 27) -> tuple[np.ndarray, np.ndarray]:
+    """Exact neighbours by torch matmul and top-k on `device`, in blocks of new points of about `block_values`
+    similarities: (new, k) indices into `ref` and (new, k) distances, nearest first."""
+    import torch
+
+    k = min(k, len(ref))
+    R = torch.from_numpy(_unit(ref) if metric == "cosine" else np.ascontiguousarray(ref, dtype=np.float32)).to(device)
+    sq = (R * R).sum(1)  # (ref,)
+    N = _unit(new) if metric == "cosine" else np.ascontiguousarray(new, dtype=np.float32)
+    idx = np.empty((len(N), k), np.int64)
+    dist = np.empty((len(N), k), np.float32)
+    step = max(1, block_values // max(1, len(ref)))
+    for a in range(0, len(N), step):
+        B = torch.from_numpy(N[a : a + step]).to(device)
+        S = B @ R.T  # (block, ref)
+        if metric != "cosine":
+            S = 2 * S - sq[None, :]  # -(|b - r|^2 - |b|^2): the same order as the distance
+        v, i = torch.topk(S, k, dim=1)
+        d = (1 - v).clamp_min(0) if metric == "cosine" else ((B * B).sum(1, keepdim=True) - v).clamp_min(0).sqrt()
+        idx[a : a + len(B)], dist[a : a + len(B)] = i.cpu().numpy(), d.cpu().numpy()
+    return idx, dist
+
+
 def knn_query(ref: np.ndarray, new: np.ndarray, k: int, metric: str = "cosine",
-              use_faiss: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(new, k) indices into `ref` and (new, k) distances (cosine or euclidean), nearest first."""
+              use_faiss: bool = True, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(new, k) indices into `ref` and (new, k) distances (cosine or euclidean), nearest first. On `device`
+    cuda, exact (`knn_query_exact`): faster there than the CPU's approximate index, and exact."""
+    if device == "cuda":
+        return knn_query_exact(ref, new, k, metric, device)
     k = min(k, len(ref))
     R = _unit(ref) if metric == "cosine" else np.ascontiguousarray(ref, dtype=np.float32)
     N = _unit(new) if metric == "cosine" else np.ascontiguousarray(new, dtype=np.float32)
@@ -113,24 +140,24 @@ class Placer:
     among the laid-out points (one neighbour search per head, shared by every method)."""
 
     def __init__(self, X: np.ndarray, q_all: np.ndarray, k_all: np.ndarray, rows: np.ndarray, applied: dict,
-                 metric: str, exact: bool = False):
+                 metric: str, exact: bool = False, device: str | None = None):
         self.n, self.rows = len(q_all), rows
         self.rest = np.setdiff1d(np.arange(self.n), rows)
         qr, kr = apply_normalisation(q_all[self.rest], k_all[self.rest], applied)
         self.X = joint_points(qr, kr)  # (2 * rest, d): queries, then keys
-        self.idx, self.dist = knn_query(X, self.X, PLACE_K, metric, use_faiss=not exact)
+        self.idx, self.dist = knn_query(X, self.X, PLACE_K, metric, use_faiss=not exact, device=None if exact else device)
         self.metric = metric
 
     @classmethod
     def of(cls, X: np.ndarray, q_all: np.ndarray, k_all: np.ndarray, rows: np.ndarray, applied: dict, metric: str,
-           exact: bool = False) -> Placer | None:
+           exact: bool = False, device: str | None = None) -> Placer | None:
         """The placer of a head laid out from `rows` (None when that is every token); ValueError on NaN/inf."""
         if len(rows) >= len(q_all):
             return None
         bad = int((~np.isfinite(q_all)).sum() + (~np.isfinite(k_all)).sum())
         if bad:
             raise ValueError(f"{bad} NaN/inf values in the query/key vectors of tokens outside the layout sample")
-        return cls(X, q_all, k_all, rows, applied, metric, exact)
+        return cls(X, q_all, k_all, rows, applied, metric, exact, device)
 
     def coords(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(2 * n_tokens, 2) coordinates of every token (queries, then keys, in token order) and the
