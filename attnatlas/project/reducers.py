@@ -350,7 +350,9 @@ class UMAPReducer(_Backends):
     backends = ("cuml", "umap-learn")
     safe_backend = "umap-learn"
     # Batched: PCA init (spectral is a per-head eigensolve), so a longer schedule than umap-learn's 100 epochs.
-    batched_defaults = {"batched_epochs": 200, "negatives": 8}
+    # 400 epochs and 16 negatives: on 12 MiniLM heads of 20,000 points every head at least as trustworthy as the
+    # library default (+0.008 to +0.028); 200 epochs and 8 negatives lost up to 0.027.
+    batched_defaults = {"batched_epochs": 400, "negatives": 16}
     min_points = 4
 
     @property
