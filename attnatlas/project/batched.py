@@ -260,8 +260,8 @@ def umap_graph(knn_idx: np.ndarray, knn_dist: np.ndarray, n_neighbors: int, n_ep
 
 
 def umap_batch(X: np.ndarray, knn_idx: np.ndarray, knn_dist: np.ndarray, metric: str = "cosine",
-               n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int = 200, negative_sample_rate: float = 5.0,
-               negatives: int = 8, learning_rate: float = 1.0, seed: int = 0, init: np.ndarray | None = None,
+               n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int = 400, negative_sample_rate: float = 5.0,
+               negatives: int = 16, learning_rate: float = 1.0, seed: int = 0, init: np.ndarray | None = None,
                device: str | None = None) -> np.ndarray:
     """UMAP of every head: X (head, point, d), knn (head, point, >= n_neighbors) self first -> (head, point, 2)."""
     dev = _dev(device)
