@@ -240,14 +240,16 @@ def projection(atlas_path: Path, name: str, args: argparse.Namespace, device: An
             part["seconds"] = round(time.perf_counter() - t, 2)
         part.update(backends=s["backends"], done=s["done"], failed=len(s["failed"]), points=s["points"],
                     placed_points=s["placed_points"])
-        quality[dev] = {m: atlas.layout_quality(name, m)["trustworthiness"].to_numpy() for m in methods}
+        quality[dev] = {m: atlas.layout_quality(name, m).set_index(["layer", "head"])["trustworthiness"] for m in methods}
         out[dev] = part
     if "cuda" in quality:
-        out["trust_gap_cpu_minus_cuda"] = {
-            m: {"mean": round(float(np.nanmean(quality["cpu"][m] - quality["cuda"][m])), 4),
-                "worst": round(float(np.nanmax(quality["cpu"][m] - quality["cuda"][m])), 4),
-                "heads_over_0.01": int(np.sum(quality["cpu"][m] - quality["cuda"][m] > 0.01)),
-                "heads": len(quality["cpu"][m])} for m in methods}
+        out["trust_gap_cpu_minus_cuda"] = {}
+        for m in methods:
+            gap = (quality["cpu"][m] - quality["cuda"][m]).dropna().to_numpy()  # heads both devices laid out
+            out["trust_gap_cpu_minus_cuda"][m] = {
+                "mean": round(float(np.mean(gap)), 4) if len(gap) else None,
+                "worst": round(float(np.max(gap)), 4) if len(gap) else None,
+                "heads_over_0.01": int(np.sum(gap > 0.01)), "heads": len(gap)}
     return out
 
 
