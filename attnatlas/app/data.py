@@ -451,7 +451,7 @@ def _stack_counts(xy: np.ndarray) -> np.ndarray:
     pts = np.ascontiguousarray(xy, dtype=np.float32)
     keys = pts.view(np.int64).ravel()  # the two float32 bits as one integer: a 1-D unique
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    out = counts[inverse].astype(np.int32)
+    out = np.minimum(counts[inverse], 65535).astype(np.uint16)  # 2 bytes a point sent per head switch, not 4
     out[~np.isfinite(pts).all(1)] = 1
     return out
 
