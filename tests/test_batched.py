@@ -64,6 +64,7 @@ def test_backend_option_keeps_names_and_params():
     assert "negatives" not in get_reducer("tsne").params  # library layouts keep their stored params
     r = get_reducer("umap", backend="batched", negatives=4)
     assert r.batched and r.params["backend"] == "batched" and r.params["negatives"] == 4
+    assert get_reducer("tsne", backend="batched", exact_below=5000).params["exact_below"] == 5000  # a stored setting
     with pytest.raises(Exception, match="backend"):
         get_reducer("tsne", backend="nope")
 

@@ -283,23 +283,37 @@ def test_image_head_draws_thumbnails_when_zoomed_in(vit_path, tmp_path):
         driver.quit()
 
 
-@pytest.mark.browser
-def test_head_output_in_a_narrow_column_puts_its_controls_below_and_grows(atlas_path, tmp_path):
+@contextlib.contextmanager
+def output_in_column(view, tmp_path, width: int):
+    """Headless Chromium on a page holding `view`'s cell output in a column `width` px wide (skips without
+    Debian's chromium); yields the driver."""
     import os
-    import time
 
-    from selenium.webdriver.common.by import By
-    from test_browser import CHROMEDRIVER, CHROMIUM, make_driver, wait_js
+    from test_browser import CHROMEDRIVER, CHROMIUM, make_driver
 
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("needs Debian's chromium and chromium-driver")
-    view = attnatlas.show(atlas_path, "synthetic", layer=0, head=1)
-    cell = view._repr_mimebundle_()["text/html"]  # the cell's output, in a column narrower than plot + controls
-    page = tmp_path / "narrow.html"
-    page.write_text(f'<!doctype html><html><body><div style="width:600px">{cell}</div></body></html>', encoding="utf-8")
-    driver = make_driver(1000, 900)
+    page = tmp_path / f"column-{width}.html"
+    cell = view._repr_mimebundle_()["text/html"]
+    page.write_text(f'<!doctype html><html><body><div style="width:{width}px">{cell}</div></body></html>', encoding="utf-8")
+    driver = make_driver(width + 300, 900)
     try:
         driver.get(page.as_uri())
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.browser
+def test_head_output_in_a_narrow_column_puts_its_controls_below_and_grows(atlas_path, tmp_path):
+    import time
+
+    from selenium.webdriver.common.by import By
+    from test_browser import wait_js
+
+    view = attnatlas.show(atlas_path, "synthetic", layer=0, head=1)
+    # 600 px: narrower than the head view's plot (720 px) and its controls beside it.
+    with output_in_column(view, tmp_path, 600) as driver:
         frame = "document.querySelector('iframe[data-page]')"
         # The page tells the output its height: the controls wrapped below the plot make it taller than the first guess.
         height = wait_js(driver, f"(() => {{ const h = parseInt({frame}.style.height); return h > {view.page.height} ? h : null }})()", 60)
@@ -320,29 +334,18 @@ def test_head_output_in_a_narrow_column_puts_its_controls_below_and_grows(atlas_
         assert bottom <= settled <= bottom + 40, (bottom, settled, height)
         time.sleep(1.5)
         assert driver.execute_script(f"return parseInt({frame}.style.height)") == settled
-    finally:
-        driver.quit()
 
 
 @pytest.mark.browser
 def test_grid_output_in_a_narrow_column_scales_to_fit(tmp_path):
-    import os
-
     from selenium.webdriver.common.by import By
-    from test_browser import CHROMEDRIVER, CHROMIUM, make_driver, wait_js
+    from test_browser import wait_js
 
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("needs Debian's chromium and chromium-driver")
     path = tmp_path / "wide"
     atlas = testing.synthetic_atlas(path, n_layers=2, n_heads=16, n_seq=6, seq_len=8)  # a grid wider than the column
     testing.random_layouts(atlas, "synthetic", "pca")
-    cell = attnatlas.show(path, "synthetic")._repr_mimebundle_()["text/html"]
-    page = tmp_path / "narrow.html"
     # 600 px: narrower than the grid's own size and than the head view's plot (720 px).
-    page.write_text(f'<!doctype html><html><body><div style="width:600px">{cell}</div></body></html>', encoding="utf-8")
-    driver = make_driver(900, 900)
-    try:
-        driver.get(page.as_uri())
+    with output_in_column(attnatlas.show(path, "synthetic"), tmp_path, 600) as driver:
         driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe[data-page]"))
         fig = "Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('grid_figure'))"
         wait_js(driver, f"typeof Bokeh != 'undefined' && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle && {fig} != null", 60)
@@ -359,26 +362,16 @@ def test_grid_output_in_a_narrow_column_scales_to_fit(tmp_path):
         driver.execute_script("Bokeh.documents[0].get_model_by_name('page_tabs').active = 1")
         driver.switch_to.default_content()
         assert wait_js(driver, f"{frame} > {grid_h} + 300 ? {frame} : null", 20)
-    finally:
-        driver.quit()
 
 
 @pytest.mark.browser
 def test_output_in_a_wide_column_settles_at_the_pages_height(atlas_path, tmp_path):
-    import os
     import time
 
-    from test_browser import CHROMEDRIVER, CHROMIUM, make_driver, wait_js
+    from test_browser import wait_js
 
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("needs Debian's chromium and chromium-driver")
     view = attnatlas.show(atlas_path, "synthetic")  # the grid: its page is shorter than the output's first height
-    cell = view._repr_mimebundle_()["text/html"]
-    page = tmp_path / "wide.html"
-    page.write_text(f'<!doctype html><html><body><div style="width:1300px">{cell}</div></body></html>', encoding="utf-8")
-    driver = make_driver(1400, 900)
-    try:
-        driver.get(page.as_uri())
+    with output_in_column(view, tmp_path, 1300) as driver:
         frame = "document.querySelector('iframe[data-page]')"
         wait_js(driver, f"(() => {{ const h = parseInt({frame}.style.height); return h !== {view.page.height} ? h : null }})()", 60)
         # Bokeh's page is 100% of its frame's height: a page that told that height grew its frame 8 px a round, without end.
@@ -386,5 +379,3 @@ def test_output_in_a_wide_column_settles_at_the_pages_height(atlas_path, tmp_pat
         settled = driver.execute_script(f"return parseInt({frame}.style.height)")
         time.sleep(2)
         assert driver.execute_script(f"return parseInt({frame}.style.height)") == settled <= view.page.height
-    finally:
-        driver.quit()

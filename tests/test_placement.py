@@ -114,11 +114,11 @@ def test_large_references_use_an_approximate_index_that_still_finds_twins():
 def test_exact_torch_search_equals_brute_force(metric):
     from sklearn.neighbors import NearestNeighbors
 
-    from attnatlas.project.placement import knn_query_exact
+    from attnatlas.project.quality import knn_torch  # what placement uses on cuda
 
     rng = np.random.default_rng(0)
     ref, new = rng.normal(size=(500, 16)).astype(np.float32), rng.normal(size=(333, 16)).astype(np.float32)
-    idx, dist = knn_query_exact(ref, new, 10, metric, device="cpu", block_values=500 * 40)  # blocks of 40 rows
+    idx, dist = knn_torch(ref, 10, metric, device="cpu", queries=new, block=40)
     want_d, want_i = NearestNeighbors(n_neighbors=10, metric=metric, algorithm="brute").fit(ref).kneighbors(new)
     np.testing.assert_allclose(dist, want_d, rtol=1e-4, atol=1e-4)
     assert (idx == want_i).mean() > 0.999  # ties aside, the same neighbours

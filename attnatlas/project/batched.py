@@ -119,17 +119,16 @@ def tsne_affinities(dist: torch.Tensor, perplexity: float, metric: str, steps: i
 def tsne_batch(X: np.ndarray, knn_idx: np.ndarray, knn_dist: np.ndarray, metric: str = "cosine",
                perplexity: float = 50.0, max_iter: int = 400, early_iter: int = 200,
                early_exaggeration: float = 12.0, negatives: int = 64, seed: int = 0,
-               init: np.ndarray | None = None, device: str | None = None, learning_rate: float | None = None,
-               exact_below: int = 0) -> np.ndarray:
+               init: np.ndarray | None = None, device: str | None = None, exact_below: int = 0) -> np.ndarray:
     """t-SNE of every head: X (head, point, d), knn (head, point, >= k + 1) self first -> (head, point, 2).
 
-    learning_rate None is scikit-learn's "auto" (n / early_exaggeration / 4). Heads of at most `exact_below`
-    points get exact repulsion (every pair, in row blocks) instead of `negatives` samples.
+    Heads of at most `exact_below` points get exact repulsion (every pair, in row blocks) instead of `negatives`
+    samples.
     With `init` (e.g. the neighbouring head's layout) the caller passes a shorter `max_iter`/`early_iter`."""
     dev = _dev(device)
     with _cpu_threads(dev):
         return _tsne(X, knn_idx, knn_dist, metric, perplexity, max_iter, early_iter, early_exaggeration,
-                     negatives, seed, init, dev, learning_rate, exact_below)
+                     negatives, seed, init, dev, exact_below)
 
 
 def _exact_repulsion(x: torch.Tensor, y: torch.Tensor, H: int, n: int, budget: int = 1 << 25):
@@ -151,7 +150,7 @@ def _exact_repulsion(x: torch.Tensor, y: torch.Tensor, H: int, n: int, budget: i
 
 
 def _tsne(X, knn_idx, knn_dist, metric, perplexity, max_iter, early_iter, early_exaggeration, negatives, seed,
-          init, dev, learning_rate=None, exact_below=0) -> np.ndarray:
+          init, dev, exact_below=0) -> np.ndarray:
     H, n, _ = X.shape
     k = int(min(3 * perplexity, n - 1))
     perplexity = min(perplexity, max(1.0, k / 3.0))
@@ -168,7 +167,7 @@ def _tsne(X, knn_idx, knn_dist, metric, perplexity, max_iter, early_iter, early_
         Y = torch.from_numpy(np.asarray(init, np.float32)).to(dev)
         Y = Y / Y[:, :, :1].std(1, keepdim=True).clamp_min(1e-12) * 1e-4
     Y = Y.contiguous()
-    lr = max(n / early_exaggeration / 4, 50.0) if learning_rate is None else float(learning_rate)  # None: sklearn's "auto"
+    lr = max(n / early_exaggeration / 4, 50.0)  # sklearn's learning_rate="auto" (n / 12 made sampled repulsion diverge)
     exact = n <= exact_below
     # Coordinates as two flat (head * point) vectors: torch's CPU kernels reduce a trailing dim of 2 slowly.
     x, y = Y[:, :, 0].reshape(-1).clone(), Y[:, :, 1].reshape(-1).clone()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnatlas.project.normalize import apply_normalisation, joint_points
-from attnatlas.project.quality import layout_quality, quality_sample
+from attnatlas.project.quality import knn_torch, layout_quality, quality_sample
 
 PLACE_K = 10
 # Above this many reference points an inverted-file index (approximate) answers the neighbour queries: exact
@@ -45,37 +45,13 @@ def _unit(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-def knn_query_exact(ref: np.ndarray, new: np.ndarray, k: int, metric: str = "cosine", device: str = "cuda",
-                    block_values: int = 1 << 27) -> tuple[np.ndarray, np.ndarray]:
-    """Exact neighbours by torch matmul and top-k on `device`, in blocks of new points of about `block_values`
-    similarities: (new, k) indices into `ref` and (new, k) distances, nearest first."""
-    import torch
-
-    k = min(k, len(ref))
-    R = torch.from_numpy(_unit(ref) if metric == "cosine" else np.ascontiguousarray(ref, dtype=np.float32)).to(device)
-    sq = (R * R).sum(1)  # (ref,)
-    N = _unit(new) if metric == "cosine" else np.ascontiguousarray(new, dtype=np.float32)
-    idx = np.empty((len(N), k), np.int64)
-    dist = np.empty((len(N), k), np.float32)
-    step = max(1, block_values // max(1, len(ref)))
-    for a in range(0, len(N), step):
-        B = torch.from_numpy(N[a : a + step]).to(device)
-        S = B @ R.T  # (block, ref)
-        if metric != "cosine":
-            S = 2 * S - sq[None, :]  # -(|b - r|^2 - |b|^2): the same order as the distance
-        v, i = torch.topk(S, k, dim=1)
-        d = (1 - v).clamp_min(0) if metric == "cosine" else ((B * B).sum(1, keepdim=True) - v).clamp_min(0).sqrt()
-        idx[a : a + len(B)], dist[a : a + len(B)] = i.cpu().numpy(), d.cpu().numpy()
-    return idx, dist
-
-
 def knn_query(ref: np.ndarray, new: np.ndarray, k: int, metric: str = "cosine",
               use_faiss: bool = True, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(new, k) indices into `ref` and (new, k) distances (cosine or euclidean), nearest first. On `device`
-    cuda, exact (`knn_query_exact`): faster there than the CPU's approximate index, and exact."""
-    if device == "cuda":
-        return knn_query_exact(ref, new, k, metric, device)
+    cuda, exact (`quality.knn_torch`): faster there than the CPU's approximate index, and exact."""
     k = min(k, len(ref))
+    if device == "cuda":
+        return knn_torch(ref, k, metric, device, queries=new)
     R = _unit(ref) if metric == "cosine" else np.ascontiguousarray(ref, dtype=np.float32)
     N = _unit(new) if metric == "cosine" else np.ascontiguousarray(new, dtype=np.float32)
     if use_faiss and importlib.util.find_spec("faiss") is not None:

@@ -22,7 +22,7 @@ def knn_graph(X: np.ndarray, k: int, metric: str = "cosine", device: str | None 
     k = min(k, len(X))
     if dev == "cpu" and use_faiss and _has_faiss():
         return _knn_faiss(X, k, metric)
-    return _knn_torch(X, k, metric, dev, block)
+    return knn_torch(X, k, metric, dev, block=block)
 
 
 def _has_faiss() -> bool:
@@ -65,31 +65,35 @@ def _knn_faiss(X: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarr
     return idx, dist.astype(np.float32)
 
 
-def _knn_torch(X: np.ndarray, k: int, metric: str, dev: str, block: int) -> tuple[np.ndarray, np.ndarray]:
+def knn_torch(ref: np.ndarray, k: int, metric: str = "cosine", device: str = "cpu", queries: np.ndarray | None = None,
+              block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN by blocked torch matmul and top-k on `device`: (rows, k) int64 indices into `ref` and (rows, k)
+    float32 distances, nearest first, for every row of `queries`, or of `ref` itself (each point first)."""
     import torch
 
-    n = len(X)
-    Z = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(dev)
-    if metric == "cosine":
-        Z = torch.nn.functional.normalize(Z, dim=1)
+    def tensor(A: np.ndarray) -> torch.Tensor:
+        T = torch.from_numpy(np.ascontiguousarray(A, dtype=np.float32)).to(device)
+        return torch.nn.functional.normalize(T, dim=1) if metric == "cosine" else T
+
+    Z = tensor(ref)
+    Q = Z if queries is None else tensor(queries)
     sq = (Z * Z).sum(1)
-    idx = np.empty((n, k), dtype=np.int64)
-    dist = np.empty((n, k), dtype=np.float32)
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        S = Z[a:b] @ Z.T  # (block, n) similarity
+    idx = np.empty((len(Q), k), dtype=np.int64)
+    dist = np.empty((len(Q), k), dtype=np.float32)
+    for a in range(0, len(Q), block):
+        B = Q[a : a + block]
+        S = B @ Z.T  # (block, ref) similarity
         if metric == "euclidean":
             S = 2 * S - sq[None, :]  # -|x-y|^2 + |x|^2: same order per row
-        rows = torch.arange(a, b, device=dev)
-        S[rows - a, rows] = float("inf")  # self first even among duplicates
+        if queries is None:
+            rows = torch.arange(a, a + len(B), device=device)
+            S[rows - a, rows] = float("inf")  # self first even among duplicates
         v, i = torch.topk(S, k, dim=1)
-        if metric == "cosine":
-            d = (1 - v).clamp_min(0)
-        else:
-            d = (sq[a:b, None] - v).clamp_min(0).sqrt()
-        d[:, 0] = 0
-        idx[a:b] = i.cpu().numpy()
-        dist[a:b] = d.cpu().numpy()
+        d = (1 - v).clamp_min(0) if metric == "cosine" else ((B * B).sum(1, keepdim=True) - v).clamp_min(0).sqrt()
+        if queries is None:
+            d[:, 0] = 0
+        idx[a : a + len(B)] = i.cpu().numpy()
+        dist[a : a + len(B)] = d.cpu().numpy()
     return idx, dist
 
 

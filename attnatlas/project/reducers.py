@@ -208,8 +208,9 @@ class TSNEReducer(_Backends):
     safe_backend = "sklearn"
     # Batched: sampled repulsion converges slower than Barnes-Hut, so a longer schedule, and 64 negatives per point
     # and iteration: on 12 real MiniLM heads of 20,000 points every head was at least as trustworthy as the library
-    # default (+0.004 to +0.046), where 16 negatives and 300 iterations (250 exaggerated) lost up to 0.043.
-    batched_defaults = {"negatives": 64, "batched_max_iter": 400, "batched_early_iter": 200}
+    # default (+0.001 to +0.046), where 16 negatives and 300 iterations (250 exaggerated) lost up to 0.043.
+    # exact_below: heads of at most that many points get every pair's repulsion (O(n^2) per iteration).
+    batched_defaults = {"negatives": 64, "batched_max_iter": 400, "batched_early_iter": 200, "exact_below": 0}
     min_points = 5
 
     def __init__(self, metric: str = "cosine", random_state: int = 0, **params: Any):
@@ -244,7 +245,7 @@ class TSNEReducer(_Backends):
         return tsne_batch(X, knn[0], knn[1], self.metric, perplexity=self.adapted.get("perplexity", o["perplexity"]),
                           max_iter=int(o["batched_max_iter"]), early_iter=int(o["batched_early_iter"]),
                           early_exaggeration=o["early_exaggeration"], negatives=int(o["negatives"]),
-                          seed=self.random_state, device=self.device)
+                          seed=self.random_state, device=self.device, exact_below=int(o["exact_below"]))
 
     def adapt(self, n_points):
         super().adapt(n_points)
